@@ -1,0 +1,132 @@
+"""Run Megatron-core on CPU with gloo.
+
+Megatron-core 0.16 hard-codes CUDA in a handful of places: factory calls with ``device="cuda"`` or
+``device=torch.cuda.current_device()``, ``.cuda()`` on tensors, the CUDA RNG tracker that forks the
+random state around dropout and initialisation, ``torch.cuda.synchronize`` / streams in the DDP
+buffers, and a CUDA tensor-type assert in gradient clipping. None of it needs a GPU to be correct;
+it only names one. ``enable_cpu_mode()`` redirects those names to the CPU, explicitly (nothing is
+patched on import), once per process, and only for the Megatron versions we have tested.
+
+How:
+- a ``TorchFunctionMode`` rewrites any CUDA ``device=`` argument (and ``Tensor.cuda()``) to CPU;
+- ``torch.cuda.current_device``/``synchronize``/streams/RNG functions become CPU equivalents;
+- Megatron's RNG state helpers use the CPU generator;
+- gradient clipping uses a CPU implementation with the same semantics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+SUPPORTED_MEGATRON = ("0.16.",)
+
+_state: dict[str, Any] = {"enabled": False, "mode": None}
+_lock = threading.Lock()
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrite CUDA device arguments to CPU for every torch function call."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and (_is_cuda(kwargs["device"]) or isinstance(kwargs["device"], int)):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func in (torch.Tensor.to,) and args and len(args) > 1 and (_is_cuda(args[1]) or isinstance(args[1], int) and not isinstance(args[1], bool)):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    def wait_stream(self, *_: Any) -> None: ...
+    def synchronize(self) -> None: ...
+    def record_event(self, *_: Any) -> None: ...
+
+
+def _check_version() -> None:
+    import megatron.core
+
+    version = megatron.core.__version__
+    if not version.startswith(SUPPORTED_MEGATRON):
+        raise RuntimeError(
+            f"hpt_megatron's CPU mode was written for megatron-core {SUPPORTED_MEGATRON}, "
+            f"found {version}; check hpt_megatron/_compat/cpu.py against this version"
+        )
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"  # used as device= argument only
+    cuda.synchronize = lambda *a, **k: None
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.Stream = lambda *a, **k: _NullStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # The RNG tracker seeds, reads and restores "the CUDA state": make that the CPU generator.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: None  # torch.manual_seed calls it; the CPU is seeded already
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.empty_cache = lambda: None
+
+
+def _patch_megatron() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):  # noqa: ANN001
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            for param in parameters:
+                grad = getattr(param, attr, None)
+                if grad is not None:
+                    grad.detach().mul_(clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+
+
+def enable_cpu_mode() -> None:
+    """Redirect Megatron-core's CUDA calls to the CPU for the rest of this process.
+
+    Call once, before building models, when no GPU is present. Idempotent. The device mode is
+    pushed for the calling thread; threads that run Megatron code must call it too.
+    """
+    with _lock:
+        if torch.cuda.is_available():
+            raise RuntimeError("enable_cpu_mode() is for machines without a GPU")
+        if not _state["enabled"]:
+            _check_version()
+            _patch_torch_cuda()
+            _patch_megatron()
+            _state["enabled"] = True
+        local = _state.setdefault("threads", threading.local())
+        if not getattr(local, "mode", None):
+            local.mode = _CudaToCpu()
+            local.mode.__enter__()
+
+
+def cpu_mode_enabled() -> bool:
+    return bool(_state["enabled"])
