@@ -1,0 +1,42 @@
+"""The root of the configuration tree and the loader used by every command."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpt_megatron.config.algorithm import AlgorithmConfig
+from hpt_megatron.config.base import apply_overrides, from_dict, load_yaml, validate_tree
+from hpt_megatron.config.data import DataConfig, RewardConfig
+from hpt_megatron.config.rollout import RolloutConfig
+from hpt_megatron.config.sections import (
+    CheckpointConfig,
+    LoggingConfig,
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainerConfig,
+)
+
+
+@dataclass(kw_only=True)
+class HPTConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> HPTConfig:
+    """Load a YAML file (or nothing), apply ``key.sub=value`` overrides, build and validate."""
+    data = load_yaml(path) if path is not None else {}
+    apply_overrides(data, list(overrides or []))
+    config = from_dict(HPTConfig, data)
+    validate_tree(config)  # sections left at their defaults are checked too
+    return config

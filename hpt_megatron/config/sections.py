@@ -1,0 +1,130 @@
+"""Configuration sections owned by the training engine: run, model, parallel, trainer, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Where a run writes, how it starts and how long it lasts."""
+
+    name: str = "run"
+    output_dir: str = "runs/${name}"
+    seed: int = 1234
+    steps: int = 100
+    resume: str = "auto"  # "auto" (newest good checkpoint), "never", or a checkpoint directory
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps: must be >= 1, got {self.steps}")
+
+    @property
+    def run_dir(self) -> str:
+        return self.output_dir.replace("${name}", self.name)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The policy: a Hugging Face config (and optionally weights) turned into a Megatron GPTModel.
+
+    ``hf_config`` is a folder with ``config.json`` (or the file itself), or ``inline`` gives the
+    config.json fields directly (tests and the tiny CPU default use that).
+    """
+
+    hf_config: str | None = None
+    inline: dict = field(default_factory=dict)
+    load: str | None = None  # Megatron distributed checkpoint to start from
+    hf_weights: str | None = None  # HF folder whose safetensors initialise the model
+    tokenizer: str | None = None
+    rope_theta: float | None = None  # override (the paper: 40000 for Qwen2.5-Math-7B)
+    max_position_embeddings: int | None = None  # override (the paper: 16384)
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    recompute_granularity: Literal["full", "selective"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = None
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    make_vocab_size_divisible_by: int = 128
+
+    def validate(self) -> None:
+        if self.hf_config is None and not self.inline:
+            raise ValueError("hf_config: give a Hugging Face config folder or model.inline fields")
+        if self.fp8 is not None and self.params_dtype == "fp32":
+            raise ValueError("fp8: FP8 training needs params_dtype bf16 or fp16")
+        if self.recompute_granularity == "full" and self.recompute_method is None:
+            raise ValueError("recompute_method: full recomputation needs 'uniform' or 'block'")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Model parallel sizes; data parallel is whatever is left of the world size."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    cp: int = 1
+    sequence_parallel: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "cp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("sequence_parallel: needs tp > 1")
+        if self.vpp is not None and self.pp == 1:
+            raise ValueError("vpp: virtual pipeline stages need pp > 1")
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """Optimiser, schedule and micro-batching."""
+
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    skip_update_grad_norm: float | None = None  # skip the update when the norm exceeds this
+    max_tokens_per_microbatch: int = 4096  # token budget of one micro-batch (dynamic batching)
+    use_distributed_optimizer: bool = False
+    logprob_chunk_tokens: int = 1024  # tokens per chunk in log-prob/entropy computation
+    epochs_per_step: int = 1  # passes over a step's batch (PPO epochs)
+    mini_batches_per_step: int = 1  # optimizer updates per step
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr: {self.min_lr} exceeds lr {self.lr}")
+        if self.max_tokens_per_microbatch < 1:
+            raise ValueError("max_tokens_per_microbatch: must be >= 1")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip: must be >= 0, got {self.grad_clip}")
+        if self.mini_batches_per_step < 1 or self.epochs_per_step < 1:
+            raise ValueError("mini_batches_per_step and epochs_per_step must be >= 1")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    jsonl: bool = True
+    wandb_project: str | None = None
+    progress_bar: bool = True
+    log_every: int = 1
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save_every: int = 0  # steps; 0 saves only at the end
+    keep_last: int = 2
+    export_hf: bool = True  # export the final policy as an HF folder
