@@ -1,0 +1,56 @@
+"""The rollout-engine protocol (DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    n: int = 1  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_new_tokens: int = 256
+    stop_token_ids: list[int] = field(default_factory=list)  # EOS is always a stop
+    stop_strings: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass(kw_only=True)
+class Generation:
+    """One response: ``prompt_index`` into the request's prompt list."""
+
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str  # "stop" | "length" | "abort"
+    weight_version: int = 0
+
+
+WeightBucket = list[tuple[str, torch.Tensor]]  # (Hugging Face name, full tensor)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the scheduler needs from a generation backend."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        """Return ``params.n`` generations per prompt, grouped by prompt in prompt order."""
+        ...
+
+    def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
+        """Load new policy weights, given as buckets of HF-named full tensors."""
+        ...
+
+    def release_memory(self) -> None: ...
+
+    def resume_memory(self) -> None: ...
+
+    def health(self) -> bool: ...
+
+    def shutdown(self) -> None: ...
