@@ -1,0 +1,231 @@
+"""Grading many responses in worker processes, each answer bounded by a timeout.
+
+A reward function can hang (sympy on a power tower) or crash (a segfault in a parser, memory
+exhaustion). Here each answer runs in a worker process; an answer that passes its deadline or kills
+its worker scores 0, the worker is replaced and the rest of the batch goes on. This works from any
+thread, unlike signal-based timeouts.
+
+Workers come from a ``forkserver`` that has imported the built-in graders, so replacing one takes
+milliseconds rather than a fresh interpreter's start-up.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import multiprocessing as mp
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from hpt_megatron.rewards.registry import import_path_of
+
+logger = logging.getLogger(__name__)
+
+_PRELOAD = ["hpt_megatron.rewards.math_grader", "hpt_megatron.rewards.multiple_choice"]
+
+
+def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
+    """Worker loop: receive ``(index, spec, response, ground_truth)``, send ``(index, score)``."""
+    if memory_limit_mb:
+        import resource
+
+        limit = memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    from hpt_megatron.rewards.registry import resolve_reward
+
+    cache: dict[str, Any] = {}
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        index, spec, response, ground_truth = task
+        try:
+            fn = cache.get(spec) or cache.setdefault(spec, resolve_reward(spec))
+            score = float(fn(response, ground_truth))
+        except Exception:  # noqa: BLE001 - a failing grader costs this answer only
+            score = 0.0
+        conn.send((index, score))
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Connection
+    index: int = -1  # the task it is grading, -1 when idle
+    deadline: float = 0.0
+
+
+@dataclass
+class PoolStats:
+    """Counts of answers that timed out or crashed their worker, since the pool started."""
+
+    timeouts: int = 0
+    crashes: int = 0
+
+
+class RewardPool:
+    """A pool of grading processes with a per-answer timeout.
+
+    Args:
+        num_workers: Worker processes.
+        timeout_s: Seconds one answer may take before it scores 0 and its worker is replaced.
+        memory_limit_mb: Address-space limit of each worker (None: unlimited).
+
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self, num_workers: int = 2, timeout_s: float = 5.0, memory_limit_mb: int | None = 4096
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers: must be >= 1, got {num_workers}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s: must be > 0, got {timeout_s}")
+        self.num_workers = num_workers
+        self.timeout_s = timeout_s
+        self.memory_limit_mb = memory_limit_mb
+        self.stats = PoolStats()
+        self._ctx = self._context()
+        self._workers: list[_Worker] = []
+        self._crash_streak = 0  # crashes since the last answer graded: a broken worker setup
+
+    @staticmethod
+    def _context() -> Any:
+        if "forkserver" in mp.get_all_start_methods():
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(_PRELOAD)
+            return ctx
+        return mp.get_context("spawn")
+
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=_worker_main, args=(child, self.memory_limit_mb), daemon=True
+        )
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
+    def _ensure_workers(self) -> None:
+        while len(self._workers) < self.num_workers:
+            self._workers.append(self._spawn())
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.process.kill()
+        worker.process.join(timeout=5)
+        worker.conn.close()
+        self._workers[self._workers.index(worker)] = self._spawn()
+
+    def grade(
+        self,
+        responses: Sequence[str],
+        ground_truths: Sequence[str],
+        reward_fns: str | Sequence[str] = "math",
+    ) -> list[float]:
+        """Score every response against its ground truth.
+
+        Args:
+            responses: Model responses.
+            ground_truths: One reference answer per response.
+            reward_fns: A reward spec (registered name or ``module:function``) for all responses,
+                or one per response.
+
+        Returns:
+            One score per response, in order; 0.0 for an answer that timed out or crashed.
+        """
+        if len(responses) != len(ground_truths):
+            raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+        specs = [reward_fns] * len(responses) if isinstance(reward_fns, str) else list(reward_fns)
+        if len(specs) != len(responses):
+            raise ValueError(f"{len(specs)} reward functions for {len(responses)} responses")
+        for spec in set(specs):
+            import_path_of(spec)  # an unknown name is a user error, not a 0 score
+        self._ensure_workers()
+        scores = [0.0] * len(responses)
+        pending = collections.deque(range(len(responses)))
+        while pending or any(w.index >= 0 for w in self._workers):
+            for worker in self._workers:
+                if worker.index < 0 and pending:
+                    index = pending.popleft()
+                    task = (index, specs[index], responses[index], ground_truths[index])
+                    try:
+                        worker.conn.send(task)
+                    except (BrokenPipeError, OSError):  # died while idle: replace, retry later
+                        pending.appendleft(index)
+                        self._replace(worker)
+                        continue
+                    worker.index, worker.deadline = index, time.monotonic() + self.timeout_s
+            self._collect(scores)
+        return scores
+
+    def _collect(self, scores: list[float]) -> None:
+        """Wait for results or deadlines; record scores and replace stuck or dead workers."""
+        busy = [w for w in self._workers if w.index >= 0]
+        if not busy:
+            return
+        next_deadline = min(w.deadline for w in busy)
+        ready = wait([w.conn for w in busy], timeout=max(0.0, next_deadline - time.monotonic()))
+        for worker in busy:
+            if worker.conn in ready:
+                try:
+                    index, score = worker.conn.recv()
+                    assert index == worker.index, "worker answered a task it was not given"
+                    scores[index] = score
+                    worker.index = -1
+                    self._crash_streak = 0
+                    continue
+                except (EOFError, OSError):
+                    self.stats.crashes += 1
+                    self._crash_streak += 1
+                    if self._crash_streak > 3 * self.num_workers + 3:
+                        raise RuntimeError(
+                            "grader workers keep dying without grading anything; see their stderr"
+                        ) from None
+                    logger.warning("grader worker died on answer %d; scoring it 0", worker.index)
+            elif time.monotonic() < worker.deadline:
+                continue
+            else:
+                self.stats.timeouts += 1
+                logger.warning(
+                    "answer %d timed out after %.1fs; scoring it 0", worker.index, self.timeout_s
+                )
+            self._replace(worker)
+
+    def close(self) -> None:
+        """Stop the workers."""
+        for worker in self._workers:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                worker.conn.send(None)
+        for worker in self._workers:
+            worker.process.join(timeout=2)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
+        self._workers = []
+
+    def __enter__(self) -> RewardPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def grade_batch(
+    responses: Sequence[str],
+    ground_truths: Sequence[str],
+    reward_fns: str | Sequence[str] = "math",
+    *,
+    num_workers: int = 2,
+    timeout_s: float = 5.0,
+) -> list[float]:
+    """One-shot form of :meth:`RewardPool.grade` (starts and stops a pool)."""
+    with RewardPool(num_workers=num_workers, timeout_s=timeout_s) as pool:
+        return pool.grade(responses, ground_truths, reward_fns)
