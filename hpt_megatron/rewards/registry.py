@@ -48,6 +48,12 @@ def import_path_of(spec: str) -> str:
     return spec
 
 
+def check_reward_spec(spec: str) -> None:
+    """Raise ``ValueError`` unless ``spec`` names a usable reward (built-ins are not imported)."""
+    if spec not in _REGISTRY:
+        resolve_reward(spec)
+
+
 def resolve_reward(spec: str) -> RewardFn:
     """Import and return the reward function named by ``spec``.
 
