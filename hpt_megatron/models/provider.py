@@ -274,18 +274,20 @@ def build_model(
     pre_process: bool,
     post_process: bool,
     vp_stage: int | None = None,
+    init_weights: bool = True,
 ) -> GPTModel:
     """Build this rank's Megatron ``GPTModel`` (one pipeline stage, one virtual chunk).
 
     Needs Megatron's parallel state (``hpt_megatron.parallel.runtime.init_distributed``). The
     weights are randomly initialised; load them with :mod:`hpt_megatron.models.loading` or from
-    a distributed checkpoint.
+    a distributed checkpoint. ``init_weights=False`` skips the random initialisation.
     """
     from megatron.core.models.gpt import GPTModel
 
     hf = hf_config_with_overrides(hf, model)
     use_te = use_transformer_engine(model)
     config = transformer_config_from_hf(hf, model, parallel, use_te=use_te)
+    config.perform_initialization = init_weights
     rope = rope_settings(hf)
     gpt = GPTModel(
         config=config,
@@ -307,3 +309,31 @@ def build_model(
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def build_model_chunks(
+    hf: dict[str, Any],
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    pp_rank: int,
+    init_weights: bool = True,
+) -> list[GPTModel]:
+    """This pipeline rank's model chunks: one, or ``parallel.vpp`` with virtual stages.
+
+    ``init_weights=False`` skips the random initialisation (weights about to be loaded).
+    """
+    vpp = parallel.vpp or 1
+    first, last = pp_rank == 0, pp_rank == parallel.pp - 1
+    return [
+        build_model(
+            hf,
+            model,
+            parallel,
+            pre_process=first and i == 0,
+            post_process=last and i == vpp - 1,
+            vp_stage=i if parallel.vpp else None,
+            init_weights=init_weights,
+        )
+        for i in range(vpp)
+    ]

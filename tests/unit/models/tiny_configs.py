@@ -10,7 +10,7 @@ _BASE: dict[str, Any] = {
     "num_hidden_layers": 2,
     "num_attention_heads": 8,
     "num_key_value_heads": 2,
-    "vocab_size": 200,  # pads to 256 at TP=1 and TP=2
+    "vocab_size": 300,  # pads to 384 at TP=1, 512 at TP=2
     "max_position_embeddings": 256,
     "rms_norm_eps": 1e-6,
     "hidden_act": "silu",

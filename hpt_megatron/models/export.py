@@ -1,0 +1,102 @@
+"""Weight export: HF-named full tensors from a TP/PP-sharded Megatron model, in bounded buckets.
+
+Who receives what:
+
+- Each parameter is gathered over its tensor-parallel group onto **TP rank 0**, one parameter at
+  a time, so no rank ever holds more than one full parameter plus one bucket.
+- **Each pipeline stage yields its own parameters** (its TP rank 0 does); stages do not wait for
+  each other. A consumer that needs everything in one place (the converter) lets every stage
+  write its own shards and merges the index; the rollout weight sync lets every stage push its
+  buckets to the engines.
+- Data-parallel replicas each produce the same buckets; callers normally export from
+  ``dp_rank == 0`` only (all TP ranks of that replica must iterate, they take part in gathers).
+- TP ranks other than 0 iterate the generator to the end and receive no buckets.
+
+Tied embeddings are exported once, as ``model.embed_tokens.weight``; vocabulary padding is
+stripped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hpt_megatron.models.mapping import Dims, global_param_names, rule_for
+
+DEFAULT_BUCKET_BYTES = 512 * 1024**2
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+def _gather_tp(local: torch.Tensor, group: dist.ProcessGroup | None) -> list[torch.Tensor] | None:
+    """Every TP rank's shard on TP rank 0 (``None`` elsewhere)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return [local]
+    local = local.detach().contiguous()
+    is_dst = dist.get_rank(group) == 0
+    shards = (
+        [torch.empty_like(local) for _ in range(dist.get_world_size(group))] if is_dst else None
+    )
+    dist.gather(local, shards, group=group, group_dst=0)
+    return shards
+
+
+def iter_hf_tensors(
+    chunks: Sequence[torch.nn.Module],
+    hf: dict[str, Any],
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    dtype: torch.dtype | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hf_name, full_tensor)`` for this stage's parameters, on TP rank 0 (see module doc)."""
+    dims = Dims.from_hf(hf)
+    for chunk in chunks:
+        names = global_param_names(chunk)
+        for local_name, param in chunk.named_parameters():
+            rule = rule_for(names[local_name], hf)
+            if not rule.exported:
+                continue
+            shards = _gather_tp(param.detach(), tp_group)
+            if shards is None:
+                continue
+            for name, tensor in zip(rule.hf_names, rule.layout.to_hf(shards, dims)):
+                yield name, tensor if dtype is None else tensor.to(dtype)
+
+
+def export_hf_weights(
+    chunks: Sequence[torch.nn.Module],
+    hf: dict[str, Any],
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    dtype: torch.dtype | None = None,
+) -> Iterator[Bucket]:
+    """Buckets of ``(hf_name, full_tensor)`` of at most ``bucket_bytes`` (a larger tensor goes
+    alone in its bucket).
+
+    Args:
+        chunks: this rank's model chunks (one per virtual pipeline stage).
+        hf: the HF config the model was built from.
+        tp_group: the tensor-parallel group (``None`` for TP=1).
+        bucket_bytes: the bucket size bound, 512 MiB by default.
+        dtype: cast exported tensors to this dtype (e.g. bf16 for the rollout servers).
+
+    Yields:
+        On TP rank 0 of each pipeline stage: that stage's tensors, in parameter order. Every rank
+        of the TP group must exhaust the generator.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes: must be > 0, got {bucket_bytes}")
+    bucket: Bucket = []
+    size = 0
+    for name, tensor in iter_hf_tensors(chunks, hf, tp_group=tp_group, dtype=dtype):
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket

@@ -1,0 +1,110 @@
+"""Reading and writing Hugging Face checkpoint folders, one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Everything a run or a rollout server needs next to the weights, besides config.json.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+class HFCheckpointReader:
+    """Lazily read tensors from ``model.safetensors`` or a sharded folder with an index.
+
+    Raises ``ValueError`` naming the folder and file for a missing index entry or shard.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / SINGLE).is_file():
+            with safe_open(self.folder / SINGLE, framework="pt") as f:
+                self.weight_map = dict.fromkeys(f.keys(), SINGLE)
+        else:
+            raise ValueError(f"{self.folder}: neither {INDEX} nor {SINGLE} found")
+        for shard in sorted(set(self.weight_map.values())):
+            if not (self.folder / shard).is_file():
+                raise ValueError(f"{self.folder / INDEX}: shard {shard} is missing")
+        self._handles: dict[str, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise ValueError(f"{self.folder}: tensor {name!r} is not in the checkpoint")
+        return self._handle(shard).get_tensor(name)
+
+    def _handle(self, shard: str) -> Any:
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(self.folder / shard, framework="pt")
+        return self._handles[shard]
+
+
+class HFCheckpointWriter:
+    """Write buckets of ``(name, tensor)`` as safetensors shards, then the index."""
+
+    def __init__(self, folder: str | Path, prefix: str = "model") -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0
+
+    def write(self, bucket: Iterable[tuple[str, torch.Tensor]]) -> None:
+        tensors = {name: t.detach().contiguous().cpu() for name, t in bucket}
+        if not tensors:
+            return
+        shard = f"{self.prefix}-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
+        save_file(tensors, self.folder / shard, metadata={"format": "pt"})
+        for name, tensor in tensors.items():
+            self.weight_map[name] = shard
+            self.total_bytes += tensor.numel() * tensor.element_size()
+
+    def finish(self, others: Iterable[tuple[dict[str, str], int]] = ()) -> None:
+        """Write the index, merging ``(weight_map, total_bytes)`` of other writers (pipeline
+        stages that wrote their own shards into the same folder)."""
+        weight_map, total = dict(self.weight_map), self.total_bytes
+        for other_map, other_bytes in others:
+            weight_map.update(other_map)
+            total += other_bytes
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy tokenizer and generation files that exist in ``src``; return their names."""
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def write_config(hf: dict, folder: str | Path) -> None:
+    (Path(folder) / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")

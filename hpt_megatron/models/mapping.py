@@ -1,0 +1,217 @@
+"""HF <-> Megatron weight layout, one parameter at a time.
+
+Each Megatron parameter name (with its *global* layer index) matches one :class:`Rule`: the HF
+tensors it is made of and a :class:`Layout` that turns those HF tensors into this TP rank's shard
+(import) and the TP ranks' shards back into the HF tensors (export). The layouts follow DESIGN.md
+section 4:
+
+- ``linear_qkv``: ``[(H + 2G) * d, hidden]`` as G blocks ``[H/G query heads, 1 key, 1 value]``;
+  TP ranks hold whole groups, so the TP shard is a contiguous slice of the blocks.
+- ``linear_fc1``: ``[gate; up]`` on the full tensor, ``[gate_r; up_r]`` on TP rank r.
+- embedding / output layer: vocabulary padded (with zeros) to the model's size, stripped on export.
+
+Mixture-of-experts is an addition: rules for ``mlp.router.weight`` (replicated) and
+``mlp.experts.local_experts.{e}.linear_fc{1,2}.weight`` (the fc1 / row layouts below, with the
+expert index offset by the expert-parallel rank), and an :class:`Architecture` switch.
+
+Shape legend: H query heads, G KV groups, d head dim, V vocab, Vp padded vocab, F ffn hidden.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from hpt_megatron.models.provider import head_dim, num_kv_heads
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes the layouts need, from the HF config."""
+
+    heads: int
+    groups: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> Dims:
+        return cls(
+            heads=int(hf["num_attention_heads"]),
+            groups=num_kv_heads(hf),
+            head_dim=head_dim(hf),
+            vocab=int(hf["vocab_size"]),
+        )
+
+
+class Layout(Protocol):
+    def to_local(
+        self, hf: list[torch.Tensor], rank: int, size: int, local_shape: torch.Size, dims: Dims
+    ) -> torch.Tensor:
+        """This TP rank's shard from the HF tensors."""
+        ...
+
+    def to_hf(self, shards: list[torch.Tensor], dims: Dims) -> list[torch.Tensor]:
+        """The HF tensors from every TP rank's shard (in rank order)."""
+        ...
+
+
+class Replicated:
+    def to_local(self, hf, rank, size, local_shape, dims):  # noqa: ANN001, ANN201
+        return hf[0]
+
+    def to_hf(self, shards, dims):  # noqa: ANN001, ANN201
+        return [shards[0]]
+
+
+@dataclass(frozen=True)
+class Split:
+    """A plain TP split along ``dim``: 0 for column-parallel, 1 for row-parallel."""
+
+    dim: int
+
+    def to_local(self, hf, rank, size, local_shape, dims):  # noqa: ANN001, ANN201
+        return hf[0].chunk(size, dim=self.dim)[rank]
+
+    def to_hf(self, shards, dims):  # noqa: ANN001, ANN201
+        return [torch.cat(shards, dim=self.dim)]
+
+
+class Vocab:
+    """Vocabulary-parallel rows, padded with zeros to the model's padded vocabulary."""
+
+    def to_local(self, hf, rank, size, local_shape, dims):  # noqa: ANN001, ANN201
+        rows = local_shape[0]
+        start = rank * rows
+        local = hf[0].new_zeros(local_shape)
+        stop = min(start + rows, hf[0].shape[0])
+        if stop > start:
+            local[: stop - start] = hf[0][start:stop]
+        return local
+
+    def to_hf(self, shards, dims):  # noqa: ANN001, ANN201
+        rows = shards[0].shape[0]
+        kept = [s[: max(0, min(rows, dims.vocab - r * rows))] for r, s in enumerate(shards)]
+        return [torch.cat(kept, dim=0)]
+
+
+class QKV:
+    """q, k, v (weights ``[n*d, hidden]`` or biases ``[n*d]``) <-> grouped ``linear_qkv``."""
+
+    def to_local(self, hf, rank, size, local_shape, dims):  # noqa: ANN001, ANN201
+        q, k, v = hf
+        per_group = dims.heads // dims.groups
+        tail = q.shape[1:]
+        q = q.reshape(dims.groups, per_group * dims.head_dim, *tail)
+        k = k.reshape(dims.groups, dims.head_dim, *tail)
+        v = v.reshape(dims.groups, dims.head_dim, *tail)
+        groups_per_rank = dims.groups // size
+        sl = slice(rank * groups_per_rank, (rank + 1) * groups_per_rank)
+        return torch.cat([q[sl], k[sl], v[sl]], dim=1).reshape(-1, *tail)
+
+    def to_hf(self, shards, dims):  # noqa: ANN001, ANN201
+        full = torch.cat(shards, dim=0)
+        per_group = dims.heads // dims.groups
+        tail = full.shape[1:]
+        blocks = full.reshape(dims.groups, (per_group + 2) * dims.head_dim, *tail)
+        q, k, v = blocks.split([per_group * dims.head_dim, dims.head_dim, dims.head_dim], dim=1)
+        return [t.reshape(-1, *tail).contiguous() for t in (q, k, v)]
+
+
+class GateUp:
+    """gate and up ``[F, hidden]`` <-> ``linear_fc1`` (``[gate_r; up_r]`` on TP rank r)."""
+
+    def to_local(self, hf, rank, size, local_shape, dims):  # noqa: ANN001, ANN201
+        gate, up = hf
+        return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+
+    def to_hf(self, shards, dims):  # noqa: ANN001, ANN201
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Megatron parameter: its HF tensors (names) and how TP shards map to them."""
+
+    hf_names: tuple[str, ...]
+    layout: Layout
+    exported: bool = True  # False for the tied output layer: HF stores no lm_head then
+
+
+_L = r"decoder\.layers\.(?P<i>\d+)\."
+_H = "model.layers.{i}."
+_REPL, _COL, _ROW = Replicated(), Split(0), Split(1)
+# (Megatron name pattern, HF name templates, layout); local-spec and TE-spec norm names both.
+_TABLE: list[tuple[str, tuple[str, ...], Layout]] = [
+    (r"embedding\.word_embeddings\.weight", ("model.embed_tokens.weight",), Vocab()),
+    (r"decoder\.final_layernorm\.weight", ("model.norm.weight",), _REPL),
+    (_L + r"input_layernorm\.weight", (_H + "input_layernorm.weight",), _REPL),
+    (
+        _L + r"self_attention\.linear_qkv\.layer_norm_weight",
+        (_H + "input_layernorm.weight",),
+        _REPL,
+    ),
+    (
+        _L + r"self_attention\.linear_qkv\.weight",
+        tuple(_H + f"self_attn.{p}_proj.weight" for p in "qkv"),
+        QKV(),
+    ),
+    (
+        _L + r"self_attention\.linear_qkv\.bias",
+        tuple(_H + f"self_attn.{p}_proj.bias" for p in "qkv"),
+        QKV(),
+    ),
+    (_L + r"self_attention\.q_layernorm\.weight", (_H + "self_attn.q_norm.weight",), _REPL),
+    (_L + r"self_attention\.k_layernorm\.weight", (_H + "self_attn.k_norm.weight",), _REPL),
+    (_L + r"self_attention\.linear_proj\.weight", (_H + "self_attn.o_proj.weight",), _ROW),
+    (_L + r"pre_mlp_layernorm\.weight", (_H + "post_attention_layernorm.weight",), _REPL),
+    (_L + r"mlp\.linear_fc1\.layer_norm_weight", (_H + "post_attention_layernorm.weight",), _REPL),
+    (
+        _L + r"mlp\.linear_fc1\.weight",
+        (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"),
+        GateUp(),
+    ),
+    (_L + r"mlp\.linear_fc2\.weight", (_H + "mlp.down_proj.weight",), _ROW),
+]
+_COMPILED = [(re.compile(pattern + "$"), names, layout) for pattern, names, layout in _TABLE]
+
+
+def rule_for(name: str, hf: dict[str, Any]) -> Rule:
+    """The :class:`Rule` for a Megatron parameter name whose layer index is global.
+
+    Raises:
+        KeyError: no rule for this name (a module this mapping does not know).
+    """
+    if name == "output_layer.weight":
+        if hf.get("tie_word_embeddings", False):
+            # Only a later pipeline stage holds this copy of the embedding (Megatron keeps the
+            # two in sync); HF has no separate lm_head to export.
+            return Rule(("model.embed_tokens.weight",), Vocab(), exported=False)
+        return Rule(("lm_head.weight",), Vocab())
+    for pattern, names, layout in _COMPILED:
+        match = pattern.match(name)
+        if match:
+            fields = match.groupdict()
+            return Rule(tuple(n.format(**fields) for n in names), layout)
+    raise KeyError(f"no HF mapping for Megatron parameter {name!r}")
+
+
+def global_param_names(chunk: torch.nn.Module) -> dict[str, str]:
+    """Map a model chunk's parameter names to names with global layer indices.
+
+    Within a pipeline stage (or virtual chunk) ``decoder.layers.{j}`` counts from zero; each
+    layer knows its global 1-based ``layer_number``.
+    """
+    decoder = getattr(chunk, "decoder", None)
+    offsets = {}
+    if decoder is not None:
+        offsets = {str(j): str(layer.layer_number - 1) for j, layer in enumerate(decoder.layers)}
+    out = {}
+    for name, _ in chunk.named_parameters():
+        match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+        out[name] = f"decoder.layers.{offsets[match[1]]}.{match[2]}" if match else name
+    return out
