@@ -1,0 +1,21 @@
+"""Reward functions that misbehave, for the grading-pool tests (imported by worker processes)."""
+
+import os
+import time
+
+
+def hang(response: str, ground_truth: str) -> float:
+    time.sleep(3600)
+    return 1.0
+
+
+def crash(response: str, ground_truth: str) -> float:
+    os._exit(7)
+
+
+def raises(response: str, ground_truth: str) -> float:
+    raise RuntimeError("grader bug")
+
+
+def length_reward(response: str, ground_truth: str) -> float:
+    return float(len(response) == int(ground_truth))

@@ -1,0 +1,87 @@
+import time
+
+import pytest
+
+from hpt_megatron.config.schema import load_config
+from hpt_megatron.rewards import RewardPool, grade_batch, resolve_reward
+from hpt_megatron.rewards.multiple_choice import extract_choice, multiple_choice_reward
+
+HOSTILE = "tests.unit.rewards.hostile_rewards"
+
+
+def test_hang_and_crash_cost_one_answer_and_the_pool_recovers():
+    n = 40
+    responses = ["\\boxed{1}"] * n
+    specs = ["math"] * n
+    specs[3], specs[10], specs[11] = f"{HOSTILE}:hang", f"{HOSTILE}:crash", f"{HOSTILE}:raises"
+    with RewardPool(num_workers=2, timeout_s=1.0) as pool:
+        start = time.monotonic()
+        scores = pool.grade(responses, ["1"] * n, specs)
+        elapsed = time.monotonic() - start
+        assert scores == [0.0 if i in (3, 10, 11) else 1.0 for i in range(n)]
+        assert pool.stats.timeouts == 1 and pool.stats.crashes == 1
+        assert elapsed < 1.0 + 3.0  # one timeout, not one per remaining answer
+        assert pool.grade(["\\boxed{2}"], ["2"]) == [1.0]  # still usable
+
+
+def test_grade_batch_with_a_user_reward_by_import_path():
+    scores = grade_batch(["abc", "ab"], ["3", "3"], f"{HOSTILE}:length_reward", timeout_s=5)
+    assert scores == [1.0, 0.0]
+
+
+def test_grade_rejects_unknown_reward_and_length_mismatch():
+    with RewardPool(num_workers=1) as pool:
+        with pytest.raises(ValueError, match="unknown reward 'nope'"):
+            pool.grade(["x"], ["1"], "nope")
+        with pytest.raises(ValueError, match="2 responses but 1"):
+            pool.grade(["x", "y"], ["1"])
+
+
+def test_registry_resolves_names_and_paths():
+    assert resolve_reward("math")("\\boxed{2}", "2") == 1.0
+    assert resolve_reward(f"{HOSTILE}:length_reward")("ab", "2") == 1.0
+    with pytest.raises(ValueError, match="has no callable"):
+        resolve_reward(f"{HOSTILE}:missing")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("reward.fn=nope", "reward.fn: unknown reward 'nope'"),
+        ("reward.fn=no_such_pkg.mod:f", "reward.fn: reward 'no_such_pkg.mod:f': cannot import"),
+        ("reward.by_data_source={gpqa: os:nothing}", "reward.by_data_source.gpqa"),
+        ("reward.timeout_s=0", "reward.timeout_s"),
+    ],
+)
+def test_reward_config_is_checked_on_load(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, ["model.inline={hidden_size: 8}", override])
+
+
+def test_reward_config_accepts_an_import_path():
+    cfg = load_config(None, ["model.inline={hidden_size: 8}", f"reward.fn={HOSTILE}:length_reward"])
+    assert cfg.reward.fn_for("gpqa") == f"{HOSTILE}:length_reward"
+
+
+@pytest.mark.parametrize(
+    ("response", "choice"),
+    [
+        ("Reasoning...\nANSWER: C", "C"),
+        ("ANSWER: A\nwait\nANSWER: (B)", "B"),
+        ("so \\boxed{D}", "D"),
+        ("so \\boxed{\\text{(B)}}", "B"),
+        ("The answer is (A).", "A"),
+        ("I am not sure", None),
+        ("\\boxed{42}", None),
+    ],
+)
+def test_extract_choice(response, choice):
+    assert extract_choice(response) == choice
+
+
+def test_multiple_choice_reward():
+    assert multiple_choice_reward("ANSWER: C", "C") == 1.0
+    assert multiple_choice_reward("ANSWER: c", "C") == 1.0
+    assert multiple_choice_reward("ANSWER: B", "C") == 0.0
+    assert multiple_choice_reward("C is tempting but ANSWER: B", "C") == 0.0
+    assert multiple_choice_reward("\\boxed{C}", "\\boxed{C}") == 1.0
