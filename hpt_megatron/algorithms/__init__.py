@@ -1,1 +1,41 @@
-"""algorithms"""
+"""Post-training algorithms as pure torch: the Unified Policy Gradient Estimator and HPT.
+
+Public API::
+
+    from hpt_megatron.algorithms import policy_loss, compute_advantages, hpt_route, get_preset
+
+See docs/algorithms.md for the four parts, every preset and the trainer contract.
+"""
+
+from hpt_megatron.algorithms.advantages import compute_advantages, fold_kl_into_rewards, gae
+from hpt_megatron.algorithms.aggregation import pack_totals, unpack_totals
+from hpt_megatron.algorithms.dapo import dynamic_sampling_keep, overlong_penalty
+from hpt_megatron.algorithms.gate import HPTGate, HPTPlan, hpt_batch_plan, hpt_gate, hpt_route
+from hpt_megatron.algorithms.loss import loss_totals, policy_loss, resolve_spec, row_weights
+from hpt_megatron.algorithms.parts import kl_estimate
+from hpt_megatron.algorithms.presets import PRESETS, get_preset
+from hpt_megatron.algorithms.spec import AlgorithmSpec, OptionError
+
+__all__ = [
+    "PRESETS",
+    "AlgorithmSpec",
+    "HPTGate",
+    "HPTPlan",
+    "OptionError",
+    "compute_advantages",
+    "dynamic_sampling_keep",
+    "fold_kl_into_rewards",
+    "gae",
+    "get_preset",
+    "hpt_batch_plan",
+    "hpt_gate",
+    "hpt_route",
+    "kl_estimate",
+    "loss_totals",
+    "overlong_penalty",
+    "pack_totals",
+    "policy_loss",
+    "resolve_spec",
+    "row_weights",
+    "unpack_totals",
+]

@@ -1,0 +1,279 @@
+"""The unified loss: RL term (UPGE) + SFT term + entropy bonus + KL penalty.
+
+Shapes: B rows (responses), T response positions.
+
+    loss = L_RL + sft_coef * L_SFT - entropy_coef * H + kl_coef * KL        (one micro-batch share)
+
+L_RL aggregates ``rl_weight * term`` (``parts.py``) over rows with rl_weight != 0; L_SFT is the
+token mean of ``sft_weight * (-log pi)`` over rows with sft_weight != 0; H is the token-mean entropy
+over all trained rows; KL the token-mean ``kl_estimator`` over RL rows (when ``kl_mode='loss'``).
+
+``normalization='global'``: every mean uses the mini-batch totals passed as ``global_num_tokens``
+/ ``global_num_seqs`` (see ``loss_totals``), so the shares SUM over micro-batches and ranks to the
+loss of the whole mini-batch computed at once. ``normalization='microbatch'`` (``hpt_paper``)
+reproduces the HPT paper code (verl ``mix_actor.py`` with ``loss_remove_token_mean=True``,
+``gradient_accumulation = 1``, FSDP averaging over ranks): L_SFT, H and any token/sequence mean
+use this micro-batch's own counts, token_sum_norm divides by its constant, and the micro-batch
+loss is divided by ``dp_world_size``. Summed over micro-batches and ranks, that is the paper's
+gradient: it depends on how the batch is cut into micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hpt_megatron.algorithms import aggregation as agg
+from hpt_megatron.algorithms._checks import as_vector, check_bt, check_mask
+from hpt_megatron.algorithms.parts import demo_terms, kl_estimate, on_policy_terms, tis_weights
+from hpt_megatron.algorithms.presets import get_preset
+from hpt_megatron.algorithms.spec import AlgorithmSpec
+
+Metrics = dict[str, torch.Tensor]
+
+
+def resolve_spec(preset_or_spec: str | AlgorithmSpec, **options: Any) -> AlgorithmSpec:
+    """A preset name or spec, with ``options`` overriding its fields."""
+    spec = get_preset(preset_or_spec) if isinstance(preset_or_spec, str) else preset_or_spec
+    return spec.with_options(**options) if options else spec
+
+
+def row_weights(
+    spec: AlgorithmSpec,
+    batch: int,
+    is_demo: torch.Tensor | None,
+    rl_weight: torch.Tensor | None,
+    sft_weight: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(is_demo_b, rl_weight_b, sft_weight_b)``, defaulting by ``spec.demo_term``.
+
+    Defaults: on-policy rows go to the RL term (weight 1); demonstrations to the RL term
+    (``demo_term='rl'``: srft, luffy, sft) or the SFT term (``'sft'``: hpt). Given weights win.
+    """
+    demo_b = (
+        torch.zeros(batch, dtype=torch.bool)
+        if is_demo is None
+        else as_vector("is_demo", is_demo, torch.bool, batch)
+    )
+    to_sft_b = demo_b & (spec.demo_term == "sft")
+    rl_b = (
+        (~to_sft_b).double()
+        if rl_weight is None
+        else as_vector("rl_weight", rl_weight, torch.float64, batch)
+    )
+    sft_b = (
+        to_sft_b.double()
+        if sft_weight is None
+        else as_vector("sft_weight", sft_weight, torch.float64, batch)
+    )
+    return demo_b, rl_b, sft_b
+
+
+def loss_totals(
+    spec: AlgorithmSpec | str,
+    *,
+    response_mask: torch.Tensor,
+    is_demo: torch.Tensor | None = None,
+    rl_weight: torch.Tensor | None = None,
+    sft_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """This (micro-)batch's six loss denominators as a float64 tensor ``[6]``.
+
+    Sum it over the mini-batch's micro-batches, all-reduce it (SUM) over data-parallel ranks, then
+    ``global_num_tokens, global_num_seqs = unpack_totals(total)`` and pass both to ``policy_loss``.
+    Order: tokens of rl, sft, all; rows of rl, sft, all.
+    """
+    spec = resolve_spec(spec)
+    mask_bt = check_mask(response_mask)
+    _, rl_b, sft_b = row_weights(spec, mask_bt.shape[0], is_demo, rl_weight, sft_weight)
+    num_tokens, num_seqs = agg.count_totals(mask_bt, agg.term_rows(rl_b, sft_b))
+    return agg.pack_totals(num_tokens, num_seqs)
+
+
+def policy_loss(
+    preset_or_spec: str | AlgorithmSpec,
+    *,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    entropy: torch.Tensor | None = None,
+    is_demo: torch.Tensor | None = None,
+    rl_weight: torch.Tensor | None = None,
+    sft_weight: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    global_num_tokens: agg.Totals | float | None = None,
+    global_num_seqs: agg.Totals | float | None = None,
+    dp_world_size: int = 1,
+    **options: Any,
+) -> tuple[torch.Tensor, Metrics]:
+    """The unified post-training loss of one micro-batch (its share of the mini-batch loss).
+
+    Args:
+        preset_or_spec: a preset name (``get_preset``) or an ``AlgorithmSpec``.
+        logprobs: ``[B, T]`` log pi_theta of the response tokens, with grad (fp32).
+        old_logprobs: ``[B, T]`` log pi_old; needed when ``spec.needs_old_logprobs``.
+        advantages: ``[B, T]`` from ``compute_advantages``.
+        response_mask: ``[B, T]``, 1 on response tokens.
+        entropy: ``[B, T]`` policy entropy with grad; needed when ``entropy_coef > 0``.
+        is_demo: ``[B]`` bool, True for offline demonstrations.
+        rl_weight, sft_weight: ``[B]`` alpha and beta of each row (defaults: ``row_weights``).
+        ref_logprobs: ``[B, T]`` reference-model log-probs (KL penalty as a loss term).
+        rollout_logprobs: ``[B, T]`` the rollout engine's log-probs (TIS, ``tis_cap``).
+        global_num_tokens, global_num_seqs: mini-batch totals per term (``{"rl", "sft", "all"}``,
+            or one number for all), from ``loss_totals``/``unpack_totals``; None: this batch's.
+        dp_world_size: data-parallel ranks; only ``normalization='microbatch'`` divides by it.
+        **options: spec fields to override (``clip_high=0.28``, ``aggregation='token_mean'``).
+
+    Returns:
+        ``(loss, metrics)``: the scalar loss share and detached scalar metrics. Every metric is an
+        additive share normalised by the global totals when given: SUM them over micro-batches and
+        ranks (without totals each is this micro-batch's own mean). See docs/algorithms.md.
+    """
+    spec = resolve_spec(preset_or_spec, **options)
+    if spec.batch_rule == "sft_then_rl":
+        raise ValueError(f"{spec.name}: call spec.phase_for_step(step) and pass that spec")
+    mask_bt = check_mask(response_mask)
+    shape = mask_bt.shape
+    _check_inputs(
+        spec, shape, logprobs, old_logprobs, advantages, entropy, ref_logprobs, rollout_logprobs
+    )
+    demo_b, rl_b, sft_b = row_weights(spec, shape[0], is_demo, rl_weight, sft_weight)
+    rows = agg.term_rows(rl_b, sft_b)
+    local_tokens, local_seqs = agg.count_totals(mask_bt, rows)
+    metric_tokens = agg.resolve_totals(global_num_tokens, local_tokens, "global_num_tokens")
+    metric_seqs = agg.resolve_totals(global_num_seqs, local_seqs, "global_num_seqs")
+    if spec.normalization == "microbatch":
+        loss_tokens, loss_seqs = dict(local_tokens), dict(local_seqs)
+    else:
+        loss_tokens, loss_seqs = metric_tokens, metric_seqs
+    mask = mask_bt.to(logprobs.dtype)
+    valid_bt = mask_bt.bool()
+    on_bt = valid_bt & ~demo_b[:, None]
+
+    terms = on_policy_terms(spec, logprobs, old_logprobs, advantages, on_bt)
+    term_bt = torch.where(demo_b[:, None], demo_terms(spec, logprobs, advantages), terms.term_bt)
+    metrics: Metrics = {}
+    if spec.tis_cap is not None:
+        base_bt = old_logprobs if old_logprobs is not None else logprobs
+        w_bt, cut_bt = tis_weights(base_bt, rollout_logprobs, spec.tis_cap)
+        term_bt = torch.where(on_bt, term_bt * w_bt.to(term_bt.dtype), term_bt)
+        metrics["tis_clip_frac"] = _token_share(cut_bt & on_bt, rows["rl"], metric_tokens["rl"])
+    pg_loss = agg.aggregate(
+        term_bt, mask, rl_b, spec.aggregation, num_tokens=loss_tokens["rl"],
+        num_seqs=loss_seqs["rl"], constant=spec.loss_agg_constant,
+    )  # fmt: skip
+    sft_loss = agg.aggregate(
+        -logprobs, mask, sft_b, "token_mean", num_tokens=loss_tokens["sft"], num_seqs=1
+    )
+    loss = pg_loss + spec.sft_coef * sft_loss
+    if entropy is not None:
+        all_w = rows["all"].double()
+        entropy_mean = agg.aggregate(
+            entropy, mask, all_w, "token_mean", num_tokens=loss_tokens["all"], num_seqs=1
+        )
+        loss = loss - spec.entropy_coef * entropy_mean
+        metrics["entropy"] = _share(entropy, mask, all_w, metric_tokens["all"])
+    if ref_logprobs is not None:
+        kl_bt = kl_estimate(logprobs, ref_logprobs.to(logprobs.dtype), spec.kl_estimator)
+        rl_rows = rows["rl"].double()
+        if spec.kl_mode == "loss" and spec.kl_coef > 0:
+            kl_mean = agg.aggregate(
+                kl_bt, mask, rl_rows, "token_mean", num_tokens=loss_tokens["rl"], num_seqs=1
+            )
+            loss = loss + spec.kl_coef * kl_mean
+        metrics["kl_ref"] = _share(kl_bt, mask, rl_rows, metric_tokens["rl"])
+    if spec.normalization == "microbatch":
+        loss = loss / dp_world_size
+    metrics.update(
+        _core_metrics(
+            loss,
+            pg_loss,
+            logprobs,
+            old_logprobs,
+            terms,
+            on_bt,
+            mask,
+            rows,
+            sft_b,
+            metric_tokens,
+            spec,
+        )
+    )
+    return loss, metrics
+
+
+def _check_inputs(
+    spec: AlgorithmSpec,
+    shape: torch.Size,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    entropy: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    rollout_logprobs: torch.Tensor | None,
+) -> None:
+    named = {
+        "logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages,
+        "entropy": entropy, "ref_logprobs": ref_logprobs, "rollout_logprobs": rollout_logprobs,
+    }  # fmt: skip
+    for name, tensor in named.items():
+        check_bt(name, tensor, shape)
+    needs = {
+        "old_logprobs": spec.denominator in ("old", "gspo"),
+        "entropy": spec.entropy_coef > 0,
+        "ref_logprobs": spec.kl_coef > 0 and spec.kl_mode == "loss",
+        "rollout_logprobs": spec.tis_cap is not None,
+    }
+    for name, needed in needs.items():
+        if needed and named[name] is None:
+            raise ValueError(f"{name}: preset '{spec.name}' needs it (see the spec's needs_*)")
+    if not torch.isfinite(advantages).all():
+        raise ValueError("advantages: contain NaN or infinite values")
+
+
+def _share(
+    x_bt: torch.Tensor, mask: torch.Tensor, rows_b: torch.Tensor, total: float | torch.Tensor
+) -> torch.Tensor:
+    """Detached share of the token mean of ``x`` over ``rows_b`` (sums to the mini-batch mean)."""
+    summed = (x_bt.detach() * mask * rows_b[:, None].to(mask.dtype)).sum()
+    return (summed / agg._at_least_one(total)).float()
+
+
+def _token_share(
+    flag_bt: torch.Tensor, rows_b: torch.Tensor, total: float | torch.Tensor
+) -> torch.Tensor:
+    return _share(flag_bt.float(), torch.ones_like(flag_bt, dtype=torch.float32), rows_b, total)
+
+
+def _core_metrics(
+    loss: torch.Tensor,
+    pg_loss: torch.Tensor,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    terms: Any,
+    on_bt: torch.Tensor,
+    mask: torch.Tensor,
+    rows: dict[str, torch.Tensor],
+    sft_b: torch.Tensor,
+    tokens: dict[str, float | torch.Tensor],
+    spec: AlgorithmSpec,
+) -> Metrics:
+    on_rl_b = rows["rl"]
+    on = on_bt.to(mask.dtype)
+    out = {
+        "loss": loss.detach().float(),
+        "pg_loss": pg_loss.detach().float(),
+        "sft_nll": _share(-logprobs, mask, sft_b.abs() > 0, tokens["sft"]),
+        "clip_frac": _share(terms.clipped_bt.float(), on, on_rl_b, tokens["rl"]),
+        "ratio_mean": _share(terms.ratio_bt, on, on_rl_b, tokens["rl"]),
+        "num_tokens_rl": (mask * on_rl_b[:, None]).sum().detach().float(),
+        "num_tokens_sft": (mask * rows["sft"][:, None]).sum().detach().float(),
+    }
+    if old_logprobs is not None and spec.denominator in ("old", "gspo"):
+        kl_old_bt = kl_estimate(old_logprobs.to(logprobs.dtype), logprobs.detach(), "k3")
+        kl_old_bt = torch.where(on_bt, kl_old_bt, torch.zeros_like(kl_old_bt))
+        out["kl_old"] = _share(kl_old_bt, on, on_rl_b, tokens["rl"])
+    return out

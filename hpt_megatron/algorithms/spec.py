@@ -1,0 +1,240 @@
+"""The algorithm spec: one frozen dataclass holding the four UPGE parts and every extra setting.
+
+A preset (``presets.py``) is an ``AlgorithmSpec`` with chosen values; users override any field by
+name (``spec.with_options(clip_high=0.28)``, or ``algorithm.options.clip_high=0.28`` in YAML).
+Field names are the option names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+AdvantageKind = Literal[
+    "one", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp", "srft", "gae"
+]
+Denominator = Literal["current", "old", "one", "gspo"]
+DemoDenominator = Literal["one", "current"]
+Mask = Literal["none", "clip", "dual_clip", "cispo", "seq_clip"]
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
+KLEstimator = Literal["k1", "k2", "k3"]
+KLMode = Literal["loss", "reward"]
+Normalization = Literal["global", "microbatch"]
+BatchRule = Literal["none", "hpt_gate", "demo_in_group", "dynamic_sampling", "sft_then_rl"]
+DemoTerm = Literal["rl", "sft"]
+GateMode = Literal["hard", "linear", "sigmoid"]
+
+
+class OptionError(ValueError):
+    """A bad algorithm option; ``key`` is the option's name (for config messages)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.detail = message
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgorithmSpec:
+    """The four parts of the estimator plus the extras (see docs/algorithms.md).
+
+    grad = 1_stable * (1 / pi_ref) * A_hat * grad pi_theta, aggregated over tokens.
+    """
+
+    name: str = "custom"
+    # --- advantage A_hat -------------------------------------------------------------------
+    advantage: AdvantageKind = "grpo"
+    std_unbiased: bool = True  # GRPO/SRFT std: unbiased (n - 1) estimator
+    adv_eps: float = 1e-6  # added to the std
+    reward_threshold: float = 0.0  # reinforce: A = +1 if reward > this else -1
+    gae_gamma: float = 1.0
+    gae_lambda: float = 1.0
+    gae_whiten: bool = True
+    # --- reference-policy denominator pi_ref --------------------------------------------------
+    denominator: Denominator = "old"  # for on-policy rows
+    demo_denominator: DemoDenominator = "one"  # for demonstration rows in the RL term
+    demo_term: DemoTerm = "rl"  # default loss term of demonstration rows (weights override)
+    luffy_gamma: float | None = None  # policy shaping f(pi) = pi / (pi + gamma) on demo tokens
+    # --- stabilization mask 1_stable ---------------------------------------------------------
+    mask: Mask = "clip"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip_c: float = 3.0
+    tis_cap: float | None = None  # truncated IS weight min(pi_old / pi_rollout, cap)
+    # --- aggregation --------------------------------------------------------------------------
+    aggregation: Aggregation = "token_mean"
+    loss_agg_constant: float = 8192.0  # divisor of token_sum_norm
+    normalization: Normalization = "global"
+    # --- extra loss terms --------------------------------------------------------------------
+    sft_coef: float = 1.0
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+    kl_mode: KLMode = "loss"
+    # --- batch rule ---------------------------------------------------------------------------
+    batch_rule: BatchRule = "none"
+    gate_gamma: int | float | str = 0  # int: a count of n; float: a fraction; "k/n": a fraction
+    gate_mode: GateMode = "hard"
+    gate_temperature: float = 0.1  # sigmoid soft gate width
+    success_threshold: float = 0.0  # a response counts as correct when reward > this
+    demos_per_group: int = 1
+    overlong_buffer: int | None = None  # DAPO soft overlong punishment length
+    overlong_max_len: int | None = None  # None: the rollout's max new tokens
+    overlong_penalty: float = 1.0
+    switch_step: int | None = None  # sft_then_rl: first step trained with RL
+
+    # ---- derived -------------------------------------------------------------------------------
+    @property
+    def needs_old_logprobs(self) -> bool:
+        """Whether the trainer must supply ``old_logprobs`` (recomputed or from the rollout)."""
+        return self.denominator in ("old", "gspo") or self.tis_cap is not None
+
+    @property
+    def needs_ref_logprobs(self) -> bool:
+        """Whether a reference model must supply ``ref_logprobs``."""
+        return self.kl_coef > 0
+
+    @property
+    def needs_rollout_logprobs(self) -> bool:
+        return self.tis_cap is not None
+
+    @property
+    def advantage_options(self) -> dict[str, Any]:
+        """Keyword options for ``compute_advantages(self.advantage, ...)``."""
+        if self.advantage in ("grpo", "srft"):
+            return {"std_unbiased": self.std_unbiased, "eps": self.adv_eps}
+        if self.advantage == "reinforce":
+            return {"threshold": self.reward_threshold}
+        if self.advantage == "reinforce_pp":
+            return {"eps": self.adv_eps}
+        if self.advantage == "gae":
+            return {"gamma": self.gae_gamma, "lam": self.gae_lambda, "whiten": self.gae_whiten}
+        return {}
+
+    def with_options(self, **options: Any) -> AlgorithmSpec:
+        """A copy with fields overridden by name, type-checked and validated.
+
+        Raises:
+            OptionError: an unknown name (with the closest valid one), a wrong type or a bad value.
+        """
+        hints = typing.get_type_hints(AlgorithmSpec)
+        names = [f.name for f in dataclasses.fields(self) if f.name != "name"]
+        clean = {}
+        for key, value in options.items():
+            if key not in names:
+                match = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+                hint = f"; did you mean {match[0]}" if match else f"; valid: {', '.join(names)}"
+                raise OptionError(key, f"unknown{hint}")
+            clean[key] = _check_type(key, value, hints[key])
+        spec = dataclasses.replace(self, **clean)
+        spec.validate()
+        return spec
+
+    def phase_for_step(self, step: int) -> AlgorithmSpec:
+        """The spec in force at ``step``: for ``sft_then_rl``, SFT before ``switch_step``."""
+        if self.batch_rule != "sft_then_rl":
+            return self
+        assert self.switch_step is not None
+        if step < self.switch_step:
+            return dataclasses.replace(
+                self, name=f"{self.name}:sft", advantage="one", denominator="current",
+                demo_denominator="current", mask="none", aggregation="token_mean",
+                batch_rule="none", kl_coef=0.0, tis_cap=None,
+            )  # fmt: skip
+        return dataclasses.replace(self, name=f"{self.name}:rl", batch_rule="none")
+
+    def validate(self) -> None:
+        """Check values and combinations; raises ``OptionError`` naming the field."""
+        _validate_parts(self)
+        _validate_extras(self)
+
+
+def _validate_parts(s: AlgorithmSpec) -> None:
+    if s.mask in ("clip", "dual_clip", "cispo") and s.denominator != "old":
+        raise OptionError("mask", f"'{s.mask}' needs denominator 'old', got '{s.denominator}'")
+    if s.mask == "seq_clip" and s.denominator != "gspo":
+        raise OptionError("mask", "'seq_clip' needs denominator 'gspo'")
+    if s.denominator == "gspo" and s.mask not in ("none", "seq_clip"):
+        raise OptionError(
+            "mask", f"denominator 'gspo' takes mask 'none' or 'seq_clip', not '{s.mask}'"
+        )
+    if not 0 <= s.clip_low <= 1:
+        raise OptionError("clip_low", f"must be in [0, 1], got {s.clip_low}")
+    if s.clip_high < 0:
+        raise OptionError("clip_high", f"must be >= 0, got {s.clip_high}")
+    if s.dual_clip_c <= 1:
+        raise OptionError("dual_clip_c", f"must be > 1, got {s.dual_clip_c}")
+    if s.loss_agg_constant <= 0:
+        raise OptionError("loss_agg_constant", f"must be > 0, got {s.loss_agg_constant}")
+    if s.tis_cap is not None and s.tis_cap <= 0:
+        raise OptionError("tis_cap", f"must be > 0, got {s.tis_cap}")
+    if s.luffy_gamma is not None and s.luffy_gamma <= 0:
+        raise OptionError("luffy_gamma", f"must be > 0, got {s.luffy_gamma}")
+    if s.adv_eps < 0:
+        raise OptionError("adv_eps", f"must be >= 0, got {s.adv_eps}")
+    if not (0 <= s.gae_gamma <= 1 and 0 <= s.gae_lambda <= 1):
+        raise OptionError("gae_gamma", "gae_gamma and gae_lambda must be in [0, 1]")
+
+
+def _validate_extras(s: AlgorithmSpec) -> None:
+    for key in ("sft_coef", "entropy_coef", "kl_coef", "overlong_penalty"):
+        if getattr(s, key) < 0:
+            raise OptionError(key, f"must be >= 0, got {getattr(s, key)}")
+    if s.kl_mode == "reward" and s.kl_coef > 0 and s.advantage in ("one",):
+        raise OptionError("kl_mode", "KL folded into the reward needs a reward-based advantage")
+    if s.batch_rule == "sft_then_rl" and (s.switch_step is None or s.switch_step < 0):
+        raise OptionError("switch_step", "sft_then_rl needs the (>= 0) step at which RL starts")
+    if s.batch_rule == "hpt_gate":
+        from hpt_megatron.algorithms.gate import parse_gamma
+
+        try:
+            parse_gamma(s.gate_gamma)
+        except ValueError as err:
+            raise OptionError("gate_gamma", str(err)) from None
+    if s.gate_temperature <= 0:
+        raise OptionError("gate_temperature", f"must be > 0, got {s.gate_temperature}")
+    if s.demos_per_group < 1:
+        raise OptionError("demos_per_group", f"must be >= 1, got {s.demos_per_group}")
+    if s.overlong_buffer is not None and s.overlong_buffer < 1:
+        raise OptionError("overlong_buffer", f"must be >= 1, got {s.overlong_buffer}")
+    if (
+        s.overlong_buffer is not None
+        and s.overlong_max_len is not None
+        and s.overlong_buffer >= s.overlong_max_len
+    ):
+        raise OptionError("overlong_buffer", "must be smaller than overlong_max_len")
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against a field type (int -> float allowed), or raise ``OptionError``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            match = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f"; did you mean {match[0]}" if match else ""
+            raise OptionError(key, f"{value!r} is not one of {list(allowed)}{hint}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except OptionError:
+                continue
+        raise OptionError(key, f"{value!r} is not a {tp}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise OptionError(key, f"expected {tp.__name__}, got bool {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise OptionError(key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
