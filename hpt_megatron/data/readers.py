@@ -75,8 +75,10 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if not text.strip():
             raise BadRowError("empty prompt")
         return [{"role": "user", "content": text}]
-    if not isinstance(value, (list, tuple)) or not value:
+    if not isinstance(value, (list, tuple)):
         raise BadRowError("prompt is neither text nor a list of chat messages")
+    if not value:
+        raise BadRowError("empty prompt (no messages)")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
