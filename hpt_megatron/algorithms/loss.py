@@ -20,13 +20,20 @@ gradient: it depends on how the batch is cut into micro-batches.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from hpt_megatron.algorithms import aggregation as agg
 from hpt_megatron.algorithms._checks import as_vector, check_bt, check_mask
-from hpt_megatron.algorithms.parts import demo_terms, kl_estimate, on_policy_terms, tis_weights
+from hpt_megatron.algorithms.parts import (
+    TokenTerms,
+    demo_terms,
+    kl_estimate,
+    on_policy_terms,
+    tis_weights,
+)
 from hpt_megatron.algorithms.presets import get_preset
 from hpt_megatron.algorithms.spec import AlgorithmSpec
 
@@ -136,11 +143,53 @@ def policy_loss(
     if spec.batch_rule == "sft_then_rl":
         raise ValueError(f"{spec.name}: call spec.phase_for_step(step) and pass that spec")
     mask_bt = check_mask(response_mask)
-    shape = mask_bt.shape
     _check_inputs(
-        spec, shape, logprobs, old_logprobs, advantages, entropy, ref_logprobs, rollout_logprobs
+        spec, mask_bt.shape, logprobs, old_logprobs, advantages, entropy, ref_logprobs,
+        rollout_logprobs,
+    )  # fmt: skip
+    demo_b, rl_b, sft_b = row_weights(spec, mask_bt.shape[0], is_demo, rl_weight, sft_weight)
+    ctx = _context(spec, mask_bt, logprobs.dtype, demo_b, rl_b, sft_b, global_num_tokens,
+                   global_num_seqs)  # fmt: skip
+    metrics: Metrics = {}
+    pg_loss, terms = _rl_term(
+        spec, ctx, logprobs, old_logprobs, advantages, rollout_logprobs, metrics
     )
-    demo_b, rl_b, sft_b = row_weights(spec, shape[0], is_demo, rl_weight, sft_weight)
+    sft_loss = agg.aggregate(
+        -logprobs, ctx.mask, sft_b, "token_mean", num_tokens=ctx.loss_tokens["sft"], num_seqs=1
+    )
+    loss = pg_loss + spec.sft_coef * sft_loss
+    loss = loss + _regularisers(spec, ctx, logprobs, entropy, ref_logprobs, metrics)
+    if spec.normalization == "microbatch":
+        loss = loss / dp_world_size
+    metrics.update(_core_metrics(loss, pg_loss, logprobs, old_logprobs, terms, ctx, spec))
+    return loss, metrics
+
+
+@dataclass
+class _Context:
+    """Masks, term membership and the denominators of one ``policy_loss`` call."""
+
+    mask: torch.Tensor  # [B, T] in the log-prob dtype
+    on_bt: torch.Tensor  # [B, T] bool: on-policy response tokens
+    demo_b: torch.Tensor  # [B] bool
+    rl_b: torch.Tensor  # [B] float64 alpha
+    sft_b: torch.Tensor  # [B] float64 beta
+    rows: dict[str, torch.Tensor]  # term -> [B] bool
+    loss_tokens: dict[str, float | torch.Tensor]  # denominators of the loss
+    loss_seqs: dict[str, float | torch.Tensor]
+    metric_tokens: dict[str, float | torch.Tensor]  # denominators of the metrics
+
+
+def _context(
+    spec: AlgorithmSpec,
+    mask_bt: torch.Tensor,
+    dtype: torch.dtype,
+    demo_b: torch.Tensor,
+    rl_b: torch.Tensor,
+    sft_b: torch.Tensor,
+    global_num_tokens: agg.Totals | float | None,
+    global_num_seqs: agg.Totals | float | None,
+) -> _Context:
     rows = agg.term_rows(rl_b, sft_b)
     local_tokens, local_seqs = agg.count_totals(mask_bt, rows)
     metric_tokens = agg.resolve_totals(global_num_tokens, local_tokens, "global_num_tokens")
@@ -149,60 +198,68 @@ def policy_loss(
         loss_tokens, loss_seqs = dict(local_tokens), dict(local_seqs)
     else:
         loss_tokens, loss_seqs = metric_tokens, metric_seqs
-    mask = mask_bt.to(logprobs.dtype)
-    valid_bt = mask_bt.bool()
-    on_bt = valid_bt & ~demo_b[:, None]
+    on_bt = mask_bt.bool() & ~demo_b[:, None]
+    return _Context(
+        mask_bt.to(dtype), on_bt, demo_b, rl_b, sft_b, rows, loss_tokens, loss_seqs, metric_tokens
+    )
 
-    terms = on_policy_terms(spec, logprobs, old_logprobs, advantages, on_bt)
-    term_bt = torch.where(demo_b[:, None], demo_terms(spec, logprobs, advantages), terms.term_bt)
-    metrics: Metrics = {}
+
+def _rl_term(
+    spec: AlgorithmSpec,
+    ctx: _Context,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    rollout_logprobs: torch.Tensor | None,
+    metrics: Metrics,
+) -> tuple[torch.Tensor, TokenTerms]:
+    """L_RL: on-policy and demonstration terms, TIS, aggregation."""
+    terms = on_policy_terms(spec, logprobs, old_logprobs, advantages, ctx.on_bt)
+    demo_bt = ctx.demo_b[:, None]
+    term_bt = torch.where(demo_bt, demo_terms(spec, logprobs, advantages), terms.term_bt)
     if spec.tis_cap is not None:
+        assert rollout_logprobs is not None
         base_bt = old_logprobs if old_logprobs is not None else logprobs
         w_bt, cut_bt = tis_weights(base_bt, rollout_logprobs, spec.tis_cap)
-        term_bt = torch.where(on_bt, term_bt * w_bt.to(term_bt.dtype), term_bt)
-        metrics["tis_clip_frac"] = _token_share(cut_bt & on_bt, rows["rl"], metric_tokens["rl"])
-    pg_loss = agg.aggregate(
-        term_bt, mask, rl_b, spec.aggregation, num_tokens=loss_tokens["rl"],
-        num_seqs=loss_seqs["rl"], constant=spec.loss_agg_constant,
-    )  # fmt: skip
-    sft_loss = agg.aggregate(
-        -logprobs, mask, sft_b, "token_mean", num_tokens=loss_tokens["sft"], num_seqs=1
-    )
-    loss = pg_loss + spec.sft_coef * sft_loss
-    if entropy is not None:
-        all_w = rows["all"].double()
-        entropy_mean = agg.aggregate(
-            entropy, mask, all_w, "token_mean", num_tokens=loss_tokens["all"], num_seqs=1
+        term_bt = torch.where(ctx.on_bt, term_bt * w_bt.to(term_bt.dtype), term_bt)
+        metrics["tis_clip_frac"] = _share(
+            cut_bt.float(), ctx.on_bt.float(), ctx.rows["rl"], ctx.metric_tokens["rl"]
         )
-        loss = loss - spec.entropy_coef * entropy_mean
-        metrics["entropy"] = _share(entropy, mask, all_w, metric_tokens["all"])
+    pg_loss = agg.aggregate(
+        term_bt, ctx.mask, ctx.rl_b, spec.aggregation, num_tokens=ctx.loss_tokens["rl"],
+        num_seqs=ctx.loss_seqs["rl"], constant=spec.loss_agg_constant,
+    )  # fmt: skip
+    return pg_loss, terms
+
+
+def _regularisers(
+    spec: AlgorithmSpec,
+    ctx: _Context,
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    metrics: Metrics,
+) -> torch.Tensor | float:
+    """-entropy_coef * H (all rows) + kl_coef * KL (RL rows, ``kl_mode='loss'``)."""
+    extra: torch.Tensor | float = 0.0
+    if entropy is not None:
+        all_w = ctx.rows["all"].double()
+        entropy_mean = agg.aggregate(
+            entropy, ctx.mask, all_w, "token_mean", num_tokens=ctx.loss_tokens["all"], num_seqs=1
+        )
+        extra = extra - spec.entropy_coef * entropy_mean
+        metrics["entropy"] = _share(entropy, ctx.mask, all_w, ctx.metric_tokens["all"])
     if ref_logprobs is not None:
         kl_bt = kl_estimate(logprobs, ref_logprobs.to(logprobs.dtype), spec.kl_estimator)
-        rl_rows = rows["rl"].double()
+        rl_rows = ctx.rows["rl"].double()
         if spec.kl_mode == "loss" and spec.kl_coef > 0:
             kl_mean = agg.aggregate(
-                kl_bt, mask, rl_rows, "token_mean", num_tokens=loss_tokens["rl"], num_seqs=1
-            )
-            loss = loss + spec.kl_coef * kl_mean
-        metrics["kl_ref"] = _share(kl_bt, mask, rl_rows, metric_tokens["rl"])
-    if spec.normalization == "microbatch":
-        loss = loss / dp_world_size
-    metrics.update(
-        _core_metrics(
-            loss,
-            pg_loss,
-            logprobs,
-            old_logprobs,
-            terms,
-            on_bt,
-            mask,
-            rows,
-            sft_b,
-            metric_tokens,
-            spec,
-        )
-    )
-    return loss, metrics
+                kl_bt, ctx.mask, rl_rows, "token_mean", num_tokens=ctx.loss_tokens["rl"],
+                num_seqs=1,
+            )  # fmt: skip
+            extra = extra + spec.kl_coef * kl_mean
+        metrics["kl_ref"] = _share(kl_bt, ctx.mask, rl_rows, ctx.metric_tokens["rl"])
+    return extra
 
 
 def _check_inputs(
@@ -242,38 +299,29 @@ def _share(
     return (summed / agg._at_least_one(total)).float()
 
 
-def _token_share(
-    flag_bt: torch.Tensor, rows_b: torch.Tensor, total: float | torch.Tensor
-) -> torch.Tensor:
-    return _share(flag_bt.float(), torch.ones_like(flag_bt, dtype=torch.float32), rows_b, total)
-
-
 def _core_metrics(
     loss: torch.Tensor,
     pg_loss: torch.Tensor,
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor | None,
-    terms: Any,
-    on_bt: torch.Tensor,
-    mask: torch.Tensor,
-    rows: dict[str, torch.Tensor],
-    sft_b: torch.Tensor,
-    tokens: dict[str, float | torch.Tensor],
+    terms: TokenTerms,
+    ctx: _Context,
     spec: AlgorithmSpec,
 ) -> Metrics:
-    on_rl_b = rows["rl"]
-    on = on_bt.to(mask.dtype)
+    rl_rows, tokens = ctx.rows["rl"], ctx.metric_tokens
+    on = ctx.on_bt.to(ctx.mask.dtype)
     out = {
         "loss": loss.detach().float(),
         "pg_loss": pg_loss.detach().float(),
-        "sft_nll": _share(-logprobs, mask, sft_b.abs() > 0, tokens["sft"]),
-        "clip_frac": _share(terms.clipped_bt.float(), on, on_rl_b, tokens["rl"]),
-        "ratio_mean": _share(terms.ratio_bt, on, on_rl_b, tokens["rl"]),
-        "num_tokens_rl": (mask * on_rl_b[:, None]).sum().detach().float(),
-        "num_tokens_sft": (mask * rows["sft"][:, None]).sum().detach().float(),
+        "sft_nll": _share(-logprobs, ctx.mask, ctx.rows["sft"], tokens["sft"]),
+        "clip_frac": _share(terms.clipped_bt.float(), on, rl_rows, tokens["rl"]),
+        "ratio_mean": _share(terms.ratio_bt, on, rl_rows, tokens["rl"]),
+        "num_tokens_rl": (ctx.mask * rl_rows[:, None]).sum().detach().float(),
+        "num_tokens_sft": (ctx.mask * ctx.rows["sft"][:, None]).sum().detach().float(),
     }
     if old_logprobs is not None and spec.denominator in ("old", "gspo"):
+        # k3 estimate of KL(pi_old || pi_theta) on the on-policy tokens
         kl_old_bt = kl_estimate(old_logprobs.to(logprobs.dtype), logprobs.detach(), "k3")
-        kl_old_bt = torch.where(on_bt, kl_old_bt, torch.zeros_like(kl_old_bt))
-        out["kl_old"] = _share(kl_old_bt, on, on_rl_b, tokens["rl"])
+        kl_old_bt = torch.where(ctx.on_bt, kl_old_bt, torch.zeros_like(kl_old_bt))
+        out["kl_old"] = _share(kl_old_bt, on, rl_rows, tokens["rl"])
     return out

@@ -1,0 +1,117 @@
+"""Presets as frozen specs, overrides, config validation, DAPO helpers and policy_loss errors."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from hpt_megatron.algorithms import (
+    PRESETS,
+    OptionError,
+    dynamic_sampling_keep,
+    get_preset,
+    overlong_penalty,
+    policy_loss,
+)
+from hpt_megatron.config.algorithm import AlgorithmConfig
+from hpt_megatron.config.base import ConfigError
+from hpt_megatron.config.schema import load_config
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_frozen_documented_and_valid(name):
+    spec = get_preset(name)
+    assert spec.name == name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.clip_low = 0.1  # type: ignore[misc]
+    doc = PRESETS[name].__doc__ or ""
+    assert len(doc) > 80, f"{name} needs a docstring naming its paper and deviations"
+    if name == "sft_then_grpo":
+        spec = spec.with_options(switch_step=5)
+    spec.validate()
+
+
+def test_with_options_overrides_field_by_field():
+    spec = get_preset("grpo").with_options(clip_high=0.28, aggregation="token_mean", clip_low=0)
+    assert (spec.clip_high, spec.aggregation, spec.clip_low) == (0.28, "token_mean", 0.0)
+    assert isinstance(spec.clip_low, float)
+    assert get_preset("grpo").clip_high == 0.2  # the preset itself is untouched
+
+
+def test_option_errors_name_the_key():
+    with pytest.raises(OptionError, match="clip_hgh: unknown; did you mean clip_high"):
+        get_preset("grpo").with_options(clip_hgh=0.3)
+    with pytest.raises(OptionError, match="aggregation: 'token_meen' is not one of"):
+        get_preset("grpo").with_options(aggregation="token_meen")
+    with pytest.raises(OptionError, match="clip_low: expected float, got str"):
+        get_preset("grpo").with_options(clip_low="big")
+    with pytest.raises(OptionError, match="mask: 'clip' needs denominator 'old'"):
+        get_preset("grpo").with_options(denominator="current")
+    with pytest.raises(OptionError, match="switch_step"):
+        get_preset("sft_then_grpo").validate()
+
+
+def test_needs_flags():
+    assert get_preset("hpt_paper").needs_old_logprobs
+    assert not get_preset("sft").needs_old_logprobs
+    assert not get_preset("hpt").needs_ref_logprobs
+    assert get_preset("hpt").batch_rule == "hpt_gate"
+    assert get_preset("luffy").batch_rule == "demo_in_group"
+    assert get_preset("dapo").batch_rule == "dynamic_sampling"
+    assert get_preset("grpo").advantage_options == {"std_unbiased": True, "eps": 1e-6}
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="did you mean grpo"):
+        get_preset("grpoo")
+
+
+def test_config_validate_names_the_option_key():
+    with pytest.raises(ValueError, match=r"^options.clip_hgh: unknown; did you mean clip_high"):
+        AlgorithmConfig(preset="grpo", options={"clip_hgh": 0.3}).validate()
+    with pytest.raises(ValueError, match="^preset: unknown preset 'hptt'"):
+        AlgorithmConfig(preset="hptt").validate()
+    assert AlgorithmConfig(preset="dapo", options={"clip_high": 0.3}).spec().clip_high == 0.3
+
+
+def test_config_tree_prefixes_the_section():
+    base = ["model.inline={hidden_size: 8}"]
+    cfg = load_config(None, [*base, "algorithm.preset=hpt_paper", "algorithm.options.sft_coef=0.3"])
+    assert cfg.algorithm.spec().sft_coef == 0.3
+    with pytest.raises(ConfigError, match="algorithm.options.clip_hgh: unknown"):
+        load_config(None, [*base, "algorithm.options.clip_hgh=0.3"])
+
+
+def test_dapo_dynamic_sampling_keep():
+    keep = dynamic_sampling_keep(rewards=[1, 1, 0, 0, 1, 0, 1], group_ids=[0, 0, 1, 1, 2, 2, 3])
+    assert keep.tolist() == [False, False, False, False, True, True, False]
+
+
+def test_dapo_overlong_penalty():
+    out = overlong_penalty(response_lengths=[10, 12, 14, 16, 20], max_len=16, buffer=4)
+    assert out.tolist() == pytest.approx([0.0, 0.0, -0.5, -1.0, -1.0])
+    with pytest.raises(ValueError, match="overlong_buffer"):
+        overlong_penalty(response_lengths=[1], max_len=4, buffer=4)
+
+
+def test_policy_loss_bad_inputs():
+    lp = torch.zeros(2, 3, requires_grad=True)
+    ok = dict(logprobs=lp, old_logprobs=torch.zeros(2, 3), advantages=torch.zeros(2, 3),
+              response_mask=torch.ones(2, 3))  # fmt: skip
+    with pytest.raises(ValueError, match=r"advantages: shape \[2, 4\] does not match \[2, 3\]"):
+        policy_loss("grpo", **{**ok, "advantages": torch.zeros(2, 4)})
+    with pytest.raises(ValueError, match="old_logprobs: preset 'grpo' needs it"):
+        policy_loss("grpo", **{**ok, "old_logprobs": None})
+    with pytest.raises(ValueError, match="is_demo: expected 2 entries"):
+        policy_loss("grpo", **ok, is_demo=torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="entropy: preset 'hpt' needs it"):
+        policy_loss("hpt", **ok)
+    with pytest.raises(ValueError, match="advantages: contain NaN"):
+        policy_loss("grpo", **{**ok, "advantages": torch.full((2, 3), float("nan"))})
+    with pytest.raises(OptionError, match="clip_hgh"):
+        policy_loss("grpo", **ok, clip_hgh=0.3)
+    with pytest.raises(ValueError, match="global_num_tokens: missing keys"):
+        policy_loss("grpo", **ok, global_num_tokens={"rl": 6})
+    loss, metrics = policy_loss("grpo", **ok, clip_high=0.3)
+    assert loss.dtype == torch.float32
+    assert all(v.dtype == torch.float32 and v.dim() == 0 for v in metrics.values())
