@@ -194,10 +194,10 @@ def _context(
     local_tokens, local_seqs = agg.count_totals(mask_bt, rows)
     metric_tokens = agg.resolve_totals(global_num_tokens, local_tokens, "global_num_tokens")
     metric_seqs = agg.resolve_totals(global_num_seqs, local_seqs, "global_num_seqs")
+    loss_tokens, loss_seqs = metric_tokens, metric_seqs
     if spec.normalization == "microbatch":
-        loss_tokens, loss_seqs = dict(local_tokens), dict(local_seqs)
-    else:
-        loss_tokens, loss_seqs = metric_tokens, metric_seqs
+        loss_tokens = agg.resolve_totals(None, local_tokens, "")
+        loss_seqs = agg.resolve_totals(None, local_seqs, "")
     on_bt = mask_bt.bool() & ~demo_b[:, None]
     return _Context(
         mask_bt.to(dtype), on_bt, demo_b, rl_b, sft_b, rows, loss_tokens, loss_seqs, metric_tokens
