@@ -8,9 +8,11 @@ time and memory comes from grading in :class:`hpt_megatron.rewards.pool.RewardPo
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import threading
+from typing import Any
 
 import sympy
 
@@ -51,32 +53,37 @@ def _is_explosive(text: str) -> bool:
     return len(text) > MAX_SYMBOLIC_CHARS or bool(_EXPLOSIVE.search(text))
 
 
-def _sympy_equal(pred: str, gold: str) -> bool:
-    """Symbolic equivalence via math-verify's LaTeX parser and ``sympy.simplify``."""
-    from latex2sympy2_extended import latex2sympy
-
-    try:
-        a = latex2sympy(pred)
-        b = latex2sympy(gold)
-        if not isinstance(a, sympy.Expr) or not isinstance(b, sympy.Expr):
-            return False
-        if a.free_symbols != b.free_symbols:
-            return False
-        return bool(sympy.simplify(a - b) == 0)
-    except Exception:  # noqa: BLE001 - an unparseable answer is simply not equal
-        return False
-
-
-def _math_verify_equal(pred: str, gold: str) -> bool:
-    from math_verify import parse, verify
+@functools.lru_cache(maxsize=8192)
+def _parse(answer: str) -> tuple[Any, ...]:
+    """math-verify's LaTeX parse of ``\\boxed{answer}`` (cached: rollouts share ground truths)."""
+    from math_verify import parse
 
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     try:
-        gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=timeout)
-        pred_parsed = parse(f"\\boxed{{{pred}}}", parsing_timeout=timeout)
-        if not gold_parsed or not pred_parsed:
-            return False
-        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
+        return tuple(parse(f"\\boxed{{{answer}}}", parsing_timeout=timeout))
+    except Exception:  # noqa: BLE001 - unparseable is "no expression"
+        return ()
+
+
+def _sympy_equal(pred: tuple[Any, ...], gold: tuple[Any, ...]) -> bool:
+    """Symbolic equivalence of the first parsed expressions via ``sympy.simplify``."""
+    a, b = pred[0], gold[0]
+    if not isinstance(a, sympy.Expr) or not isinstance(b, sympy.Expr):
+        return False
+    if a.free_symbols != b.free_symbols:
+        return False
+    try:
+        return bool(sympy.simplify(a - b) == 0)
+    except Exception:  # noqa: BLE001 - sympy failing means "not shown equal"
+        return False
+
+
+def _math_verify_equal(pred: tuple[Any, ...], gold: tuple[Any, ...]) -> bool:
+    from math_verify import verify
+
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        return bool(verify(list(gold), list(pred), timeout_seconds=timeout))
     except Exception:  # noqa: BLE001 - math-verify raising means "not verified"
         return False
 
@@ -100,9 +107,10 @@ def answers_match(pred: str, gold: str) -> bool:
         return numeric
     if _is_explosive(pred_norm) or _is_explosive(gold_norm):
         return False
-    if _sympy_equal(pred_norm, gold_norm):
-        return True
-    return _math_verify_equal(pred.strip(), strip_box(gold))
+    pred_parsed, gold_parsed = _parse(pred.strip()), _parse(strip_box(gold))
+    if not pred_parsed or not gold_parsed:
+        return False
+    return _sympy_equal(pred_parsed, gold_parsed) or _math_verify_equal(pred_parsed, gold_parsed)
 
 
 def math_reward(response: str, ground_truth: str) -> float:

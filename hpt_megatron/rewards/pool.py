@@ -17,7 +17,7 @@ import logging
 import multiprocessing as mp
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -25,7 +25,8 @@ from hpt_megatron.rewards.registry import import_path_of
 
 logger = logging.getLogger(__name__)
 
-_PRELOAD = ["hpt_megatron.rewards.math_grader", "hpt_megatron.rewards.multiple_choice"]
+_PREFETCH = 2  # tasks queued per worker, so it never waits for the main process
+_PRELOAD = ["hpt_megatron.rewards._warm", "hpt_megatron.rewards.multiple_choice"]
 
 
 def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
@@ -58,8 +59,9 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
 class _Worker:
     process: Any
     conn: Connection
-    index: int = -1  # the task it is grading, -1 when idle
-    deadline: float = 0.0
+    # tasks sent and not answered, in order; the worker is grading the first one
+    inflight: collections.deque[int] = field(default_factory=collections.deque)
+    deadline: float = 0.0  # for the first in-flight task
 
 
 @dataclass
@@ -117,7 +119,11 @@ class RewardPool:
         while len(self._workers) < self.num_workers:
             self._workers.append(self._spawn())
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker, pending: collections.deque[int]) -> None:
+        """Kill ``worker`` and start another; its first task scored 0, the rest go back."""
+        if worker.inflight:
+            worker.inflight.popleft()
+            pending.extendleft(reversed(worker.inflight))
         worker.process.kill()
         worker.process.join(timeout=5)
         worker.conn.close()
@@ -150,24 +156,26 @@ class RewardPool:
         self._ensure_workers()
         scores = [0.0] * len(responses)
         pending = collections.deque(range(len(responses)))
-        while pending or any(w.index >= 0 for w in self._workers):
-            for worker in self._workers:
-                if worker.index < 0 and pending:
+        while pending or any(w.inflight for w in self._workers):
+            for worker in list(self._workers):
+                while pending and len(worker.inflight) < _PREFETCH:
                     index = pending.popleft()
                     task = (index, specs[index], responses[index], ground_truths[index])
                     try:
                         worker.conn.send(task)
                     except (BrokenPipeError, OSError):  # died while idle: replace, retry later
                         pending.appendleft(index)
-                        self._replace(worker)
-                        continue
-                    worker.index, worker.deadline = index, time.monotonic() + self.timeout_s
-            self._collect(scores)
+                        self._replace(worker, pending)
+                        break
+                    if not worker.inflight:
+                        worker.deadline = time.monotonic() + self.timeout_s
+                    worker.inflight.append(index)
+            self._collect(scores, pending)
         return scores
 
-    def _collect(self, scores: list[float]) -> None:
+    def _collect(self, scores: list[float], pending: collections.deque[int]) -> None:
         """Wait for results or deadlines; record scores and replace stuck or dead workers."""
-        busy = [w for w in self._workers if w.index >= 0]
+        busy = [w for w in self._workers if w.inflight]
         if not busy:
             return
         next_deadline = min(w.deadline for w in busy)
@@ -176,27 +184,33 @@ class RewardPool:
             if worker.conn in ready:
                 try:
                     index, score = worker.conn.recv()
-                    assert index == worker.index, "worker answered a task it was not given"
-                    scores[index] = score
-                    worker.index = -1
-                    self._crash_streak = 0
-                    continue
                 except (EOFError, OSError):
-                    self.stats.crashes += 1
-                    self._crash_streak += 1
-                    if self._crash_streak > 3 * self.num_workers + 3:
-                        raise RuntimeError(
-                            "grader workers keep dying without grading anything; see their stderr"
-                        ) from None
-                    logger.warning("grader worker died on answer %d; scoring it 0", worker.index)
-            elif time.monotonic() < worker.deadline:
-                continue
-            else:
+                    self._record_crash(worker)
+                    self._replace(worker, pending)
+                    continue
+                assert index == worker.inflight[0], "worker answered out of order"
+                worker.inflight.popleft()
+                scores[index] = score
+                worker.deadline = time.monotonic() + self.timeout_s  # the next task starts now
+                self._crash_streak = 0
+            elif time.monotonic() >= worker.deadline:
                 self.stats.timeouts += 1
                 logger.warning(
-                    "answer %d timed out after %.1fs; scoring it 0", worker.index, self.timeout_s
+                    "answer %d timed out after %.1fs; scoring it 0",
+                    worker.inflight[0],
+                    self.timeout_s,
                 )
-            self._replace(worker)
+                self._replace(worker, pending)
+
+    def _record_crash(self, worker: _Worker) -> None:
+        self.stats.crashes += 1
+        self._crash_streak += 1
+        if self._crash_streak > 3 * self.num_workers + 3:
+            raise RuntimeError(
+                "grader workers keep dying without grading anything; see their stderr (a script "
+                "that starts a pool needs the `if __name__ == '__main__':` guard)"
+            )
+        logger.warning("grader worker died on answer %d; scoring it 0", worker.inflight[0])
 
     def close(self) -> None:
         """Stop the workers."""
