@@ -20,6 +20,7 @@ setup(
         "sympy>=1.12",
         "tensorboard>=2.15",
         "tqdm",
+        "psutil",  # megatron dist-checkpointing writers need it
         "requests",
         "aiohttp",
     ],

@@ -1,0 +1,115 @@
+"""Micro-batches formed by a token budget, and their collation into padded tensors.
+
+Shape legend: B sequences in a micro-batch, S padded sequence length.
+
+Sequences are sorted by length and cut into micro-batches whose padded size (count x longest)
+stays within ``max_tokens``, so the padding inside a micro-batch is small (dynamic batch size).
+Right padding with a causal mask never lets a real token see a pad token, so no attention mask is
+needed; the loss masks pads out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hpt_megatron.data.sample import Sample
+
+
+def token_budget_microbatches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Group sequence indices into micro-batches of at most ``max_tokens`` padded tokens.
+
+    A sequence longer than the budget gets a micro-batch of its own. The result is deterministic
+    (ties broken by index) so every rank of a model-parallel group forms the same micro-batches.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for idx in order:
+        longest_if_added = max(longest, lengths[idx])
+        if current and longest_if_added * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, longest_if_added = [], lengths[idx]
+        current.append(idx)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    return batches
+
+
+def fixed_count_microbatches(num: int, micro_batch_size: int) -> list[list[int]]:
+    """The baseline: consecutive groups of ``micro_batch_size`` sequences."""
+    return [list(range(i, min(i + micro_batch_size, num))) for i in range(0, num, micro_batch_size)]
+
+
+def padding_efficiency(lengths: list[int], batches: list[list[int]], multiple: int = 1) -> float:
+    """Real tokens / computed tokens of a micro-batching."""
+    real = sum(lengths)
+    computed = sum(len(b) * _round_up(max(lengths[i] for i in b), multiple) for b in batches)
+    return real / computed
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass
+class MicroBatch:
+    """Padded tensors of one micro-batch; per-token fields are aligned with ``targets_bs``.
+
+    Position t of every per-token tensor describes the prediction of token t + 1 from tokens
+    ``<= t``; ``loss_mask_bs`` is 1 where that token is a response token.
+    """
+
+    input_ids_bs: torch.Tensor
+    position_ids_bs: torch.Tensor
+    targets_bs: torch.Tensor
+    loss_mask_bs: torch.Tensor
+    sample_index_b: list[int]  # index of each row in the step's sample list
+    token_fields: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. old_logprobs_bs
+    seq_fields: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. advantages_b
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids_bs.shape[0]
+
+
+def collate(
+    samples: list[Sample],
+    indices: list[int],
+    *,
+    pad_id: int = 0,
+    pad_to_multiple: int = 1,
+    token_fields: dict[str, list[list[float]]] | None = None,
+    seq_fields: dict[str, list[float]] | None = None,
+) -> MicroBatch:
+    """Pad ``samples[indices]`` into a :class:`MicroBatch`.
+
+    ``token_fields`` maps a name to one list per sample of per-response-token values (for example
+    old log-probs); they are placed at the response positions. ``seq_fields`` maps a name to one
+    value per sample.
+    """
+    lengths = [samples[i].num_tokens for i in indices]
+    seq_len = _round_up(max(lengths), pad_to_multiple)
+    rows = len(indices)
+    input_ids = torch.full((rows, seq_len), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(rows, seq_len, dtype=torch.float32)
+    tok = {name: torch.zeros(rows, seq_len, dtype=torch.float32) for name in token_fields or {}}
+    for row, idx in enumerate(indices):
+        sample = samples[idx]
+        ids = sample.prompt_ids + sample.response_ids
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        start, end = len(sample.prompt_ids) - 1, len(ids) - 1  # predicting response tokens
+        loss_mask[row, start:end] = 1.0
+        for name, values in (token_fields or {}).items():
+            tok[name][row, start:end] = torch.tensor(values[idx], dtype=torch.float32)
+    targets = torch.roll(input_ids, shifts=-1, dims=1)
+    targets[:, -1] = pad_id
+    positions = torch.arange(seq_len).unsqueeze(0).expand(rows, -1).contiguous()
+    seq = {
+        name: torch.tensor([values[i] for i in indices], dtype=torch.float32)
+        for name, values in (seq_fields or {}).items()
+    }
+    return MicroBatch(input_ids, positions, targets, loss_mask, list(indices), tok, seq)

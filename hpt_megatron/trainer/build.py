@@ -1,0 +1,101 @@
+"""Wire a :class:`TrainEngine`: model chunks (one per virtual stage) in Megatron DDP, the
+Megatron optimizer (AdamW), and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import torch
+
+from hpt_megatron.config.sections import TrainerConfig
+from hpt_megatron.parallel.runtime import ParallelContext
+from hpt_megatron.trainer.engine import ModelProvider, TrainEngine
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def stage_flags(ctx: ParallelContext, vp_stage: int | None) -> tuple[bool, bool]:
+    """(pre_process, post_process) of a model chunk: does it hold the embedding / the head."""
+    vpp = ctx.vpp or 1
+    stage = vp_stage or 0
+    return (ctx.pp_rank == 0 and stage == 0, ctx.pp_rank == ctx.pp - 1 and stage == vpp - 1)
+
+
+def build_model_chunks(provider: ModelProvider, ctx: ParallelContext) -> list[torch.nn.Module]:
+    chunks = []
+    for vp in range(ctx.vpp or 1):
+        vp_stage = vp if ctx.vpp else None
+        pre, post = stage_flags(ctx, vp_stage)
+        chunks.append(provider(pre, post, vp_stage).to(ctx.device))
+    return chunks
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], cfg: TrainerConfig) -> list[torch.nn.Module]:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        config = chunk.config
+        wrapped.append(
+            DistributedDataParallel(
+                config=config,
+                ddp_config=ddp_config,
+                module=chunk,
+                disable_bucketing=i > 0,  # as Megatron's trainer does for virtual stages
+            )
+        )
+    config = chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    config.variable_seq_lengths = True  # token-budget micro-batches differ in shape
+    return wrapped
+
+
+def build_optimizer(chunks: list[torch.nn.Module], cfg: TrainerConfig, total_steps: int):  # noqa: ANN201
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    model_cfg = chunks[0].config
+    opt_cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.grad_clip,
+        bf16=model_cfg.params_dtype == torch.bfloat16,
+        fp16=model_cfg.params_dtype == torch.float16,
+        params_dtype=model_cfg.params_dtype,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_cfg, chunks)
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if cfg.warmup_steps else cfg.lr,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr if cfg.lr_schedule == "cosine" else cfg.lr,
+        lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=cfg.warmup_steps + decay_steps,
+        lr_decay_style="cosine" if cfg.lr_schedule == "cosine" else "constant",
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=1,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def build_engine(
+    provider: ModelProvider, ctx: ParallelContext, cfg: TrainerConfig, total_steps: int
+) -> TrainEngine:
+    """Model chunks -> DDP -> optimizer + schedule -> engine."""
+    chunks = wrap_ddp(build_model_chunks(provider, ctx), cfg)
+    optimizer, scheduler = build_optimizer(chunks, cfg, total_steps)
+    return TrainEngine(chunks, optimizer, scheduler, ctx, cfg)

@@ -1,0 +1,133 @@
+"""Megatron distributed checkpoints (torch_dist) of the model and optimizer, saved atomically.
+
+A checkpoint directory ``step_000123/`` holds the dist-checkpointing shards of the model (and
+optionally the optimizer) plus ``hpt_state.json`` (step, data position, RNG, scheduler state) and
+a ``COMPLETE`` marker written last. A directory is written as ``step_000123.tmp`` and renamed when
+complete, so a crash while saving leaves the previous checkpoint as the newest loadable one.
+Because dist-checkpointing stores global tensor keys, a checkpoint loads at any TP/PP layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+COMPLETE = "COMPLETE"
+STATE_FILE = "hpt_state.json"
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    return getattr(chunk, "module", chunk)
+
+
+def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """One namespace for every virtual chunk: tensors are matched by their global keys."""
+    return {f"chunk{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_checkpoint(
+    path: str | Path,
+    chunks: list[torch.nn.Module],
+    optimizer: Any | None = None,
+    state: dict[str, Any] | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> Path:
+    """Collective: every rank calls it. Writes ``path`` atomically; returns it."""
+    from megatron.core import dist_checkpointing
+
+    final = Path(path)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(group)
+    model_sd = model_sharded_state_dict(chunks)
+    sharded: dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd)
+    dist_checkpointing.save(sharded, str(tmp))
+    _barrier(group)
+    if rank == 0:
+        (tmp / STATE_FILE).write_text(json.dumps(state or {}, indent=1))
+        (tmp / COMPLETE).write_text("ok\n")
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    _barrier(group)
+    return final
+
+
+def load_checkpoint(
+    path: str | Path,
+    chunks: list[torch.nn.Module],
+    optimizer: Any | None = None,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Collective: load model (and optimizer) shards for this rank's layout; return the state."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / COMPLETE).is_file() and not (path / "metadata.json").is_file():
+        raise ValueError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
+    model_sd = model_sharded_state_dict(chunks)
+    sharded: dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
+    for i, chunk in enumerate(chunks):
+        _unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"], strict=strict)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    state_file = path / STATE_FILE
+    return json.loads(state_file.read_text()) if state_file.is_file() else {}
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted((p for p in found if (p / COMPLETE).is_file()), key=lambda p: p.name)
+
+
+def prune_checkpoints(root: str | Path, keep_last: int, protect: set[str] | None = None) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (and stale ``.tmp`` dirs)."""
+    root = Path(root)
+    for stale in root.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    ckpts = list_checkpoints(root)
+    for old in ckpts[: max(0, len(ckpts) - keep_last)]:
+        if protect and old.name in protect:
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:06d}"
+
+
+def _barrier(group: dist.ProcessGroup | None) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,166 @@
+"""The Megatron training engine: model chunks in DDP, optimizer, LR schedule, one step.
+
+Shape legend: B rows of a micro-batch, S padded sequence length, V_l local vocabulary shard.
+
+Loss normalisation. A loss function returns its micro-batch's *share* of the mini-batch loss
+(normalised by totals over the whole mini-batch and every data-parallel rank), so that the shares
+summed over micro-batches and ranks are the mini-batch loss whatever the split. Megatron's
+schedule divides each micro-batch loss by the number of micro-batches M (times CP), and its DDP
+averages gradients over the D data-parallel replicas; we hand it ``share * M * D`` so the two
+cancel and the gradient is exactly that of the summed shares.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from hpt_megatron.config.sections import TrainerConfig
+from hpt_megatron.parallel.logprobs import vocab_parallel_logprobs_entropy
+from hpt_megatron.parallel.runtime import ParallelContext
+from hpt_megatron.trainer.batching import MicroBatch
+
+
+class MicroBatchLoss(Protocol):
+    """``(logprobs_bs, entropy_bs, micro_batch) -> (loss share, metrics)``.
+
+    Metric values are sums over the micro-batch's tokens or rows (the engine sums them over
+    micro-batches and data-parallel ranks); divide by a summed count to report a mean.
+    """
+
+    def __call__(
+        self, logprobs_bs: torch.Tensor, entropy_bs: torch.Tensor, mb: MicroBatch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+ModelProvider = Callable[[bool, bool, int | None], torch.nn.Module]
+
+
+@dataclass
+class StepResult:
+    grad_norm: float
+    skipped: bool
+    lr: float
+    metrics: dict[str, float] = field(default_factory=dict)  # summed over the mini-batch
+
+
+class TrainEngine:
+    """Owns the model chunks, the optimizer and the LR schedule of one policy."""
+
+    def __init__(self, model_chunks, optimizer, scheduler, ctx: ParallelContext, cfg: TrainerConfig):  # noqa: ANN001
+        self.model_chunks = model_chunks
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.ctx = ctx
+        self.cfg = cfg
+
+    # ---------------------------------------------------------------- forward / backward
+    def _run(
+        self, microbatches: list[MicroBatch], loss_fn: MicroBatchLoss | None, forward_only: bool
+    ) -> list:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        num_mb = len(microbatches)
+        scale = num_mb * self.ctx.dp
+        chunk = self.cfg.logprob_chunk_tokens
+        tp_group = self.ctx.tp_group if self.ctx.tp > 1 else None
+        device = self.ctx.device
+
+        def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):  # noqa: ANN202
+            mb = next(data_iterator)
+            ids, pos = mb.input_ids_bs.to(device), mb.position_ids_bs.to(device)
+            logits_bsv = model(ids, pos, None)
+
+            def loss_func(output_bsv: torch.Tensor, non_loss_data: bool = False):  # noqa: ANN202
+                targets = mb.targets_bs.to(device)
+                logprobs_bs, entropy_bs = vocab_parallel_logprobs_entropy(
+                    output_bsv, targets, tp_group=tp_group, chunk_tokens=chunk
+                )
+                if non_loss_data:
+                    return logprobs_bs.detach().cpu(), entropy_bs.detach().cpu()
+                share, metrics = loss_fn(logprobs_bs, entropy_bs, mb)
+                return share * scale, {k: v.detach().float() for k, v in metrics.items()}
+
+            return logits_bsv, loss_func
+
+        iterators = [iter(microbatches) for _ in self.model_chunks]
+        fb = get_forward_backward_func()
+        return fb(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model_chunks,
+            num_microbatches=num_mb,
+            seq_length=max(mb.input_ids_bs.shape[1] for mb in microbatches),
+            micro_batch_size=max(mb.num_rows for mb in microbatches),
+            forward_only=forward_only,
+            collect_non_loss_data=forward_only,
+        )
+
+    @torch.no_grad()
+    def forward_logprobs(
+        self, microbatches: list[MicroBatch]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per-token (log-probs, entropy) ``[B, S]`` of every micro-batch, on last-stage ranks.
+
+        Other pipeline stages get None: the log-probs are used where the loss is computed.
+        """
+        for chunk in self.model_chunks:
+            chunk.eval()
+        out = self._run(microbatches, None, forward_only=True)
+        for chunk in self.model_chunks:
+            chunk.train()
+        return list(out) if self.ctx.is_last_stage else None
+
+    def train_step(self, microbatches: list[MicroBatch], loss_fn: MicroBatchLoss) -> StepResult:
+        """One optimizer update over ``microbatches`` (this data-parallel rank's share)."""
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        per_mb = self._run(microbatches, loss_fn, forward_only=False)
+        metrics = self._reduce_metrics(per_mb if self.ctx.is_last_stage else [])
+        grad_norm, skipped = self._optimizer_step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not skipped:
+            self.scheduler.step(increment=1)
+        return StepResult(grad_norm=grad_norm, skipped=skipped, lr=lr, metrics=metrics)
+
+    def _reduce_metrics(self, per_mb: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Sum over micro-batches, then over the data-parallel ranks of the last stage."""
+        local: dict[str, float] = {}
+        for metrics in per_mb:
+            for key, value in metrics.items():
+                local[key] = local.get(key, 0.0) + float(value.sum())
+        count_me = self.ctx.is_last_stage and self.ctx.tp_rank == 0
+        gathered: list = [None] * self.ctx.world_size
+        dist.all_gather_object(gathered, local if count_me else {}, group=self.ctx.cpu_group)
+        total: dict[str, float] = {}
+        for entry in gathered:
+            for key, value in entry.items():
+                total[key] = total.get(key, 0.0) + value
+        return total
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        from megatron.core.optimizer import clip_grads
+
+        opt = self.optimizer
+        found_inf = opt.prepare_grads()
+        grad_norm = float(opt.get_grad_norm()) if not found_inf else float("inf")
+        limit = self.cfg.skip_update_grad_norm
+        if found_inf or not math.isfinite(grad_norm) or (limit is not None and grad_norm > limit):
+            opt.zero_grad()
+            return grad_norm, True
+        if self.cfg.grad_clip > 0:
+            for sub in getattr(opt, "chained_optimizers", [opt]):
+                params = sub.get_parameters()
+                if params:
+                    clip_grads.clip_grad_by_total_norm_fp32(
+                        params, self.cfg.grad_clip, grad_norm,
+                        sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                    )  # fmt: skip
+        opt.step_with_ready_grads()
+        return grad_norm, False

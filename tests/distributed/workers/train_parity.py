@@ -1,0 +1,122 @@
+"""Worker: load one checkpoint at a given TP/PP/DP, score a fixed batch, train one NLL step.
+
+Writes JSON (rank 0) with the log-probs of every sample before the step, the loss, the gradient
+norm and the log-probs after the step. Run with ``--save`` (one process) to create the checkpoint.
+"""
+
+import argparse
+import json
+import random
+
+import torch
+
+from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
+from hpt_megatron.data.sample import Sample
+from hpt_megatron.models.provider import build_model
+from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
+from hpt_megatron.trainer.batching import collate, token_budget_microbatches
+from hpt_megatron.trainer.build import build_engine
+from hpt_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
+from hpt_megatron.trainer.losses import TokenMeanNLL
+
+ARCHS = {
+    "llama": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=250, hidden_size=64,
+        intermediate_size=96, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=250, hidden_size=64,
+        intermediate_size=96, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=128,
+        tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+
+
+def make_samples(n: int = 8, seed: int = 0) -> list[Sample]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = [rng.randrange(1, 250) for _ in range(rng.randrange(3, 9))]
+        resp = [rng.randrange(1, 250) for _ in range(rng.randrange(2, 12))]
+        out.append(Sample(prompt_id=str(i), group_id=i, prompt_ids=prompt, response_ids=resp))
+    return out
+
+
+def per_sample_logprobs(engine, samples, mbs, batches):  # noqa: ANN001, ANN201
+    out = engine.forward_logprobs(batches)
+    if out is None:
+        return None
+    result = {}
+    for mb, (lp, _) in zip(batches, out):
+        for row, idx in enumerate(mb.sample_index_b):
+            mask = mb.loss_mask_bs[row].bool()
+            result[idx] = lp[row][mask].tolist()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="llama")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--save", action="store_true")
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    args = ap.parse_args()
+
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, backend="gloo")
+    ctx = init_distributed(parallel, seed=1)
+    model_cfg = ModelConfig(inline=ARCHS[args.arch])
+    trainer_cfg = TrainerConfig(lr=1e-3, grad_clip=0.0, max_tokens_per_microbatch=args.max_tokens)
+
+    def provider(pre, post, vp):  # noqa: ANN001, ANN202
+        return build_model(ARCHS[args.arch], model_cfg, parallel, pre_process=pre,
+                           post_process=post, vp_stage=vp)  # fmt: skip
+
+    engine = build_engine(provider, ctx, trainer_cfg, total_steps=10)
+    if args.save:
+        save_checkpoint(args.ckpt, engine.model_chunks)
+    else:
+        load_checkpoint(args.ckpt, engine.model_chunks)
+
+    samples = make_samples()
+    total_tokens = sum(len(s.response_ids) for s in samples)
+    # DP shard: round-robin by index; every rank of a model-parallel group sees the same shard.
+    mine = [i for i in range(len(samples)) if i % ctx.dp == ctx.dp_rank]
+    lengths = [samples[i].num_tokens for i in mine]
+    batches = [
+        collate(samples, [mine[j] for j in group], pad_to_multiple=args.tp)
+        for group in token_budget_microbatches(lengths, args.max_tokens)
+    ]
+    before = per_sample_logprobs(engine, samples, mine, batches)
+    result = engine.train_step(batches, TokenMeanNLL(total_tokens))
+    after = per_sample_logprobs(engine, samples, mine, batches)
+
+    gathered = [None] * ctx.world_size
+    torch.distributed.all_gather_object(gathered, (before, after), group=ctx.cpu_group)
+    if ctx.rank == 0:
+        merged_before, merged_after = {}, {}
+        for b, a in gathered:
+            merged_before.update(b or {})
+            merged_after.update(a or {})
+        with open(args.out, "w") as fh:
+            json.dump(
+                {
+                    "before": {str(k): v for k, v in sorted(merged_before.items())},
+                    "after": {str(k): v for k, v in sorted(merged_after.items())},
+                    "loss": result.metrics["nll_sum"] / result.metrics["tokens"],
+                    "tokens": result.metrics["tokens"],
+                    "grad_norm": result.grad_norm,
+                    "num_microbatches": len(batches),
+                },
+                fh,
+            )
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
