@@ -23,13 +23,20 @@ class SamplingParams:
 
 @dataclass(kw_only=True)
 class Generation:
-    """One response: ``prompt_index`` into the request's prompt list."""
+    """One response: ``prompt_index`` into the request's prompt list.
+
+    ``logprobs`` are the raw model's log-probs of ``token_ids`` (temperature 1, no top-k/top-p),
+    the quantity the trainer recomputes as pi_old. ``sampling_logprobs``, when an engine reports
+    them, are under the distribution the tokens were drawn from (after temperature, top-k, top-p);
+    they equal ``logprobs`` at temperature 1 without truncation.
+    """
 
     prompt_index: int
     token_ids: list[int]
     logprobs: list[float] | None
     finish_reason: str  # "stop" | "length" | "abort"
     weight_version: int = 0
+    sampling_logprobs: list[float] | None = None
 
 
 WeightBucket = list[tuple[str, torch.Tensor]]  # (Hugging Face name, full tensor)

@@ -1,0 +1,182 @@
+"""The CPU rollout engine: parity with HF generate and teacher forcing, seeds, weights, stops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpt_megatron.rollout.base import RolloutEngine, SamplingParams
+from hpt_megatron.rollout.cpu_engine import HFCpuEngine
+from hpt_megatron.rollout.sampling import processed_logprobs
+from hpt_megatron.rollout.testing import build_byte_tokenizer, build_tiny_model, tiny_config
+
+PAD = 257
+PROMPTS = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12], [40, 41, 42]]
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    # init_std 0.2: logits of a few units, so float32 rounding stays well under 1e-5.
+    return build_tiny_model(config=tiny_config(request.param), init_std=0.2)
+
+
+@pytest.fixture
+def engine(model: torch.nn.Module) -> HFCpuEngine:
+    return HFCpuEngine(model, build_byte_tokenizer(), max_batch_rows=64)
+
+
+def _teacher_forced(model: torch.nn.Module, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """Logits ``[len(response), V]`` predicting each response token, from one unpadded forward."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    return logits[len(prompt) - 1 : -1]
+
+
+def test_implements_protocol(engine: HFCpuEngine) -> None:
+    assert isinstance(engine, RolloutEngine)
+
+
+def test_greedy_matches_hf_generate(model: torch.nn.Module, engine: HFCpuEngine) -> None:
+    gens = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=12))
+    L = max(map(len, PROMPTS))
+    ids = torch.tensor([[PAD] * (L - len(p)) + p for p in PROMPTS])
+    mask = (ids != PAD).long()
+    with torch.no_grad():
+        ref = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=PAD,
+            eos_token_id=[],
+        )
+    for gen, row in zip(gens, ref[:, L:].tolist()):
+        assert gen.token_ids == row[: len(gen.token_ids)]
+        assert gen.finish_reason == "stop" or len(gen.token_ids) == 12
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, -1), (0.7, 0.9, 20)])
+def test_logprobs_equal_teacher_forced(
+    model: torch.nn.Module, engine: HFCpuEngine, temperature: float, top_p: float, top_k: int
+) -> None:
+    params = SamplingParams(
+        n=3, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=16, seed=3
+    )
+    gens = engine.generate(PROMPTS, params)
+    assert [g.prompt_index for g in gens] == [i for i in range(len(PROMPTS)) for _ in range(3)]
+    for gen in gens:
+        logits = _teacher_forced(model, PROMPTS[gen.prompt_index], gen.token_ids)
+        idx = torch.tensor(gen.token_ids)[:, None]
+        raw = torch.log_softmax(logits, -1).gather(-1, idx).squeeze(-1)
+        sampled = processed_logprobs(logits, params).gather(-1, idx).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(gen.logprobs), raw, atol=1e-5, rtol=0)
+        # Dividing by the temperature scales the padded-vs-unpadded rounding by 1 / T.
+        atol = 1e-5 / min(temperature, 1.0)
+        torch.testing.assert_close(torch.tensor(gen.sampling_logprobs), sampled, atol=atol, rtol=0)
+        assert torch.isfinite(sampled).all()  # never samples outside top-k / top-p
+    if temperature == 1.0:
+        assert all(g.logprobs == g.sampling_logprobs for g in gens)
+
+
+def test_seed_determinism(engine: HFCpuEngine) -> None:
+    params = SamplingParams(n=4, max_new_tokens=10, seed=11)
+    first = engine.generate(PROMPTS, params)
+    again = engine.generate(PROMPTS, params)
+    other = engine.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=10, seed=12))
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    assert [g.token_ids for g in first] != [g.token_ids for g in other]
+
+
+def test_chunking_keeps_prompt_order(model: torch.nn.Module) -> None:
+    small = HFCpuEngine(model, max_batch_rows=4)
+    gens = small.generate(PROMPTS, SamplingParams(n=3, temperature=0, max_new_tokens=5))
+    big = HFCpuEngine(model).generate(PROMPTS, SamplingParams(n=3, temperature=0, max_new_tokens=5))
+    assert [g.prompt_index for g in gens] == [g.prompt_index for g in big]
+    assert [g.token_ids for g in gens] == [g.token_ids for g in big]
+
+
+def test_update_weights_changes_outputs_and_version(engine: HFCpuEngine) -> None:
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    before = engine.generate(PROMPTS, params)
+    other = build_tiny_model(config=engine.model.config, seed=123, init_std=0.2)
+    state = list(other.state_dict().items())
+    engine.update_weights([state[: len(state) // 2], state[len(state) // 2 :]], version=5)
+    after = engine.generate(PROMPTS, params)
+    assert [g.token_ids for g in after] != [g.token_ids for g in before]
+    assert {g.weight_version for g in after} == {5}
+    fresh = HFCpuEngine(other).generate(PROMPTS, params)
+    assert [g.token_ids for g in after] == [g.token_ids for g in fresh]
+
+
+def test_update_weights_rejects_unknown_name_and_bad_shape(engine: HFCpuEngine) -> None:
+    with pytest.raises(ValueError, match="unknown weight 'model.nope.weight'"):
+        engine.update_weights([[("model.nope.weight", torch.zeros(2))]], version=1)
+    name, tensor = next(iter(engine.model.state_dict().items()))
+    with pytest.raises(ValueError, match=f"{name} has shape"):
+        engine.update_weights([[(name, torch.zeros(tensor.shape[0] + 1))]], version=1)
+
+
+def test_update_weights_from_disk(tmp_path, engine: HFCpuEngine) -> None:
+    other = build_tiny_model(tmp_path, config=engine.model.config, seed=7, with_tokenizer=False)
+    engine.update_weights_from_disk(tmp_path, version=2)
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    got = engine.generate(PROMPTS, params)
+    assert [g.token_ids for g in got] == [
+        g.token_ids for g in HFCpuEngine(other).generate(PROMPTS, params)
+    ]
+
+
+def test_stop_strings_and_stop_tokens(model: torch.nn.Module) -> None:
+    engine = HFCpuEngine(model, build_byte_tokenizer())
+    tok = engine.tokenizer
+    free = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=12))
+    # Stop on the text of each greedy response's 3rd..4th tokens: it must end right there.
+    for prompt, gen in zip(PROMPTS, free):
+        stop = tok.decode(gen.token_ids[2:4])
+        if not stop or stop in tok.decode(gen.token_ids[:3]):
+            continue  # ambiguous text (a replacement char or an earlier occurrence)
+        [cut] = engine.generate(
+            [prompt], SamplingParams(temperature=0, max_new_tokens=12, stop_strings=[stop])
+        )
+        assert cut.token_ids == gen.token_ids[:4] and cut.finish_reason == "stop"
+    [cut] = engine.generate(
+        PROMPTS[:1],
+        SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=[free[0].token_ids[1]]),
+    )
+    assert cut.token_ids == free[0].token_ids[:2] and cut.finish_reason == "stop"
+
+
+def test_eos_stops_and_finished_rows_drop_out(model: torch.nn.Module) -> None:
+    free = HFCpuEngine(model, eos_token_ids=[]).generate(
+        PROMPTS, SamplingParams(temperature=0, max_new_tokens=10)
+    )
+    eos = free[1].token_ids[3]  # make prompt 1 end after 4 tokens; the others run on
+    gens = HFCpuEngine(model, eos_token_ids=[eos]).generate(
+        PROMPTS, SamplingParams(temperature=0, max_new_tokens=10)
+    )
+    for ref, gen in zip(free, gens):
+        cut = ref.token_ids.index(eos) + 1 if eos in ref.token_ids else len(ref.token_ids)
+        assert gen.token_ids == ref.token_ids[:cut]
+        assert gen.finish_reason == ("stop" if eos in ref.token_ids else "length")
+
+
+def test_user_errors(engine: HFCpuEngine) -> None:
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate(PROMPTS, SamplingParams(top_p=0.0))
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[1], []], SamplingParams())
+    with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
+        HFCpuEngine(engine.model).generate(PROMPTS, SamplingParams(stop_strings=["x"]))
+    with pytest.raises(ValueError, match="no config.json"):
+        HFCpuEngine.from_pretrained("/nonexistent/model")
+
+
+def test_from_pretrained_loads_tokenizer(tmp_path) -> None:
+    build_tiny_model(tmp_path)
+    engine = HFCpuEngine.from_pretrained(tmp_path)
+    assert engine.tokenizer is not None and engine.eos_token_ids == [256]
+    engine.shutdown()
+    assert not engine.health()
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.generate(PROMPTS, SamplingParams())
