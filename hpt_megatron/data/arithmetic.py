@@ -19,6 +19,10 @@ levels sample disjoint train and test sets from the seed. A demonstration works 
     47+38=?   ->   7+8=15\\n4+3+1=8\\n\\boxed{85}
 
 Everything is a pure function of ``(level, split, seed, sizes)``.
+
+Measured (0.88M-parameter Llama, SFT, batch 32, lr 3e-3, 2 shared CPU cores): the answer format is
+learned within 100 steps, but level 1's held-out facts reach only ~15% greedy accuracy at 300
+steps (~28% on train facts), since single-digit facts are memorised rather than composed.
 """
 
 from __future__ import annotations

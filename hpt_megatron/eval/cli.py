@@ -70,21 +70,15 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
 
 
 def load_engine(model_dir: str) -> tuple[Any, Any]:
-    """The CPU rollout engine and tokenizer for an HF folder."""
+    """The CPU rollout engine and tokenizer for an HF folder (for SGLang, call run_eval)."""
     if not Path(model_dir).is_dir():
         raise ValueError(f"--model: '{model_dir}' is not a folder")
     from transformers import AutoTokenizer
 
-    try:
-        from hpt_megatron.rollout import cpu_engine
-    except ImportError as err:
-        raise ValueError(f"--model: the CPU rollout engine is not available ({err})") from None
-    engine_cls = getattr(cpu_engine, "CPUEngine", None)
-    if engine_cls is None:
-        raise ValueError("--model: hpt_megatron.rollout.cpu_engine defines no CPUEngine")
+    from hpt_megatron.rollout.cpu_engine import HFCpuEngine
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    make = getattr(engine_cls, "from_pretrained", engine_cls)
-    return make(model_dir), tokenizer
+    return HFCpuEngine.from_pretrained(model_dir, load_tokenizer=False), tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,3 +176,32 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "convert it first" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_cli_end_to_end_with_the_cpu_engine(tmp_path, tok, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    bench = _write_bench(tmp_path / "arith.jsonl", n=3)
+    argv = ["--model", str(tmp_path / "model"), "--benchmarks", str(bench), "--k", "2"]
+    argv += ["--max-new-tokens", "4", "--system-prompt", "none", "--pass-k", "1,2"]
+    argv += ["--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    header = ["benchmark", "problems", "k", "avg@k", "pass@1", "pass@2"]
+    assert out.splitlines()[0].split() == header
+    assert len((tmp_path / "out/responses.jsonl").read_text().splitlines()) == 6
