@@ -47,20 +47,24 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             max_n[i:j] = logits_nv[i:j].max(dim=-1).values.float()
         _all_reduce(max_n, dist.ReduceOp.MAX, tp_group)
 
-        # stats_3n: [sum exp(l - m), sum exp(l - m) * l, target logit (0 off-shard)]
+        # stats_3n: [sum exp(s), sum exp(s) * s, target s (0 off-shard)] with s = l - m. Working
+        # with s rather than l keeps the entropy (log sum - mean s) and the log-prob (s_t - log sum)
+        # free of the cancellation of two numbers of the size of m: at low entropy the unshifted
+        # form loses about |m| / H of fp32 precision.
         stats_3n = torch.empty(3, num_tokens, dtype=torch.float32, device=logits_nv.device)
         for i, j in spans:
-            l_cv = logits_nv[i:j].float()
-            e_cv = torch.exp(l_cv - max_n[i:j, None])
+            s_cv = logits_nv[i:j].float() - max_n[i:j, None]
+            e_cv = torch.exp(s_cv)
             stats_3n[0, i:j] = e_cv.sum(-1)
-            stats_3n[1, i:j] = (e_cv * l_cv).sum(-1)
-            stats_3n[2, i:j] = l_cv.gather(-1, local_t[i:j, None]).squeeze(-1)
+            stats_3n[1, i:j] = (e_cv * s_cv).sum(-1)
+            stats_3n[2, i:j] = s_cv.gather(-1, local_t[i:j, None]).squeeze(-1)
         stats_3n[2] *= in_shard_n
         _all_reduce(stats_3n, dist.ReduceOp.SUM, tp_group)
 
-        logz_n = max_n + torch.log(stats_3n[0])
-        logprob_n = stats_3n[2] - logz_n
-        entropy_n = logz_n - stats_3n[1] / stats_3n[0]
+        log_sum_n = torch.log(stats_3n[0])
+        logz_n = max_n + log_sum_n
+        logprob_n = stats_3n[2] - log_sum_n
+        entropy_n = log_sum_n - stats_3n[1] / stats_3n[0]
         ctx.save_for_backward(logits_nv, local_t, in_shard_n, logz_n, entropy_n)
         ctx.chunk = chunk
         return logprob_n, entropy_n
