@@ -74,6 +74,8 @@ def load_hf_weights(
     """
     from tqdm import tqdm
 
+    # tqdm's monitor thread breaks the forked writer processes of dist_checkpointing.save.
+    tqdm.monitor_interval = 0
     reader = HFCheckpointReader(folder)
     named = [
         (global_name, param)

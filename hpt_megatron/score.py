@@ -1,0 +1,200 @@
+"""Score token sequences with a Megatron checkpoint: per-token log-probabilities, on CPU or GPU.
+
+    torchrun --nproc_per_node N -m hpt_megatron.score --load MEGATRON_DIR --tp T --pp P \
+        --input IN.jsonl --output OUT.jsonl
+
+Each input line is ``{"input_ids": [...]}``; each output line is ``{"logprobs": [...]}``, the
+log-probability of every token after the first given the tokens before it. The forward pass is
+Megatron's pipeline schedule (``forward_only=True``, any PP); log-probs are ``-cross_entropy``
+computed in fp32 on the vocabulary-parallel logits, so no rank gathers the vocabulary. Padded
+vocabulary rows are masked out of the softmax. Data-parallel replicas (world > TP*PP) split the
+sequences. Works as a plain ``python -m`` (one process) too.
+
+Shape legend: b micro-batch (1), s sequence, v this rank's vocabulary slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def read_sequences(path: str | Path) -> list[list[int]]:
+    """Token id lists from a JSONL file; ``ValueError`` naming the file and line."""
+    seqs = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            ids = json.loads(line)["input_ids"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f'{path}:{lineno}: expected {{"input_ids": [...]}} ({err})') from err
+        if len(ids) < 1 or not all(isinstance(i, int) for i in ids):
+            raise ValueError(f"{path}:{lineno}: input_ids must be a non-empty list of ints")
+        seqs.append(ids)
+    return seqs
+
+
+def masked_logprobs(
+    logits_sbv: torch.Tensor, labels_bs: torch.Tensor, *, vocab_size: int, tp_rank: int
+) -> torch.Tensor:
+    """``log p(label)`` ``[b, s]`` in fp32 from vocabulary-parallel logits ``[s, b, v]``.
+
+    Columns past ``vocab_size`` (padding) get the lowest float so they carry no probability.
+    """
+    from megatron.core import tensor_parallel
+
+    logits_sbv = logits_sbv.float()
+    local = logits_sbv.shape[-1]
+    start = tp_rank * local
+    if start + local > vocab_size:
+        logits_sbv = logits_sbv.clone()
+        logits_sbv[..., max(0, vocab_size - start) :] = torch.finfo(torch.float32).min
+    labels_sb = labels_bs.transpose(0, 1).contiguous()
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits_sbv, labels_sb).transpose(0, 1)
+
+
+def _batches(seqs: Sequence[list[int]], multiple: int) -> Iterator[dict[str, torch.Tensor]]:
+    length = max(len(s) for s in seqs)
+    length = -(-length // multiple) * multiple
+    for seq in seqs:
+        tokens = torch.zeros(1, length, dtype=torch.long)
+        tokens[0, : len(seq)] = torch.tensor(seq)
+        labels = torch.zeros_like(tokens)
+        labels[0, : len(seq) - 1] = tokens[0, 1 : len(seq)]
+        yield {"tokens": tokens, "labels": labels, "n": torch.tensor(len(seq))}
+
+
+def _forward_step(
+    data: Iterator[dict[str, torch.Tensor]],
+    model: torch.nn.Module,
+    *,
+    vocab_size: int,
+    tp_rank: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, Any]:
+    batch = {k: v.to(device) for k, v in next(data).items()}
+    tokens = batch["tokens"]
+    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0)
+    # Right padding under a causal mask leaves the real tokens' outputs untouched.
+    output = model(tokens, positions, None)
+
+    def loss_func(logits_bsv: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # GPTModel returns [b, s, v] logits when it is given no labels.
+        logprobs_bs = masked_logprobs(
+            logits_bsv.transpose(0, 1), batch["labels"], vocab_size=vocab_size, tp_rank=tp_rank
+        )
+        kept = logprobs_bs[0, : int(batch["n"]) - 1].detach().cpu()
+        return logprobs_bs.sum() * 0.0, {"logprobs": kept}
+
+    return output, loss_func
+
+
+def score_sequences(
+    chunks: list[torch.nn.Module],
+    seqs: Sequence[list[int]],
+    *,
+    vocab_size: int,
+    tp_rank: int,
+    seq_multiple: int = 1,
+    batch_size: int = 16,
+    device: torch.device | None = None,
+) -> list[list[float]] | None:
+    """Log-probs of every token after the first, per sequence; ``None`` except on the last stage.
+
+    Sequences go through the pipeline ``batch_size`` at a time, each a micro-batch of one,
+    right-padded to the longest of their batch (rounded up to ``seq_multiple``, e.g. TP with
+    sequence parallelism).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    device = device or torch.device("cpu")
+    step = partial(_forward_step, vocab_size=vocab_size, tp_rank=tp_rank, device=device)
+    results: list[list[float]] = []
+    is_last = False
+    for chunk in chunks:
+        chunk.eval()
+    with torch.no_grad():
+        for start in range(0, len(seqs), batch_size):
+            batch = seqs[start : start + batch_size]
+            data = [_batches(batch, seq_multiple) for _ in chunks]  # one per virtual stage
+            length = -(-max(len(s) for s in batch) // seq_multiple) * seq_multiple
+            out = get_forward_backward_func()(
+                forward_step_func=step,
+                data_iterator=data if len(chunks) > 1 else data[0],
+                model=chunks if len(chunks) > 1 else chunks[0],
+                num_microbatches=len(batch),
+                seq_length=length,
+                micro_batch_size=1,
+                forward_only=True,
+            )
+            if out:
+                is_last = True
+                results.extend(item["logprobs"].tolist() for item in out)
+    return results if is_last else None
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m hpt_megatron.score", description=__doc__)
+    parser.add_argument("--load", required=True, help="Megatron checkpoint (from tools/convert.py)")
+    parser.add_argument("--hf-config", help="HF config folder (default: the checkpoint's)")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per pipeline pass")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import torch.distributed as dist
+
+    from hpt_megatron.config.sections import ModelConfig, ParallelConfig
+    from hpt_megatron.models.checkpoint import load_model_checkpoint
+    from hpt_megatron.models.provider import build_model_chunks, load_hf_config
+    from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
+
+    args = _parse(argv)
+    hf = load_hf_config(args.hf_config or args.load)
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp)
+    parallel.validate()
+    seqs = read_sequences(args.input)
+    ctx = init_distributed(parallel)
+    model = ModelConfig(inline=hf, params_dtype=args.dtype)
+    chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank, init_weights=False)
+    load_model_checkpoint(chunks, args.load)
+    mine = list(range(ctx.dp_rank, len(seqs), ctx.dp))
+    scored = score_sequences(
+        chunks,
+        [seqs[i] for i in mine],
+        vocab_size=int(hf["vocab_size"]),
+        tp_rank=ctx.tp_rank,
+        seq_multiple=ctx.tp if parallel.sequence_parallel else 1,
+        batch_size=args.batch_size,
+        device=ctx.device,
+    )
+    keep = scored is not None and ctx.tp_rank == 0
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, (mine, scored) if keep else None, group=ctx.cpu_group)
+    if ctx.is_last_stage and ctx.tp_rank == 0 and ctx.dp_rank == 0:
+        out: list[list[float] | None] = [None] * len(seqs)
+        for item in gathered:
+            if item is not None:
+                for index, logprobs in zip(*item):
+                    out[index] = logprobs
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.output, "w") as f:
+            for logprobs in out:
+                f.write(json.dumps({"logprobs": logprobs}) + "\n")
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
