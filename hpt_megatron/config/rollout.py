@@ -1,16 +1,179 @@
-"""The ``rollout`` section: engine choice and sampling."""
+"""The ``rollout`` section: engine choice, sampling, and the SGLang servers.
+
+``sglang_server_args`` is the pure translator from this section to ``sglang.launch_server``
+arguments (no process is started here; see ``hpt_megatron.rollout.sglang.server``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Literal
+
+DEFAULT_SGLANG_VENV = "/opt/hpt-sglang-venv"  # tools/sglang_env.sh builds it; env HPT_SGLANG_VENV
+
+# What SGLang 0.5.23 needs to serve on CPU (DESIGN.md section 5).
+CPU_SERVER_ARGS = (
+    "--device",
+    "cpu",
+    "--attention-backend",
+    "torch_native",
+    "--sampling-backend",
+    "pytorch",
+    "--disable-cuda-graph",
+)
+
+
+@dataclass(kw_only=True)
+class CpuEngineConfig:
+    """The in-process CPU engine (``rollout.engine: cpu``)."""
+
+    max_batch_rows: int = 512  # (prompt x sample) rows decoded together
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def validate(self) -> None:
+        if self.max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows: must be >= 1, got {self.max_batch_rows}")
+
+
+@dataclass(kw_only=True)
+class SGLangConfig:
+    """SGLang servers (``rollout.engine: sglang``): launch, client and weight sync."""
+
+    python: str | None = None  # the SGLang venv's python; None: $HPT_SGLANG_VENV/bin/python
+    device: Literal["cuda", "cpu"] = "cuda"  # cpu: adds CPU_SERVER_ARGS and SGLANG_USE_CPU_ENGINE
+    num_servers: int = 1
+    tp_size: int = 1
+    base_gpu_id: int = 0  # server i uses GPUs base_gpu_id + i * tp_size * gpu_id_step, ...
+    gpu_id_step: int = 1
+    mem_fraction_static: float | None = None  # None: SGLang's default
+    max_total_tokens: int | None = None  # KV-cache size in tokens (on CPU, keeps RAM bounded)
+    context_length: int | None = None
+    dtype: str = "auto"
+    host: str = "127.0.0.1"
+    base_port: int = 0  # 0: free ports; otherwise server i listens on base_port + i
+    api_key_env: str | None = None  # name of an environment variable holding the API key
+    extra_args: list[str] = field(default_factory=list)  # passed through to launch_server
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for the servers
+    return_original_logprob: bool = True  # raw-model log-probs (temperature 1), as the trainer
+    seeded_sampling: bool = False  # send per-sample seeds (needs the pytorch sampling backend)
+    startup_timeout_s: float = 900.0
+    request_timeout_s: float = 1800.0
+    max_retries: int = 3  # per request, across servers
+    max_restarts: int = 2  # per server, after a crash
+    max_concurrency: int = 64  # in-flight requests per server
+    weight_sync: Literal["auto", "disk", "tensor", "distributed"] = "auto"
+    weight_sync_dir: str | None = None  # disk transport; None: <run_dir>/rollout_weights
+    log_dir: str | None = None  # None: <run_dir>/sglang_logs
+
+    def validate(self) -> None:
+        for key in ("num_servers", "tp_size", "gpu_id_step", "max_concurrency"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("base_gpu_id", "max_retries", "max_restarts"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.base_port < 65536 - self.num_servers:
+            raise ValueError(f"base_port: must be 0 or a free port range, got {self.base_port}")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
+            raise ValueError(
+                f"mem_fraction_static: must be in (0, 1), got {self.mem_fraction_static}"
+            )
+        for key in ("max_total_tokens", "context_length"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key}: must be >= 1, got {value}")
+        for key in ("startup_timeout_s", "request_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
+        if self.device == "cpu" and self.weight_sync in ("tensor", "distributed"):
+            raise ValueError(f"weight_sync: {self.weight_sync!r} needs GPUs; use 'disk' on CPU")
+        reserved = {"--model-path", "--port", "--host", "--api-key", "--tp-size", "--base-gpu-id"}
+        clash = sorted(reserved.intersection(a.split("=")[0] for a in self.extra_args))
+        if clash:
+            raise ValueError(f"extra_args: {clash} are set from this section; remove them")
+
+    def python_executable(self) -> str:
+        """The configured SGLang Python, or the default venv's (``HPT_SGLANG_VENV``)."""
+        if self.python:
+            return self.python
+        return os.path.join(os.environ.get("HPT_SGLANG_VENV", DEFAULT_SGLANG_VENV), "bin", "python")
 
 
 @dataclass(kw_only=True)
 class RolloutConfig:
+    """Which engine generates rollouts, and how they are sampled."""
+
     engine: Literal["cpu", "sglang"] = "cpu"
     n: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = 1024
+    stop: list[str] = field(default_factory=list)  # stop strings, besides EOS
+    cpu: CpuEngineConfig = field(default_factory=CpuEngineConfig)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n: must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k: must be -1 (off) or >= 1, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop: empty stop strings are not allowed")
+
+
+def sglang_server_args(
+    cfg: SGLangConfig,
+    *,
+    model_path: str,
+    port: int,
+    server_index: int = 0,
+    tokenizer_path: str | None = None,
+    api_key: str | None = None,
+) -> list[str]:
+    """Command-line arguments of ``python -m sglang.launch_server`` for server ``server_index``.
+
+    Args:
+        cfg: the ``rollout.sglang`` section.
+        model_path: HF folder to serve.
+        port: this server's port.
+        server_index: which of ``cfg.num_servers`` servers (picks its GPUs).
+        tokenizer_path: a different tokenizer folder (e.g. when serving a weights-only snapshot).
+        api_key: the resolved API key, if any.
+    """
+    args = ["--model-path", model_path, "--host", cfg.host, "--port", str(port)]
+    if tokenizer_path:
+        args += ["--tokenizer-path", tokenizer_path]
+    args += ["--tp-size", str(cfg.tp_size), "--dtype", cfg.dtype]
+    if cfg.device == "cpu":
+        args += list(CPU_SERVER_ARGS)
+    else:
+        base_gpu = cfg.base_gpu_id + server_index * cfg.tp_size * cfg.gpu_id_step
+        args += ["--base-gpu-id", str(base_gpu), "--gpu-id-step", str(cfg.gpu_id_step)]
+    if cfg.mem_fraction_static is not None:
+        args += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
+    if cfg.max_total_tokens is not None:
+        args += ["--max-total-tokens", str(cfg.max_total_tokens)]
+    if cfg.context_length is not None:
+        args += ["--context-length", str(cfg.context_length)]
+    if api_key:
+        args += ["--api-key", api_key]
+    return args + list(cfg.extra_args)
+
+
+def sglang_server_env(cfg: SGLangConfig) -> dict[str, str]:
+    """Environment variables (added to the parent's) for every server of ``cfg``."""
+    env: dict[str, str] = {}
+    if cfg.device == "cpu":
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+    if cfg.return_original_logprob:
+        env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
+    env.update(cfg.env)
+    return env

@@ -1,0 +1,268 @@
+"""Asynchronous client for a pool of SGLang servers: balancing, retries, crash recovery.
+
+Requests carry ``input_ids`` (never text: SGLang's tokenisation can differ from the trainer's).
+One ``/generate`` request per prompt holds its ``n`` samples, so the server shares the prompt's
+KV cache. Requests go to the up server with the fewest in flight (bounded per server); a failed
+request is retried on another server, and a server found dead is restarted in the background
+(at most ``max_restarts`` times) while its lost requests are re-sent elsewhere or after it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from hpt_megatron.rollout.base import Generation, SamplingParams
+from hpt_megatron.rollout.sglang.server import ServerStartError, SGLangServer
+
+logger = logging.getLogger(__name__)
+
+OnRestart = Callable[[int], Awaitable[None]]  # called with the server index once it is back
+
+
+class ServerPool:
+    """The servers, their state (``up`` / ``restarting`` / ``failed``) and in-flight counts."""
+
+    def __init__(
+        self,
+        servers: list[SGLangServer],
+        *,
+        max_concurrency: int,
+        max_restarts: int,
+        on_restart: OnRestart | None = None,
+    ) -> None:
+        self.servers = servers
+        self.state = ["up"] * len(servers)
+        self.inflight = [0] * len(servers)
+        self.max_concurrency = max_concurrency
+        self.max_restarts = max_restarts
+        self.on_restart = on_restart
+        self._changed: asyncio.Condition | None = None
+        self._restart_tasks: dict[int, asyncio.Task[None]] = {}
+
+    def _cond(self) -> asyncio.Condition:
+        if self._changed is None:  # created lazily, inside the running loop
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def acquire(self) -> int:
+        """Wait for an up server with spare capacity; return its index (call ``release`` after)."""
+        async with self._cond():
+            while True:
+                if all(s == "failed" for s in self.state):
+                    raise RuntimeError(self._all_failed_message())
+                ready = [
+                    i
+                    for i, s in enumerate(self.state)
+                    if s == "up" and self.inflight[i] < self.max_concurrency
+                ]
+                if ready:
+                    index = min(ready, key=lambda i: self.inflight[i])
+                    self.inflight[index] += 1
+                    return index
+                await self._cond().wait()
+
+    async def release(self, index: int) -> None:
+        async with self._cond():
+            self.inflight[index] -= 1
+            self._cond().notify_all()
+
+    async def report_failure(self, index: int) -> None:
+        """After a failed request: restart the server in the background if its process died."""
+        if self.state[index] != "up" or self.servers[index].is_alive():
+            return
+        async with self._cond():
+            self.state[index] = "restarting"
+        self._restart_tasks[index] = asyncio.ensure_future(self._restart(index))
+
+    async def _restart(self, index: int) -> None:
+        server = self.servers[index]
+        new_state = "failed"
+        while server.restarts < self.max_restarts:
+            try:
+                await asyncio.to_thread(server.restart)
+                if self.on_restart is not None:
+                    await self.on_restart(index)
+                new_state = "up"
+                break
+            except (ServerStartError, RuntimeError, aiohttp.ClientError) as err:
+                logger.error("restart of sglang server %s failed: %s", server.url, err)
+        if new_state == "failed":
+            logger.error(
+                "sglang server %s: giving up after %d restarts", server.url, server.restarts
+            )
+        async with self._cond():
+            self.state[index] = new_state
+            self._cond().notify_all()
+
+    def _all_failed_message(self) -> str:
+        tails = "\n".join(f"--- {s.url}:\n{s.log_tail(15)}" for s in self.servers)
+        return f"every SGLang server failed (restarts exhausted); last log lines:\n{tails}"
+
+
+class SGLangClient:
+    """HTTP calls to the pool; use from one asyncio event loop.
+
+    Args:
+        pool: the servers.
+        request_timeout_s: whole-request timeout for ``/generate``.
+        max_retries: further attempts of a failed request (on any server).
+        seeded_sampling: send a per-sample ``sampling_seed`` when ``params.seed`` is set.
+    """
+
+    def __init__(
+        self,
+        pool: ServerPool,
+        *,
+        request_timeout_s: float = 1800.0,
+        max_retries: int = 3,
+        seeded_sampling: bool = False,
+    ) -> None:
+        self.pool = pool
+        self.request_timeout_s = request_timeout_s
+        self.max_retries = max_retries
+        self.seeded_sampling = seeded_sampling
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), trust_env=False
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def generate(
+        self, prompts: list[list[int]], params: SamplingParams, weight_version: int
+    ) -> list[Generation]:
+        """``params.n`` generations per prompt, grouped by prompt in prompt order."""
+        sampling = sampling_payload(params)
+        results = await asyncio.gather(
+            *(self._generate_one(i, p, params, sampling) for i, p in enumerate(prompts))
+        )
+        return [
+            parse_generation(item, i, weight_version)
+            for i, items in enumerate(results)
+            for item in items
+        ]
+
+    async def _generate_one(
+        self, index: int, prompt: list[int], params: SamplingParams, sampling: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        n = params.n
+        per_sample: dict[str, Any] | list[dict[str, Any]] = sampling
+        if self.seeded_sampling and params.seed is not None:
+            per_sample = [
+                {**sampling, "sampling_seed": (params.seed * 1_000_003 + index * n + j) % 2**31}
+                for j in range(n)
+            ]
+        payload = {
+            "input_ids": [prompt] * n if n > 1 else prompt,
+            "sampling_params": per_sample
+            if n > 1 or isinstance(per_sample, dict)
+            else per_sample[0],
+            "return_logprob": True,
+        }
+        out = await self.request("/generate", payload, timeout_s=self.request_timeout_s)
+        items = out if isinstance(out, list) else [out]
+        if len(items) != n:
+            raise RuntimeError(f"/generate returned {len(items)} results for {n} samples")
+        return items
+
+    async def request(
+        self, path: str, payload: dict[str, Any], *, timeout_s: float | None = None
+    ) -> Any:
+        """POST to one server (least loaded), retrying on others after a failure."""
+        last_error: BaseException | None = None
+        for attempt in range(self.max_retries + 1):
+            index = await self.pool.acquire()
+            try:
+                return await self.post(index, path, payload, timeout_s=timeout_s)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as err:
+                last_error = err
+                logger.warning(
+                    "%s on %s failed (attempt %d): %r",
+                    path,
+                    self.pool.servers[index].url,
+                    attempt + 1,
+                    err,
+                )
+                await self.pool.report_failure(index)
+                await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+            finally:
+                await self.pool.release(index)
+        raise RuntimeError(f"{path} failed after {self.max_retries + 1} attempts: {last_error!r}")
+
+    async def post(
+        self, index: int, path: str, payload: dict[str, Any], *, timeout_s: float | None = None
+    ) -> Any:
+        """POST ``payload`` to server ``index``; raise ``aiohttp.ClientResponseError`` on 5xx and
+        ``RuntimeError`` (with the server's message) on other non-200 answers."""
+        server = self.pool.servers[index]
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s)
+        async with self.session().post(
+            server.url + path, json=payload, headers=server.auth_headers(), timeout=timeout
+        ) as response:
+            body = await response.read()
+            if response.status >= 500:
+                response.raise_for_status()
+            if response.status != 200:
+                text = body.decode(errors="replace")[:2000]
+                raise RuntimeError(f"{server.url}{path} answered {response.status}: {text}")
+            try:
+                return await response.json(content_type=None)
+            except ValueError:
+                return body.decode(errors="replace")
+
+    async def post_all(
+        self, path: str, payload: dict[str, Any] | Callable[[int], dict[str, Any]]
+    ) -> list[Any]:
+        """POST to every server at once (admin calls: weights, cache, memory); no retries."""
+        return await asyncio.gather(
+            *(
+                self.post(i, path, payload(i) if callable(payload) else payload)
+                for i in range(len(self.pool.servers))
+            )
+        )
+
+
+def sampling_payload(params: SamplingParams) -> dict[str, Any]:
+    """SGLang ``sampling_params`` for ``params`` (temperature 0 is greedy in SGLang too)."""
+    out: dict[str, Any] = {
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "skip_special_tokens": False,
+    }
+    if params.stop_strings:
+        out["stop"] = list(params.stop_strings)
+    if params.stop_token_ids:
+        out["stop_token_ids"] = list(params.stop_token_ids)
+    return out
+
+
+def parse_generation(item: dict[str, Any], prompt_index: int, weight_version: int) -> Generation:
+    """One ``/generate`` result -> ``Generation`` (log-probs from ``output_token_logprobs``)."""
+    meta = item.get("meta_info", {})
+    token_ids = list(item["output_ids"])
+    entries = meta.get("output_token_logprobs")
+    logprobs = [float(e[0]) for e in entries] if entries is not None else None
+    if logprobs is not None and len(logprobs) != len(token_ids):
+        raise RuntimeError(f"{len(logprobs)} log-probs for {len(token_ids)} tokens from SGLang")
+    reason = (meta.get("finish_reason") or {}).get("type", "abort")
+    server_version = str(meta.get("weight_version", ""))
+    return Generation(
+        prompt_index=prompt_index,
+        token_ids=token_ids,
+        logprobs=logprobs,
+        finish_reason=reason if reason in ("stop", "length") else "abort",
+        weight_version=int(server_version) if server_version.isdigit() else weight_version,
+    )

@@ -1,0 +1,234 @@
+"""SGLang server processes: launch, wait for health, restart, and never leave one orphaned.
+
+Each server is ``<python> -m sglang.launch_server ...`` started in its own session (process
+group), with stdout and stderr in a log file. Every live server is registered so that the parent
+stops them all on normal exit (``atexit``), on Ctrl-C (``KeyboardInterrupt`` unwinds to atexit), on
+SIGTERM/SIGHUP (a handler stops them, then defers to the previous handler), and when the parent
+dies abruptly (SIGKILL): a watchdog thread in the launched server notices that its parent changed
+and terminates its own process group.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# ``python -c _LAUNCHER <parent pid> <launch_server args...>``: runs sglang.launch_server with a
+# watchdog that takes the server's whole process group down if the parent process goes away.
+# (PR_SET_PDEATHSIG would fire when the *thread* that started the child exits, which the engine's
+# worker threads do.)
+_LAUNCHER = """
+import os, runpy, signal, sys, threading, time
+parent = int(sys.argv[1])
+sys.argv = ["sglang.launch_server", *sys.argv[2:]]
+def _watch():
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.killpg(0, signal.SIGTERM)
+threading.Thread(target=_watch, daemon=True, name="hpt-parent-watchdog").start()
+runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
+"""
+
+_LIVE: set[SGLangServer] = set()
+_LIVE_LOCK = threading.Lock()
+_HOOKS_INSTALLED = False
+
+
+class ServerStartError(RuntimeError):
+    """A server exited or did not become healthy; the message quotes its log."""
+
+
+@dataclass(kw_only=True)
+class ServerLaunch:
+    """Everything needed to (re)start one server."""
+
+    python: str
+    args: list[str]  # after ``-m sglang.launch_server``
+    host: str
+    port: int
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # added to the parent's environment
+    api_key: str | None = None
+    startup_timeout_s: float = 900.0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now (the usual race with other processes applies)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class SGLangServer:
+    """One SGLang server child process.
+
+    Args:
+        launch: how to start it; ``launch.args`` is reused on ``restart``.
+    """
+
+    def __init__(self, launch: ServerLaunch) -> None:
+        self.launch = launch
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return self.launch.url
+
+    def start(self, wait: bool = True) -> None:
+        """Start the process (and, by default, block until it is healthy)."""
+        if not Path(self.launch.python).exists():
+            raise ServerStartError(
+                f"SGLang python {self.launch.python} does not exist: build the environment with "
+                "`bash tools/sglang_env.sh` or set rollout.sglang.python"
+            )
+        _install_exit_hooks()
+        self.launch.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [self.launch.python, "-c", _LAUNCHER, str(os.getpid()), *self.launch.args]
+        env = {**os.environ, **self.launch.env}
+        with open(self.launch.log_path, "ab") as log:
+            log.write(f"\n==== {time.strftime('%F %T')} starting: {' '.join(cmd)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # own process group: stop() reaches its children too
+            )
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        logger.info("sglang server pid %d starting at %s", self.proc.pid, self.url)
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self, timeout_s: float | None = None) -> None:
+        """Poll ``/health`` until it answers 200; on exit or timeout stop it and raise."""
+        timeout_s = self.launch.startup_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.is_alive():
+                code = self.proc.returncode if self.proc else None
+                self.stop()
+                raise ServerStartError(
+                    f"SGLang server at {self.url} exited with code {code} during startup; "
+                    f"log {self.launch.log_path}:\n{self.log_tail()}"
+                )
+            if self.health():
+                logger.info("sglang server at %s is healthy", self.url)
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise ServerStartError(
+            f"SGLang server at {self.url} was not healthy after {timeout_s:.0f} s; "
+            f"log {self.launch.log_path}:\n{self.log_tail()}"
+        )
+
+    def health(self, timeout_s: float = 5.0) -> bool:
+        """Whether the process is alive and ``/health`` answers 200."""
+        if not self.is_alive():
+            return False
+        request = urllib.request.Request(f"{self.url}/health", headers=self.auth_headers())
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def auth_headers(self) -> dict[str, str]:
+        key = self.launch.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def is_alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the server's process group, then SIGKILL what is left after ``grace_s``."""
+        proc, self.proc = self.proc, None
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+        if proc is None:
+            return
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("sglang server pid %d ignored SIGTERM; killing it", proc.pid)
+        # Its workers share the group; whatever survived the leader goes now.
+        _signal_group(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+    def restart(self, args: list[str] | None = None) -> None:
+        """Stop (if needed) and start again, optionally with new launch arguments."""
+        self.stop()
+        if args is not None:
+            self.launch.args = args
+        self.restarts += 1
+        logger.warning("restarting sglang server at %s (restart %d)", self.url, self.restarts)
+        self.start(wait=True)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.launch.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def stop_all_servers() -> None:
+    """Stop every server this process started and has not stopped yet."""
+    with _LIVE_LOCK:
+        servers = list(_LIVE)
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server.stop(grace_s=5.0)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)  # the server leads its own group: pgid == pid
+
+
+def _install_exit_hooks() -> None:
+    global _HOOKS_INSTALLED
+    if _HOOKS_INSTALLED:
+        return
+    _HOOKS_INSTALLED = True
+    atexit.register(stop_all_servers)
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be installed from the main thread
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous = signal.getsignal(sig)
+        signal.signal(sig, _make_handler(sig, previous))
+
+
+def _make_handler(sig: signal.Signals, previous: object) -> Callable[[int, object], None]:
+    def handler(signum: int, frame: object) -> None:
+        stop_all_servers()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+
+    return handler

@@ -1,0 +1,96 @@
+"""Weight sync through the file system: write HF safetensors, then ``/update_weights_from_disk``.
+
+Works for every placement (CPU, colocated, disaggregated on a shared file system). Each version
+is written to ``<dir>/v<version>.tmp`` (one safetensors file per bucket), renamed to
+``<dir>/v<version>`` when complete, loaded by every server, and older snapshots are deleted. The
+newest snapshot stays on disk so that a restarted server can be brought to the current weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from hpt_megatron.rollout.base import WeightBucket
+from hpt_megatron.rollout.sglang.client import SGLangClient
+
+
+def write_snapshot(buckets: Iterable[WeightBucket], directory: Path, version: int) -> Path:
+    """Write ``buckets`` as ``<directory>/v<version>/bucket-NNNNN.safetensors``; return the dir."""
+    final = directory / f"v{version}"
+    tmp = directory / f"v{version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    count = 0
+    for i, bucket in enumerate(buckets):
+        names = [name for name, _ in bucket]
+        if len(set(names)) != len(names):
+            raise ValueError(f"weight bucket {i} repeats a tensor name")
+        tensors, seen = {}, set()
+        for name, t in bucket:
+            t = t.detach().to("cpu").contiguous()
+            if t.data_ptr() in seen:  # tied weights: safetensors refuses shared storage
+                t = t.clone()
+            seen.add(t.data_ptr())
+            tensors[name] = t
+        save_file(tensors, str(tmp / f"bucket-{i:05d}.safetensors"))
+        count += len(tensors)
+    if count == 0:
+        shutil.rmtree(tmp)
+        raise ValueError("update_weights: no tensors given")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+class DiskTransport:
+    """Weight sync by safetensors snapshots under ``directory``."""
+
+    name = "disk"
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.latest: Path | None = None
+        self.latest_version: int | None = None
+        self.last_timing: dict[str, float] = {}
+
+    async def push(
+        self, client: SGLangClient, buckets: Iterable[WeightBucket], version: int
+    ) -> None:
+        """Write a snapshot of ``buckets`` and load it into every server."""
+        t0 = time.perf_counter()
+        path = await asyncio.to_thread(write_snapshot, buckets, self.directory, version)
+        t1 = time.perf_counter()
+        await self.load(client, path, version)
+        t2 = time.perf_counter()
+        self.last_timing = {"write_s": t1 - t0, "load_s": t2 - t1}
+        self._forget_older_than(path)
+
+    async def load(
+        self, client: SGLangClient, path: str | Path, version: int, index: int | None = None
+    ) -> None:
+        """``/update_weights_from_disk`` on every server (or only server ``index``)."""
+        payload = {"model_path": str(path), "weight_version": str(version), "flush_cache": True}
+        if index is None:
+            answers = await client.post_all("/update_weights_from_disk", payload)
+        else:
+            answers = [await client.post(index, "/update_weights_from_disk", payload)]
+        for answer in answers:
+            if not (isinstance(answer, dict) and answer.get("success")):
+                raise RuntimeError(f"update_weights_from_disk({path}) failed: {answer}")
+        self.latest, self.latest_version = Path(path), version
+
+    async def resync(self, client: SGLangClient, index: int) -> None:
+        """Bring a restarted server ``index`` to the newest pushed weights (if any)."""
+        if self.latest is not None and self.latest_version is not None:
+            await self.load(client, self.latest, self.latest_version, index=index)
+
+    def _forget_older_than(self, keep: Path) -> None:
+        for old in self.directory.glob("v*"):
+            if old != keep and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
