@@ -6,7 +6,6 @@ import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -47,7 +46,6 @@ class HFCheckpointReader:
         for shard in sorted(set(self.weight_map.values())):
             if not (self.folder / shard).is_file():
                 raise ValueError(f"{self.folder / INDEX}: shard {shard} is missing")
-        self._handles: dict[str, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -56,12 +54,10 @@ class HFCheckpointReader:
         shard = self.weight_map.get(name)
         if shard is None:
             raise ValueError(f"{self.folder}: tensor {name!r} is not in the checkpoint")
-        return self._handle(shard).get_tensor(name)
-
-    def _handle(self, shard: str) -> Any:
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(self.folder / shard, framework="pt")
-        return self._handles[shard]
+        # Open per tensor: a kept-open handle keeps its memory map's touched pages resident,
+        # which would grow the process by the whole checkpoint.
+        with safe_open(self.folder / shard, framework="pt") as f:
+            return f.get_tensor(name)
 
 
 class HFCheckpointWriter:

@@ -1,0 +1,158 @@
+"""Converter throughput and peak memory on a random model of Qwen2.5-0.5B's shape.
+
+    python benchmarks/convert_throughput.py [--dtype bf16|fp32] [--workdir DIR]
+
+Writes a random HF folder (safetensors shards, tied embeddings, vocab 151,936), then times, each
+in its own process: a plain safetensors read-and-write of the same files (the baseline),
+``hf-to-megatron`` and ``megatron-to-hf``. Reports throughput as a ratio to the baseline and peak
+resident memory (VmHWM, and VmHWM minus the resident size after imports) as a ratio to the
+largest single tensor plus one 512 MiB bucket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN25_05B = {
+    "model_type": "qwen2",
+    "architectures": ["Qwen2ForCausalLM"],
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "use_sliding_window": False,
+}
+BUCKET = 512 * 1024**2
+
+# Runs in a child process: import first, then measure only the work.
+_HARNESS = """
+import json, sys, time
+def rss(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+mode, args = sys.argv[1], sys.argv[2:]
+if mode == "baseline":
+    from safetensors.torch import load_file, save_file
+    import pathlib
+else:
+    import torch, megatron.core.models.gpt, megatron.core.dist_checkpointing
+    from tools import convert
+base = rss("VmRSS")
+t0 = time.perf_counter()
+if mode == "baseline":
+    src, dst = pathlib.Path(args[0]), pathlib.Path(args[1])
+    dst.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(src.glob("*.safetensors")):
+        save_file(load_file(shard), dst / shard.name)
+else:
+    assert convert.main(args) == 0
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak": rss("VmHWM"), "base": base}))
+"""
+
+
+def hf_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
+    h, f, v = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
+    d = h // hf["num_attention_heads"]
+    kv = hf["num_key_value_heads"] * d
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (v, h),
+        "model.norm.weight": (h,),
+    }
+    for i in range(hf["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.q_proj.bias": (h,),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        }
+    return shapes
+
+
+def write_random_hf(folder: Path, dtype: torch.dtype) -> tuple[int, int]:
+    """Random weights in ~1 GB safetensors shards; returns (total bytes, largest tensor bytes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    weight_map, shard, size, n, total, largest = {}, {}, 0, 0, 0, 0
+    items = list(hf_shapes(QWEN25_05B).items())
+    for i, (name, shape) in enumerate(items):
+        shard[name] = (torch.randn(shape) * 0.02).to(dtype)
+        nbytes = shard[name].numel() * shard[name].element_size()
+        size, total, largest = size + nbytes, total + nbytes, max(largest, nbytes)
+        if size > 2 * BUCKET or i == len(items) - 1:
+            n += 1
+            save_file(shard, folder / f"model-{n:05d}.safetensors", metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(shard, f"model-{n:05d}.safetensors")
+            shard, size = {}, 0
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    dtype_name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
+    (folder / "config.json").write_text(json.dumps({**QWEN25_05B, "torch_dtype": dtype_name}))
+    return total, largest
+
+
+def run(mode: str, *args: str) -> dict:
+    env_cmd = [sys.executable, "-c", _HARNESS, mode, *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(env_cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-4000:])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["process_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--workdir", help="default: a temporary folder")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="convert-bench-"))
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    total, largest = write_random_hf(work / "hf", dtype)
+    base = run("baseline", str(work / "hf"), str(work / "copy"))
+    hf_dir, mg_dir, back = str(work / "hf"), str(work / "mg"), str(work / "back")
+    to_mg = run("convert", "hf-to-megatron", "--hf", hf_dir, "--out", mg_dir, "--no-progress")
+    to_hf = run("convert", "megatron-to-hf", "--load", mg_dir, "--out", back, "--no-progress")
+    bound = largest + BUCKET
+    print(f"model bytes {total / 2**20:.0f} MiB ({args.dtype}); largest tensor "
+          f"{largest / 2**20:.0f} MiB; largest + bucket {bound / 2**20:.0f} MiB")  # fmt: skip
+    for name, r in (("safetensors read+write", base), ("hf-to-megatron", to_mg),
+                    ("megatron-to-hf", to_hf)):  # fmt: skip
+        ratio = base["seconds"] / r["seconds"]
+        print(
+            f"{name:24s} {r['seconds']:6.2f} s ({total / r['seconds'] / 2**20:7.0f} MiB/s, "
+            f"throughput ratio {ratio:.2f}; process {r['process_seconds']:.1f} s) | peak RSS "
+            f"{r['peak'] / 2**20:6.0f} MiB = {r['peak'] / bound:.2f} x bound, above imports "
+            f"{(r['peak'] - r['base']) / 2**20:6.0f} MiB = {(r['peak'] - r['base']) / bound:.2f} x"
+        )
+
+
+if __name__ == "__main__":
+    main()
