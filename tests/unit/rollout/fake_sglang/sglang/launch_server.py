@@ -1,0 +1,102 @@
+"""A fake ``sglang.launch_server`` for unit tests of server management and the client.
+
+Speaks the few HTTP endpoints the engine uses, with deterministic outputs; starts one idle
+worker child (as SGLang starts its scheduler) so tests can check that the process group goes away.
+Knobs: ``FAKE_SGLANG_DELAY`` (seconds per /generate) and ``FAKE_SGLANG_PIDS`` (file that gets the
+server's and its worker's pids).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model-path", required=True)
+parser.add_argument("--host", default="127.0.0.1")
+parser.add_argument("--port", type=int, required=True)
+parser.add_argument("--api-key", default=None)
+args, _ = parser.parse_known_args()
+
+if not os.path.isfile(os.path.join(args.model_path, "config.json")):
+    print(f"ValueError: no config.json in {args.model_path}", flush=True)
+    sys.exit(3)
+
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+if os.environ.get("FAKE_SGLANG_PIDS"):
+    with open(os.environ["FAKE_SGLANG_PIDS"], "a") as fh:
+        fh.write(f"{os.getpid()} {worker.pid}\n")
+STATE = {"version": "default", "generate_calls": 0}
+LOCK = threading.Lock()
+DELAY = float(os.environ.get("FAKE_SGLANG_DELAY", "0"))
+
+
+def _one(ids, sp):
+    n = sp.get("max_new_tokens", 4)
+    out = [(sum(ids) + k) % 100 for k in range(n)]
+    return {
+        "output_ids": out,
+        "meta_info": {
+            "output_token_logprobs": [[-0.25, t, None] for t in out],
+            "finish_reason": {"type": "length", "length": n},
+            "weight_version": STATE["version"],
+        },
+    }
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):  # quiet
+        pass
+
+    def _send(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorized(self):
+        if args.api_key and self.headers.get("Authorization") != f"Bearer {args.api_key}":
+            self._send(401, {"error": "bad api key"})
+            return False
+        return True
+
+    def do_GET(self):
+        if not self._authorized():
+            return
+        if self.path == "/health":
+            self._send(200, {})
+        elif self.path == "/stats":
+            self._send(200, STATE)
+        else:
+            self._send(404, {})
+
+    def do_POST(self):
+        if not self._authorized():
+            return
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        if self.path == "/generate":
+            with LOCK:
+                STATE["generate_calls"] += 1
+            time.sleep(DELAY)
+            ids, sp = body["input_ids"], body["sampling_params"]
+            if ids and isinstance(ids[0], list):
+                sps = sp if isinstance(sp, list) else [sp] * len(ids)
+                self._send(200, [_one(i, s) for i, s in zip(ids, sps)])
+            else:
+                self._send(200, _one(ids, sp))
+        elif self.path == "/update_weights_from_disk":
+            STATE["version"] = body.get("weight_version") or "default"
+            self._send(200, {"success": True, "message": "ok"})
+        elif self.path in ("/flush_cache", "/release_memory_occupation"):
+            self._send(200, {})
+        else:
+            self._send(404, {})
+
+
+ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()

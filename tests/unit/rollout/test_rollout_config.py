@@ -1,0 +1,86 @@
+"""The ``rollout`` config section and its SGLang translator."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpt_megatron.config.base import ConfigError, from_dict
+from hpt_megatron.config.rollout import (
+    CPU_SERVER_ARGS,
+    RolloutConfig,
+    SGLangConfig,
+    sglang_server_args,
+    sglang_server_env,
+)
+from hpt_megatron.config.schema import HPTConfig
+from hpt_megatron.rollout.factory import sampling_params
+
+
+def _args_dict(args: list[str]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            out[arg] = None if nxt is None or nxt.startswith("--") else nxt
+    return out
+
+
+def test_gpu_server_args_place_each_server_on_its_gpus() -> None:
+    cfg = SGLangConfig(num_servers=2, tp_size=2, base_gpu_id=4, mem_fraction_static=0.7)
+    args = _args_dict(sglang_server_args(cfg, model_path="/m", port=30001, server_index=1))
+    assert args["--model-path"] == "/m" and args["--port"] == "30001"
+    assert args["--host"] == "127.0.0.1" and args["--tp-size"] == "2"
+    assert args["--base-gpu-id"] == "6" and args["--mem-fraction-static"] == "0.7"
+    assert "--device" not in args and "--api-key" not in args
+
+
+def test_cpu_server_args_env_and_passthrough() -> None:
+    cfg = SGLangConfig(
+        device="cpu", max_total_tokens=4096, extra_args=["--skip-server-warmup"], env={"A": "1"}
+    )
+    args = sglang_server_args(cfg, model_path="/m", port=1, api_key="k", tokenizer_path="/t")
+    joined = " ".join(args)
+    assert " ".join(CPU_SERVER_ARGS) in joined and "--base-gpu-id" not in joined
+    assert _args_dict(args)["--api-key"] == "k" and _args_dict(args)["--tokenizer-path"] == "/t"
+    assert args[-1] == "--skip-server-warmup" and _args_dict(args)["--max-total-tokens"] == "4096"
+    env = sglang_server_env(cfg)
+    assert env == {"SGLANG_USE_CPU_ENGINE": "1", "SGLANG_RETURN_ORIGINAL_LOGPROB": "1", "A": "1"}
+
+
+@pytest.mark.parametrize(
+    "section, key",
+    [
+        ({"n": 0}, "rollout.n"),
+        ({"top_p": 0}, "rollout.top_p"),
+        ({"top_k": 0}, "rollout.top_k"),
+        ({"stop": [""]}, "rollout.stop"),
+        ({"cpu": {"max_batch_rows": 0}}, "rollout.cpu.max_batch_rows"),
+        ({"sglang": {"tp_size": 0}}, "rollout.sglang.tp_size"),
+        ({"sglang": {"mem_fraction_static": 1.5}}, "rollout.sglang.mem_fraction_static"),
+        ({"sglang": {"device": "cpu", "weight_sync": "tensor"}}, "rollout.sglang.weight_sync"),
+        ({"sglang": {"extra_args": ["--port", "1"]}}, "rollout.sglang.extra_args"),
+        ({"sglang": {"max_restarts": -1}}, "rollout.sglang.max_restarts"),
+    ],
+)
+def test_validation_names_the_key(section: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        from_dict(HPTConfig, {"rollout": section})
+
+
+def test_defaults_are_valid_and_sampling_params_follow_the_section() -> None:
+    cfg = from_dict(RolloutConfig, {"n": 4, "temperature": 0.6, "stop": ["</answer>"]})
+    params = sampling_params(cfg, seed=3, n=1)
+    assert (params.n, params.temperature, params.stop_strings, params.seed) == (
+        1,
+        0.6,
+        ["</answer>"],
+        3,
+    )
+    with pytest.raises(ValueError, match="unknown sampling parameter"):
+        sampling_params(cfg, bogus=1)
+
+
+def test_python_executable_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPT_SGLANG_VENV", "/x/venv")
+    assert SGLangConfig().python_executable() == "/x/venv/bin/python"
+    assert SGLangConfig(python="/p").python_executable() == "/p"

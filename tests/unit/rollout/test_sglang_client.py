@@ -1,0 +1,221 @@
+"""Server management and the client against a fake SGLang server (no SGLang needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hpt_megatron.config.rollout import SGLangConfig
+from hpt_megatron.rollout.base import SamplingParams
+from hpt_megatron.rollout.sglang import ServerStartError, SGLangEngine, launch_servers
+from hpt_megatron.rollout.sglang.client import parse_generation
+
+FAKE = Path(__file__).parent / "fake_sglang"
+
+
+def _cfg(**overrides: object) -> SGLangConfig:
+    cfg = SGLangConfig(
+        python=sys.executable,
+        device="cpu",
+        env={"PYTHONPATH": str(FAKE)},
+        startup_timeout_s=30,
+        request_timeout_s=30,
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def _engine(cfg: SGLangConfig, model_dir: Path, run_dir: Path) -> SGLangEngine:
+    return SGLangEngine.launch(cfg, model_path=model_dir, run_dir=run_dir)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().split(")")[-1].split()[0] != "Z"
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _stats(engine: SGLangEngine, i: int) -> dict:
+    server = engine.servers[i]
+    request = urllib.request.Request(server.url + "/stats", headers=server.auth_headers())
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def test_generate_groups_by_prompt_and_balances(model_dir: Path, tmp_path: Path) -> None:
+    with _engine(_cfg(num_servers=2), model_dir, tmp_path) as engine:
+        prompts = [[i, i + 1] for i in range(10)]
+        gens = engine.generate(prompts, SamplingParams(n=3, max_new_tokens=4, seed=0))
+        assert [g.prompt_index for g in gens] == [i for i in range(10) for _ in range(3)]
+        assert gens[3].token_ids == [(3 + k) % 100 for k in range(4)]
+        assert gens[0].logprobs == [-0.25] * 4 and gens[0].finish_reason == "length"
+        calls = [_stats(engine, i)["generate_calls"] for i in range(2)]
+        assert sum(calls) == 10 and min(calls) >= 3  # both servers got work
+        log = (tmp_path / "sglang_logs" / "sglang_server_1.log").read_text()
+        assert "starting:" in log
+
+
+def test_api_key_is_sent(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPT_TEST_KEY", "s3cret")
+    with _engine(_cfg(api_key_env="HPT_TEST_KEY"), model_dir, tmp_path) as engine:
+        assert engine.servers[0].launch.args[-2:] == ["--api-key", "s3cret"]
+        assert engine.generate([[1]], SamplingParams(max_new_tokens=2))[0].token_ids == [1, 2]
+    monkeypatch.delenv("HPT_TEST_KEY")
+    with pytest.raises(ValueError, match="HPT_TEST_KEY is unset"):
+        _engine(_cfg(api_key_env="HPT_TEST_KEY"), model_dir, tmp_path)
+
+
+def test_weight_version_recorded_and_restart_resyncs(model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    with _engine(_cfg(), model_dir, tmp_path) as engine:
+        engine.update_weights([[("w", torch.ones(2))]], version=4)
+        assert engine.generate([[1]], SamplingParams(max_new_tokens=2))[0].weight_version == 4
+        snapshot = tmp_path / "rollout_weights" / "v4"
+        assert (snapshot / "bucket-00000.safetensors").is_file()
+        os.killpg(engine.servers[0].proc.pid, signal.SIGKILL)
+        gens = engine.generate([[1], [2]], SamplingParams(max_new_tokens=2))
+        assert engine.servers[0].restarts == 1
+        assert [g.weight_version for g in gens] == [4, 4]  # re-loaded after the restart
+
+
+def test_lost_requests_are_resent_after_a_crash(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _cfg(num_servers=2, env={"PYTHONPATH": str(FAKE), "FAKE_SGLANG_DELAY": "0.5"})
+    with _engine(cfg, model_dir, tmp_path) as engine:
+        victim = engine.servers[1]
+        killer = threading.Timer(0.25, lambda: os.killpg(victim.proc.pid, signal.SIGKILL))
+        killer.start()
+        prompts = [[i] for i in range(12)]
+        gens = engine.generate(prompts, SamplingParams(max_new_tokens=3))
+        killer.join()
+        assert [g.token_ids[0] for g in gens] == list(range(12))
+        assert victim.restarts == 1 and engine.health()
+
+
+def test_restarts_are_bounded(model_dir: Path, tmp_path: Path) -> None:
+    with _engine(_cfg(max_restarts=0, max_retries=1), model_dir, tmp_path) as engine:
+        os.killpg(engine.servers[0].proc.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="every SGLang server failed|attempts"):
+            engine.generate([[1]], SamplingParams(max_new_tokens=2))
+
+
+def test_shutdown_stops_the_whole_process_group(model_dir: Path, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    cfg = _cfg(env={"PYTHONPATH": str(FAKE), "FAKE_SGLANG_PIDS": str(pid_file)})
+    engine = _engine(cfg, model_dir, tmp_path)
+    pids = [int(p) for p in pid_file.read_text().split()]
+    assert all(_alive(p) for p in pids)
+    engine.shutdown()
+    assert _wait_gone(pids)
+
+
+def test_servers_die_with_a_killed_parent(model_dir: Path, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).parents[3])!r})
+from hpt_megatron.config.rollout import SGLangConfig
+from hpt_megatron.rollout.sglang import launch_servers
+cfg = SGLangConfig(python=sys.executable, device="cpu", startup_timeout_s=30,
+                   env={{"PYTHONPATH": {str(FAKE)!r}, "FAKE_SGLANG_PIDS": {str(pid_file)!r}}})
+launch_servers(cfg, model_path={str(model_dir)!r}, log_dir={str(tmp_path)!r}, api_key=None)
+print("up", flush=True)
+time.sleep(600)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "up"
+        pids = [int(p) for p in pid_file.read_text().split()]
+        parent.send_signal(signal.SIGKILL)  # no atexit, no handlers: only the watchdog helps
+        parent.wait()
+        assert _wait_gone(pids), "the server outlived its SIGKILLed parent"
+    finally:
+        parent.kill()
+
+
+def test_sigterm_to_parent_stops_servers(model_dir: Path, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).parents[3])!r})
+from hpt_megatron.config.rollout import SGLangConfig
+from hpt_megatron.rollout.sglang import launch_servers
+cfg = SGLangConfig(python=sys.executable, device="cpu", startup_timeout_s=30,
+                   env={{"PYTHONPATH": {str(FAKE)!r}, "FAKE_SGLANG_PIDS": {str(pid_file)!r}}})
+launch_servers(cfg, model_path={str(model_dir)!r}, log_dir={str(tmp_path)!r}, api_key=None)
+print("up", flush=True)
+time.sleep(600)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "up"
+        pids = [int(p) for p in pid_file.read_text().split()]
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == -signal.SIGTERM
+        assert _wait_gone(pids, timeout_s=5)  # stopped by the handler, not the watchdog
+    finally:
+        parent.kill()
+
+
+def test_startup_failure_quotes_the_log(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ServerStartError, match="no config.json in") as err:
+        launch_servers(_cfg(), model_path=empty, log_dir=tmp_path, api_key=None)
+    assert "exited with code 3" in str(err.value)
+
+
+def test_startup_timeout(model_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(env={"PYTHONPATH": str(FAKE)}, startup_timeout_s=0.01)
+    with pytest.raises(ServerStartError, match="not healthy after"):
+        launch_servers(cfg, model_path=model_dir, log_dir=tmp_path, api_key=None)
+
+
+def test_parse_generation_maps_finish_reasons() -> None:
+    item = {
+        "output_ids": [5, 6],
+        "meta_info": {
+            "output_token_logprobs": [[-1.0, 5, None], [-2.0, 6, None]],
+            "finish_reason": {"type": "abort", "message": "x"},
+            "weight_version": "default",
+        },
+    }
+    gen = parse_generation(item, 2, weight_version=9)
+    assert (gen.prompt_index, gen.finish_reason, gen.weight_version) == (2, "abort", 9)
+    assert gen.logprobs == [-1.0, -2.0]
+    item["meta_info"]["output_token_logprobs"] = [[-1.0, 5, None]]
+    with pytest.raises(RuntimeError, match="1 log-probs for 2 tokens"):
+        parse_generation(item, 0, weight_version=0)
