@@ -4,8 +4,8 @@ Shape legend: N tokens (batch x sequence flattened), V_l = the local vocabulary 
 C = tokens per chunk.
 
 Peer frameworks run out of memory here: ``log_softmax(logits.float())`` makes two fp32 copies of
-[N, V] (and more in backward). This autograd function never holds more than one fp32 [C, V_l]
-chunk: the forward keeps three fp32 numbers per token (log-partition, entropy, target logit) and
+[N, V] (and more in backward). This autograd function never holds more than two fp32 [C, V_l]
+blocks: the forward keeps three fp32 numbers per token (log-partition, entropy, target logit) and
 the backward recomputes the softmax chunk by chunk, writing the gradient straight into a tensor of
 the logits' own dtype. The full vocabulary is never gathered: the tensor-parallel ranks exchange
 [N]-sized statistics (one max and one sum all-reduce).
@@ -35,16 +35,21 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         vocab_start: int,
         tp_group: dist.ProcessGroup | None,
         chunk: int,
+        num_valid: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         num_tokens, local_vocab = logits_nv.shape
+        # Columns of this shard at or past the true vocabulary size are padding: left out.
+        pad_from = max(0, min(local_vocab, num_valid - vocab_start))
         local_t = targets_n - vocab_start
-        in_shard_n = (local_t >= 0) & (local_t < local_vocab)
-        local_t = local_t.clamp(0, local_vocab - 1)
+        in_shard_n = (local_t >= 0) & (local_t < pad_from)
+        local_t = local_t.clamp(0, max(pad_from, 1) - 1)
         spans = _chunks(num_tokens, chunk)
 
         max_n = torch.empty(num_tokens, dtype=torch.float32, device=logits_nv.device)
         for i, j in spans:
-            max_n[i:j] = logits_nv[i:j].max(dim=-1).values.float()
+            max_n[i:j] = (
+                logits_nv[i:j, :pad_from].max(dim=-1).values if pad_from else float("-inf")
+            )
         _all_reduce(max_n, dist.ReduceOp.MAX, tp_group)
 
         # stats_3n: [sum exp(s), sum exp(s) * s, target s (0 off-shard)] with s = l - m. Working
@@ -52,12 +57,15 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         # free of the cancellation of two numbers of the size of m: at low entropy the unshifted
         # form loses about |m| / H of fp32 precision.
         stats_3n = torch.empty(3, num_tokens, dtype=torch.float32, device=logits_nv.device)
-        for i, j in spans:
-            s_cv = logits_nv[i:j].float() - max_n[i:j, None]
+        stats_3n.zero_()
+        for i, j in spans if pad_from else []:  # a shard of padding only contributes nothing
+            # Low-precision minus fp32 promotes to fp32 in one kernel (no fp32 copy of the chunk).
+            s_cv = logits_nv[i:j, :pad_from] - max_n[i:j, None]
             e_cv = torch.exp(s_cv)
             stats_3n[0, i:j] = e_cv.sum(-1)
-            stats_3n[1, i:j] = (e_cv * s_cv).sum(-1)
             stats_3n[2, i:j] = s_cv.gather(-1, local_t[i:j, None]).squeeze(-1)
+            stats_3n[1, i:j] = e_cv.mul_(s_cv).sum(-1)
+            del s_cv, e_cv  # free this chunk before the next one allocates
         stats_3n[2] *= in_shard_n
         _all_reduce(stats_3n, dist.ReduceOp.SUM, tp_group)
 
@@ -67,6 +75,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         entropy_n = log_sum_n - stats_3n[1] / stats_3n[0]
         ctx.save_for_backward(logits_nv, local_t, in_shard_n, logz_n, entropy_n)
         ctx.chunk = chunk
+        ctx.pad_from = pad_from
         return logprob_n, entropy_n
 
     @staticmethod
@@ -75,16 +84,20 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         grad_nv = torch.empty_like(logits_nv)
         g_lp = grad_logprob_n.float() if grad_logprob_n is not None else torch.zeros_like(logz_n)
         g_h = grad_entropy_n.float() if grad_entropy_n is not None else torch.zeros_like(logz_n)
-        for i, j in _chunks(logits_nv.shape[0], ctx.chunk):
-            l_cv = logits_nv[i:j].float()
-            shifted_cv = l_cv - logz_n[i:j, None]  # log p
-            p_cv = torch.exp(shifted_cv)
-            # d logprob / dl = onehot - p ;  d entropy / dl = -p * (log p + H)
-            g_cv = p_cv.mul_(-(g_lp[i:j, None] + g_h[i:j, None] * (shifted_cv + entropy_n[i:j, None])))
+        pad_from = ctx.pad_from
+        grad_nv[:, pad_from:] = 0  # padding columns carry no probability
+        for i, j in _chunks(logits_nv.shape[0], ctx.chunk) if pad_from else []:
+            logp_cv = logits_nv[i:j, :pad_from] - logz_n[i:j, None]  # fp32, a new tensor (see forward)
+            g_cv = torch.exp(logp_cv)
+            # d logprob / dl = onehot - p ;  d entropy / dl = -p * (log p + H). The factor
+            # g_lp + g_h * (log p + H) is built in place, so a chunk costs two fp32 [C, V_l] blocks.
+            logp_cv.add_(entropy_n[i:j, None]).mul_(g_h[i:j, None]).add_(g_lp[i:j, None])
+            g_cv.mul_(logp_cv).neg_()
             rows = torch.arange(j - i, device=g_cv.device)
             g_cv[rows, local_t[i:j]] += g_lp[i:j] * in_shard_n[i:j]
-            grad_nv[i:j] = g_cv
-        return grad_nv, None, None, None, None
+            grad_nv[i:j, :pad_from] = g_cv
+            del logp_cv, g_cv
+        return grad_nv, None, None, None, None, None
 
 
 def vocab_parallel_logprobs_entropy(
@@ -93,6 +106,7 @@ def vocab_parallel_logprobs_entropy(
     *,
     tp_group: dist.ProcessGroup | None = None,
     chunk_tokens: int = 1024,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token and the entropy of each position's distribution.
 
@@ -102,6 +116,8 @@ def vocab_parallel_logprobs_entropy(
         targets_bt: global token ids to score (for next-token scoring, the inputs shifted by one).
         tp_group: the tensor-parallel group the vocabulary is split over (None: not split).
         chunk_tokens: tokens per fp32 chunk; bounds the extra memory to one [C, V_l] fp32 block.
+        vocab_size: the true vocabulary size; columns past it (Megatron's padding to a multiple
+            of TP x 128) get no probability. None: every column is a real token.
 
     Returns:
         ``(logprobs_bt, entropy_bt)`` in fp32, both differentiable with respect to the logits.
@@ -113,7 +129,10 @@ def vocab_parallel_logprobs_entropy(
     rank = dist.get_rank(tp_group) if tp_group is not None else 0
     local_vocab = logits_btv.shape[-1]
     flat_nv = logits_btv.reshape(-1, local_vocab)
+    world = dist.get_world_size(tp_group) if tp_group is not None else 1
+    num_valid = vocab_size if vocab_size is not None else local_vocab * world
     logprob_n, entropy_n = _VocabParallelLogprobEntropy.apply(
-        flat_nv, targets_bt.reshape(-1), rank * local_vocab, tp_group, max(1, chunk_tokens)
+        flat_nv, targets_bt.reshape(-1), rank * local_vocab, tp_group, max(1, chunk_tokens),
+        num_valid,
     )
     return logprob_n.view(targets_bt.shape), entropy_n.view(targets_bt.shape)
