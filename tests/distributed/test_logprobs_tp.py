@@ -30,3 +30,11 @@ def test_tp2_bf16_matches_unsplit():
     # fp32 maths on both paths; the gradient is rounded to bf16 (8 bits of mantissa).
     assert got["logprobs"] < 1e-5 and got["entropy"] < 1e-5, got
     assert got["grad"] < 1 / 64, got
+
+
+@pytest.mark.parametrize("true_vocab", ["50", "30"], ids=["last-shard-part-padding", "all-padding"])
+def test_tp2_vocab_padding_matches_unpadded(true_vocab):
+    # Vocabulary padded to 64: rank 1 holds 18 real columns and 14 of padding, or only padding.
+    got = _result("--true-vocab", true_vocab, "--chunk", "4")
+    assert got["pad_grad_zero"] is True
+    assert got["logprobs"] < 1e-5 and got["entropy"] < 1e-5 and got["grad"] < 1e-5, got

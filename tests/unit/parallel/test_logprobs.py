@@ -133,3 +133,22 @@ def test_low_entropy_with_large_logits_keeps_fp32_precision():
     # unshifted form (log Z - mean logit, target logit - log Z) errs by ~|logit| * eps = 1e-5.
     torch.testing.assert_close(entropy.double(), ref_h, rtol=0.0, atol=1e-6)
     torch.testing.assert_close(logprobs.double(), ref_lp, rtol=0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocab_padding_columns_get_no_probability(dtype):
+    # Megatron pads the vocabulary (here 50 -> 64); whatever the padded logits hold, the result
+    # is that of the true 50 columns and the padding gets a zero gradient.
+    logits, targets, g_lp, g_h = make(dtype, seed=8)
+    padded = torch.cat([logits, torch.full((B, T, 14), 30.0, dtype=dtype)], dim=-1)
+    x = padded.clone().requires_grad_(True)
+    logprobs, entropy = vocab_parallel_logprobs_entropy(x, targets, chunk_tokens=4, vocab_size=V)
+    ((logprobs * g_lp).sum() + (entropy * g_h).sum()).backward()
+    ref_lp, ref_h, ref_grad = reference(logits, targets, g_lp, g_h)
+    torch.testing.assert_close(logprobs.double(), ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_h, rtol=1e-5, atol=1e-5)
+    tol = (
+        {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1 / 128, "atol": 1e-4}
+    )
+    torch.testing.assert_close(x.grad[..., :V].double(), ref_grad, **tol)
+    assert torch.equal(x.grad[..., V:], torch.zeros_like(x.grad[..., V:]))
