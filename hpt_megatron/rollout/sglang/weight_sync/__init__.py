@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import AsyncIterator, Iterable
 from typing import Protocol
 
 from hpt_megatron.rollout.base import WeightBucket
@@ -26,3 +27,23 @@ class WeightTransport(Protocol):
     async def resync(self, client: SGLangClient, index: int) -> None:
         """Bring a restarted server ``index`` back to the current weights, where possible."""
         ...
+
+
+@contextlib.asynccontextmanager
+async def weight_update_session(client: SGLangClient) -> AsyncIterator[None]:
+    """``/begin_weight_update`` ... ``/end_weight_update`` on every server.
+
+    SGLang 0.5.23 accepts ``update_weights_from_tensor`` and ``update_weights_from_distributed``
+    only inside such a session (it restores in-place-packed weights first).
+    """
+    await _check_all(client, "/begin_weight_update")
+    try:
+        yield
+    finally:
+        await _check_all(client, "/end_weight_update")
+
+
+async def _check_all(client: SGLangClient, path: str) -> None:
+    for answer in await client.post_all(path, {}):
+        if not (isinstance(answer, dict) and answer.get("success")):
+            raise RuntimeError(f"{path} failed: {answer}")

@@ -111,13 +111,19 @@ class DistributedTransport:
     ) -> None:
         if self.group is None:
             await self.init_group(client)
+        from hpt_megatron.rollout.sglang.weight_sync import weight_update_session
+
         buckets = [b for b in buckets if b]
-        for k, bucket in enumerate(buckets):
-            body = bucket_announcement(bucket, version, flush=k == len(buckets) - 1)
-            await asyncio.gather(
-                client.post_all("/update_weights_from_distributed", body),
-                asyncio.to_thread(self._broadcast, bucket),
-            )
+        async with weight_update_session(client):
+            for k, bucket in enumerate(buckets):
+                body = bucket_announcement(bucket, version, flush=k == len(buckets) - 1)
+                answers, _ = await asyncio.gather(
+                    client.post_all("/update_weights_from_distributed", body),
+                    asyncio.to_thread(self._broadcast, bucket),
+                )
+                for answer in answers:
+                    if not (isinstance(answer, dict) and answer.get("success")):
+                        raise RuntimeError(f"update_weights_from_distributed failed: {answer}")
 
     def _broadcast(self, bucket: WeightBucket) -> None:
         for _, tensor in bucket:

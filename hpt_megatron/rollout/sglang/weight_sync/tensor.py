@@ -33,15 +33,20 @@ from hpt_megatron.rollout.sglang.client import SGLangClient
 
 _DEVICE_ARG = 6  # position of the device index in torch's rebuild_cuda_tensor arguments
 _STRATEGY_LOCK = threading.Lock()
+_ALIGN = 16  # bytes
 
 
 def flatten_bucket(bucket: WeightBucket) -> tuple[torch.Tensor, list[types.SimpleNamespace]]:
-    """Concatenate a bucket's tensors as bytes; metadata says where each one lies."""
+    """Concatenate a bucket's tensors as bytes (each 16-byte aligned); metadata says where."""
     if not bucket:
         raise ValueError("cannot send an empty weight bucket")
     parts, meta, start = [], [], 0
     for name, tensor in bucket:
         flat = tensor.detach().contiguous().flatten().view(torch.uint8)
+        pad = -start % _ALIGN  # the receiver views each slice as its dtype: keep it aligned
+        if pad:
+            parts.append(torch.zeros(pad, dtype=torch.uint8, device=flat.device))
+            start += pad
         meta.append(
             types.SimpleNamespace(
                 name=name,
@@ -98,16 +103,19 @@ class TensorTransport:
         self, client: SGLangClient, buckets: Iterable[WeightBucket], version: int
     ) -> None:
         """Send every bucket to every server; the cache is flushed after the last one."""
+        from hpt_megatron.rollout.sglang.weight_sync import weight_update_session
+
         pending: dict[str, Any] | None = None
-        for bucket in buckets:
-            if pending is not None:
-                await self._send(client, pending, version, flush=False)
-            flat, meta = flatten_bucket(bucket)
-            # The flat tensor must stay alive until the servers have copied it: keep it here.
-            pending = {"flat": flat, "meta": meta}
-        if pending is None:
-            raise ValueError("update_weights: no tensors given")
-        await self._send(client, pending, version, flush=True)
+        async with weight_update_session(client):
+            for bucket in buckets:
+                if pending is not None:
+                    await self._send(client, pending, version, flush=False)
+                flat, meta = flatten_bucket(bucket)
+                # The flat tensor must stay alive until the servers have copied it: keep it here.
+                pending = {"flat": flat, "meta": meta}
+            if pending is None:
+                raise ValueError("update_weights: no tensors given")
+            await self._send(client, pending, version, flush=True)
 
     async def _send(
         self, client: SGLangClient, bucket: dict[str, Any], version: int, *, flush: bool

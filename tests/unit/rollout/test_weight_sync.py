@@ -1,0 +1,67 @@
+"""Weight-sync payloads that need no server: safetensors snapshots and flattened buckets."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hpt_megatron.rollout.sglang.weight_sync.disk import write_safetensors, write_snapshot
+from hpt_megatron.rollout.sglang.weight_sync.distributed import bucket_announcement
+from hpt_megatron.rollout.sglang.weight_sync.tensor import flatten_bucket, serialize_for_sglang
+
+
+def _bucket() -> list[tuple[str, torch.Tensor]]:
+    tied = torch.randn(4, 3)
+    return [
+        ("model.embed_tokens.weight", tied),
+        ("lm_head.weight", tied),  # tied weights share storage
+        ("b", torch.randn(5).to(torch.bfloat16)),
+        ("c", torch.arange(3)),
+        ("scalar", torch.tensor(2.5)),
+        ("transposed", torch.randn(3, 4).t()),
+    ]
+
+
+def test_safetensors_round_trip(tmp_path: Path) -> None:
+    bucket = _bucket()
+    write_safetensors(tmp_path / "x.safetensors", bucket)
+    got = load_file(str(tmp_path / "x.safetensors"))
+    assert list(got) == [n for n, _ in bucket]
+    assert all(torch.equal(got[n], t) for n, t in bucket)
+    with pytest.raises(ValueError, match="repeats the tensor name 'c'"):
+        write_safetensors(tmp_path / "y.safetensors", [("c", torch.ones(1))] * 2)
+
+
+def test_snapshot_is_complete_or_absent(tmp_path: Path) -> None:
+    path = write_snapshot([_bucket()[:2], _bucket()[2:]], tmp_path, version=7)
+    assert path == tmp_path / "v7" and not (tmp_path / "v7.tmp").exists()
+    assert sorted(p.name for p in path.iterdir()) == [
+        "bucket-00000.safetensors",
+        "bucket-00001.safetensors",
+    ]
+    with pytest.raises(ValueError, match="no tensors"):
+        write_snapshot([], tmp_path, version=8)
+    assert not (tmp_path / "v8").exists()
+
+
+def test_flattened_bucket_round_trip_through_shared_memory() -> None:
+    bucket = _bucket()
+    flat, meta = flatten_bucket(bucket)
+    assert flat.dtype == torch.uint8 and all(m.start_idx % 16 == 0 for m in meta)
+    import base64
+
+    data = pickle.loads(base64.b64decode(serialize_for_sglang({"flat": flat, "meta": meta})))
+    for (name, tensor), m in zip(bucket, data["meta"]):
+        raw = data["flat"][m.start_idx : m.end_idx]
+        rebuilt = raw.view(m.dtype).reshape(m.shape)
+        assert m.name == name and torch.equal(rebuilt, tensor)
+
+
+def test_distributed_announcement() -> None:
+    body = bucket_announcement(_bucket()[2:4], version=3, flush=True)
+    assert body["names"] == ["b", "c"] and body["dtypes"] == ["bfloat16", "int64"]
+    assert body["shapes"] == [[5], [3]] and body["weight_version"] == "3" and body["flush_cache"]
