@@ -13,8 +13,8 @@ class ArithmeticTaskConfig:
     """The built-in arithmetic task (``data.train: arithmetic``)."""
 
     levels: list[int] = field(default_factory=lambda: [1])
-    train_size: int = 5000  # per level (level 1 has 204 train problems in all)
-    test_size: int = 200  # per level (level 1: 51)
+    train_size: int = 5000  # per level (level 1: 2-digit addition, 8100 problems in all)
+    test_size: int = 200  # per level; disjoint from train
     seed: int = 0  # fixes the splits; independent of run.seed
 
     def validate(self) -> None:

@@ -5,24 +5,32 @@ Levels (operands drawn uniformly; subtraction never goes negative):
 ====  ============================  ==========================
 level  + and -                      *
 ====  ============================  ==========================
-1     one digit and one digit       one digit by one digit
+1     two digits + two digits       (addition only)
 2     two digits and two digits     two digits by one digit
 3     three digits and three        two digits by two digits
 4     four digits and four          three digits by two digits
 5     five digits and five          three digits by three
 ====  ============================  ==========================
 
-Level 1 has 255 distinct problems (the first 20% of a seeded shuffle are the test split); higher
-levels sample disjoint train and test sets from the seed. A demonstration works column by column
-(carries and borrows written out) or by partial products, and ends with ``\\boxed{answer}``:
+Level 1 is the embedded default: its 8,100 problems (10..99 + 10..99) are split by a seeded
+shuffle (the first ``test_size`` are the test split, the next ``train_size`` the train split), so
+held-out problems are new combinations of column facts (digit + digit + carry) that training shows.
+Higher levels sample disjoint train and test sets from the seed (level 2's sums stay on the
+same side of level 1's split, so mixing levels leaks no test problem into training). A
+demonstration works column by column, right to left (carries and borrows written out), or by
+partial products, and ends with
+``\\boxed{answer}``:
 
     47+38=?   ->   7+8=15\\n4+3+1=8\\n\\boxed{85}
 
 Everything is a pure function of ``(level, split, seed, sizes)``.
 
-Measured (0.88M-parameter Llama, SFT, batch 32, lr 3e-3, 2 shared CPU cores): the answer format is
-learned within 100 steps, but level 1's held-out facts reach only ~15% greedy accuracy at 300
-steps (~28% on train facts), since single-digit facts are memorised rather than composed.
+Measured (plain SFT, token-mean NLL, batch 64, AdamW lr 3e-3 with 20 warm-up steps, 2 CPU threads;
+Llama with hidden 128, intermediate 512, 2 layers, 4 heads, 0.54M parameters): greedy exact match
+on 200 held-out level-1 problems goes 0.01-0.03 (50 steps) -> 0.07-0.10 (100) -> 0.19-0.80
+(150) -> 0.65-0.87 (200) -> 0.85-0.95 (300) over three seeds/splits, at ~0.05 s per
+uncontended training step. The previous level 1 (single-digit +, -, * facts) stayed at 4-16%
+held-out: unseen facts cannot be inferred.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from hpt_megatron.data.templates import PromptTemplate
 Split = Literal["train", "test"]
 # (digits of a, digits of b) for + and -, and for *
 _DIGITS = {
-    1: ((1, 1), (1, 1)),
+    1: ((2, 2), (2, 2)),  # addition only: see arithmetic_problems
     2: ((2, 2), (2, 1)),
     3: ((3, 3), (2, 2)),
     4: ((4, 4), (3, 2)),
@@ -130,35 +138,45 @@ def arithmetic_problems(
         level: 1 to 5 (see the module docstring).
         split: ``"train"`` or ``"test"``.
         seed: Seed of the split.
-        train_size: Train problems (level 1 has only 204 after its test split).
-        test_size: Test problems (level 1 uses 20% of its 255 problems, i.e. 51).
+        train_size: Train problems (level 1 has 8,100 problems in all; train gets at most
+            8,100 - ``test_size``).
+        test_size: Test problems.
     """
     if level not in _DIGITS:
         raise ValueError(f"data.arithmetic.levels: unknown level {level}; choose from {LEVELS}")
     rng = np.random.default_rng([seed, level])
     if level == 1:
-        space = [
-            ArithmeticProblem(a, op, b)
-            for op in "+-*"
-            for a in range(10)
-            for b in range(10)
-            if not (op == "-" and a < b)
-        ]
-        order = rng.permutation(len(space))
-        n_test = len(space) // 5
-        chosen = order[:n_test] if split == "test" else order[n_test : n_test + train_size]
-        return [space[int(i)] for i in chosen]
+        return _level_one(split, seed, train_size, test_size)
+    # Level 2's sums are level 1's problems: keep its splits on the same side of level 1's.
+    shared = set(_level_one("test", seed, 0, test_size)) if level == 2 else set()
+
+    def allowed(problem: ArithmeticProblem, in_test: bool) -> bool:
+        if level != 2 or problem.op != "+":
+            return True
+        return (problem in shared) == in_test
+
     test: dict[ArithmeticProblem, None] = {}
     while len(test) < test_size:
-        test.setdefault(_draw(rng, level))
+        problem = _draw(rng, level)
+        if allowed(problem, True):
+            test.setdefault(problem)
     if split == "test":
         return list(test)
     train: dict[ArithmeticProblem, None] = {}
     while len(train) < train_size:
         problem = _draw(rng, level)
-        if problem not in test:
+        if problem not in test and allowed(problem, False):
             train.setdefault(problem)
     return list(train)
+
+
+def _level_one(split: Split, seed: int, train_size: int, test_size: int) -> list[ArithmeticProblem]:
+    space = [ArithmeticProblem(a, "+", b) for a in range(10, 100) for b in range(10, 100)]
+    if test_size >= len(space):
+        raise ValueError(f"level 1 has {len(space)} problems; test_size must be smaller")
+    order = np.random.default_rng([seed, 1]).permutation(len(space))
+    chosen = order[:test_size] if split == "test" else order[test_size : test_size + train_size]
+    return [space[int(i)] for i in chosen]
 
 
 def arithmetic_examples(

@@ -1,3 +1,4 @@
+import pytest
 from transformers import AutoTokenizer
 
 from hpt_megatron.config.data import DataConfig
@@ -17,7 +18,32 @@ def test_splits_are_fixed_and_disjoint():
         assert not set(train) & set(test)
         assert train == arithmetic_problems(level, "train", seed=0, train_size=300, test_size=50)
         assert train != arithmetic_problems(level, "train", seed=1, train_size=300, test_size=50)
-    assert len(arithmetic_problems(1, "test")) == 51 and len(arithmetic_problems(1, "train")) == 204
+    assert len(arithmetic_problems(1, "test")) == 200
+    assert len(arithmetic_problems(1, "train")) == 5000
+    assert len(arithmetic_problems(1, "train", train_size=10**5)) == 8100 - 200
+
+
+def test_level_one_is_two_digit_addition_composed_from_seen_column_facts():
+    train = arithmetic_problems(1, "train")
+    test = arithmetic_problems(1, "test")
+    assert {p.op for p in train + test} == {"+"}
+    assert all(10 <= p.a <= 99 and 10 <= p.b <= 99 for p in train + test)
+
+    def column_facts(problem):
+        units = (problem.a % 10, problem.b % 10, 0)
+        carry = int(sum(units) >= 10)
+        return {units, (problem.a // 10, problem.b // 10, carry)}
+
+    seen = set().union(*map(column_facts, train))
+    # Held-out problems are new combinations of facts that training demonstrates.
+    assert set().union(*map(column_facts, test)) <= seen
+    # Mixed with level 2, no test problem of either level is a train problem of the other.
+    kw = {"train_size": 3000, "test_size": 300}
+    one = [set(arithmetic_problems(1, split, **kw)) for split in ("train", "test")]
+    two = [set(arithmetic_problems(2, split, **kw)) for split in ("train", "test")]
+    assert not (one[0] | two[0]) & (one[1] | two[1])
+    with pytest.raises(ValueError, match="test_size"):
+        arithmetic_problems(1, "test", test_size=8100)
 
 
 def test_demonstrations_are_correct_and_grade_one():
@@ -59,7 +85,7 @@ def test_tokenizer_round_trips_and_saves(tmp_path):
 
 def test_easy_levels_are_short():
     tok = build_arithmetic_tokenizer()
-    for level, limit in ((1, 32), (2, 48), (3, 64)):
+    for level, limit in ((1, 36), (2, 48), (3, 64)):
         ds = build_arithmetic_dataset(tok, "train", [level], train_size=500)
         assert max(len(r.prompt_ids) + len(r.demo_ids) for r in ds) <= limit
 
@@ -70,7 +96,7 @@ def test_config_builds_train_and_val():
     cfg.arithmetic.levels = [1, 2]
     cfg.arithmetic.train_size = 100
     train, val = build_prompt_dataset(cfg, tok, "train"), build_prompt_dataset(cfg, tok, "val")
-    assert len(train) == 100 + 100 and len(val) == 51 + 200
+    assert len(train) == 100 + 100 and len(val) == 200 + 200
     assert {r.data_source for r in train} == {"arithmetic_l1", "arithmetic_l2"}
     assert len({r.prompt_id for r in train}) == len(train)
     assert not {r.prompt_text for r in train} & {r.prompt_text for r in val}
