@@ -46,12 +46,20 @@ class _CudaToCpu(TorchFunctionMode):
             return args[0]
         if "device" in kwargs and (_is_cuda(kwargs["device"]) or isinstance(kwargs["device"], int)):
             kwargs = {**kwargs, "device": "cpu"}
-        if func in (torch.Tensor.to,) and args and len(args) > 1 and (_is_cuda(args[1]) or isinstance(args[1], int) and not isinstance(args[1], bool)):
+        if (
+            func in (torch.Tensor.to,)
+            and args
+            and len(args) > 1
+            and (_is_cuda(args[1]) or isinstance(args[1], int) and not isinstance(args[1], bool))
+        ):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
 
 
 class _NullStream:
+    """Stands in for ``torch.cuda.Stream`` (a class, so annotations like ``Stream | None`` work)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None: ...
     def wait_stream(self, *_: Any) -> None: ...
     def synchronize(self) -> None: ...
     def record_event(self, *_: Any) -> None: ...
@@ -74,13 +82,15 @@ def _patch_torch_cuda() -> None:
     cuda.synchronize = lambda *a, **k: None
     cuda.default_stream = lambda *a, **k: _NullStream()
     cuda.current_stream = lambda *a, **k: _NullStream()
-    cuda.Stream = lambda *a, **k: _NullStream()
+    cuda.Stream = _NullStream
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     # The RNG tracker seeds, reads and restores "the CUDA state": make that the CPU generator.
     cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    cuda.manual_seed_all = lambda seed: None  # torch.manual_seed calls it; the CPU is seeded already
+    cuda.manual_seed_all = lambda seed: (
+        None
+    )  # torch.manual_seed calls it; the CPU is seeded already
     cuda.memory_allocated = lambda *a, **k: 0
     cuda.max_memory_allocated = lambda *a, **k: 0
     cuda.empty_cache = lambda: None

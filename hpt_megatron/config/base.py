@@ -66,7 +66,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        raise ConfigError(f"{key}: {value!r} matches none of {tp}")
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -97,7 +99,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if tp is int and isinstance(value, bool):
             raise ConfigError(f"{key}: expected int, got bool {value!r}")
         if not isinstance(value, tp):
-            raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+            got = type(value).__name__
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {got} {value!r}")
     return value
 
 
@@ -172,7 +175,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for i, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{text}': '{'.'.join(path[: i + 1])}' is not a section")
+                section = ".".join(path[: i + 1])
+                raise ConfigError(f"override '{text}': '{section}' is not a section")
             node = child
         node[path[-1]] = value
     return data

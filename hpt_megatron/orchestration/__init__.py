@@ -1,1 +1,1 @@
-"""orchestration"""
+"""The scheduler: the loop that interleaves generation and training (``hpt train``)."""

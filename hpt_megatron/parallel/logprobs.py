@@ -47,9 +47,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
 
         max_n = torch.empty(num_tokens, dtype=torch.float32, device=logits_nv.device)
         for i, j in spans:
-            max_n[i:j] = (
-                logits_nv[i:j, :pad_from].max(dim=-1).values if pad_from else float("-inf")
-            )
+            max_n[i:j] = logits_nv[i:j, :pad_from].max(dim=-1).values if pad_from else float("-inf")
         _all_reduce(max_n, dist.ReduceOp.MAX, tp_group)
 
         # stats_3n: [sum exp(s), sum exp(s) * s, target s (0 off-shard)] with s = l - m. Working
@@ -87,7 +85,8 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         pad_from = ctx.pad_from
         grad_nv[:, pad_from:] = 0  # padding columns carry no probability
         for i, j in _chunks(logits_nv.shape[0], ctx.chunk) if pad_from else []:
-            logp_cv = logits_nv[i:j, :pad_from] - logz_n[i:j, None]  # fp32, a new tensor (see forward)
+            # fp32, a new tensor (see forward)
+            logp_cv = logits_nv[i:j, :pad_from] - logz_n[i:j, None]
             g_cv = torch.exp(logp_cv)
             # d logprob / dl = onehot - p ;  d entropy / dl = -p * (log p + H). The factor
             # g_lp + g_h * (log p + H) is built in place, so a chunk costs two fp32 [C, V_l] blocks.
@@ -132,7 +131,11 @@ def vocab_parallel_logprobs_entropy(
     world = dist.get_world_size(tp_group) if tp_group is not None else 1
     num_valid = vocab_size if vocab_size is not None else local_vocab * world
     logprob_n, entropy_n = _VocabParallelLogprobEntropy.apply(
-        flat_nv, targets_bt.reshape(-1), rank * local_vocab, tp_group, max(1, chunk_tokens),
+        flat_nv,
+        targets_bt.reshape(-1),
+        rank * local_vocab,
+        tp_group,
+        max(1, chunk_tokens),
         num_valid,
     )
     return logprob_n.view(targets_bt.shape), entropy_n.view(targets_bt.shape)

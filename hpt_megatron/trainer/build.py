@@ -93,9 +93,13 @@ def build_optimizer(chunks: list[torch.nn.Module], cfg: TrainerConfig, total_ste
 
 
 def build_engine(
-    provider: ModelProvider, ctx: ParallelContext, cfg: TrainerConfig, total_steps: int
+    provider: ModelProvider,
+    ctx: ParallelContext,
+    cfg: TrainerConfig,
+    total_steps: int,
+    vocab_size: int | None = None,
 ) -> TrainEngine:
     """Model chunks -> DDP -> optimizer + schedule -> engine."""
     chunks = wrap_ddp(build_model_chunks(provider, ctx), cfg)
     optimizer, scheduler = build_optimizer(chunks, cfg, total_steps)
-    return TrainEngine(chunks, optimizer, scheduler, ctx, cfg)
+    return TrainEngine(chunks, optimizer, scheduler, ctx, cfg, vocab_size)

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 COMPLETE = "COMPLETE"
 STATE_FILE = "hpt_state.json"
+MANIFEST = "manifest.json"
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -31,8 +33,18 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
-    """One namespace for every virtual chunk: tensors are matched by their global keys."""
-    return {f"chunk{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    """The converter's key layout (TE norm names), so converted checkpoints load here too."""
+    from hpt_megatron.models.checkpoint import model_sharded_state_dict as sharded
+
+    return sharded([_unwrap(c) for c in chunks])
+
+
+def _flat(model_sd: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer maps its state onto the model's tensors through one flat dict."""
+    flat: dict[str, Any] = {}
+    for chunk_sd in model_sd.values():
+        flat.update(chunk_sd)
+    return flat
 
 
 def save_checkpoint(
@@ -55,11 +67,12 @@ def save_checkpoint(
     model_sd = model_sharded_state_dict(chunks)
     sharded: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        sharded["optimizer"] = optimizer.sharded_state_dict(_flat(model_sd))
     dist_checkpointing.save(sharded, str(tmp))
     _barrier(group)
     if rank == 0:
         (tmp / STATE_FILE).write_text(json.dumps(state or {}, indent=1))
+        write_manifest(tmp)
         (tmp / COMPLETE).write_text("ok\n")
         _fsync_dir(tmp)
         if final.exists():
@@ -85,14 +98,40 @@ def load_checkpoint(
     model_sd = model_sharded_state_dict(chunks)
     sharded: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        sharded["optimizer"] = optimizer.sharded_state_dict(_flat(model_sd), is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
-    for i, chunk in enumerate(chunks):
-        _unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"], strict=strict)
+    for key, chunk in zip(model_sd, chunks):
+        _unwrap(chunk).load_state_dict(loaded["model"][key], strict=strict)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     state_file = path / STATE_FILE
     return json.loads(state_file.read_text()) if state_file.is_file() else {}
+
+
+def write_manifest(path: Path) -> None:
+    """Size and CRC32 of every file, so a damaged checkpoint is detected before loading."""
+    entries = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
+        entries[str(file.relative_to(path))] = [file.stat().st_size, _crc(file)]
+    (path / MANIFEST).write_text(json.dumps(entries))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when ``path`` is intact, else why not."""
+    if not (path / COMPLETE).is_file():
+        return "no COMPLETE marker"
+    try:
+        entries = json.loads((path / MANIFEST).read_text())
+        json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        return f"unreadable manifest or state: {err}"
+    for name, (size, crc) in entries.items():
+        file = path / name
+        if not file.is_file():
+            return f"missing file {name}"
+        if file.stat().st_size != size or _crc(file) != crc:
+            return f"file {name} is damaged (size or checksum differs)"
+    return None
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -131,3 +170,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _crc(file: Path) -> int:
+    crc = 0
+    with open(file, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc

@@ -52,8 +52,17 @@ class StepResult:
 class TrainEngine:
     """Owns the model chunks, the optimizer and the LR schedule of one policy."""
 
-    def __init__(self, model_chunks, optimizer, scheduler, ctx: ParallelContext, cfg: TrainerConfig):  # noqa: ANN001
+    def __init__(
+        self,
+        model_chunks,
+        optimizer,
+        scheduler,
+        ctx: ParallelContext,  # noqa: ANN001
+        cfg: TrainerConfig,
+        vocab_size: int | None = None,
+    ) -> None:
         self.model_chunks = model_chunks
+        self.vocab_size = vocab_size  # the true vocabulary; Megatron's padding columns are masked
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.ctx = ctx
@@ -79,7 +88,11 @@ class TrainEngine:
             def loss_func(output_bsv: torch.Tensor, non_loss_data: bool = False):  # noqa: ANN202
                 targets = mb.targets_bs.to(device)
                 logprobs_bs, entropy_bs = vocab_parallel_logprobs_entropy(
-                    output_bsv, targets, tp_group=tp_group, chunk_tokens=chunk
+                    output_bsv,
+                    targets,
+                    tp_group=tp_group,
+                    chunk_tokens=chunk,
+                    vocab_size=self.vocab_size,
                 )
                 if non_loss_data:
                     return logprobs_bs.detach().cpu(), entropy_bs.detach().cpu()
@@ -159,8 +172,10 @@ class TrainEngine:
                 params = sub.get_parameters()
                 if params:
                     clip_grads.clip_grad_by_total_norm_fp32(
-                        params, self.cfg.grad_clip, grad_norm,
+                        params,
+                        self.cfg.grad_clip,
+                        grad_norm,
                         sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
-                    )  # fmt: skip
+                    )
         opt.step_with_ready_grads()
         return grad_norm, False

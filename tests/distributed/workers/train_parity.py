@@ -77,7 +77,9 @@ def main() -> None:
         return build_model(ARCHS[args.arch], model_cfg, parallel, pre_process=pre,
                            post_process=post, vp_stage=vp)  # fmt: skip
 
-    engine = build_engine(provider, ctx, trainer_cfg, total_steps=10)
+    engine = build_engine(
+        provider, ctx, trainer_cfg, total_steps=10, vocab_size=ARCHS[args.arch]["vocab_size"]
+    )
     if args.save:
         save_checkpoint(args.ckpt, engine.model_chunks)
     else:

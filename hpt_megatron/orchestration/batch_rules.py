@@ -1,0 +1,138 @@
+"""From graded rollouts to the step's training samples: each preset's batch rule.
+
+Shape legend: B responses (rows), G prompt groups.
+
+The rules themselves (the HPT gate, DAPO's keep mask, overlong shaping) are pure functions in
+``hpt_megatron.algorithms``; this module applies them to :class:`Sample` records and attaches the
+per-row advantages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hpt_megatron.algorithms import (
+    AlgorithmSpec,
+    compute_advantages,
+    dynamic_sampling_keep,
+    hpt_batch_plan,
+    hpt_gate,
+    overlong_penalty,
+)
+from hpt_megatron.data.records import PromptRecord
+from hpt_megatron.data.sample import Sample
+
+
+@dataclass
+class BatchPlan:
+    """The samples to train on, and what the rule decided (for metrics)."""
+
+    samples: list[Sample]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def demo_sample(
+    prompt: PromptRecord, group_id: int, *, sft_weight: float, rl_weight: float
+) -> Sample:
+    if prompt.demo_ids is None:
+        raise ValueError(
+            f"prompt {prompt.prompt_id}: the preset needs a demonstration but the dataset has none"
+        )
+    return Sample(
+        prompt_id=prompt.prompt_id,
+        group_id=group_id,
+        prompt_ids=list(prompt.prompt_ids),
+        response_ids=list(prompt.demo_ids),
+        reward=1.0,
+        is_demo=True,
+        rl_weight=rl_weight,
+        sft_weight=sft_weight,
+        ground_truth=prompt.ground_truth,
+    )
+
+
+def shape_overlong(spec: AlgorithmSpec, samples: list[Sample], max_new_tokens: int) -> None:
+    """DAPO's soft overlong punishment, added to the rewards in place."""
+    if spec.overlong_buffer is None:
+        return
+    lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float64)
+    penalty = overlong_penalty(
+        lengths,
+        max_len=spec.overlong_max_len or max_new_tokens,
+        buffer=spec.overlong_buffer,
+        penalty=spec.overlong_penalty,
+    )
+    for sample, p in zip(samples, penalty.tolist()):
+        sample.reward = float(sample.reward or 0.0) + p
+
+
+def apply_batch_rule(
+    spec: AlgorithmSpec, prompts: list[PromptRecord], rollouts: list[Sample]
+) -> BatchPlan:
+    """Select or augment ``rollouts`` (``group_id`` = prompt index) per ``spec.batch_rule``."""
+    rule = spec.batch_rule
+    if rule == "hpt_gate":
+        return _hpt(spec, prompts, rollouts)
+    if rule == "demo_in_group":
+        extra = [
+            demo_sample(p, g, sft_weight=0.0, rl_weight=1.0)
+            for g, p in enumerate(prompts)
+            for _ in range(spec.demos_per_group)
+        ]
+        return BatchPlan(rollouts + extra, {"demo_rows": float(len(extra))})
+    if rule == "dynamic_sampling":
+        rewards = torch.tensor([float(s.reward or 0.0) for s in rollouts])
+        groups = torch.tensor([s.group_id for s in rollouts])
+        keep = dynamic_sampling_keep(rewards, groups)
+        kept = [s for s, k in zip(rollouts, keep.tolist()) if k]
+        return BatchPlan(kept, {"dynamic_sampling/kept_share": len(kept) / max(1, len(rollouts))})
+    return BatchPlan(list(rollouts))
+
+
+def _hpt(spec: AlgorithmSpec, prompts: list[PromptRecord], rollouts: list[Sample]) -> BatchPlan:
+    rewards = torch.tensor([float(s.reward or 0.0) for s in rollouts], dtype=torch.float64)
+    groups = torch.tensor([s.group_id for s in rollouts])
+    gate = hpt_gate(
+        rewards=rewards,
+        group_ids=groups,
+        gamma=spec.gate_gamma,
+        mode=spec.gate_mode,
+        temperature=spec.gate_temperature,
+        success_threshold=spec.success_threshold,
+    )
+    plan = hpt_batch_plan(gate, groups)
+    samples = []
+    for sample, keep, weight in zip(rollouts, plan.keep_b.tolist(), plan.rl_weight_b.tolist()):
+        if keep:
+            sample.rl_weight, sample.sft_weight = float(weight), 0.0
+            samples.append(sample)
+    for group, beta in zip(plan.demo_groups, plan.demo_sft_weight):
+        samples.append(demo_sample(prompts[group], group, sft_weight=float(beta), rl_weight=0.0))
+    return BatchPlan(samples, gate.metrics())
+
+
+def attach_advantages(spec: AlgorithmSpec, samples: list[Sample]) -> torch.Tensor:
+    """Per-row outcome advantages ``[B]`` (the same for every token of a row).
+
+    Only rows in the RL term get one (group statistics over those rows); SFT-only rows get 0.
+    """
+    advantages_b = torch.zeros(len(samples))
+    rl_rows = [i for i, s in enumerate(samples) if s.rl_weight != 0]
+    if not rl_rows:
+        return advantages_b
+    dense: dict[int, int] = {}
+    groups_b = torch.tensor([dense.setdefault(samples[i].group_id, len(dense)) for i in rl_rows])
+    rewards_b = torch.tensor([float(samples[i].reward or 0.0) for i in rl_rows])
+    is_demo_b = torch.tensor([samples[i].is_demo for i in rl_rows])
+    advantages_b1 = compute_advantages(
+        spec.advantage,
+        rewards=rewards_b,
+        group_ids=groups_b,
+        response_mask=torch.ones(len(rl_rows), 1),
+        is_demo=is_demo_b,
+        **spec.advantage_options,
+    )
+    advantages_b[rl_rows] = advantages_b1[:, 0].float()
+    return advantages_b

@@ -1,0 +1,85 @@
+"""Step metrics to TensorBoard event files, a JSONL file, and a console progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+HEADLINE = ("reward/mean", "gate/sft_fraction", "val/accuracy", "loss", "time/step_s")
+
+
+class MetricsLogger:
+    """Driver-only writer; other ranks construct it with ``enabled=False``."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool,
+        tensorboard: bool = True,
+        jsonl: bool = True,
+        wandb_project: str | None = None,
+        total_steps: int = 0,
+        progress_bar: bool = True,
+        start_step: int = 0,
+    ) -> None:
+        self.enabled = enabled
+        self._tb = self._jsonl = self._bar = self._wandb = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        if jsonl:
+            self._jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115
+        if wandb_project:
+            import wandb
+
+            self._wandb = wandb.init(project=wandb_project, dir=str(run_dir), resume="allow")
+        if progress_bar:
+            from tqdm import tqdm
+
+            # tqdm's monitor thread breaks the processes that dist-checkpointing forks to write.
+            tqdm.monitor_interval = 0
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc="hpt train", dynamic_ncols=True
+            )
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+            self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+        if self._bar is not None:
+            shown = {k.split("/")[-1]: f"{scalars[k]:.3g}" for k in HEADLINE if k in scalars}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(1)
+
+    def histogram(self, step: int, key: str, values: list[float]) -> None:
+        if self.enabled and self._tb is not None and values:
+            import numpy as np
+
+            self._tb.add_histogram(key, np.asarray(values), step)
+
+    def close(self) -> None:
+        for handle in (self._tb, self._jsonl, self._bar):
+            if handle is not None:
+                handle.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,86 @@
+"""Validation on the held-out set, run checkpoints (with the best one kept), and the final HF
+export of the policy."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hpt_megatron.models.hf_io import HFCheckpointWriter, write_config
+from hpt_megatron.orchestration.components import Run
+from hpt_megatron.orchestration.rollout_step import generate_samples, grade_samples
+from hpt_megatron.orchestration.weight_sync import local_buckets
+from hpt_megatron.rollout.base import SamplingParams
+from hpt_megatron.trainer.checkpoint import prune_checkpoints, save_checkpoint, step_dir
+
+BEST = "best"
+
+
+def validate(run: Run, step: int) -> dict[str, float]:
+    """Driver: greedy accuracy on ``data.val`` (other ranks return nothing and do not wait)."""
+    if not run.ctx.is_driver or run.val_set is None:
+        return {}
+    assert run.engine is not None and run.pool is not None
+    t0 = time.perf_counter()
+    prompts = list(run.val_set)[: run.cfg.run.val_max_prompts]
+    params = SamplingParams(
+        n=1,
+        temperature=0.0,
+        max_new_tokens=run.cfg.data.max_response_tokens,
+        stop_token_ids=[run.tokenizer.eos_token_id],
+        seed=0,
+    )
+    samples = generate_samples(run.engine, prompts, params, run.tokenizer)
+    grade_samples(run.pool, samples, run.cfg.reward)
+    accuracy = sum(float((s.reward or 0.0) > 0) for s in samples) / max(1, len(samples))
+    return {"val/accuracy": accuracy, "time/validation_s": time.perf_counter() - t0}
+
+
+def save_run_checkpoint(run: Run, step: int, state: dict[str, Any], *, is_best: bool) -> None:
+    """Collective: ``checkpoints/step_N`` (model + optimizer), pruned; ``checkpoints/best``."""
+    root = run.run_dir / "checkpoints"
+    save_checkpoint(
+        step_dir(root, step),
+        run.trainer.model_chunks,
+        run.trainer.optimizer,
+        state,
+        group=run.ctx.cpu_group,
+    )
+    if is_best:
+        save_checkpoint(root / BEST, run.trainer.model_chunks, None, state, group=run.ctx.cpu_group)
+    if run.ctx.is_driver:
+        prune_checkpoints(root, run.cfg.checkpoint.keep_last)
+
+
+def export_final(run: Run) -> Path | None:
+    """Collective: the final policy as an HF folder ``<run_dir>/hf`` (config, shards, tokenizer)."""
+    if not run.cfg.checkpoint.export_hf:
+        return None
+    out = run.run_dir / "hf"
+    ctx = run.ctx
+    buckets = local_buckets(run.trainer.model_chunks, run.hf, ctx, 512 * 1024**2)
+    writer = None
+    if buckets:
+        writer = HFCheckpointWriter(
+            out, prefix="model" if ctx.pp == 1 else f"model-pp{ctx.pp_rank}"
+        )
+        for bucket in buckets:
+            writer.write(bucket)
+    mine = (writer.weight_map, writer.total_bytes) if writer is not None else None
+    parts: list = [None] * ctx.world_size
+    if ctx.world_size > 1:
+        dist.all_gather_object(parts, mine, group=ctx.cpu_group)
+    else:
+        parts = [mine]
+    if ctx.is_driver:
+        assert writer is not None
+        writer.finish(p for i, p in enumerate(parts) if p is not None and i != ctx.rank)
+        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+        params_dtype = run.trainer.model_chunks[0].config.params_dtype
+        write_config({**run.hf, "torch_dtype": dtype[params_dtype]}, out)
+        run.tokenizer.save_pretrained(str(out))
+    return out

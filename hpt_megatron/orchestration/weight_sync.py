@@ -1,0 +1,52 @@
+"""Push the trainer's weights into the rollout engine after a step.
+
+The engine lives on the driver rank. Every pipeline stage exports its own parameters (gathered
+over TP onto TP rank 0 of data-parallel replica 0, see ``models/export.py``); the buckets travel
+to the driver over the CPU group and are loaded in place. With an in-process CPU engine the driver
+holds one full copy of the policy while loading, as the engine itself does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hpt_megatron.models.export import export_hf_weights
+from hpt_megatron.parallel.runtime import ParallelContext
+from hpt_megatron.rollout.base import RolloutEngine
+
+
+def local_buckets(
+    chunks: list[torch.nn.Module], hf: dict[str, Any], ctx: ParallelContext, bucket_bytes: int
+) -> list:
+    """This rank's export buckets (empty unless it is TP rank 0 of replica 0)."""
+    if ctx.dp_rank != 0:
+        return []
+    modules = [getattr(c, "module", c) for c in chunks]
+    tp_group = ctx.tp_group if ctx.tp > 1 else None
+    return list(export_hf_weights(modules, hf, tp_group=tp_group, bucket_bytes=bucket_bytes))
+
+
+def sync_weights(
+    engine: RolloutEngine | None,
+    chunks: list[torch.nn.Module],
+    hf: dict[str, Any],
+    ctx: ParallelContext,
+    version: int,
+    bucket_bytes: int = 512 * 1024**2,
+) -> int:
+    """Collective over all ranks; the driver's ``engine`` receives every bucket. Returns bytes."""
+    mine = local_buckets(chunks, hf, ctx, bucket_bytes)
+    if ctx.world_size == 1:
+        gathered = [mine]
+    else:
+        gathered = [None] * ctx.world_size if ctx.is_driver else None
+        dist.gather_object(mine, gathered, dst=0, group=ctx.cpu_group)
+    if not ctx.is_driver:
+        return 0
+    buckets = [bucket for rank_buckets in gathered for bucket in rank_buckets]
+    assert engine is not None
+    engine.update_weights(buckets, version)
+    return sum(t.numel() * t.element_size() for bucket in buckets for _, t in bucket)
