@@ -15,7 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hpt_megatron.config.rollout import SGLangConfig, sglang_server_args, sglang_server_env
+from hpt_megatron.config.rollout import (
+    RolloutConfig,
+    SGLangConfig,
+    sglang_server_args,
+    sglang_server_env,
+)
 from hpt_megatron.rollout.base import Generation, SamplingParams, WeightBucket
 from hpt_megatron.rollout.sampling import validate_sampling
 from hpt_megatron.rollout.sglang.client import ServerPool, SGLangClient
@@ -220,3 +225,34 @@ class SGLangEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the SGLang rollout engine was shut down")
+
+
+def build_sglang_engine(
+    cfg: RolloutConfig,
+    *,
+    hf: dict[str, Any],
+    tokenizer: Any,
+    run_dir: str | Path,
+    model_path: str | Path | None = None,
+) -> SGLangEngine:
+    """The scheduler's entry point for ``rollout.engine: sglang``.
+
+    Serves ``model_path`` when given (an HF folder); otherwise writes a randomly initialised model
+    of config ``hf`` plus ``tokenizer`` to ``<run_dir>/sglang_init_model`` and serves that, the
+    trainer then overwriting the weights at step 0 (fine for small models; for large ones pass
+    the checkpoint folder).
+    """
+    if model_path is None:
+        model_path = Path(run_dir) / "sglang_init_model"
+        if not (model_path / "config.json").is_file():
+            _write_init_model(hf, tokenizer, model_path)
+    return SGLangEngine.launch(cfg.sglang, model_path=model_path, run_dir=run_dir)
+
+
+def _write_init_model(hf: dict[str, Any], tokenizer: Any, path: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "architectures"})
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)

@@ -219,3 +219,17 @@ def test_parse_generation_maps_finish_reasons() -> None:
     item["meta_info"]["output_token_logprobs"] = [[-1.0, 5, None]]
     with pytest.raises(RuntimeError, match="1 log-probs for 2 tokens"):
         parse_generation(item, 0, weight_version=0)
+
+
+def test_build_sglang_engine_writes_an_init_model(tmp_path: Path) -> None:
+    from hpt_megatron.config.rollout import RolloutConfig
+    from hpt_megatron.rollout.sglang import build_sglang_engine
+    from hpt_megatron.rollout.testing import build_byte_tokenizer, tiny_config
+
+    hf = tiny_config().to_dict()
+    cfg = RolloutConfig(engine="sglang", sglang=_cfg())
+    engine = build_sglang_engine(cfg, hf=hf, tokenizer=build_byte_tokenizer(), run_dir=tmp_path)
+    with engine:
+        init = tmp_path / "sglang_init_model"
+        assert (init / "config.json").is_file() and (init / "tokenizer.json").is_file()
+        assert engine.servers[0].launch.args[1] == str(init)
