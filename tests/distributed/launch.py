@@ -25,5 +25,7 @@ def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}")
+        raise RuntimeError(
+            f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}"
+        )
     return proc.stdout

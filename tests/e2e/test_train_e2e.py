@@ -1,0 +1,146 @@
+"""``hpt train`` end to end on CPU (gloo): TP=2 and DP=2 runs, TensorBoard contents, resume after
+SIGKILL reproducing the uninterrupted run, and falling back from a damaged checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.distributed.launch import free_port
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.distributed
+
+SMALL = [
+    "run.val_every=3", "run.val_max_prompts=8", "data.prompts_per_step=4", "rollout.n=4",
+    "rollout.max_new_tokens=32", "data.max_response_tokens=32", "checkpoint.save_every=2",
+    "logging.progress_bar=false", "reward.num_workers=1",
+]  # fmt: skip
+# Metrics that must be identical between an interrupted-and-resumed run and an uninterrupted one.
+EXACT = ["reward/mean", "gate/sft_fraction", "loss", "grad_norm", "response/length_mean", "lr"]
+
+
+def _command(out: pathlib.Path, nproc: int, steps: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "hpt_megatron.cli",
+        "train", str(ROOT / "examples" / "tiny_cpu.yaml"), f"run.output_dir={out}",
+        f"run.steps={steps}", *SMALL, *extra,
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(out: pathlib.Path, nproc: int, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_command(out, nproc, steps, *extra), capture_output=True, text=True,
+                          env=_env(), timeout=600, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc
+
+
+def _metrics(out: pathlib.Path) -> dict[int, dict]:
+    """The last record of every step (a resumed run logs the replayed steps again)."""
+    rows = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows
+
+
+def test_tp2_run_writes_metrics_checkpoints_and_hf_export(tmp_path):
+    out = tmp_path / "tp2"
+    _run(out, 2, 4, "parallel.tp=2")
+    metrics = _metrics(out)
+    assert sorted(metrics) == [1, 2, 3, 4]
+    assert all(m["train/rows"] > 0 and m["grad_norm"] > 0 for m in metrics.values())
+    assert "val/accuracy" in metrics[3]
+    assert (out / "config.yaml").is_file()
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    # keep_last=2 keeps the two newest: step 4 (the end) and step 3 (saved as a new best)
+    assert ckpts == ["best", "step_000003", "step_000004"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "hf")
+    assert model.config.vocab_size == 128
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ["reward/mean", "gate/sft_fraction", "entropy", "response/length_mean",
+                "response/length_max", "response/clipped_share", "clip_frac", "kl_old",
+                "grad_norm", "lr", "throughput/tokens_per_s", "time/generation_s",
+                "time/grading_s", "time/logprob_s", "time/train_s", "time/weight_sync_s",
+                "val/accuracy"]:  # fmt: skip
+        assert tag in tags, tag
+    assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2, 3, 4]
+    assert "reward/per_prompt_success" in acc.Tags()["histograms"]
+
+
+def test_dp2_matches_single_process(tmp_path):
+    """Same seed and data: two data-parallel ranks train exactly like one process, step by step
+    (the same initial weights at TP=1, so the rollouts, the loss and the gradient agree)."""
+    one, dp = tmp_path / "one", tmp_path / "dp"
+    _run(one, 1, 3, "parallel.tp=1", "run.val_every=0")
+    _run(dp, 2, 3, "parallel.tp=1", "run.val_every=0")
+    for step in (1, 2, 3):
+        a, b = _metrics(one)[step], _metrics(dp)[step]
+        assert a["reward/mean"] == b["reward/mean"]
+        assert a["train/rows"] == b["train/rows"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def _kill_after(out: pathlib.Path, steps: int, *extra: str, kill_at: int) -> None:
+    """Start a run and SIGKILL every process of it once step ``kill_at`` is logged."""
+    proc = subprocess.Popen(_command(out, 2, steps, *extra), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").is_file() and kill_at in _metrics(out):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_resume_after_sigkill_reproduces_uninterrupted_run(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _run(full, 2, 6, "parallel.tp=2")
+    _kill_after(killed, 6, "parallel.tp=2", kill_at=3)
+    assert 6 not in _metrics(killed)
+    _run(killed, 2, 6, "parallel.tp=2")
+    want, got = _metrics(full), _metrics(killed)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        for key in EXACT:
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-9), (step, key)
+
+
+def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path):
+    out = tmp_path / "run"
+    _run(out, 2, 4, "parallel.tp=2", "checkpoint.keep_last=3", "run.val_every=0")
+    newest = out / "checkpoints" / "step_000004"
+    shard = next(p for p in sorted(newest.rglob("*.distcp")))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # flip one byte in the middle of a shard
+    shard.write_bytes(bytes(data))
+    proc = _run(out, 2, 5, "parallel.tp=2", "checkpoint.keep_last=3", "run.val_every=0")
+    assert "step_000004 is unusable" in proc.stderr and "falling back" in proc.stderr
+    assert "resumed from" in proc.stderr and "step_000002" in proc.stderr
+    metrics = _metrics(out)
+    assert sorted(metrics) == [1, 2, 3, 4, 5]
