@@ -49,7 +49,11 @@ def _run(method: str, logits, targets, backward: bool, chunk: int):  # noqa: ANN
             entropy = -(logp_tv.exp() * logp_tv).sum(-1)
             del logp_tv
         else:
-            logprobs, entropy = vocab_parallel_logprobs_entropy(logits, targets, chunk_tokens=chunk)
+            logprobs, entropy = vocab_parallel_logprobs_entropy(
+                logits,
+                targets,
+                chunk_tokens=chunk or None,  # 0: the default (auto) size
+            )
         if backward:
             (logprobs.sum() + 0.1 * entropy.sum()).backward()
     return logprobs, entropy

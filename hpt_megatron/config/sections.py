@@ -107,7 +107,9 @@ class TrainerConfig:
     skip_update_grad_norm: float | None = None  # skip the update when the norm exceeds this
     max_tokens_per_microbatch: int = 4096  # token budget of one micro-batch (dynamic batching)
     use_distributed_optimizer: bool = False
-    logprob_chunk_tokens: int = 1024  # tokens per chunk in log-prob/entropy computation
+    # Tokens per fp32 chunk of the log-prob/entropy computation; None sizes it so that one chunk
+    # of the local vocabulary shard is about 2**25 elements (128 MiB in fp32).
+    logprob_chunk_tokens: int | None = None
     epochs_per_step: int = 1  # passes over a step's batch (PPO epochs)
     mini_batches_per_step: int = 1  # optimizer updates per step
 

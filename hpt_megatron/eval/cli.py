@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpt eval", description=__doc__)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="Hugging Face model folder (weights + tokenizer)")
-    src.add_argument("--megatron-checkpoint", help="Megatron checkpoint (needs the converter)")
+    src.add_argument(
+        "--megatron-checkpoint",
+        help="Megatron distributed checkpoint (a run's checkpoints/step_N or the converter's "
+        "output); converted to a temporary HF folder first",
+    )
+    parser.add_argument(
+        "--hf-config",
+        help="folder with config.json and tokenizer for --megatron-checkpoint "
+        "(default: the checkpoint folder itself)",
+    )
     parser.add_argument(
         "--benchmarks",
         default=",".join(MATH_BENCHMARKS),
@@ -86,28 +96,47 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.megatron_checkpoint:
-            raise ValueError(
-                "--megatron-checkpoint: evaluating a Megatron checkpoint directly is not supported "
-                "yet; convert it first (tools/convert.py megatron->hf) and pass --model HF_DIR"
-            )
-        options = options_from_args(args)
-        engine, tokenizer = load_engine(args.model)
-        benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
-        try:
-            results = run_eval(
-                engine,
-                tokenizer,
-                benchmarks,
-                options=options,
-                data_root=args.data_root,
-                output_dir=args.output_dir,
-            )
-        finally:
-            engine.shutdown()
+        with tempfile.TemporaryDirectory(prefix="hpt-eval-") as tmp:
+            if args.megatron_checkpoint:
+                args.model = _convert(args.megatron_checkpoint, args.hf_config, tmp)
+            return _evaluate(args)
     except ValueError as err:
         print(f"hpt eval: error: {err}", file=sys.stderr)
         return 2
+
+
+def _convert(checkpoint: str, hf_config: str | None, tmp: str) -> str:
+    """A Megatron checkpoint as an HF folder in ``tmp`` (through the converter)."""
+    from tools.convert import main as convert_main
+
+    out = str(Path(tmp) / "hf")
+    argv = ["megatron-to-hf", "--load", checkpoint, "--out", out, "--no-progress"]
+    if hf_config:
+        argv += ["--hf-config", hf_config]
+    if convert_main(argv) != 0:
+        raise ValueError(f"--megatron-checkpoint: could not convert {checkpoint} (see above)")
+    if hf_config:
+        from hpt_megatron.models.hf_io import copy_side_files
+
+        copy_side_files(hf_config, out)
+    return out
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    engine, tokenizer = load_engine(args.model)
+    benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    try:
+        results = run_eval(
+            engine,
+            tokenizer,
+            benchmarks,
+            options=options,
+            data_root=args.data_root,
+            output_dir=args.output_dir,
+        )
+    finally:
+        engine.shutdown()
     print(format_table(results))
     print(f"responses and scores: {Path(args.output_dir) / 'responses.jsonl'}")
     return 0

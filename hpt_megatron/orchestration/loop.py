@@ -91,7 +91,11 @@ def _train(run: Run) -> dict[str, float]:
             t_step = time.perf_counter()
             batch, wait_s, pending = _next_batch(run, step, executor, pending)
             batch = broadcast_batch(run, batch)
+            if not overlap and run.engine is not None:
+                run.engine.release_memory()  # colocated: the trainer gets the devices
             train_metrics = train_phase(run, batch)
+            if not overlap and run.engine is not None:
+                run.engine.resume_memory()
             if pending is not None:  # the engine finishes step t+1's generation before reloading
                 pending_wait = time.perf_counter()
                 pending.result()

@@ -43,15 +43,17 @@ def validate(run: Run, step: int) -> dict[str, float]:
 def save_run_checkpoint(run: Run, step: int, state: dict[str, Any], *, is_best: bool) -> None:
     """Collective: ``checkpoints/step_N`` (model + optimizer), pruned; ``checkpoints/best``."""
     root = run.run_dir / "checkpoints"
-    save_checkpoint(
-        step_dir(root, step),
-        run.trainer.model_chunks,
-        run.trainer.optimizer,
-        state,
-        group=run.ctx.cpu_group,
-    )
+    paths = [
+        save_checkpoint(step_dir(root, step), run.trainer.model_chunks, run.trainer.optimizer,
+                        state, group=run.ctx.cpu_group)
+    ]  # fmt: skip
     if is_best:
-        save_checkpoint(root / BEST, run.trainer.model_chunks, None, state, group=run.ctx.cpu_group)
+        paths.append(save_checkpoint(root / BEST, run.trainer.model_chunks, None, state,
+                                     group=run.ctx.cpu_group))  # fmt: skip
+    if run.ctx.is_driver:  # self-contained: hpt eval / the converter need no other folder
+        for path in paths:
+            write_config(run.hf, path)
+            run.tokenizer.save_pretrained(str(path))
     if run.ctx.is_driver:
         prune_checkpoints(root, run.cfg.checkpoint.keep_last)
 

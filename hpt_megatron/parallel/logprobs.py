@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+CHUNK_ELEMENTS = 2**25  # default fp32 elements per chunk block
+
 
 def _chunks(num_tokens: int, chunk: int) -> list[tuple[int, int]]:
     return [(i, min(i + chunk, num_tokens)) for i in range(0, num_tokens, chunk)]
@@ -104,7 +106,7 @@ def vocab_parallel_logprobs_entropy(
     targets_bt: torch.Tensor,
     *,
     tp_group: dist.ProcessGroup | None = None,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int | None = None,
     vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token and the entropy of each position's distribution.
@@ -114,7 +116,9 @@ def vocab_parallel_logprobs_entropy(
             ``[r * V_l, (r + 1) * V_l)``), any float dtype; not modified.
         targets_bt: global token ids to score (for next-token scoring, the inputs shifted by one).
         tp_group: the tensor-parallel group the vocabulary is split over (None: not split).
-        chunk_tokens: tokens per fp32 chunk; bounds the extra memory to one [C, V_l] fp32 block.
+        chunk_tokens: tokens per fp32 chunk; bounds the extra memory to two [C, V_l] fp32 blocks.
+            None: ``CHUNK_ELEMENTS // V_l`` tokens, about 128 MiB per block whatever the
+            vocabulary and TP size.
         vocab_size: the true vocabulary size; columns past it (Megatron's padding to a multiple
             of TP x 128) get no probability. None: every column is a real token.
 
@@ -128,6 +132,8 @@ def vocab_parallel_logprobs_entropy(
     rank = dist.get_rank(tp_group) if tp_group is not None else 0
     local_vocab = logits_btv.shape[-1]
     flat_nv = logits_btv.reshape(-1, local_vocab)
+    if chunk_tokens is None:
+        chunk_tokens = max(1, CHUNK_ELEMENTS // local_vocab)
     world = dist.get_world_size(tp_group) if tp_group is not None else 1
     num_valid = vocab_size if vocab_size is not None else local_vocab * world
     logprob_n, entropy_n = _VocabParallelLogprobEntropy.apply(

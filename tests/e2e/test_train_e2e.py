@@ -144,3 +144,16 @@ def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path):
     assert "resumed from" in proc.stderr and "step_000002" in proc.stderr
     metrics = _metrics(out)
     assert sorted(metrics) == [1, 2, 3, 4, 5]
+
+
+def test_one_step_off_with_recomputed_old_logprobs(tmp_path):
+    """Disaggregated placement, generation one step ahead, GRPO with two mini-batches per step
+    (so pi_old is recomputed by the trainer and the second update has a real ratio)."""
+    out = tmp_path / "async"
+    _run(out, 2, 4, "parallel.tp=2", "run.placement=disaggregated", "run.max_staleness=1",
+         "algorithm.preset=grpo", "trainer.mini_batches_per_step=2", "run.val_every=0")  # fmt: skip
+    metrics = _metrics(out)
+    assert sorted(metrics) == [1, 2, 3, 4]
+    assert all(m["rollout/staleness"] == 1.0 for m in metrics.values())
+    assert all(m["time/logprob_s"] > 0 for m in metrics.values())
+    assert all("clip_frac" in m and "ratio_mean" in m for m in metrics.values())

@@ -173,7 +173,7 @@ def test_named_benchmarks_map_onto_shared_files(shared_data):
 
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["--megatron-checkpoint", str(tmp_path)]) == 2
-    assert "convert it first" in capsys.readouterr().err
+    assert "could not convert" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
