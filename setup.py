@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Unified Policy Gradient Estimator and Hybrid Post-Training on Megatron-core",
     python_requires=">=3.10",
-    packages=find_packages(include=["hpt_megatron", "hpt_megatron.*", "tools", "tools.*"]),
+    packages=find_packages(include=["hpt_megatron", "hpt_megatron.*"]),
     install_requires=[
         # torch is not pinned: the NGC image brings its own; on CPU install torch==2.13.0 first.
         "torch>=2.6",

@@ -54,7 +54,7 @@ if mode == "baseline":
     import pathlib
 else:
     import torch, megatron.core.models.gpt, megatron.core.dist_checkpointing
-    from tools import convert
+    from hpt_megatron import convert
 base = rss("VmRSS")
 t0 = time.perf_counter()
 if mode == "baseline":

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return eval_main(rest)
     if command == "convert":
-        from tools.convert import main as convert_main
+        from hpt_megatron.convert import main as convert_main
 
         return convert_main(rest)
     print(f"hpt: unknown command '{command}'\n{USAGE}", file=sys.stderr)

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _convert(checkpoint: str, hf_config: str | None, tmp: str) -> str:
     """A Megatron checkpoint as an HF folder in ``tmp`` (through the converter)."""
-    from tools.convert import main as convert_main
+    from hpt_megatron.convert import main as convert_main
 
     out = str(Path(tmp) / "hf")
     argv = ["megatron-to-hf", "--load", checkpoint, "--out", out, "--no-progress"]

@@ -86,6 +86,21 @@ def test_tp2_run_writes_metrics_checkpoints_and_hf_export(tmp_path):
     assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2, 3, 4]
     assert "reward/per_prompt_success" in acc.Tags()["histograms"]
 
+    # hpt eval reads a run checkpoint directly (converted on the fly; config + tokenizer inside).
+    bench = tmp_path / "arith.json"
+    bench.write_text(json.dumps([{"prompt": "12+34=?", "answer": "46"},
+                                 {"prompt": "50+21=?", "answer": "71"}]))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpt_megatron.cli", "eval", "--megatron-checkpoint",
+         str(out / "checkpoints" / "step_000004"), "--benchmarks", str(bench), "--template",
+         "chat", "--system-prompt", "none", "--k", "1", "--max-new-tokens", "8",
+         "--output-dir", str(tmp_path / "eval")],
+        capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "arith" in proc.stdout
+    assert len((tmp_path / "eval" / "responses.jsonl").read_text().splitlines()) == 2
+
 
 def test_dp2_matches_single_process(tmp_path):
     """Same seed and data: two data-parallel ranks train exactly like one process, step by step
