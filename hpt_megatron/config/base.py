@@ -7,6 +7,7 @@ keys (naming the closest valid one) and calls each section's ``validate()``. Err
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import re
@@ -159,11 +160,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}' has an empty key part")
     value = yaml.safe_load(raw) if raw != "" else ""
     # YAML 1.1 reads 1e-6 as a string; accept the scientific notation users write.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in "eE.") else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and any(c in value for c in "eE."):
+        with contextlib.suppress(ValueError):
+            value = float(value)
     return key.split("."), value
 
 

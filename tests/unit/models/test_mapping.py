@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from hpt_megatron import convert
 from hpt_megatron.models import mapping
 from hpt_megatron.models.export import export_hf_weights
 from hpt_megatron.models.hf_io import HFCheckpointReader
 from hpt_megatron.models.loading import load_hf_weights
 from tests.unit.models import tiny_configs
-from hpt_megatron import convert
 
 DIMS = mapping.Dims(heads=8, groups=2, head_dim=4, vocab=10)
 
