@@ -286,6 +286,11 @@ def build_model(
 
     hf = hf_config_with_overrides(hf, model)
     use_te = use_transformer_engine(model)
+    if parallel.sequence_parallel and not use_te:
+        raise ConfigError(
+            "parallel.sequence_parallel: Megatron's local (CPU) layers do not support sequence "
+            "parallelism (its torch norm refuses it); use Transformer Engine layers on GPUs"
+        )
     config = transformer_config_from_hf(hf, model, parallel, use_te=use_te)
     config.perform_initialization = init_weights
     rope = rope_settings(hf)

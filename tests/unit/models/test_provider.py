@@ -124,3 +124,17 @@ def test_padded_vocab_size():
     assert provider.padded_vocab_size(200, 1) == 256
     assert provider.padded_vocab_size(151936, 2) == 152064
     assert provider.padded_vocab_size(256, 2, divisible_by=128) == 256
+
+
+def test_sequence_parallel_needs_transformer_engine():
+    from hpt_megatron.config.base import ConfigError
+    from hpt_megatron.config.sections import ModelConfig, ParallelConfig
+    from hpt_megatron.models.provider import build_model
+
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64,
+          "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+          "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel"):
+        build_model(hf, ModelConfig(inline=hf, transformer_impl="local"),
+                    ParallelConfig(tp=2, sequence_parallel=True), pre_process=True,
+                    post_process=True)  # fmt: skip
