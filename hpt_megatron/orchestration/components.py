@@ -86,7 +86,19 @@ def build_rollout_engine(cfg: HPTConfig, hf: dict[str, Any], tokenizer: Any, run
         )
     from hpt_megatron.rollout.sglang import build_sglang_engine
 
-    return build_sglang_engine(cfg.rollout, hf=hf, tokenizer=tokenizer, run_dir=run_dir)
+    rollout = cfg.rollout
+    overrides = {k: getattr(cfg.model, k) for k in ("rope_theta", "max_position_embeddings")}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides and cfg.model.hf_weights:  # the served checkpoint must use the trainer's RoPE
+        import dataclasses
+        import json
+
+        extra = [*rollout.sglang.extra_args, "--json-model-override-args", json.dumps(overrides)]
+        sglang = dataclasses.replace(rollout.sglang, extra_args=extra)
+        rollout = dataclasses.replace(rollout, sglang=sglang)
+    # Serve the starting HF checkpoint when there is one (no random full-size copy to write).
+    return build_sglang_engine(rollout, hf=hf, tokenizer=tokenizer, run_dir=run_dir,
+                               model_path=cfg.model.hf_weights)  # fmt: skip
 
 
 def build_run(cfg: HPTConfig, ctx: ParallelContext) -> Run:
@@ -127,6 +139,24 @@ def build_run(cfg: HPTConfig, ctx: ParallelContext) -> Run:
     return Run(
         cfg, ctx, run_dir, hf, spec, tokenizer, trainer, sampler, train_set, val_set, engine, pool
     )
+
+
+def init_policy_weights(run: Run) -> None:
+    """Collective: the starting policy of a fresh run, from ``model.load`` (a Megatron
+    checkpoint, any layout) or ``model.hf_weights`` (an HF folder); else the random init."""
+    cfg, chunks = run.cfg.model, run.trainer.model_chunks
+    if cfg.load:
+        from hpt_megatron.trainer.checkpoint import load_checkpoint
+
+        load_checkpoint(cfg.load, chunks)
+        log.info("initial weights from the Megatron checkpoint %s", cfg.load)
+    elif cfg.hf_weights:
+        from hpt_megatron.models.loading import load_hf_weights
+
+        modules = [getattr(c, "module", c) for c in chunks]
+        load_hf_weights(modules, run.hf, cfg.hf_weights, tp_rank=run.ctx.tp_rank,
+                        tp_size=run.ctx.tp, progress=run.ctx.is_driver)  # fmt: skip
+        log.info("initial weights from the HF folder %s", cfg.hf_weights)
 
 
 def _with_val(cfg: HPTConfig):  # noqa: ANN202

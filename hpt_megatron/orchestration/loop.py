@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from hpt_megatron.config import HPTConfig
-from hpt_megatron.orchestration.components import Run, build_run
+from hpt_megatron.orchestration.components import Run, build_run, init_policy_weights
 from hpt_megatron.orchestration.metrics import MetricsLogger
 from hpt_megatron.orchestration.state import choose_resume, rng_state, set_rng_state
 from hpt_megatron.orchestration.step import (
@@ -58,6 +58,7 @@ def _resume(run: Run) -> tuple[int, float]:
     if run.ctx.world_size > 1:
         torch.distributed.broadcast_object_list(box, src=0, group=run.ctx.cpu_group)
     if box[0] is None:
+        init_policy_weights(run)
         return 0, float("-inf")
     state = load_checkpoint(box[0], run.trainer.model_chunks, run.trainer.optimizer)
     run.trainer.scheduler.load_state_dict(state["scheduler"])

@@ -172,3 +172,34 @@ def test_one_step_off_with_recomputed_old_logprobs(tmp_path):
     assert all(m["rollout/staleness"] == 1.0 for m in metrics.values())
     assert all(m["time/logprob_s"] > 0 for m in metrics.values())
     assert all("clip_frac" in m and "ratio_mean" in m for m in metrics.values())
+
+
+def test_fresh_run_starts_from_hf_weights_or_checkpoint(tmp_path):
+    """``model.hf_weights`` / ``model.load`` initialise the policy: a run started from another
+    run's HF export or checkpoint with a negligible learning rate exports (nearly) the same
+    tensors."""
+    from safetensors.torch import load_file
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    _run(first, 2, 2, "parallel.tp=2", "run.val_every=0")
+    _run(second, 2, 1, "parallel.tp=2", "run.val_every=0", f"model.hf_weights={first / 'hf'}",
+         "trainer.lr=1e-12", "trainer.min_lr=0", "trainer.warmup_steps=0")  # fmt: skip
+    a = {k: v for f in (first / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
+    b = {k: v for f in (second / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max() < 1e-8, name
+    # model.load: the same from the first run's last Megatron checkpoint (model + optimizer)
+    from_ckpt = tmp_path / "from_ckpt"
+    _run(from_ckpt, 2, 1, "parallel.tp=2", "run.val_every=0",
+         f"model.load={first / 'checkpoints' / 'step_000002'}", "trainer.lr=1e-12",
+         "trainer.min_lr=0", "trainer.warmup_steps=0")  # fmt: skip
+    d = {k: v for f in (from_ckpt / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
+    for name in a:
+        assert (a[name] - d[name]).abs().max() < 1e-8, name
+    # and the first run's two updates did move the weights away from a fresh random init
+    third = tmp_path / "third"
+    _run(third, 2, 1, "parallel.tp=2", "run.val_every=0", "trainer.lr=1e-12",
+         "trainer.min_lr=0", "trainer.warmup_steps=0")  # fmt: skip
+    c = {k: v for f in (third / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert max((a[n] - c[n]).abs().max() for n in a) > 1e-4
