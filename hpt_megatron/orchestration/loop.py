@@ -17,7 +17,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from hpt_megatron.config import HPTConfig
-from hpt_megatron.orchestration.components import Run, build_run, init_policy_weights
+from hpt_megatron.orchestration.components import (
+    Run,
+    build_run,
+    init_policy_weights,
+    resolve_model_config,
+)
 from hpt_megatron.orchestration.metrics import MetricsLogger
 from hpt_megatron.orchestration.state import choose_resume, rng_state, set_rng_state
 from hpt_megatron.orchestration.step import (
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: HPTConfig) -> dict[str, float]:
     """Run (or resume) a training run; returns the last step's metrics on the driver."""
+    resolve_model_config(cfg)  # model-vs-parallel errors before any process group starts
     ctx = init_distributed(cfg.parallel, seed=cfg.run.seed)
     run = build_run(cfg, ctx)
     try:

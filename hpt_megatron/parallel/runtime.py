@@ -63,7 +63,8 @@ def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
     if world_size % model_parallel:
         raise ConfigError(
             f"parallel.tp * parallel.pp * parallel.cp = {parallel.tp} * {parallel.pp} * "
-            f"{parallel.cp} = {model_parallel} does not divide the world size {world_size}"
+            f"{parallel.cp} = {model_parallel} does not divide the world size {world_size} "
+            f"(launch with torchrun --nproc_per_node N, or change parallel.*)"
         )
     return world_size // model_parallel
 
