@@ -79,6 +79,7 @@ def build_rollout_engine(cfg: HPTConfig, hf: dict[str, Any], tokenizer: Any, run
         hf_cfg = AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "architectures"})
         return HFCpuEngine.from_config(
             hf_cfg,
+            max_batch_rows=cfg.rollout.cpu.max_batch_rows,
             seed=cfg.run.seed,
             tokenizer=tokenizer,
             eos_token_ids=[tokenizer.eos_token_id],

@@ -25,6 +25,7 @@ from hpt_megatron.orchestration.train_batch import (
     global_totals,
 )
 from hpt_megatron.rollout.base import SamplingParams
+from hpt_megatron.rollout.factory import sampling_params
 
 MAX_REFILL_ROUNDS = 4  # DAPO dynamic sampling: extra prompt batches drawn to refill a step
 
@@ -41,16 +42,13 @@ class StepBatch:
     sampler_state: dict | None = None  # the data position before this batch was drawn
 
 
-def sampling_params(run: Run, step: int) -> SamplingParams:
-    r, tok = run.cfg.rollout, run.tokenizer
-    return SamplingParams(
-        n=r.n,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        max_new_tokens=min(r.max_new_tokens, run.cfg.data.max_response_tokens),
-        stop_token_ids=[tok.eos_token_id],
+def step_sampling_params(run: Run, step: int) -> SamplingParams:
+    """The rollout section's sampling, seeded per step (a resumed run draws the same samples)."""
+    return sampling_params(
+        run.cfg.rollout,
         seed=run.cfg.run.seed * 100_003 + step,
+        max_new_tokens=min(run.cfg.rollout.max_new_tokens, run.cfg.data.max_response_tokens),
+        stop_token_ids=[run.tokenizer.eos_token_id],
     )
 
 
@@ -66,7 +64,7 @@ def rollout_phase(run: Run, step: int) -> StepBatch:
         batch = _finish(spec, step, samples, {"sft/rows": float(len(samples))}, timings, [])
         batch.sampler_state = sampler_state
         return batch
-    params = sampling_params(run, step)
+    params = step_sampling_params(run, step)
     plan_samples: list[Sample] = []
     metrics: dict[str, float] = {}
     rollouts_all: list[Sample] = []

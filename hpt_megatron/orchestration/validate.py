@@ -14,7 +14,7 @@ from hpt_megatron.models.hf_io import HFCheckpointWriter, write_config
 from hpt_megatron.orchestration.components import Run
 from hpt_megatron.orchestration.rollout_step import generate_samples, grade_samples
 from hpt_megatron.orchestration.weight_sync import local_buckets
-from hpt_megatron.rollout.base import SamplingParams
+from hpt_megatron.rollout.factory import sampling_params
 from hpt_megatron.trainer.checkpoint import prune_checkpoints, save_checkpoint, step_dir
 
 BEST = "best"
@@ -27,7 +27,8 @@ def validate(run: Run, step: int) -> dict[str, float]:
     assert run.engine is not None and run.pool is not None
     t0 = time.perf_counter()
     prompts = list(run.val_set)[: run.cfg.run.val_max_prompts]
-    params = SamplingParams(
+    params = sampling_params(
+        run.cfg.rollout,
         n=1,
         temperature=0.0,
         max_new_tokens=run.cfg.data.max_response_tokens,
