@@ -9,6 +9,7 @@ measures what it should.
 
     python benchmarks/logprob_memory.py    # bf16 and fp32, forward and forward+backward
     python benchmarks/logprob_memory.py --chunks 1024 256 --repeat 2
+    python benchmarks/logprob_memory.py --chunks 0 1024   # 0: the default (element-sized) chunk
 
 Forward+backward includes the gradient of the logits ([T, V] in their dtype), which any method
 returns; the table also shows the extra memory without it.
