@@ -59,10 +59,10 @@ def shape_overlong(spec: AlgorithmSpec, samples: list[Sample], max_new_tokens: i
         return
     lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float64)
     penalty = overlong_penalty(
-        lengths,
+        response_lengths=lengths,
         max_len=spec.overlong_max_len or max_new_tokens,
         buffer=spec.overlong_buffer,
-        penalty=spec.overlong_penalty,
+        factor=spec.overlong_penalty,
     )
     for sample, p in zip(samples, penalty.tolist()):
         sample.reward = float(sample.reward or 0.0) + p
@@ -85,7 +85,7 @@ def apply_batch_rule(
     if rule == "dynamic_sampling":
         rewards = torch.tensor([float(s.reward or 0.0) for s in rollouts])
         groups = torch.tensor([s.group_id for s in rollouts])
-        keep = dynamic_sampling_keep(rewards, groups)
+        keep = dynamic_sampling_keep(rewards=rewards, group_ids=groups)
         kept = [s for s, k in zip(rollouts, keep.tolist()) if k]
         return BatchPlan(kept, {"dynamic_sampling/kept_share": len(kept) / max(1, len(rollouts))})
     return BatchPlan(list(rollouts))
@@ -118,6 +118,12 @@ def attach_advantages(spec: AlgorithmSpec, samples: list[Sample]) -> torch.Tenso
 
     Only rows in the RL term get one (group statistics over those rows); SFT-only rows get 0.
     """
+    if spec.advantage == "gae":
+        raise ValueError(
+            f"algorithm.preset={spec.name}: GAE needs a critic's value estimates, and hpt train "
+            "does not build a critic model yet; use an outcome advantage (grpo, rloo, "
+            "reinforce_pp, ...) or call compute_advantages('gae', values=...) in your own loop"
+        )
     advantages_b = torch.zeros(len(samples))
     rl_rows = [i for i, s in enumerate(samples) if s.rl_weight != 0]
     if not rl_rows:
