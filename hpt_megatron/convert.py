@@ -80,13 +80,10 @@ def megatron_to_hf(args: argparse.Namespace) -> None:
     """torch_dist checkpoint -> HF folder (sharded safetensors + index, config, tokenizer)."""
     import json
 
-    import torch.distributed as dist
-    from tqdm import tqdm
-
     from hpt_megatron.config.sections import ModelConfig, ParallelConfig
     from hpt_megatron.models.checkpoint import META_FILE, load_model_checkpoint
-    from hpt_megatron.models.export import export_hf_weights
-    from hpt_megatron.models.hf_io import HFCheckpointWriter, copy_side_files, write_config
+    from hpt_megatron.models.export import save_hf_folder
+    from hpt_megatron.models.hf_io import copy_side_files
     from hpt_megatron.models.provider import build_model_chunks, load_hf_config
     from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 
@@ -99,23 +96,10 @@ def megatron_to_hf(args: argparse.Namespace) -> None:
     model = ModelConfig(inline=hf, params_dtype=dtype)
     chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank, init_weights=False)
     load_model_checkpoint(chunks, args.load)
-    writes = ctx.tp_rank == 0 and ctx.dp_rank == 0
-    prefix = "model" if ctx.pp == 1 else f"model-pp{ctx.pp_rank}"
-    writer = HFCheckpointWriter(args.out, prefix=prefix) if writes else None
-    buckets = export_hf_weights(
-        chunks, hf, tp_group=ctx.tp_group, bucket_bytes=args.shard_mib * 1024**2
-    )
-    show = ctx.is_driver and not args.no_progress
-    for bucket in tqdm(buckets, desc="export", unit="shard", disable=not show):
-        if writer is not None:
-            writer.write(bucket)
-    parts: list[Any] = [None] * ctx.world_size
-    mine = (writer.weight_map, writer.total_bytes) if writer is not None else None
-    dist.all_gather_object(parts, mine, group=ctx.cpu_group)
+    save_hf_folder(chunks, hf, args.out, ctx, torch_dtype=_TORCH_DTYPES[dtype],
+                   bucket_bytes=args.shard_mib * 1024**2,
+                   progress=ctx.is_driver and not args.no_progress)  # fmt: skip
     if ctx.is_driver:
-        assert writer is not None  # rank 0 is TP, PP and DP rank 0
-        writer.finish(p for i, p in enumerate(parts) if p is not None and i != ctx.rank)
-        write_config({**hf, "torch_dtype": _TORCH_DTYPES[dtype]}, args.out)
         copy_side_files(args.load, args.out)
         print(f"wrote HF folder {args.out} ({dtype})")
     shutdown_distributed()

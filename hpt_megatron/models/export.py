@@ -19,12 +19,16 @@ stripped.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from hpt_megatron.models.mapping import Dims, global_param_names, rule_for
+
+if TYPE_CHECKING:
+    from hpt_megatron.parallel.runtime import ParallelContext
 
 DEFAULT_BUCKET_BYTES = 512 * 1024**2
 Bucket = list[tuple[str, torch.Tensor]]
@@ -100,3 +104,47 @@ def export_hf_weights(
         size += nbytes
     if bucket:
         yield bucket
+
+
+def save_hf_folder(
+    chunks: Sequence[torch.nn.Module],
+    hf: dict[str, Any],
+    out: str | Path,
+    ctx: ParallelContext,
+    *,
+    torch_dtype: str,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    progress: bool = False,
+) -> None:
+    """Collective: write the model as an HF folder (safetensors shards + index + config.json).
+
+    Streams bucket by bucket: TP rank 0 of replica 0 of each pipeline stage writes its own shards
+    (``model-ppK-*`` when PP > 1), the driver merges the index. Tokenizer files are the caller's.
+
+    Args:
+        chunks: this rank's (unwrapped) model chunks.
+        torch_dtype: the ``torch_dtype`` recorded in config.json (``"float32"``, ``"bfloat16"``).
+    """
+    from tqdm import tqdm
+
+    from hpt_megatron.models.hf_io import HFCheckpointWriter, write_config
+
+    writer = None
+    if ctx.dp_rank == 0:  # other replicas hold the same weights
+        if ctx.tp_rank == 0:
+            prefix = "model" if ctx.pp == 1 else f"model-pp{ctx.pp_rank}"
+            writer = HFCheckpointWriter(out, prefix=prefix)
+        tp_group = ctx.tp_group if ctx.tp > 1 else None
+        buckets = export_hf_weights(chunks, hf, tp_group=tp_group, bucket_bytes=bucket_bytes)
+        for bucket in tqdm(buckets, desc="export", unit="shard", disable=not progress):
+            if writer is not None:
+                writer.write(bucket)
+    mine = (writer.weight_map, writer.total_bytes) if writer is not None else None
+    parts: list[Any] = [mine]
+    if ctx.world_size > 1:
+        parts = [None] * ctx.world_size
+        dist.all_gather_object(parts, mine, group=ctx.cpu_group)
+    if ctx.is_driver:
+        assert writer is not None  # rank 0 is TP, PP and DP rank 0
+        writer.finish(p for i, p in enumerate(parts) if p is not None and i != ctx.rank)
+        write_config({**hf, "torch_dtype": torch_dtype}, out)

@@ -15,7 +15,7 @@ from hpt_megatron.data import build_arithmetic_tokenizer, build_prompt_dataset, 
 from hpt_megatron.data.dataset import PromptDataset
 from hpt_megatron.data.sampler import PromptSampler
 from hpt_megatron.models.provider import (
-    build_model,
+    build_model_chunks,
     check_hf_supported,
     check_parallel_against_model,
     hf_config_with_overrides,
@@ -116,13 +116,12 @@ def build_run(cfg: HPTConfig, ctx: ParallelContext) -> Run:
             f"model vocab_size {hf['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})"
         )
 
-    def provider(pre: bool, post: bool, vp_stage: int | None) -> torch.nn.Module:
-        return build_model(
-            hf, cfg.model, cfg.parallel, pre_process=pre, post_process=post, vp_stage=vp_stage
-        )
-
+    # Weights about to be loaded (model.load / model.hf_weights) need no random init first.
+    loads_weights = bool(cfg.model.load or cfg.model.hf_weights)
+    chunks = build_model_chunks(hf, cfg.model, cfg.parallel, pp_rank=ctx.pp_rank,
+                                init_weights=not loads_weights)  # fmt: skip
     trainer = build_engine(
-        provider, ctx, cfg.trainer, total_steps=cfg.run.steps, vocab_size=int(hf["vocab_size"])
+        chunks, ctx, cfg.trainer, total_steps=cfg.run.steps, vocab_size=int(hf["vocab_size"])
     )
     sampler = train_set = val_set = engine = pool = None
     if ctx.is_driver:

@@ -14,8 +14,6 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import torch
-
 from hpt_megatron.config import HPTConfig
 from hpt_megatron.orchestration.components import (
     Run,
@@ -27,13 +25,16 @@ from hpt_megatron.orchestration.metrics import MetricsLogger
 from hpt_megatron.orchestration.state import choose_resume, rng_state, set_rng_state
 from hpt_megatron.orchestration.step import (
     StepBatch,
-    broadcast_batch,
     rollout_phase,
     train_phase,
 )
 from hpt_megatron.orchestration.validate import export_final, save_run_checkpoint, validate
 from hpt_megatron.orchestration.weight_sync import sync_weights
-from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
+from hpt_megatron.parallel.runtime import (
+    broadcast_from_driver,
+    init_distributed,
+    shutdown_distributed,
+)
 from hpt_megatron.trainer.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -56,22 +57,18 @@ def train(cfg: HPTConfig) -> dict[str, float]:
 
 def _resume(run: Run) -> tuple[int, float]:
     """Load the checkpoint chosen on the driver; returns (first step to run, best val metric)."""
-    box = [
-        choose_resume(run.run_dir / "checkpoints", run.cfg.run.resume)
-        if run.ctx.is_driver
-        else None
-    ]
-    if run.ctx.world_size > 1:
-        torch.distributed.broadcast_object_list(box, src=0, group=run.ctx.cpu_group)
-    if box[0] is None:
+    root = run.run_dir / "checkpoints"
+    path = choose_resume(root, run.cfg.run.resume) if run.ctx.is_driver else None
+    path = broadcast_from_driver(run.ctx, path)
+    if path is None:
         init_policy_weights(run)
         return 0, float("-inf")
-    state = load_checkpoint(box[0], run.trainer.model_chunks, run.trainer.optimizer)
+    state = load_checkpoint(path, run.trainer.model_chunks, run.trainer.optimizer)
     run.trainer.scheduler.load_state_dict(state["scheduler"])
     if run.sampler is not None:
         run.sampler.load_state_dict(state["sampler"])
     set_rng_state(state.get("rng", {}))
-    log.info("resumed from %s at step %d", box[0], state["step"])
+    log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"]), float(state.get("best_val", float("-inf")))
 
 
@@ -97,7 +94,7 @@ def _train(run: Run) -> dict[str, float]:
         for step in range(start, cfg.run.steps):
             t_step = time.perf_counter()
             batch, wait_s, pending = _next_batch(run, step, executor, pending)
-            batch = broadcast_batch(run, batch)
+            batch = broadcast_from_driver(ctx, batch)
             if not overlap and run.engine is not None:
                 run.engine.release_memory()  # colocated: the trainer gets the devices
             train_metrics = train_phase(run, batch)
@@ -118,7 +115,7 @@ def _train(run: Run) -> dict[str, float]:
             }
             if cfg.run.val_every and (step + 1) % cfg.run.val_every == 0:
                 # Every rank needs the score: it decides whether all of them save "best".
-                metrics.update(_from_driver(run, validate(run, step + 1)))
+                metrics.update(broadcast_from_driver(ctx, validate(run, step + 1)))
             metrics["time/step_s"] = time.perf_counter() - t_step
             _derived(metrics)
             logger.log(step + 1, metrics)
@@ -132,14 +129,6 @@ def _train(run: Run) -> dict[str, float]:
         logger.close()
     export_final(run)
     return metrics
-
-
-def _from_driver(run: Run, value: dict[str, float]) -> dict[str, float]:
-    if run.ctx.world_size == 1:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0, group=run.ctx.cpu_group)
-    return box[0]
 
 
 def _next_batch(

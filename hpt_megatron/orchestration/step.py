@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from hpt_megatron.algorithms import AlgorithmSpec
 from hpt_megatron.data.sample import Sample
@@ -130,16 +129,6 @@ def _rollout_metrics(rollouts: list[Sample], max_new_tokens: int) -> dict[str, f
         "response/clipped_share": sum(s.finish_reason == "length" for s in rollouts)
         / len(rollouts),
     }
-
-
-def broadcast_batch(run: Run, batch: StepBatch | None) -> StepBatch:
-    """Every rank gets the driver's batch (a blocking wait, not a spin, on the other ranks)."""
-    if run.ctx.world_size == 1:
-        assert batch is not None
-        return batch
-    box = [batch]
-    dist.broadcast_object_list(box, src=0, group=run.ctx.cpu_group)
-    return box[0]
 
 
 def train_phase(run: Run, batch: StepBatch) -> dict[str, float]:

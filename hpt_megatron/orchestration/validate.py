@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from hpt_megatron.models.hf_io import HFCheckpointWriter, write_config
+from hpt_megatron.models.export import save_hf_folder
+from hpt_megatron.models.hf_io import write_config
 from hpt_megatron.orchestration.components import Run
 from hpt_megatron.orchestration.rollout_step import generate_samples, grade_samples
-from hpt_megatron.orchestration.weight_sync import local_buckets
 from hpt_megatron.rollout.factory import sampling_params
 from hpt_megatron.trainer.checkpoint import prune_checkpoints, save_checkpoint, step_dir
 
@@ -64,26 +63,10 @@ def export_final(run: Run) -> Path | None:
     if not run.cfg.checkpoint.export_hf:
         return None
     out = run.run_dir / "hf"
-    ctx = run.ctx
-    buckets = local_buckets(run.trainer.model_chunks, run.hf, ctx, 512 * 1024**2)
-    writer = None
-    if buckets:
-        writer = HFCheckpointWriter(
-            out, prefix="model" if ctx.pp == 1 else f"model-pp{ctx.pp_rank}"
-        )
-        for bucket in buckets:
-            writer.write(bucket)
-    mine = (writer.weight_map, writer.total_bytes) if writer is not None else None
-    parts: list = [None] * ctx.world_size
-    if ctx.world_size > 1:
-        dist.all_gather_object(parts, mine, group=ctx.cpu_group)
-    else:
-        parts = [mine]
-    if ctx.is_driver:
-        assert writer is not None
-        writer.finish(p for i, p in enumerate(parts) if p is not None and i != ctx.rank)
-        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-        params_dtype = run.trainer.model_chunks[0].config.params_dtype
-        write_config({**run.hf, "torch_dtype": dtype[params_dtype]}, out)
+    modules = [getattr(c, "module", c) for c in run.trainer.model_chunks]
+    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    save_hf_folder(modules, run.hf, out, run.ctx,
+                   torch_dtype=dtype[modules[0].config.params_dtype])  # fmt: skip
+    if run.ctx.is_driver:
         run.tokenizer.save_pretrained(str(out))
     return out

@@ -10,12 +10,15 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from hpt_megatron.config.base import ConfigError
 from hpt_megatron.config.sections import ParallelConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,15 @@ def _context(
         world_group=world,
         cpu_group=cpu_group,
     )
+
+
+def broadcast_from_driver(ctx: ParallelContext, obj: T) -> T:
+    """The driver's ``obj`` on every rank (a blocking wait on the others, never a spin)."""
+    if ctx.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=ctx.cpu_group)
+    return box[0]
 
 
 def _free_port() -> int:

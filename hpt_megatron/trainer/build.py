@@ -1,5 +1,6 @@
-"""Wire a :class:`TrainEngine`: model chunks (one per virtual stage) in Megatron DDP, the
-Megatron optimizer (AdamW), and the learning-rate schedule."""
+"""Wire a :class:`TrainEngine`: this rank's model chunks (one per virtual stage, built by the
+caller, e.g. ``models.provider.build_model_chunks``) in Megatron DDP, the Megatron optimizer
+(AdamW), and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -7,25 +8,7 @@ import torch
 
 from hpt_megatron.config.sections import TrainerConfig
 from hpt_megatron.parallel.runtime import ParallelContext
-from hpt_megatron.trainer.engine import ModelProvider, TrainEngine
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def stage_flags(ctx: ParallelContext, vp_stage: int | None) -> tuple[bool, bool]:
-    """(pre_process, post_process) of a model chunk: does it hold the embedding / the head."""
-    vpp = ctx.vpp or 1
-    stage = vp_stage or 0
-    return (ctx.pp_rank == 0 and stage == 0, ctx.pp_rank == ctx.pp - 1 and stage == vpp - 1)
-
-
-def build_model_chunks(provider: ModelProvider, ctx: ParallelContext) -> list[torch.nn.Module]:
-    chunks = []
-    for vp in range(ctx.vpp or 1):
-        vp_stage = vp if ctx.vpp else None
-        pre, post = stage_flags(ctx, vp_stage)
-        chunks.append(provider(pre, post, vp_stage).to(ctx.device))
-    return chunks
+from hpt_megatron.trainer.engine import TrainEngine
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], cfg: TrainerConfig) -> list[torch.nn.Module]:
@@ -93,13 +76,13 @@ def build_optimizer(chunks: list[torch.nn.Module], cfg: TrainerConfig, total_ste
 
 
 def build_engine(
-    provider: ModelProvider,
+    chunks: list[torch.nn.Module],
     ctx: ParallelContext,
     cfg: TrainerConfig,
     total_steps: int,
     vocab_size: int | None = None,
 ) -> TrainEngine:
     """Model chunks -> DDP -> optimizer + schedule -> engine."""
-    chunks = wrap_ddp(build_model_chunks(provider, ctx), cfg)
+    chunks = wrap_ddp(chunks, cfg)
     optimizer, scheduler = build_optimizer(chunks, cfg, total_steps)
     return TrainEngine(chunks, optimizer, scheduler, ctx, cfg, vocab_size)

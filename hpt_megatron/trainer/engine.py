@@ -13,7 +13,7 @@ cancel and the gradient is exactly that of the summed shares.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,9 +36,6 @@ class MicroBatchLoss(Protocol):
     def __call__(
         self, logprobs_bs: torch.Tensor, entropy_bs: torch.Tensor, mb: MicroBatch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
-
-
-ModelProvider = Callable[[bool, bool, int | None], torch.nn.Module]
 
 
 @dataclass

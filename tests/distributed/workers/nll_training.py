@@ -11,7 +11,7 @@ import torch
 from train_parity import ARCHS, make_samples
 
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
-from hpt_megatron.models.provider import build_model
+from hpt_megatron.models.provider import build_model_chunks
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.trainer.batching import collate, token_budget_microbatches
 from hpt_megatron.trainer.build import build_engine
@@ -33,10 +33,8 @@ def main() -> None:
     # Clipping on: the CPU gradient clip is part of what this exercises.
     trainer_cfg = TrainerConfig(lr=1e-3, grad_clip=1.0, max_tokens_per_microbatch=64)
 
-    def provider(pre, post, vp):  # noqa: ANN001, ANN202
-        return build_model(hf, model_cfg, parallel, pre_process=pre, post_process=post, vp_stage=vp)
-
-    engine = build_engine(provider, ctx, trainer_cfg, total_steps=args.steps)
+    chunks = build_model_chunks(hf, model_cfg, parallel, pp_rank=ctx.pp_rank)
+    engine = build_engine(chunks, ctx, trainer_cfg, total_steps=args.steps)
     samples = make_samples()
     total_tokens = sum(len(s.response_ids) for s in samples)
     mine = [i for i in range(len(samples)) if i % ctx.dp == ctx.dp_rank]

@@ -12,7 +12,7 @@ import torch
 
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
 from hpt_megatron.data.sample import Sample
-from hpt_megatron.models.provider import build_model
+from hpt_megatron.models.provider import build_model_chunks
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.trainer.batching import collate, token_budget_microbatches
 from hpt_megatron.trainer.build import build_engine
@@ -73,12 +73,9 @@ def main() -> None:
     model_cfg = ModelConfig(inline=ARCHS[args.arch])
     trainer_cfg = TrainerConfig(lr=1e-3, grad_clip=0.0, max_tokens_per_microbatch=args.max_tokens)
 
-    def provider(pre, post, vp):  # noqa: ANN001, ANN202
-        return build_model(ARCHS[args.arch], model_cfg, parallel, pre_process=pre,
-                           post_process=post, vp_stage=vp)  # fmt: skip
-
+    chunks = build_model_chunks(ARCHS[args.arch], model_cfg, parallel, pp_rank=ctx.pp_rank)
     engine = build_engine(
-        provider, ctx, trainer_cfg, total_steps=10, vocab_size=ARCHS[args.arch]["vocab_size"]
+        chunks, ctx, trainer_cfg, total_steps=10, vocab_size=ARCHS[args.arch]["vocab_size"]
     )
     if args.save:
         save_checkpoint(args.ckpt, engine.model_chunks)
