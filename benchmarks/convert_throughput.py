@@ -1,18 +1,23 @@
 """Converter throughput and peak memory on a random model of Qwen2.5-0.5B's shape.
 
-    python benchmarks/convert_throughput.py [--dtype bf16|fp32] [--workdir DIR]
+    python benchmarks/convert_throughput.py [--dtype bf16|fp32] [--rounds 3] [--workdir DIR]
 
 Writes a random HF folder (safetensors shards, tied embeddings, vocab 151,936), then times, each
 in its own process: a plain safetensors read-and-write of the same files (the baseline),
-``hf-to-megatron`` and ``megatron-to-hf``. Reports throughput as a ratio to the baseline and peak
-resident memory (VmHWM, and VmHWM minus the resident size after imports) as a ratio to the
-largest single tensor plus one 512 MiB bucket.
+``hf-to-megatron`` and ``megatron-to-hf``. The three run in turn for ``--rounds`` rounds, each
+writing new files after an ``os.sync()`` (so one run's dirty pages do not slow the next); the
+throughput ratio to the baseline is the median over rounds of that round's ratio. Peak resident
+memory (VmHWM, and VmHWM minus the resident size after imports; the largest over rounds) is given
+as a ratio to the largest single tensor plus one 512 MiB bucket.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +60,9 @@ if mode == "baseline":
 else:
     import torch, megatron.core.models.gpt, megatron.core.dist_checkpointing
     from hpt_megatron import convert
+    # the modules the converter imports when it runs, so that only the work is timed
+    import hpt_megatron.models.torch_dist, hpt_megatron.models.provider
+    import hpt_megatron.parallel.runtime, megatron.core.models.gpt.gpt_layer_specs
 base = rss("VmRSS")
 t0 = time.perf_counter()
 if mode == "baseline":
@@ -118,6 +126,7 @@ def write_random_hf(folder: Path, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def run(mode: str, *args: str) -> dict:
+    os.sync()
     env_cmd = [sys.executable, "-c", _HARNESS, mode, *args]
     t0 = time.perf_counter()
     proc = subprocess.run(env_cmd, capture_output=True, text=True, cwd=ROOT)
@@ -131,26 +140,43 @@ def run(mode: str, *args: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", help="default: a temporary folder")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="convert-bench-"))
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     total, largest = write_random_hf(work / "hf", dtype)
-    base = run("baseline", str(work / "hf"), str(work / "copy"))
-    hf_dir, mg_dir, back = str(work / "hf"), str(work / "mg"), str(work / "back")
-    to_mg = run("convert", "hf-to-megatron", "--hf", hf_dir, "--out", mg_dir, "--no-progress")
-    to_hf = run("convert", "megatron-to-hf", "--load", mg_dir, "--out", back, "--no-progress")
+    hf_dir = str(work / "hf")
+    results: dict[str, list[dict]] = {"baseline": [], "hf-to-megatron": [], "megatron-to-hf": []}
+    mg_dir, back, copy = str(work / "mg"), str(work / "back"), str(work / "copy")
+    commands = {
+        "baseline": ("baseline", hf_dir, copy),
+        "hf-to-megatron": ("convert", "hf-to-megatron", "--hf", hf_dir, "--out", mg_dir),
+        "megatron-to-hf": ("convert", "megatron-to-hf", "--load", mg_dir, "--out", back),
+    }
+    for _ in range(args.rounds):
+        for name, command in commands.items():
+            # Each run first frees its own previous output, so all three write into memory the
+            # kernel has just released (fresh pages cost far more, on disk and on tmpfs alike).
+            shutil.rmtree(command[-1], ignore_errors=True)
+            flags = ("--no-progress",) if command[0] == "convert" else ()
+            results[name].append(run(*command, *flags))
     bound = largest + BUCKET
     print(f"model bytes {total / 2**20:.0f} MiB ({args.dtype}); largest tensor "
-          f"{largest / 2**20:.0f} MiB; largest + bucket {bound / 2**20:.0f} MiB")  # fmt: skip
-    for name, r in (("safetensors read+write", base), ("hf-to-megatron", to_mg),
-                    ("megatron-to-hf", to_hf)):  # fmt: skip
-        ratio = base["seconds"] / r["seconds"]
+          f"{largest / 2**20:.0f} MiB; largest + bucket {bound / 2**20:.0f} MiB; "
+          f"{args.rounds} rounds")  # fmt: skip
+    for name, rs in results.items():
+        secs = statistics.median(r["seconds"] for r in rs)
+        base = results["baseline"]
+        ratio = statistics.median(b["seconds"] / r["seconds"] for b, r in zip(base, rs))
+        each = " ".join(f"{r['seconds']:.2f}" for r in rs)
+        peak = max(r["peak"] for r in rs)
+        above = max(r["peak"] - r["base"] for r in rs)
         print(
-            f"{name:24s} {r['seconds']:6.2f} s ({total / r['seconds'] / 2**20:7.0f} MiB/s, "
-            f"throughput ratio {ratio:.2f}; process {r['process_seconds']:.1f} s) | peak RSS "
-            f"{r['peak'] / 2**20:6.0f} MiB = {r['peak'] / bound:.2f} x bound, above imports "
-            f"{(r['peak'] - r['base']) / 2**20:6.0f} MiB = {(r['peak'] - r['base']) / bound:.2f} x"
+            f"{name:15s} median {secs:6.2f} s ({total / secs / 2**20:6.0f} MiB/s; rounds "
+            f"{each}) throughput ratio {ratio:.2f} | "
+            f"peak RSS {peak / 2**20:5.0f} MiB = {peak / bound:.2f} x bound, above imports "
+            f"{above / 2**20:5.0f} MiB = {above / bound:.2f} x"
         )
 
 

@@ -18,7 +18,7 @@ stripped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,11 +91,18 @@ def export_hf_weights(
         On TP rank 0 of each pipeline stage: that stage's tensors, in parameter order. Every rank
         of the TP group must exhaust the generator.
     """
+    tensors = iter_hf_tensors(chunks, hf, tp_group=tp_group, dtype=dtype)
+    return bucketed(tensors, bucket_bytes)
+
+
+def bucketed(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
+    """Group ``(name, tensor)`` pairs, in order, into buckets of at most ``bucket_bytes`` (a larger
+    tensor goes alone in its bucket)."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes: must be > 0, got {bucket_bytes}")
     bucket: Bucket = []
     size = 0
-    for name, tensor in iter_hf_tensors(chunks, hf, tp_group=tp_group, dtype=dtype):
+    for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
         if bucket and size + nbytes > bucket_bytes:
             yield bucket

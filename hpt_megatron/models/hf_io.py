@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+import struct
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -87,8 +88,68 @@ class HFCheckpointWriter:
         for other_map, other_bytes in others:
             weight_map.update(other_map)
             total += other_bytes
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_index(self.folder, weight_map, total)
+
+
+def write_index(folder: str | Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    """``model.safetensors.index.json``: which shard holds each tensor."""
+    weight_map = dict(sorted(weight_map.items()))
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (Path(folder) / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# safetensors' dtype names (its format spec).
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors_stream(
+    path: str | Path,
+    entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+) -> None:
+    """Write one safetensors file whose tensors are known (name, dtype, shape) before their data.
+
+    Takes ``len(entries)`` tensors from ``tensors`` and writes each as it arrives, so only one is
+    in memory at a time (``safetensors.torch.save_file`` needs them all at once). The header is
+    written first from ``entries``; each tensor must match its entry.
+
+    Raises:
+        ValueError: a tensor that does not match its entry, or ``tensors`` ending early.
+    """
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format allows trailing spaces; align the data to 8
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, dtype, shape in entries:
+            got, tensor = next(tensors, (None, None))
+            found = None if tensor is None else (got, tensor.dtype, tuple(tensor.shape))
+            if found != (name, dtype, tuple(shape)):
+                raise ValueError(f"{path}: expected {(name, dtype, shape)}, got {found}")
+            flat = tensor.detach().contiguous().cpu().reshape(-1)
+            if flat.numel():
+                f.write(memoryview(flat.view(torch.uint8).numpy()))
 
 
 def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:

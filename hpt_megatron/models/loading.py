@@ -20,7 +20,7 @@ def _describe(dims: Dims) -> str:
     return f"heads={dims.heads}, kv_heads={dims.groups}, head_dim={dims.head_dim}"
 
 
-def _local_tensor(
+def local_tensor(
     reader: HFCheckpointReader,
     name: str,
     param: torch.Tensor,
@@ -85,7 +85,7 @@ def load_hf_weights(
         )
     ]
     for name, param in tqdm(named, desc="load HF", disable=not progress, unit="tensor"):
-        local = _local_tensor(reader, name, param, hf, tp_rank, tp_size)
+        local = local_tensor(reader, name, param, hf, tp_rank, tp_size)
         with torch.no_grad():
             param.copy_(local)
     return len(named)

@@ -86,13 +86,17 @@ class Vocab:
     def to_local(self, hf, rank, size, local_shape, dims):  # noqa: ANN001, ANN201
         rows = local_shape[0]
         start = rank * rows
-        local = hf[0].new_zeros(local_shape)
+        local = hf[0].new_empty(local_shape)
         stop = min(start + rows, hf[0].shape[0])
-        if stop > start:
-            local[: stop - start] = hf[0][start:stop]
+        kept = max(0, stop - start)
+        if kept:
+            local[:kept] = hf[0][start:stop]
+        local[kept:].zero_()
         return local
 
     def to_hf(self, shards, dims):  # noqa: ANN001, ANN201
+        if len(shards) == 1:  # a view: the padding rows are the last ones
+            return [shards[0][: dims.vocab]]
         rows = shards[0].shape[0]
         kept = [s[: max(0, min(rows, dims.vocab - r * rows))] for r, s in enumerate(shards)]
         return [torch.cat(kept, dim=0)]
@@ -131,6 +135,45 @@ class GateUp:
     def to_hf(self, shards, dims):  # noqa: ANN001, ANN201
         halves = [s.chunk(2, dim=0) for s in shards]
         return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+
+
+def tp1_region(
+    layout: Layout,
+    hf: list[torch.Tensor],
+    start: tuple[int, ...],
+    shape: tuple[int, ...],
+    full_shape: torch.Size,
+    dims: Dims,
+) -> torch.Tensor:
+    """The region ``[start, start + shape)`` of the TP=1 Megatron tensor (``full_shape``) made of
+    the HF tensors ``hf``.
+
+    Megatron checkpoints ``linear_fc1`` as two chunks, the gate rows and the up rows: those are
+    the HF tensors themselves, returned without copying. Other regions are cut from the whole.
+
+    Raises:
+        ValueError: the HF tensors do not make a tensor of ``full_shape``.
+    """
+    shape, full = tuple(shape), tuple(full_shape)
+    if (
+        isinstance(layout, GateUp)
+        and full == (2 * shape[0], *shape[1:])
+        and start in ((0,) * len(shape), (shape[0],) + (0,) * (len(shape) - 1))
+        and all(tuple(t.shape) == shape for t in hf)
+    ):
+        return hf[0] if start[0] == 0 else hf[1]
+    try:
+        region = layout.to_local(hf, 0, 1, full_shape, dims)
+    except RuntimeError as err:
+        raise ValueError(f"HF shapes {[list(t.shape) for t in hf]} do not fit: {err}") from err
+    if tuple(region.shape) != full:
+        raise ValueError(
+            f"HF shapes {[list(t.shape) for t in hf]} make {list(region.shape)}, not {list(full)}"
+        )
+    for dim, (begin, size) in enumerate(zip(start, shape)):
+        if size != region.shape[dim]:
+            region = region.narrow(dim, begin, size)
+    return region
 
 
 @dataclass(frozen=True)

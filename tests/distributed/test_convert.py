@@ -122,17 +122,54 @@ def test_hf_megatron_hf_is_bit_exact(converted, tmp_path, name):
     assert (back / "tokenizer_config.json").is_file() and (back / "config.json").is_file()
 
 
-def test_export_from_tp2_and_pp2_is_bit_exact(converted, tmp_path):
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_layout_export_and_sharded_checkpoint_are_bit_exact(converted, tmp_path, tp, pp):
+    """The run's HF export at TP=2 / PP=2, and the converter reading a checkpoint that Megatron
+    itself wrote at that layout (QKV, fc1 and vocabulary split into TP chunks, vocabulary padded
+    to 512), both give back every original tensor."""
     original = _hf_tensors(converted["llama"]["hf"])
-    for tp, pp in ((2, 1), (1, 2)):
-        back = tmp_path / f"tp{tp}pp{pp}"
-        args = ["megatron-to-hf", "--load", str(converted["llama"]["mg"]), "--out", str(back)]
-        torchrun(ROOT / "tools" / "convert.py", *args, "--tp", str(tp), "--pp", str(pp))
-        returned = _hf_tensors(back)
-        assert sorted(returned) == sorted(original)
-        assert all(torch.equal(returned[k], original[k]) for k in original), (tp, pp)
-        index = json.loads((back / "model.safetensors.index.json").read_text())
+    exported, resaved, back = tmp_path / "export", tmp_path / "resaved", tmp_path / "back"
+    args = ["--load", str(converted["llama"]["mg"]), "--hf-out", str(exported)]
+    torchrun(WORKERS / "export_layouts.py", *args, "--megatron-out", str(resaved),
+             "--tp", str(tp), "--pp", str(pp))  # fmt: skip
+    (resaved / "config.json").write_text((converted["llama"]["mg"] / "config.json").read_text())
+    _convert("megatron-to-hf", "--load", str(resaved), "--out", str(back))
+    for folder in (exported, back):
+        returned = _hf_tensors(folder)
+        assert sorted(returned) == sorted(original), folder
+        assert all(torch.equal(returned[k], original[k]) for k in original), folder
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
         assert set(index["weight_map"]) == set(original)
+
+
+def test_converter_writes_what_megatron_writes(converted, tmp_path):
+    """The model-free writer's index equals the one Megatron's dist_checkpointing.save writes
+    for the TP=PP=1 model: same keys, global shapes, dtypes and chunks."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    resaved = tmp_path / "resaved"
+    torchrun(WORKERS / "export_layouts.py", "--load", str(converted["qwen2"]["mg"]),
+             "--hf-out", str(tmp_path / "hf"), "--megatron-out", str(resaved), nproc=1)  # fmt: skip
+    ours = FileSystemReader(converted["qwen2"]["mg"]).read_metadata().state_dict_metadata
+    theirs = FileSystemReader(resaved).read_metadata().state_dict_metadata
+    assert sorted(ours) == sorted(theirs)
+    for key, md in theirs.items():
+        if hasattr(md, "size"):
+            mine = ours[key]
+            assert (mine.size, mine.properties.dtype) == (md.size, md.properties.dtype), key
+            assert sorted(map(str, mine.chunks)) == sorted(map(str, md.chunks)), key
+
+
+def test_converter_refuses_torchrun_and_non_checkpoints(tmp_path, monkeypatch, capsys):
+    from hpt_megatron import convert
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_configs.llama()))
+    argv = ["megatron-to-hf", "--load", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert convert.main(argv) == 2
+    assert "not a Megatron distributed checkpoint (no metadata.json)" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert convert.main(argv) == 2
+    assert "start it with python, not torchrun" in capsys.readouterr().err
 
 
 def test_exported_folder_loads_and_generates(converted, tmp_path):
