@@ -114,7 +114,10 @@ def megatron_to_hf(args: argparse.Namespace) -> None:
         write_safetensors_stream,
     )
     from hpt_megatron.models.provider import check_hf_supported, load_hf_config
-    from hpt_megatron.models.torch_dist import TorchDistCheckpoint, iter_checkpoint_hf_tensors
+    from hpt_megatron.models.torch_dist import (
+        TorchDistCheckpoint,
+        iter_checkpoint_hf_tensors,
+    )
 
     _check_one_process()
     _freeze_imports()
@@ -131,6 +134,7 @@ def megatron_to_hf(args: argparse.Namespace) -> None:
     # tensor straight into its shard: one tensor in memory at a time, whatever --shard-mib is.
     planned = iter_checkpoint_hf_tensors(ckpt, hf, dtype=torch_dtype, meta=True)
     shards = list(bucketed(planned, args.shard_mib * 1024**2))
+    # Read the next tensors in a thread while this one is written: reading and writing overlap.
     tensors = iter_checkpoint_hf_tensors(ckpt, hf, dtype=torch_dtype)
     bar = iter(tqdm(tensors, desc="megatron-to-hf", unit="tensor", disable=args.no_progress))
     weight_map, total = {}, 0

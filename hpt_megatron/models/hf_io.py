@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -72,12 +71,12 @@ class HFCheckpointWriter:
         self.total_bytes = 0
 
     def write(self, bucket: Iterable[tuple[str, torch.Tensor]]) -> None:
-        tensors = {name: t.detach().contiguous().cpu() for name, t in bucket}
+        tensors = list(bucket)
         if not tensors:
             return
         shard = f"{self.prefix}-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
-        save_file(tensors, self.folder / shard, metadata={"format": "pt"})
-        for name, tensor in tensors.items():
+        write_safetensors(self.folder / shard, tensors)
+        for name, tensor in tensors:
             self.weight_map[name] = shard
             self.total_bytes += tensor.numel() * tensor.element_size()
 
@@ -99,7 +98,7 @@ def write_index(folder: str | Path, weight_map: dict[str, str], total_bytes: int
 
 
 # safetensors' dtype names (its format spec).
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -110,6 +109,8 @@ _SAFETENSORS_DTYPES = {
     torch.int8: "I8",
     torch.uint8: "U8",
     torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
 }
 
 
@@ -120,19 +121,26 @@ def write_safetensors_stream(
 ) -> None:
     """Write one safetensors file whose tensors are known (name, dtype, shape) before their data.
 
-    Takes ``len(entries)`` tensors from ``tensors`` and writes each as it arrives, so only one is
-    in memory at a time (``safetensors.torch.save_file`` needs them all at once). The header is
-    written first from ``entries``; each tensor must match its entry.
+    The format: an 8-byte little-endian header length, a JSON header (name -> dtype, shape, byte
+    offsets), then the raw bytes. The header is written from ``entries``; then ``len(entries)``
+    tensors are taken from ``tensors`` and written as each arrives, so only one is in memory at a
+    time (``safetensors.torch.save_file`` needs them all at once) and views sharing a storage are
+    fine. Each tensor must match its entry.
 
     Raises:
-        ValueError: a tensor that does not match its entry, or ``tensors`` ending early.
+        ValueError: a repeated name, a dtype safetensors lacks, a tensor that does not match its
+            entry, or ``tensors`` ending early.
     """
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dtype, shape in entries:
+        if name in header:
+            raise ValueError(f"{path}: the tensor name {name!r} is repeated")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {dtype} cannot be written as safetensors")
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "dtype": SAFETENSORS_DTYPES[dtype],
             "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
@@ -147,9 +155,15 @@ def write_safetensors_stream(
             found = None if tensor is None else (got, tensor.dtype, tuple(tensor.shape))
             if found != (name, dtype, tuple(shape)):
                 raise ValueError(f"{path}: expected {(name, dtype, shape)}, got {found}")
-            flat = tensor.detach().contiguous().cpu().reshape(-1)
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
             if flat.numel():
                 f.write(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def write_safetensors(path: str | Path, bucket: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Write ``(name, tensor)`` pairs as one safetensors file, streaming each tensor's bytes."""
+    entries = [(name, t.dtype, tuple(t.shape)) for name, t in bucket]
+    write_safetensors_stream(path, entries, iter(bucket))
 
 
 def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:

@@ -77,7 +77,7 @@ class Split:
         return hf[0].chunk(size, dim=self.dim)[rank]
 
     def to_hf(self, shards, dims):  # noqa: ANN001, ANN201
-        return [torch.cat(shards, dim=self.dim)]
+        return [shards[0] if len(shards) == 1 else torch.cat(shards, dim=self.dim)]
 
 
 class Vocab:
@@ -134,6 +134,8 @@ class GateUp:
 
     def to_hf(self, shards, dims):  # noqa: ANN001, ANN201
         halves = [s.chunk(2, dim=0) for s in shards]
+        if len(shards) == 1:  # views: the two halves are contiguous rows
+            return list(halves[0])
         return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
 
 

@@ -32,7 +32,7 @@ def test_safetensors_round_trip(tmp_path: Path) -> None:
     got = load_file(str(tmp_path / "x.safetensors"))
     assert list(got) == [n for n, _ in bucket]
     assert all(torch.equal(got[n], t) for n, t in bucket)
-    with pytest.raises(ValueError, match="repeats the tensor name 'c'"):
+    with pytest.raises(ValueError, match="the tensor name 'c' is repeated"):
         write_safetensors(tmp_path / "y.safetensors", [("c", torch.ones(1))] * 2)
 
 

@@ -9,61 +9,14 @@ newest snapshot stays on disk so that a restarted server can be brought to the c
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-
+from hpt_megatron.models.hf_io import write_safetensors
 from hpt_megatron.rollout.base import WeightBucket
 from hpt_megatron.rollout.sglang.client import SGLangClient
-
-_ST_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-
-
-def write_safetensors(path: Path, bucket: WeightBucket) -> None:
-    """Write one safetensors file, streaming each tensor's bytes (no serialised copy in memory).
-
-    The format: an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
-    byte offsets), then the raw tensor bytes. Tied tensors are simply written twice.
-    """
-    tensors = [(name, t.detach().to("cpu").contiguous()) for name, t in bucket]
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, t in tensors:
-        if name in header:
-            raise ValueError(f"weight bucket repeats the tensor name {name!r}")
-        if t.dtype not in _ST_DTYPES:
-            raise ValueError(f"{name}: dtype {t.dtype} cannot be written as safetensors")
-        header[name] = {
-            "dtype": _ST_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
-        }
-        offset += t.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as fh:
-        fh.write(len(blob).to_bytes(8, "little"))
-        fh.write(blob)
-        for _, t in tensors:
-            if t.nbytes:
-                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def write_snapshot(buckets: Iterable[WeightBucket], directory: Path, version: int) -> Path:
