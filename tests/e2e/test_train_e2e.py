@@ -101,6 +101,24 @@ def test_tp2_run_writes_metrics_checkpoints_and_hf_export(tmp_path):
     assert "arith" in proc.stdout
     assert len((tmp_path / "eval" / "responses.jsonl").read_text().splitlines()) == 2
 
+    # The converter reads the TP=2 training checkpoint (optimizer state beside the weights) into
+    # the same tensors the run exported at its end.
+    import torch
+    from safetensors.torch import load_file
+
+    from hpt_megatron import convert
+
+    back = tmp_path / "from-checkpoint"
+    step = out / "checkpoints" / "step_000004"
+    assert convert.main(["megatron-to-hf", "--load", str(step), "--out", str(back),
+                         "--no-progress"]) == 0  # fmt: skip
+    exported, converted = {}, {}
+    for folder, tensors in ((out / "hf", exported), (back, converted)):
+        for shard in sorted(folder.glob("*.safetensors")):
+            tensors.update(load_file(shard))
+    assert sorted(converted) == sorted(exported)
+    assert all(torch.equal(converted[k].to(exported[k].dtype), exported[k]) for k in exported)
+
 
 def test_dp2_matches_single_process(tmp_path):
     """Same seed and data: two data-parallel ranks train exactly like one process, step by step
