@@ -121,8 +121,12 @@ def score_sequences(
     for chunk in chunks:
         chunk.eval()
     with torch.no_grad():
+        # Megatron's interleaved (virtual pipeline) schedule needs at least PP micro-batches: pad a
+        # short pass with copies of its last sequence and drop their results.
+        min_batch = chunks[0].config.pipeline_model_parallel_size if len(chunks) > 1 else 1
         for start in range(0, len(seqs), batch_size):
-            batch = seqs[start : start + batch_size]
+            real = seqs[start : start + batch_size]
+            batch = list(real) + [real[-1]] * max(0, min_batch - len(real))
             data = [_batches(batch, seq_multiple) for _ in chunks]  # one per virtual stage
             length = -(-max(len(s) for s in batch) // seq_multiple) * seq_multiple
             out = get_forward_backward_func()(
@@ -136,7 +140,7 @@ def score_sequences(
             )
             if out:
                 is_last = True
-                results.extend(item["logprobs"].tolist() for item in out)
+                results.extend(item["logprobs"].tolist() for item in out[: len(real)])
     return results if is_last else None
 
 
@@ -146,6 +150,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hf-config", help="HF config folder (default: the checkpoint's)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vpp", type=int, help="virtual pipeline stages per PP rank")
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per pipeline pass")
@@ -163,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     args = _parse(argv)
     hf = load_hf_config(args.hf_config or args.load)
-    parallel = ParallelConfig(tp=args.tp, pp=args.pp)
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp)
     parallel.validate()
     seqs = read_sequences(args.input)
     ctx = init_distributed(parallel)
