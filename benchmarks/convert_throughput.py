@@ -9,6 +9,10 @@ writing new files after an ``os.sync()`` (so one run's dirty pages do not slow t
 throughput ratio to the baseline is the median over rounds of that round's ratio. Peak resident
 memory (VmHWM, and VmHWM minus the resident size after imports; the largest over rounds) is given
 as a ratio to the largest single tensor plus one 512 MiB bucket.
+
+On a shared machine the time to write a GB into a disk's page cache swings several-fold from one
+run to the next, whatever writes it; ``--workdir /dev/shm/...`` (tmpfs, needs ~4x the model in
+free memory) takes the disk out and measures what the converter itself does.
 """
 
 from __future__ import annotations
