@@ -13,8 +13,10 @@ with PyTorch Distributed Checkpoint (DCP) doing the file format on both sides:
   ``FileSystemReader`` and its resharding helper, so checkpoints written at any TP/PP layout (the
   trainer's included) are read one layer of one parameter at a time.
 
-The checkpoint is the same as Megatron's ``dist_checkpointing.save`` of the TP=PP=1 model writes
-(``metadata.json``, ``common.pt``, ``.metadata`` and ``__0_*.distcp``), so it loads at any layout.
+The checkpoint holds the keys, global shapes, dtypes and chunks that Megatron's
+``dist_checkpointing.save`` of the TP=PP=1 model writes (``metadata.json``, ``common.pt``, the DCP
+index ``.metadata``), so it loads at any layout; its data files are one per chunk (DCP's
+``single_file_per_rank=False``) rather than one per rank, so that a reader can map them.
 """
 
 from __future__ import annotations
