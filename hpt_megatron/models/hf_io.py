@@ -50,6 +50,21 @@ class HFCheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
+    def get_meta(self, name: str) -> torch.Tensor:
+        """An empty ``meta`` tensor with the stored shape and dtype (reads only the headers)."""
+        if not hasattr(self, "_headers"):
+            self._headers: dict[str, tuple[list[int], str]] = {}
+            for shard in sorted(set(self.weight_map.values())):
+                with safe_open(self.folder / shard, framework="pt") as f:
+                    for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                        view = f.get_slice(key)
+                        self._headers[key] = (view.get_shape(), view.get_dtype())
+        if name not in self._headers:
+            raise ValueError(f"{self.folder}: tensor {name!r} is not in the checkpoint")
+        shape, dtype = self._headers[name]
+        torch_dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
+        return torch.empty(shape, dtype=torch_dtype, device="meta")
+
     def get(self, name: str) -> torch.Tensor:
         shard = self.weight_map.get(name)
         if shard is None:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.utils.serialization import config as serialization_config
 
+from hpt_megatron.models.loading import local_tensor
 from hpt_megatron.models.mapping import Dims, rule_for, tp1_region
 
 # What ``dist_checkpointing.save`` writes next to the DCP files (megatron-core 0.16).
@@ -190,29 +193,36 @@ def write_checkpoint_from_hf(
     from tqdm import tqdm
 
     from hpt_megatron.models.hf_io import HFCheckpointReader
-    from hpt_megatron.models.loading import local_tensor
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     reader = HFCheckpointReader(hf_folder)
     schema = schema or megatron_schema(hf, dtype)
     bar = tqdm(total=len(schema.pieces), desc="hf-to-megatron", unit="tensor", disable=not progress)
     dims = Dims.from_hf(hf)
+    shapes_only = _HeaderReader(reader)
+    for piece in schema.pieces:  # every HF tensor present and of the right shape, before writing
+        _piece_tensor(shapes_only, piece, schema, hf, dims)
 
-    def produce(piece: Piece) -> torch.Tensor:  # called from the writer's threads
-        meta = schema.params[piece.param]
-        if piece.shape == tuple(meta.shape):
-            data = local_tensor(reader, piece.param, meta, hf, tp_rank=0, tp_size=1)
-        else:  # one of several chunks of the parameter (linear_fc1's gate and up rows)
-            rule = rule_for(piece.param, hf)
-            sources = [reader.get(name) for name in rule.hf_names]
-            try:
-                data = tp1_region(rule.layout, sources, piece.start, piece.shape, meta.shape, dims)
-            except ValueError as err:
-                raise ValueError(f"{reader.folder}: {piece.param}: {err}") from err
+    # DCP's writer threads call produce(); an exception in a thread other than the caller's would
+    # only end that thread (and its chunks would be missing from the index), so every failure is
+    # recorded here, stops the other threads' next chunks, and is raised after the save.
+    errors: list[BaseException] = []
+    workers: set[threading.Thread] = set()
+
+    def produce(piece: Piece) -> torch.Tensor:
+        workers.add(threading.current_thread())
+        if errors:
+            raise RuntimeError("stopped: writing another chunk failed")
+        try:
+            data = _piece_tensor(reader, piece, schema, hf, dims).to(torch_dtype)
+        except BaseException as err:
+            errors.append(err)
+            raise
         bar.update()
-        return data.to(torch_dtype)
+        return data
 
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     # One file per chunk (DCP's other layout, read by Megatron as well): a reader can then map a
     # chunk's file (torch.load(mmap=True)) instead of copying it into memory. Two writer threads
@@ -227,6 +237,15 @@ def write_checkpoint_from_hf(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+        if errors:
+            raise errors[0]
+    except BaseException as err:
+        errors.append(err)
+        for thread in workers - {threading.current_thread()}:
+            thread.join()  # its next chunk stops it
+        if created:  # leave nothing half-written behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise errors[0] from None
     finally:
         serialization_config.save.compute_crc32 = crc
     bar.close()
@@ -234,6 +253,32 @@ def write_checkpoint_from_hf(
     save_config(CheckpointingConfig(**MEGATRON_CONFIG), str(out))
     size = torch.empty((), dtype=torch_dtype).element_size()
     return sum(torch.Size(piece.shape).numel() for piece in schema.pieces) * size
+
+
+def _piece_tensor(
+    reader: Any, piece: Piece, schema: Schema, hf: dict[str, Any], dims: Dims
+) -> torch.Tensor:
+    """The data of one chunk, from the HF tensors ``reader.get`` returns (meta ones for checks)."""
+    meta = schema.params[piece.param]
+    if piece.shape == tuple(meta.shape):
+        return local_tensor(reader, piece.param, meta, hf, tp_rank=0, tp_size=1)
+    # One of several chunks of the parameter (linear_fc1's gate and up rows).
+    rule = rule_for(piece.param, hf)
+    sources = [reader.get(name) for name in rule.hf_names]
+    try:
+        return tp1_region(rule.layout, sources, piece.start, piece.shape, meta.shape, dims)
+    except ValueError as err:
+        raise ValueError(f"{reader.folder}: {piece.param}: {err}") from err
+
+
+class _HeaderReader:
+    """An :class:`HFCheckpointReader` whose tensors are meta tensors of the stored shapes."""
+
+    def __init__(self, reader: Any) -> None:
+        self.folder, self._reader = reader.folder, reader
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._reader.get_meta(name)
 
 
 class _IntoTensor(LoadPlanner):

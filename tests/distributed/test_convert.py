@@ -8,6 +8,7 @@ Each checkpoint is written once (TP=1) and loaded at TP=1, TP=2 and PP=2.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,48 @@ def test_converter_writes_what_megatron_writes(converted, tmp_path):
             mine = ours[key]
             assert (mine.size, mine.properties.dtype) == (md.size, md.properties.dtype), key
             assert sorted(map(str, mine.chunks)) == sorted(map(str, md.chunks)), key
+
+
+def test_hf_shape_unlike_the_config_is_a_clear_error_that_writes_nothing(converted, tmp_path):
+    bad, out = tmp_path / "bad", tmp_path / "out"
+    shutil.copytree(converted["llama"]["hf"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    cmd = [sys.executable, str(ROOT / "tools" / "convert.py"), "hf-to-megatron", "--hf", str(bad),
+           "--out", str(out), "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "linear_fc1.weight: HF shapes [[96, 64], [96, 64]] make [192, 64], not [256, 64]" in (
+        proc.stderr
+    )
+    assert not out.exists()
+
+
+_FAIL_FIFTH_CHUNK = """
+import sys
+from hpt_megatron import convert
+from hpt_megatron.models import torch_dist
+real, done = torch_dist._piece_tensor, []
+def failing(reader, piece, *args):
+    tensor = real(reader, piece, *args)
+    if not tensor.is_meta:
+        done.append(piece)
+        if len(done) == 5:
+            raise ValueError("no space left on device (simulated)")
+    return tensor
+torch_dist._piece_tensor = failing
+sys.exit(convert.main(sys.argv[1:]))
+"""
+
+
+def test_failure_while_writing_is_reported_and_leaves_no_partial_checkpoint(converted, tmp_path):
+    out = tmp_path / "out"
+    args = ["hf-to-megatron", "--hf", str(converted["qwen2"]["hf"]), "--out", str(out)]
+    cmd = [sys.executable, "-c", _FAIL_FIFTH_CHUNK, *args, "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: no space left on device (simulated)" in proc.stderr
+    assert not out.exists()
 
 
 def test_converter_refuses_torchrun_and_non_checkpoints(tmp_path, monkeypatch, capsys):
