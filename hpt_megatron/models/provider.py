@@ -8,6 +8,7 @@ layers otherwise. ``transformer_config_from_hf`` is pure: it reads dicts and dat
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from dataclasses import dataclass
@@ -275,43 +276,52 @@ def build_model(
     post_process: bool,
     vp_stage: int | None = None,
     init_weights: bool = True,
+    meta: bool = False,
 ) -> GPTModel:
     """Build this rank's Megatron ``GPTModel`` (one pipeline stage, one virtual chunk).
 
     Needs Megatron's parallel state (``hpt_megatron.parallel.runtime.init_distributed``). The
     weights are randomly initialised; load them with :mod:`hpt_megatron.models.loading` or from
     a distributed checkpoint. ``init_weights=False`` skips the random initialisation.
+    ``meta=True`` builds the local-layer model on the ``meta`` device, on any machine (shapes and
+    checkpoint layout only, no memory; the converter's schema).
     """
     from megatron.core.models.gpt import GPTModel
 
     hf = hf_config_with_overrides(hf, model)
-    use_te = use_transformer_engine(model)
+    use_te = False if meta else use_transformer_engine(model)
     if parallel.sequence_parallel and not use_te:
         raise ConfigError(
             "parallel.sequence_parallel: Megatron's local (CPU) layers do not support sequence "
             "parallelism (its torch norm refuses it); use Transformer Engine layers on GPUs"
         )
-    config = transformer_config_from_hf(hf, model, parallel, use_te=use_te)
+    # On meta, nothing may ask for a CUDA device: Megatron's CPU initialisation path allocates
+    # without one, so the meta device context applies.
+    cpu_init = True if meta else None
+    config = transformer_config_from_hf(
+        hf, model, parallel, use_te=use_te, cpu_initialization=cpu_init
+    )
     config.perform_initialization = init_weights
     rope = rope_settings(hf)
-    gpt = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(config, use_te=use_te),
-        vocab_size=padded_vocab_size(
-            int(hf["vocab_size"]), parallel.tp, model.make_vocab_size_divisible_by
-        ),
-        max_sequence_length=int(hf.get("max_position_embeddings", 4096)),
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
-        position_embedding_type="rope",
-        rotary_base=rope.theta,  # type: ignore[arg-type]  # float bases are fine
-        rope_scaling=rope.llama3_scaling,
-        rope_scaling_factor=rope.scaling_factor,
-        vp_stage=vp_stage,
-    )
-    if torch.cuda.is_available():
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(config, use_te=use_te),
+            vocab_size=padded_vocab_size(
+                int(hf["vocab_size"]), parallel.tp, model.make_vocab_size_divisible_by
+            ),
+            max_sequence_length=int(hf.get("max_position_embeddings", 4096)),
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
+            position_embedding_type="rope",
+            rotary_base=rope.theta,  # type: ignore[arg-type]  # float bases are fine
+            rope_scaling=rope.llama3_scaling,
+            rope_scaling_factor=rope.scaling_factor,
+            vp_stage=vp_stage,
+        )
+    if torch.cuda.is_available() and not meta:
         gpt.cuda(torch.cuda.current_device())
     return gpt
 
@@ -323,10 +333,12 @@ def build_model_chunks(
     *,
     pp_rank: int,
     init_weights: bool = True,
+    meta: bool = False,
 ) -> list[GPTModel]:
     """This pipeline rank's model chunks: one, or ``parallel.vpp`` with virtual stages.
 
-    ``init_weights=False`` skips the random initialisation (weights about to be loaded).
+    ``init_weights=False`` skips the random initialisation (weights about to be loaded);
+    ``meta`` as in :func:`build_model`.
     """
     vpp = parallel.vpp or 1
     first, last = pp_rank == 0, pp_rank == parallel.pp - 1
@@ -339,6 +351,7 @@ def build_model_chunks(
             post_process=last and i == vpp - 1,
             vp_stage=i if parallel.vpp else None,
             init_weights=init_weights,
+            meta=meta,
         )
         for i in range(vpp)
     ]

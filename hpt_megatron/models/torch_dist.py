@@ -92,7 +92,8 @@ class Schema:
 
 
 def megatron_schema(hf: dict[str, Any], dtype: str) -> Schema:
-    """What Megatron writes for the TP=PP=1 model of ``hf``, from a model built on ``meta``.
+    """What Megatron writes for the TP=PP=1 model of ``hf``, from a model built on ``meta``
+    with local layers (GPU or not: TE layers would add FP8 state objects a CPU run lacks).
 
     Needs Megatron's parallel state (a world of one is enough).
     """
@@ -107,8 +108,9 @@ def megatron_schema(hf: dict[str, Any], dtype: str) -> Schema:
     from hpt_megatron.models.provider import build_model_chunks
 
     model = ModelConfig(inline=hf, params_dtype=dtype)
-    with torch.device("meta"):
-        chunks = build_model_chunks(hf, model, ParallelConfig(), pp_rank=0, init_weights=False)
+    chunks = build_model_chunks(
+        hf, model, ParallelConfig(), pp_rank=0, init_weights=False, meta=True
+    )
     params = dict(chunks[0].named_parameters())
     sharded = model_sharded_state_dict(chunks)
     apply_factories(sharded)

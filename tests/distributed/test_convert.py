@@ -166,6 +166,13 @@ def test_virtual_pipeline_scores_and_exports_like_hf(tmp_path):
     assert all(torch.equal(returned[k], original[k]) for k in original)
 
 
+def test_schema_on_a_gpu_machine_is_the_cpu_one(converted):
+    script = WORKERS / "schema_on_gpu_machine.py"
+    cmd = [sys.executable, str(script), str(converted["llama"]["hf"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_converter_writes_what_megatron_writes(converted, tmp_path):
     """The model-free writer's index equals the one Megatron's dist_checkpointing.save writes
     for the TP=PP=1 model: same keys, global shapes, dtypes and chunks."""
