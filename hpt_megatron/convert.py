@@ -107,12 +107,7 @@ def megatron_to_hf(args: argparse.Namespace) -> None:
 
     from hpt_megatron.models.checkpoint import META_FILE
     from hpt_megatron.models.export import bucketed
-    from hpt_megatron.models.hf_io import (
-        copy_side_files,
-        write_config,
-        write_index,
-        write_safetensors_stream,
-    )
+    from hpt_megatron.models.hf_io import HFCheckpointWriter, copy_side_files, write_config
     from hpt_megatron.models.provider import check_hf_supported, load_hf_config
     from hpt_megatron.models.torch_dist import (
         TorchDistCheckpoint,
@@ -128,23 +123,17 @@ def megatron_to_hf(args: argparse.Namespace) -> None:
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     dtype = args.dtype or meta.get("params_dtype") or _hf_dtype(hf)
     torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     # Plan the shards from shapes alone (the same mapping run on meta tensors), then stream every
     # tensor straight into its shard: one tensor in memory at a time, whatever --shard-mib is.
     planned = iter_checkpoint_hf_tensors(ckpt, hf, dtype=torch_dtype, meta=True)
     shards = list(bucketed(planned, args.shard_mib * 1024**2))
-    # Read the next tensors in a thread while this one is written: reading and writing overlap.
     tensors = iter_checkpoint_hf_tensors(ckpt, hf, dtype=torch_dtype)
     bar = iter(tqdm(tensors, desc="megatron-to-hf", unit="tensor", disable=args.no_progress))
-    weight_map, total = {}, 0
+    writer = HFCheckpointWriter(args.out)
     for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         entries = [(n, t.dtype, tuple(t.shape)) for n, t in shard]
-        write_safetensors_stream(out / name, entries, bar)
-        weight_map |= dict.fromkeys((n for n, _ in shard), name)
-        total += sum(t.numel() * t.element_size() for _, t in shard)
-    write_index(out, weight_map, total)
+        writer.write_stream(entries, bar, f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+    writer.finish()
     write_config({**hf, "torch_dtype": _TORCH_DTYPES[dtype]}, args.out)
     copy_side_files(args.load, args.out)
     print(f"wrote HF folder {args.out} ({dtype})")

@@ -46,14 +46,15 @@ class HFCheckpointReader:
         for shard in sorted(set(self.weight_map.values())):
             if not (self.folder / shard).is_file():
                 raise ValueError(f"{self.folder / INDEX}: shard {shard} is missing")
+        self._headers: dict[str, tuple[list[int], str]] | None = None  # see get_meta
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
     def get_meta(self, name: str) -> torch.Tensor:
         """An empty ``meta`` tensor with the stored shape and dtype (reads only the headers)."""
-        if not hasattr(self, "_headers"):
-            self._headers: dict[str, tuple[list[int], str]] = {}
+        if self._headers is None:
+            self._headers = {}
             for shard in sorted(set(self.weight_map.values())):
                 with safe_open(self.folder / shard, framework="pt") as f:
                     for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
@@ -62,8 +63,7 @@ class HFCheckpointReader:
         if name not in self._headers:
             raise ValueError(f"{self.folder}: tensor {name!r} is not in the checkpoint")
         shape, dtype = self._headers[name]
-        torch_dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
-        return torch.empty(shape, dtype=torch_dtype, device="meta")
+        return torch.empty(shape, dtype=_TORCH_DTYPES[dtype], device="meta")
 
     def get(self, name: str) -> torch.Tensor:
         shard = self.weight_map.get(name)
@@ -87,13 +87,23 @@ class HFCheckpointWriter:
 
     def write(self, bucket: Iterable[tuple[str, torch.Tensor]]) -> None:
         tensors = list(bucket)
-        if not tensors:
-            return
-        shard = f"{self.prefix}-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
-        write_safetensors(self.folder / shard, tensors)
-        for name, tensor in tensors:
+        if tensors:
+            entries = [(name, t.dtype, tuple(t.shape)) for name, t in tensors]
+            self.write_stream(entries, iter(tensors))
+
+    def write_stream(
+        self,
+        entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+        tensors: Iterator[tuple[str, torch.Tensor]],
+        shard: str | None = None,
+    ) -> None:
+        """One shard (named ``shard``, or ``<prefix>-NNNNN``) of tensors known before their data,
+        taken from ``tensors`` one at a time (see :func:`write_safetensors_stream`)."""
+        shard = shard or f"{self.prefix}-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
+        write_safetensors_stream(self.folder / shard, entries, tensors)
+        for name, dtype, shape in entries:
             self.weight_map[name] = shard
-            self.total_bytes += tensor.numel() * tensor.element_size()
+            self.total_bytes += torch.Size(shape).numel() * dtype.itemsize
 
     def finish(self, others: Iterable[tuple[dict[str, str], int]] = ()) -> None:
         """Write the index, merging ``(weight_map, total_bytes)`` of other writers (pipeline
@@ -102,14 +112,8 @@ class HFCheckpointWriter:
         for other_map, other_bytes in others:
             weight_map.update(other_map)
             total += other_bytes
-        write_index(self.folder, weight_map, total)
-
-
-def write_index(folder: str | Path, weight_map: dict[str, str], total_bytes: int) -> None:
-    """``model.safetensors.index.json``: which shard holds each tensor."""
-    weight_map = dict(sorted(weight_map.items()))
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-    (Path(folder) / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 # safetensors' dtype names (its format spec).
@@ -127,6 +131,7 @@ SAFETENSORS_DTYPES = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
 }
+_TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors_stream(
@@ -153,7 +158,7 @@ def write_safetensors_stream(
             raise ValueError(f"{path}: the tensor name {name!r} is repeated")
         if dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"{name}: dtype {dtype} cannot be written as safetensors")
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
         header[name] = {
             "dtype": SAFETENSORS_DTYPES[dtype],
             "shape": list(shape),

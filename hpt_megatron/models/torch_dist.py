@@ -44,7 +44,6 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import (
     LoadPlan,
-    LoadPlanner,
     ReadItem,
     SavePlan,
     TensorWriteData,
@@ -283,26 +282,15 @@ class _HeaderReader:
         return self._reader.get_meta(name)
 
 
-class _IntoTensor(LoadPlanner):
-    """Copy read items into regions of one destination tensor."""
+class _IntoTensor:
+    """Where ``FileSystemReader.read_data`` puts what it reads: regions of one tensor.
+
+    ``read_data`` calls only these two methods of its planner; the rest of DCP's load planning is
+    done by :meth:`TorchDistCheckpoint.read` with ``create_read_items_for_chunk_list``.
+    """
 
     def __init__(self, dest: torch.Tensor) -> None:
         self.dest = dest
-
-    def set_up_planner(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
-        pass
-
-    def create_local_plan(self) -> LoadPlan:  # noqa: D102
-        raise NotImplementedError
-
-    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:  # noqa: D102
-        raise NotImplementedError
-
-    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:  # noqa: D102
-        raise NotImplementedError
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:  # noqa: D102
-        raise NotImplementedError
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         region = self.dest
@@ -310,8 +298,8 @@ class _IntoTensor(LoadPlanner):
             region = region.narrow(dim, start, size)
         return region
 
-    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:  # noqa: D102
-        pass
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        """The data is already in place."""
 
 
 class TorchDistCheckpoint:
