@@ -66,10 +66,11 @@ def term_rows(rl_weight_b: torch.Tensor, sft_weight_b: torch.Tensor) -> dict[str
 
 
 def count_totals(
-    mask_bt: torch.Tensor, rows: dict[str, torch.Tensor]
+    tokens_b: torch.Tensor, rows: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(response tokens per term, rows per term) of this micro-batch, as float64 scalars."""
-    tokens_b = mask_bt.to(torch.float64).sum(-1)
+    """(response tokens per term, rows per term) of rows with ``tokens_b`` response tokens each,
+    as float64 scalars."""
+    tokens_b = tokens_b.to(torch.float64)
     num_tokens = {k: (tokens_b * rows[k]).sum() for k in TERMS}
     num_seqs = {k: rows[k].to(torch.float64).sum() for k in TERMS}
     return num_tokens, num_seqs

@@ -80,21 +80,22 @@ def row_weights(
 def loss_totals(
     spec: AlgorithmSpec | str,
     *,
-    response_mask: torch.Tensor,
+    response_lengths: torch.Tensor,
     is_demo: torch.Tensor | None = None,
     rl_weight: torch.Tensor | None = None,
     sft_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """This (micro-)batch's six loss denominators as a float64 tensor ``[6]``.
+    """The six loss denominators of rows with ``response_lengths`` ``[B]`` tokens, float64 ``[6]``.
 
-    Sum it over the mini-batch's micro-batches, all-reduce it (SUM) over data-parallel ranks, then
-    ``global_num_tokens, global_num_seqs = unpack_totals(total)`` and pass both to ``policy_loss``.
-    Order: tokens of rl, sft, all; rows of rl, sft, all.
+    Computed from lengths and weights alone, so a trainer can take the totals of a whole
+    mini-batch (every data-parallel rank's rows) without collating it:
+    ``global_num_tokens, global_num_seqs = unpack_totals(total)``, then pass both to
+    ``policy_loss``. Order: tokens of rl, sft, all; rows of rl, sft, all.
     """
     spec = resolve_spec(spec)
-    mask_bt = check_mask(response_mask)
-    _, rl_b, sft_b = row_weights(spec, mask_bt.shape[0], is_demo, rl_weight, sft_weight)
-    num_tokens, num_seqs = agg.count_totals(mask_bt, agg.term_rows(rl_b, sft_b))
+    tokens_b = as_vector("response_lengths", response_lengths, torch.float64, len(response_lengths))
+    _, rl_b, sft_b = row_weights(spec, tokens_b.shape[0], is_demo, rl_weight, sft_weight)
+    num_tokens, num_seqs = agg.count_totals(tokens_b, agg.term_rows(rl_b, sft_b))
     return agg.pack_totals(num_tokens, num_seqs)
 
 
@@ -191,7 +192,7 @@ def _context(
     global_num_seqs: agg.Totals | float | None,
 ) -> _Context:
     rows = agg.term_rows(rl_b, sft_b)
-    local_tokens, local_seqs = agg.count_totals(mask_bt, rows)
+    local_tokens, local_seqs = agg.count_totals(mask_bt.sum(-1), rows)
     metric_tokens = agg.resolve_totals(global_num_tokens, local_tokens, "global_num_tokens")
     metric_seqs = agg.resolve_totals(global_num_seqs, local_seqs, "global_num_seqs")
     loss_tokens, loss_seqs = metric_tokens, metric_seqs

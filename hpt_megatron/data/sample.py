@@ -1,4 +1,9 @@
-"""The Sample / RolloutBatch contract: one record per response, serialisable and replayable."""
+"""The Sample / RolloutBatch contract: one record per response, serialisable and replayable.
+
+A :class:`RolloutBatch` is what the driver hands to every rank for one training step: the samples
+with their rewards, advantages and loss weights, so the update needs nothing else, and a saved
+batch (``save_jsonl``) can be trained on again without any rollout engine.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ class Sample:
 
     ``group_id`` ties the n rollouts of a prompt together (group statistics, the HPT gate).
     ``rollout_logprobs`` are the engine's per-token log-probs of ``response_ids`` when it returns
-    them. ``rl_weight`` and ``sft_weight`` are the alpha and beta of the unified loss.
+    them. ``advantage`` is the row's outcome advantage (the same for each of its tokens; set by the
+    batch rule for rows of the RL term, 0 elsewhere). ``rl_weight`` and ``sft_weight`` are the
+    alpha and beta of the unified loss.
     """
 
     prompt_id: str
@@ -24,6 +31,7 @@ class Sample:
     response_ids: list[int]
     rollout_logprobs: list[float] | None = None
     reward: float | None = None
+    advantage: float = 0.0
     is_demo: bool = False
     rl_weight: float = 1.0
     sft_weight: float = 0.0
@@ -60,15 +68,19 @@ class Sample:
 
 @dataclass
 class RolloutBatch:
-    """The samples of one training step, in group order."""
+    """The samples of one training step, with what the driver measured while making them."""
 
     samples: list[Sample]
     step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    histograms: dict[str, list[float]] = field(default_factory=dict)
+    sampler_state: dict[str, Any] | None = None  # the data position before this batch was drawn
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def save_jsonl(self, path: str | Path) -> None:
+        """One line per sample (``step`` on each line); metrics are not saved."""
         with open(path, "w") as fh:
             for sample in self.samples:
                 fh.write(json.dumps({"step": self.step, **sample.to_dict()}) + "\n")

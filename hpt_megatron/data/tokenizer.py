@@ -54,3 +54,16 @@ def build_arithmetic_tokenizer(save_dir: str | Path | None = None) -> Any:
     if save_dir is not None:
         tokenizer.save_pretrained(str(save_dir))
     return tokenizer
+
+
+def load_tokenizer(source: str | None, run_dir: str | Path) -> Any:
+    """The tokenizer of a run: an HF tokenizer folder (or a file inside one), or, for ``None`` or
+    ``"arithmetic"``, the built-in arithmetic tokenizer (saved under ``<run_dir>/tokenizer``)."""
+    if source in (None, "arithmetic"):
+        return build_arithmetic_tokenizer(Path(run_dir) / "tokenizer")
+    from transformers import AutoTokenizer
+
+    path = Path(source)
+    if not path.exists():
+        raise ValueError(f"model.tokenizer: {source} does not exist")
+    return AutoTokenizer.from_pretrained(str(path if path.is_dir() else path.parent))

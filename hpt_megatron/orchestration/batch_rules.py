@@ -113,32 +113,25 @@ def _hpt(spec: AlgorithmSpec, prompts: list[PromptRecord], rollouts: list[Sample
     return BatchPlan(samples, gate.metrics())
 
 
-def attach_advantages(spec: AlgorithmSpec, samples: list[Sample]) -> torch.Tensor:
-    """Per-row outcome advantages ``[B]`` (the same for every token of a row).
+def attach_advantages(spec: AlgorithmSpec, samples: list[Sample]) -> None:
+    """Set each row's outcome advantage (the same for every token of a row) in place.
 
     Only rows in the RL term get one (group statistics over those rows); SFT-only rows get 0.
     """
-    if spec.advantage == "gae":
-        raise ValueError(
-            f"algorithm.preset={spec.name}: GAE needs a critic's value estimates, and hpt train "
-            "does not build a critic model yet; use an outcome advantage (grpo, rloo, "
-            "reinforce_pp, ...) or call compute_advantages('gae', values=...) in your own loop"
-        )
-    advantages_b = torch.zeros(len(samples))
-    rl_rows = [i for i, s in enumerate(samples) if s.rl_weight != 0]
+    for sample in samples:
+        sample.advantage = 0.0
+    rl_rows = [s for s in samples if s.rl_weight != 0]
     if not rl_rows:
-        return advantages_b
+        return
     dense: dict[int, int] = {}
-    groups_b = torch.tensor([dense.setdefault(samples[i].group_id, len(dense)) for i in rl_rows])
-    rewards_b = torch.tensor([float(samples[i].reward or 0.0) for i in rl_rows])
-    is_demo_b = torch.tensor([samples[i].is_demo for i in rl_rows])
+    groups_b = torch.tensor([dense.setdefault(s.group_id, len(dense)) for s in rl_rows])
     advantages_b1 = compute_advantages(
         spec.advantage,
-        rewards=rewards_b,
+        rewards=torch.tensor([float(s.reward or 0.0) for s in rl_rows]),
         group_ids=groups_b,
         response_mask=torch.ones(len(rl_rows), 1),
-        is_demo=is_demo_b,
+        is_demo=torch.tensor([s.is_demo for s in rl_rows]),
         **spec.advantage_options,
     )
-    advantages_b[rl_rows] = advantages_b1[:, 0].float()
-    return advantages_b
+    for sample, advantage in zip(rl_rows, advantages_b1[:, 0].tolist()):
+        sample.advantage = float(advantage)

@@ -1,6 +1,6 @@
-"""``hpt train``: the loop that interleaves generation and training.
+"""``hpt train``: the loop that sequences rollout -> batch rule -> update -> weight sync -> metrics.
 
-    for step:  rollouts (driver) -> batch rule -> broadcast -> train -> weight sync -> metrics
+    for step:  driver.rollout (rank 0) -> broadcast -> policy update (all ranks) -> sync -> log
 
 Colocated placement runs the halves in turn. Disaggregated placement with ``max_staleness: 1``
 generates step t+1 in a background thread while step t trains (one step off-policy): the batch of
@@ -10,181 +10,228 @@ that generation has finished, so the engine never changes weights mid-generation
 
 from __future__ import annotations
 
-import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from hpt_megatron.config import HPTConfig
-from hpt_megatron.orchestration.components import (
-    Run,
-    build_run,
-    init_policy_weights,
-    resolve_model_config,
+import torch
+
+from hpt_megatron.algorithms import AlgorithmSpec
+from hpt_megatron.config import HPTConfig, dump_yaml
+from hpt_megatron.data.sample import RolloutBatch
+from hpt_megatron.data.tokenizer import load_tokenizer
+from hpt_megatron.models.export import save_hf_folder
+from hpt_megatron.models.hf_io import write_config
+from hpt_megatron.models.provider import (
+    check_hf_supported,
+    check_parallel_against_model,
+    hf_config_with_overrides,
+    load_hf_config,
 )
-from hpt_megatron.orchestration.metrics import MetricsLogger
-from hpt_megatron.orchestration.state import choose_resume, rng_state, set_rng_state
-from hpt_megatron.orchestration.step import (
-    StepBatch,
-    rollout_phase,
-    train_phase,
-)
-from hpt_megatron.orchestration.validate import export_final, save_run_checkpoint, validate
+from hpt_megatron.orchestration.driver import Driver
+from hpt_megatron.orchestration.metrics import MetricsLogger, derived_metrics
 from hpt_megatron.orchestration.weight_sync import sync_weights
 from hpt_megatron.parallel.runtime import (
+    ParallelContext,
     broadcast_from_driver,
     init_distributed,
     shutdown_distributed,
 )
-from hpt_megatron.trainer.checkpoint import load_checkpoint
+from hpt_megatron.trainer.build import build_policy, init_policy_weights
+from hpt_megatron.trainer.checkpoint import Checkpointer
+from hpt_megatron.trainer.engine import TrainEngine
+from hpt_megatron.trainer.update import PolicyUpdate, UpdateLayout
 
-log = logging.getLogger(__name__)
+
+def resolve_model_config(cfg: HPTConfig) -> Any:
+    """The HF config of the policy, with overrides; checked against the parallel layout."""
+    hf = load_hf_config(cfg.model.hf_config or dict(cfg.model.inline))
+    hf = hf_config_with_overrides(hf, cfg.model)
+    check_hf_supported(hf)
+    check_parallel_against_model(hf, cfg.parallel)
+    return hf
+
+
+@dataclass
+class Run:
+    """What every rank holds for a run (the driver's parts live in :class:`Driver`)."""
+
+    cfg: HPTConfig
+    ctx: ParallelContext
+    run_dir: Path
+    hf: Any
+    spec: AlgorithmSpec
+    tokenizer: Any
+    policy: TrainEngine
+    update: PolicyUpdate
+    checkpointer: Checkpointer
 
 
 def train(cfg: HPTConfig) -> dict[str, float]:
     """Run (or resume) a training run; returns the last step's metrics on the driver."""
-    resolve_model_config(cfg)  # model-vs-parallel errors before any process group starts
+    hf = resolve_model_config(cfg)  # model-vs-parallel errors before any process group starts
+    spec = cfg.algorithm.spec()
     ctx = init_distributed(cfg.parallel, seed=cfg.run.seed)
-    run = build_run(cfg, ctx)
+    driver = None
     try:
-        return _train(run)
+        run = _build_run(cfg, ctx, hf, spec)
+        driver = Driver.build(cfg, hf, run.tokenizer, run.run_dir) if ctx.is_driver else None
+        return _train(run, driver)
     finally:
-        if run.pool is not None:
-            run.pool.close()
-        if run.engine is not None:
-            run.engine.shutdown()
+        if driver is not None:
+            driver.close()
         shutdown_distributed()
 
 
-def _resume(run: Run) -> tuple[int, float]:
-    """Load the checkpoint chosen on the driver; returns (first step to run, best val metric)."""
-    root = run.run_dir / "checkpoints"
-    path = choose_resume(root, run.cfg.run.resume) if run.ctx.is_driver else None
-    path = broadcast_from_driver(run.ctx, path)
-    if path is None:
-        init_policy_weights(run)
-        return 0, float("-inf")
-    state = load_checkpoint(path, run.trainer.model_chunks, run.trainer.optimizer)
-    run.trainer.scheduler.load_state_dict(state["scheduler"])
-    if run.sampler is not None:
-        run.sampler.load_state_dict(state["sampler"])
-    set_rng_state(state.get("rng", {}))
-    log.info("resumed from %s at step %d", path, state["step"])
-    return int(state["step"]), float(state.get("best_val", float("-inf")))
-
-
-def _train(run: Run) -> dict[str, float]:
-    cfg, ctx = run.cfg, run.ctx
-    start, best_val = _resume(run)
-    logger = MetricsLogger(
-        run.run_dir,
-        enabled=ctx.is_driver,
-        tensorboard=cfg.logging.tensorboard,
-        jsonl=cfg.logging.jsonl,
-        wandb_project=cfg.logging.wandb_project,
-        total_steps=cfg.run.steps,
-        progress_bar=cfg.logging.progress_bar,
-        start_step=start,
+def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: Any, spec: AlgorithmSpec) -> Run:
+    run_dir = Path(cfg.run.run_dir)
+    if ctx.is_driver:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, run_dir / "config.yaml")
+    if ctx.world_size > 1:
+        torch.distributed.barrier(group=ctx.cpu_group)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.hf_weights or cfg.model.hf_config,
+                               run_dir)  # fmt: skip
+    if len(tokenizer) > int(hf["vocab_size"]):
+        raise ValueError(
+            f"model vocab_size {hf['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})"
+        )
+    policy = build_policy(hf, cfg.model, cfg.parallel, cfg.trainer, ctx, total_steps=cfg.run.steps)
+    layout = UpdateLayout(
+        dp=ctx.dp,
+        dp_rank=ctx.dp_rank,
+        max_tokens=cfg.trainer.max_tokens_per_microbatch,
+        pad_id=tokenizer.pad_token_id or 0,
+        pad_to_multiple=ctx.tp,
+        mini_batches=cfg.trainer.mini_batches_per_step,
+        epochs=cfg.trainer.epochs_per_step,
     )
-    sync_weights(run.engine, run.trainer.model_chunks, run.hf, ctx, version=start)
+
+    def describe(path: Path) -> None:  # checkpoints are self-contained for hpt eval / convert
+        write_config(hf, path)
+        tokenizer.save_pretrained(str(path))
+
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints", ctx, save_every=cfg.checkpoint.save_every,
+        keep_last=cfg.checkpoint.keep_last, last_step=cfg.run.steps, describe=describe,
+    )  # fmt: skip
+    return Run(cfg, ctx, run_dir, hf, spec, tokenizer, policy, PolicyUpdate(policy, layout),
+               checkpointer)  # fmt: skip
+
+
+def _train(run: Run, driver: Driver | None) -> dict[str, float]:
+    cfg, ctx = run.cfg, run.ctx
+    state = run.checkpointer.resume(cfg.run.resume, run.policy)
+    if state is None:
+        init_policy_weights(run.policy, run.hf, cfg.model)
+    elif driver is not None:
+        driver.load_state_dict(state["sampler"])
+    start = 0 if state is None else int(state["step"])
+    logger = MetricsLogger(
+        run.run_dir, enabled=ctx.is_driver, tensorboard=cfg.logging.tensorboard,
+        jsonl=cfg.logging.jsonl, wandb_project=cfg.logging.wandb_project,
+        total_steps=cfg.run.steps, progress_bar=cfg.logging.progress_bar, start_step=start,
+    )  # fmt: skip
+    engine = driver.engine if driver is not None else None
+    sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=start)
     overlap = cfg.run.placement == "disaggregated" and cfg.run.max_staleness == 1
-    executor = ThreadPoolExecutor(1) if overlap and ctx.is_driver else None
-    pending: Future | None = None
+    rollouts = _Rollouts(driver, run.spec, cfg.run.steps, overlap)
     metrics: dict[str, float] = {}
     try:
         for step in range(start, cfg.run.steps):
             t_step = time.perf_counter()
-            batch, wait_s, pending = _next_batch(run, step, executor, pending)
-            batch = broadcast_from_driver(ctx, batch)
-            if not overlap and run.engine is not None:
-                run.engine.release_memory()  # colocated: the trainer gets the devices
-            train_metrics = train_phase(run, batch)
-            if not overlap and run.engine is not None:
-                run.engine.resume_memory()
-            if pending is not None:  # the engine finishes step t+1's generation before reloading
-                pending_wait = time.perf_counter()
-                pending.result()
-                wait_s += time.perf_counter() - pending_wait
+            batch = broadcast_from_driver(ctx, rollouts.batch(step))
+            if engine is not None and not overlap:
+                engine.release_memory()  # colocated: the trainer gets the devices
+            train_metrics = run.update.update(batch.samples, run.spec.phase_for_step(step))
+            if engine is not None and not overlap:
+                engine.resume_memory()
+            wait_s = rollouts.finish_pending()  # step t+1's generation ends before reloading
             t_sync = time.perf_counter()
-            sync_weights(run.engine, run.trainer.model_chunks, run.hf, ctx, version=step + 1)
+            sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=step + 1)
             metrics = {
                 **batch.metrics,
                 **train_metrics,
                 "time/weight_sync_s": time.perf_counter() - t_sync,
-                "time/rollout_wait_s": wait_s,
+                "time/rollout_wait_s": batch.metrics.get("time/rollout_wait_s", 0.0) + wait_s,
                 "rollout/staleness": float(overlap),
             }
             if cfg.run.val_every and (step + 1) % cfg.run.val_every == 0:
                 # Every rank needs the score: it decides whether all of them save "best".
-                metrics.update(broadcast_from_driver(ctx, validate(run, step + 1)))
+                val = driver.validate() if driver is not None else {}
+                metrics.update(broadcast_from_driver(ctx, val))
             metrics["time/step_s"] = time.perf_counter() - t_step
-            _derived(metrics)
+            metrics.update(derived_metrics(metrics))
             logger.log(step + 1, metrics)
             for key, values in batch.histograms.items():
                 logger.histogram(step + 1, key, values)
-            next_data = pending.result().sampler_state if pending is not None else None
-            best_val = _maybe_checkpoint(run, step + 1, metrics, best_val, next_data)
+            # The data position of the next batch when it was already drawn (one-step-off
+            # generation), so a resumed run draws that batch again.
+            data = rollouts.next_sampler_state() if driver is not None else None
+            run.checkpointer.maybe_save(step + 1, run.policy, metrics.get("val/accuracy"),
+                                        {"sampler": data})  # fmt: skip
     finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        rollouts.close()
         logger.close()
-    export_final(run)
+    if cfg.checkpoint.export_hf:
+        _export_final(run)
     return metrics
 
 
-def _next_batch(
-    run: Run, step: int, executor: ThreadPoolExecutor | None, pending: Future | None
-) -> tuple[StepBatch | None, float, Future | None]:
-    """The driver's batch for ``step`` (and, when overlapping, the future of step + 1)."""
-    if not run.ctx.is_driver:
-        return None, 0.0, None
-    t0 = time.perf_counter()
-    if executor is None:
-        return rollout_phase(run, step), time.perf_counter() - t0, None
-    batch = pending.result() if pending is not None else rollout_phase(run, step)
-    wait = time.perf_counter() - t0
-    nxt = executor.submit(rollout_phase, run, step + 1) if step + 1 < run.cfg.run.steps else None
-    return batch, wait, nxt
+class _Rollouts:
+    """The driver's batches in step order; with ``overlap``, step t+1 is generated in a thread
+    while step t trains. Other ranks get None."""
+
+    def __init__(self, driver: Driver | None, spec: AlgorithmSpec, steps: int, overlap: bool):
+        self.driver = driver
+        self.spec = spec
+        self.steps = steps
+        self.executor = ThreadPoolExecutor(1) if overlap and driver is not None else None
+        self.pending: Future[RolloutBatch] | None = None
+
+    def _make(self, step: int) -> RolloutBatch:
+        assert self.driver is not None
+        return self.driver.rollout(step, self.spec.phase_for_step(step))
+
+    def batch(self, step: int) -> RolloutBatch | None:
+        if self.driver is None:
+            return None
+        t0 = time.perf_counter()
+        batch = self.pending.result() if self.pending is not None else self._make(step)
+        batch.metrics["time/rollout_wait_s"] = time.perf_counter() - t0
+        self.pending = None
+        if self.executor is not None and step + 1 < self.steps:
+            self.pending = self.executor.submit(self._make, step + 1)
+        return batch
+
+    def finish_pending(self) -> float:
+        """Wait for the background generation of the next step; seconds waited."""
+        if self.pending is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self.pending.result()
+        return time.perf_counter() - t0
+
+    def next_sampler_state(self) -> dict[str, Any]:
+        assert self.driver is not None
+        if self.pending is not None:
+            return self.pending.result().sampler_state or {}
+        return self.driver.state_dict()
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _derived(metrics: dict[str, float]) -> None:
-    """Means from summed shares, throughput and the scheduler's own overhead."""
-    tokens = metrics.get("train/tokens", 0.0)
-    step_s = metrics["time/step_s"]
-    metrics["throughput/tokens_per_s"] = tokens / step_s if step_s else 0.0
-    work = sum(
-        metrics.get(k, 0.0)
-        for k in (
-            "time/generation_s",
-            "time/grading_s",
-            "time/logprob_s",
-            "time/train_s",
-            "time/weight_sync_s",
-            "time/validation_s",
-        )
-    )
-    metrics["time/overhead_share"] = max(0.0, step_s - work) / step_s if step_s else 0.0
-
-
-def _maybe_checkpoint(
-    run: Run, step: int, metrics: dict[str, float], best_val: float, next_data: dict | None
-) -> float:
-    """Save every ``save_every`` steps, at the end and on a new best validation score.
-
-    ``next_data`` is the data position of the next step's batch when it was already drawn
-    (one-step-off generation), so a resumed run draws that batch again.
-    """
-    cfg = run.cfg
-    every = cfg.checkpoint.save_every
-    val = metrics.get("val/accuracy")
-    is_best = val is not None and val > best_val
-    best_val = val if is_best else best_val
-    if (every and step % every == 0) or step == cfg.run.steps or is_best:
-        state = {
-            "step": step,
-            "best_val": best_val,
-            "rng": rng_state(),
-            "scheduler": run.trainer.scheduler.state_dict(),
-            "sampler": next_data or (run.sampler.state_dict() if run.sampler else None),
-        }
-        save_run_checkpoint(run, step, state, is_best=is_best)
-    return best_val
+def _export_final(run: Run) -> Path:
+    """Collective: the final policy as an HF folder ``<run_dir>/hf`` (config, shards, tokenizer)."""
+    out = run.run_dir / "hf"
+    modules = [getattr(c, "module", c) for c in run.policy.model_chunks]
+    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    save_hf_folder(modules, run.hf, out, run.ctx,
+                   torch_dtype=dtype[modules[0].config.params_dtype])  # fmt: skip
+    if run.ctx.is_driver:
+        run.tokenizer.save_pretrained(str(out))
+    return out

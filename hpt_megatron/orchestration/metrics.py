@@ -83,3 +83,23 @@ class MetricsLogger:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+WORK_TIMES = (
+    "time/generation_s",
+    "time/grading_s",
+    "time/logprob_s",
+    "time/train_s",
+    "time/weight_sync_s",
+    "time/validation_s",
+)
+
+
+def derived_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Throughput and the scheduler's own overhead (step time outside the named work)."""
+    step_s = metrics["time/step_s"]
+    work = sum(metrics.get(k, 0.0) for k in WORK_TIMES)
+    return {
+        "throughput/tokens_per_s": metrics.get("train/tokens", 0.0) / step_s if step_s else 0.0,
+        "time/overhead_share": max(0.0, step_s - work) / step_s if step_s else 0.0,
+    }

@@ -10,7 +10,7 @@ needed; the loss masks pads out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -60,16 +60,23 @@ class MicroBatch:
     """Padded tensors of one micro-batch; per-token fields are aligned with ``targets_bs``.
 
     Position t of every per-token tensor describes the prediction of token t + 1 from tokens
-    ``<= t``; ``loss_mask_bs`` is 1 where that token is a response token.
+    ``<= t``; ``loss_mask_bs`` is 1 where that token is a response token. The loss inputs come from
+    the samples: ``advantages_bs`` (each row's advantage on its response tokens),
+    ``rollout_logprobs_bs`` (when every row has the engine's log-probs or is a demonstration), and
+    ``old_logprobs_bs``, set by the update when it recomputes them.
     """
 
     input_ids_bs: torch.Tensor
     position_ids_bs: torch.Tensor
     targets_bs: torch.Tensor
     loss_mask_bs: torch.Tensor
-    sample_index_b: list[int]  # index of each row in the step's sample list
-    token_fields: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. old_logprobs_bs
-    seq_fields: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. advantages_b
+    sample_index_b: list[int]  # index of each row in the list the micro-batch was collated from
+    advantages_bs: torch.Tensor
+    is_demo_b: torch.Tensor  # bool
+    rl_weight_b: torch.Tensor
+    sft_weight_b: torch.Tensor
+    rollout_logprobs_bs: torch.Tensor | None = None
+    old_logprobs_bs: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -77,39 +84,37 @@ class MicroBatch:
 
 
 def collate(
-    samples: list[Sample],
-    indices: list[int],
-    *,
-    pad_id: int = 0,
-    pad_to_multiple: int = 1,
-    token_fields: dict[str, list[list[float]]] | None = None,
-    seq_fields: dict[str, list[float]] | None = None,
+    samples: list[Sample], indices: list[int], *, pad_id: int = 0, pad_to_multiple: int = 1
 ) -> MicroBatch:
-    """Pad ``samples[indices]`` into a :class:`MicroBatch`.
-
-    ``token_fields`` maps a name to one list per sample of per-response-token values (for example
-    old log-probs); they are placed at the response positions. ``seq_fields`` maps a name to one
-    value per sample.
-    """
-    lengths = [samples[i].num_tokens for i in indices]
-    seq_len = _round_up(max(lengths), pad_to_multiple)
-    rows = len(indices)
-    input_ids = torch.full((rows, seq_len), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros(rows, seq_len, dtype=torch.float32)
-    tok = {name: torch.zeros(rows, seq_len, dtype=torch.float32) for name in token_fields or {}}
-    for row, idx in enumerate(indices):
-        sample = samples[idx]
+    """Pad ``samples[indices]`` into a :class:`MicroBatch`, with each sample's loss inputs."""
+    rows = [samples[i] for i in indices]
+    seq_len = _round_up(max(s.num_tokens for s in rows), pad_to_multiple)
+    shape = (len(rows), seq_len)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(shape, dtype=torch.float32)
+    advantages = torch.zeros(shape, dtype=torch.float32)
+    with_rollout = all(s.rollout_logprobs is not None or s.is_demo for s in rows)
+    rollout = torch.zeros(shape, dtype=torch.float32) if with_rollout else None
+    for row, sample in enumerate(rows):
         ids = sample.prompt_ids + sample.response_ids
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         start, end = len(sample.prompt_ids) - 1, len(ids) - 1  # predicting response tokens
         loss_mask[row, start:end] = 1.0
-        for name, values in (token_fields or {}).items():
-            tok[name][row, start:end] = torch.tensor(values[idx], dtype=torch.float32)
+        advantages[row, start:end] = sample.advantage
+        if rollout is not None and sample.rollout_logprobs is not None:
+            rollout[row, start:end] = torch.tensor(sample.rollout_logprobs, dtype=torch.float32)
     targets = torch.roll(input_ids, shifts=-1, dims=1)
     targets[:, -1] = pad_id
-    positions = torch.arange(seq_len).unsqueeze(0).expand(rows, -1).contiguous()
-    seq = {
-        name: torch.tensor([values[i] for i in indices], dtype=torch.float32)
-        for name, values in (seq_fields or {}).items()
-    }
-    return MicroBatch(input_ids, positions, targets, loss_mask, list(indices), tok, seq)
+    positions = torch.arange(seq_len).unsqueeze(0).expand(len(rows), -1).contiguous()
+    return MicroBatch(
+        input_ids_bs=input_ids,
+        position_ids_bs=positions,
+        targets_bs=targets,
+        loss_mask_bs=loss_mask,
+        sample_index_b=list(indices),
+        advantages_bs=advantages,
+        is_demo_b=torch.tensor([s.is_demo for s in rows], dtype=torch.bool),
+        rl_weight_b=torch.tensor([s.rl_weight for s in rows], dtype=torch.float32),
+        sft_weight_b=torch.tensor([s.sft_weight for s in rows], dtype=torch.float32),
+        rollout_logprobs_bs=rollout,
+    )

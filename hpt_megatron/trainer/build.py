@@ -1,14 +1,19 @@
-"""Wire a :class:`TrainEngine`: this rank's model chunks (one per virtual stage, built by the
-caller, e.g. ``models.provider.build_model_chunks``) in Megatron DDP, the Megatron optimizer
-(AdamW), and the learning-rate schedule."""
+"""Wire a :class:`TrainEngine`: this rank's model chunks (one per virtual stage, built by
+``models.provider.build_model_chunks``) in Megatron DDP, the Megatron optimizer (AdamW), the
+learning-rate schedule, and the starting weights of a fresh run."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 
-from hpt_megatron.config.sections import TrainerConfig
+from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.trainer.engine import TrainEngine
+
+log = logging.getLogger(__name__)
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], cfg: TrainerConfig) -> list[torch.nn.Module]:
@@ -86,3 +91,41 @@ def build_engine(
     chunks = wrap_ddp(chunks, cfg)
     optimizer, scheduler = build_optimizer(chunks, cfg, total_steps)
     return TrainEngine(chunks, optimizer, scheduler, ctx, cfg, vocab_size)
+
+
+def build_policy(
+    hf: Any,
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    trainer: TrainerConfig,
+    ctx: ParallelContext,
+    *,
+    total_steps: int,
+) -> TrainEngine:
+    """The policy's engine on this rank. Weights about to be loaded (``model.load`` /
+    ``model.hf_weights``) get no random initialisation first; call :func:`init_policy_weights`."""
+    from hpt_megatron.models.provider import build_model_chunks
+
+    loads_weights = bool(model.load or model.hf_weights)
+    chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank,
+                                init_weights=not loads_weights)  # fmt: skip
+    return build_engine(chunks, ctx, trainer, total_steps=total_steps,
+                        vocab_size=int(hf["vocab_size"]))  # fmt: skip
+
+
+def init_policy_weights(engine: TrainEngine, hf: Any, model: ModelConfig) -> None:
+    """Collective: the starting policy of a fresh run, from ``model.load`` (a Megatron
+    checkpoint, any layout) or ``model.hf_weights`` (an HF folder); else the random init stays."""
+    ctx = engine.ctx
+    if model.load:
+        from hpt_megatron.trainer.checkpoint import load_checkpoint
+
+        load_checkpoint(model.load, engine.model_chunks)
+        log.info("initial weights from the Megatron checkpoint %s", model.load)
+    elif model.hf_weights:
+        from hpt_megatron.models.loading import load_hf_weights
+
+        modules = [getattr(c, "module", c) for c in engine.model_chunks]
+        load_hf_weights(modules, hf, model.hf_weights, tp_rank=ctx.tp_rank, tp_size=ctx.tp,
+                        progress=ctx.is_driver)  # fmt: skip
+        log.info("initial weights from the HF folder %s", model.hf_weights)

@@ -1,4 +1,6 @@
-"""Megatron distributed checkpoints (torch_dist) of the model and optimizer, saved atomically.
+"""The run's checkpoints: Megatron distributed checkpoints (torch_dist) of the model and
+optimizer, saved atomically, and :class:`Checkpointer`, the one place that decides when to save,
+what to keep, and where a run resumes from.
 
 A checkpoint directory ``step_000123/`` holds the dist-checkpointing shards of the model (and
 optionally the optimizer) plus ``hpt_state.json`` (step, data position, RNG, scheduler state) and
@@ -12,17 +14,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from hpt_megatron.parallel.runtime import ParallelContext, broadcast_from_driver
+
+if TYPE_CHECKING:
+    from hpt_megatron.trainer.engine import TrainEngine
+
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+BEST = "best"
 COMPLETE = "COMPLETE"
 STATE_FILE = "hpt_state.json"
 MANIFEST = "manifest.json"
@@ -178,3 +189,117 @@ def _crc(file: Path) -> int:
         while chunk := fh.read(1 << 22):
             crc = zlib.crc32(chunk, crc)
     return crc
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state()[1].tolist(),
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    if not state:
+        return
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.seed(0)
+    np_state = list(np.random.get_state())
+    np_state[1] = np.array(state["numpy"], dtype=np.uint32)
+    np.random.set_state(tuple(np_state))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def choose_resume(root: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: ``never``, a path, or ``auto`` (newest intact one)."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        problem = verify_checkpoint(path)
+        if problem:
+            raise ValueError(f"run.resume: {path} cannot be resumed from: {problem}")
+        return path
+    for path in reversed(list_checkpoints(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is unusable (%s); falling back to an older one", path, problem)
+    return None
+
+
+class Checkpointer:
+    """Saves ``<root>/step_N`` every ``save_every`` steps, at the last step and on a new best
+    validation score (also as ``<root>/best``, weights only), keeps the newest ``keep_last``, and
+    resumes from ``resume`` (``auto``: the newest intact checkpoint, falling back to older ones).
+
+    Every rank holds one and calls its methods together (they are collective). The saved state
+    holds the step, the best score, the RNG, the LR schedule and ``extra`` (the driver's data
+    position). ``describe`` (driver only) adds files that make a folder self-contained, such as
+    the HF config and tokenizer.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        ctx: ParallelContext,
+        *,
+        save_every: int,
+        keep_last: int,
+        last_step: int,
+        describe: Callable[[Path], None] | None = None,
+    ) -> None:
+        self.root = root
+        self.ctx = ctx
+        self.save_every = save_every
+        self.keep_last = keep_last
+        self.last_step = last_step
+        self.describe = describe
+        self.best_val = float("-inf")
+
+    def resume(self, resume: str, engine: TrainEngine) -> dict[str, Any] | None:
+        """Load the checkpoint chosen on the driver into ``engine``; its state, or None."""
+        path = choose_resume(self.root, resume) if self.ctx.is_driver else None
+        path = broadcast_from_driver(self.ctx, path)
+        if path is None:
+            return None
+        state = load_checkpoint(path, engine.model_chunks, engine.optimizer)
+        engine.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state.get("rng", {}))
+        self.best_val = float(state.get("best_val", float("-inf")))
+        log.info("resumed from %s at step %d", path, state["step"])
+        return state
+
+    def maybe_save(
+        self, step: int, engine: TrainEngine, val: float | None, extra: dict[str, Any]
+    ) -> bool:
+        """Save after ``step`` when it is due or ``val`` is a new best; returns whether it saved.
+
+        ``val`` must be the same on every rank (they all decide whether to save).
+        """
+        is_best = val is not None and val > self.best_val
+        if is_best:
+            self.best_val = float(val)  # type: ignore[arg-type]
+        due = bool(self.save_every) and step % self.save_every == 0
+        if not (due or step == self.last_step or is_best):
+            return False
+        state = {
+            "step": step,
+            "best_val": self.best_val,
+            "rng": rng_state(),
+            "scheduler": engine.scheduler.state_dict(),
+            **extra,
+        }
+        group = self.ctx.cpu_group
+        paths = [save_checkpoint(step_dir(self.root, step), engine.model_chunks,
+                                 engine.optimizer, state, group=group)]  # fmt: skip
+        if is_best:
+            paths.append(save_checkpoint(self.root / BEST, engine.model_chunks, None, state,
+                                         group=group))  # fmt: skip
+        if self.ctx.is_driver:
+            for path in paths:
+                if self.describe is not None:
+                    self.describe(path)
+            prune_checkpoints(self.root, self.keep_last)
+        return True

@@ -31,7 +31,8 @@ def run(name: str, x: dict, n_micro: int, dp: int = 1, with_totals: bool = True)
     totals = None
     if with_totals:
         per_mb = [
-            loss_totals(name, response_mask=x["mask"][c], is_demo=x["is_demo"][c]) for c in chunks
+            loss_totals(name, response_lengths=x["mask"][c].sum(-1), is_demo=x["is_demo"][c])
+            for c in chunks
         ]
         totals = unpack_totals(torch.stack(per_mb).sum(0))  # the trainer also all-reduces over DP
     total_loss, metrics = 0.0, {}

@@ -69,19 +69,18 @@ def test_fixed_count_and_padding_efficiency_by_hand():
 
 def _samples() -> list[Sample]:
     return [
-        Sample(prompt_id="a", group_id=0, prompt_ids=[11, 12, 13], response_ids=[14, 15]),
-        Sample(prompt_id="b", group_id=1, prompt_ids=[21], response_ids=[22, 23, 24]),
-        Sample(prompt_id="c", group_id=2, prompt_ids=[31, 32], response_ids=[33]),
-    ]
+        Sample(prompt_id="a", group_id=0, prompt_ids=[11, 12, 13], response_ids=[14, 15],
+               rollout_logprobs=[-0.25, -0.5], advantage=0.5, rl_weight=1.0),
+        Sample(prompt_id="b", group_id=1, prompt_ids=[21], response_ids=[22, 23, 24],
+               rollout_logprobs=[-1.0, -2.0, -3.0], advantage=-1.5, rl_weight=0.5),
+        Sample(prompt_id="c", group_id=2, prompt_ids=[31, 32], response_ids=[33], is_demo=True,
+               rl_weight=0.0, sft_weight=1.0),
+    ]  # fmt: skip
 
 
-def test_collate_places_targets_mask_and_token_fields_at_response_positions():
+def test_collate_places_targets_mask_and_loss_inputs_at_response_positions():
     samples = _samples()
-    old_lp = [[-0.25, -0.5], [-1.0, -2.0, -3.0], [-9.0]]  # exact in fp32
-    mb = collate(
-        samples, [1, 0], pad_id=0, pad_to_multiple=4,
-        token_fields={"old_logprobs": old_lp}, seq_fields={"adv": [0.5, -1.5, 7.0]},
-    )  # fmt: skip
+    mb = collate(samples, [1, 0], pad_id=0, pad_to_multiple=4)
     # Rows follow the given indices; 5 tokens rounded up to 8.
     assert mb.sample_index_b == [1, 0] and mb.num_rows == 2
     assert mb.input_ids_bs.tolist() == [
@@ -99,11 +98,17 @@ def test_collate_places_targets_mask_and_token_fields_at_response_positions():
         [1, 1, 1, 0, 0, 0, 0, 0],
         [0, 0, 1, 1, 0, 0, 0, 0],
     ]
-    assert mb.token_fields["old_logprobs"].tolist() == [
+    assert mb.rollout_logprobs_bs is not None
+    assert mb.rollout_logprobs_bs.tolist() == [
         [-1.0, -2.0, -3.0, 0, 0, 0, 0, 0],
         [0, 0, -0.25, -0.5, 0, 0, 0, 0],
     ]
-    assert mb.seq_fields["adv"].tolist() == [-1.5, 0.5]
+    assert mb.advantages_bs.tolist() == [
+        [-1.5, -1.5, -1.5, 0, 0, 0, 0, 0],
+        [0, 0, 0.5, 0.5, 0, 0, 0, 0],
+    ]
+    assert mb.rl_weight_b.tolist() == [0.5, 1.0] and mb.sft_weight_b.tolist() == [0.0, 0.0]
+    assert mb.is_demo_b.tolist() == [False, False] and mb.old_logprobs_bs is None
     assert mb.position_ids_bs.tolist() == [list(range(8))] * 2
     assert mb.input_ids_bs.dtype == mb.targets_bs.dtype == torch.long
     # The masked targets are exactly the response tokens, in order.
@@ -117,4 +122,11 @@ def test_collate_without_padding_multiple_uses_the_longest():
     assert mb.input_ids_bs.tolist() == [[31, 32, 33]]
     assert mb.targets_bs.tolist() == [[32, 33, -1]]
     assert mb.loss_mask_bs.tolist() == [[0, 1, 0]]
-    assert mb.token_fields == {} and mb.seq_fields == {}
+    assert mb.is_demo_b.tolist() == [True] and mb.sft_weight_b.tolist() == [1.0]
+    # A demonstration has no engine log-probs: zeros stand in (TIS never applies to demos).
+    assert mb.rollout_logprobs_bs is not None and mb.rollout_logprobs_bs.tolist() == [[0, 0, 0]]
+
+
+def test_collate_without_rollout_logprobs_on_an_on_policy_row_leaves_them_out():
+    samples = [Sample(prompt_id="x", group_id=0, prompt_ids=[1], response_ids=[2, 3])]
+    assert collate(samples, [0]).rollout_logprobs_bs is None

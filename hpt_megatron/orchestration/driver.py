@@ -1,0 +1,235 @@
+"""The driver: the rank-0 object that owns the data, the rollout engine and the reward pool.
+
+It exists on the driver rank only (no other rank carries its parts). Per step it draws prompts,
+generates n responses each, grades them, applies the preset's batch rule and attaches the
+advantages, and hands back a :class:`RolloutBatch` that every rank trains on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hpt_megatron.algorithms import AlgorithmSpec
+from hpt_megatron.config import HPTConfig
+from hpt_megatron.config.data import RewardConfig
+from hpt_megatron.data import build_prompt_dataset, build_sampler
+from hpt_megatron.data.dataset import PromptDataset
+from hpt_megatron.data.records import PromptRecord
+from hpt_megatron.data.sample import RolloutBatch, Sample
+from hpt_megatron.data.sampler import PromptSampler
+from hpt_megatron.orchestration.batch_rules import (
+    apply_batch_rule,
+    attach_advantages,
+    demo_sample,
+    shape_overlong,
+)
+from hpt_megatron.rewards import RewardPool
+from hpt_megatron.rollout.base import RolloutEngine, SamplingParams
+from hpt_megatron.rollout.factory import sampling_params
+
+MAX_REFILL_ROUNDS = 4  # DAPO dynamic sampling: extra prompt batches drawn to refill a step
+
+
+class Driver:
+    """Rank 0's sampler, datasets, rollout engine and reward pool; rollouts and validation."""
+
+    def __init__(
+        self,
+        cfg: HPTConfig,
+        tokenizer: Any,
+        sampler: PromptSampler,
+        val_set: PromptDataset | None,
+        engine: RolloutEngine,
+        pool: RewardPool,
+    ) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.sampler = sampler
+        self.val_set = val_set
+        self.engine = engine
+        self.pool = pool
+
+    @classmethod
+    def build(cls, cfg: HPTConfig, hf: Any, tokenizer: Any, run_dir: Path) -> Driver:
+        train_set = build_prompt_dataset(cfg.data, tokenizer, "train")
+        sampler = build_sampler(cfg.data, train_set, cfg.run.seed)
+        val_set = None
+        if cfg.data.val or (cfg.data.train == "arithmetic" and cfg.run.val_every):
+            val_cfg = cfg.data if cfg.data.val else dataclasses.replace(cfg.data, val="arithmetic")
+            val_set = build_prompt_dataset(val_cfg, tokenizer, "val")
+        reward = cfg.reward
+        pool = RewardPool(num_workers=reward.num_workers, timeout_s=reward.timeout_s,
+                          memory_limit_mb=reward.memory_limit_mb)  # fmt: skip
+        try:
+            engine = build_rollout_engine(cfg, hf, tokenizer, run_dir)
+        except BaseException:
+            pool.close()
+            raise
+        return cls(cfg, tokenizer, sampler, val_set, engine, pool)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.engine.shutdown()
+
+    # ------------------------------------------------------------------------------ rollouts
+    def sampling_params(self, step: int) -> SamplingParams:
+        """The rollout sampling, seeded per step (a resumed run draws the same samples)."""
+        cfg = self.cfg
+        return sampling_params(
+            cfg.rollout,
+            seed=cfg.run.seed * 100_003 + step,
+            max_new_tokens=min(cfg.rollout.max_new_tokens, cfg.data.max_response_tokens),
+            stop_token_ids=[self.tokenizer.eos_token_id],
+        )
+
+    def rollout(self, step: int, spec: AlgorithmSpec) -> RolloutBatch:
+        """Prompts -> rollouts -> rewards -> the batch rule -> advantages, for ``step``."""
+        sampler_state = self.sampler.state_dict()
+        prompts = self.sampler.next_batch()
+        timings = {"time/generation_s": 0.0, "time/grading_s": 0.0}
+        if spec.advantage == "one":  # SFT: train on the demonstrations, nothing to generate
+            samples = [demo_sample(p, g, sft_weight=0.0, rl_weight=1.0)
+                       for g, p in enumerate(prompts)]  # fmt: skip
+            metrics = {"sft/rows": float(len(samples)), **timings}
+            return RolloutBatch(samples, step, metrics, sampler_state=sampler_state)
+        params = self.sampling_params(step)
+        kept: list[Sample] = []
+        rollouts: list[Sample] = []
+        metrics: dict[str, float] = {}
+        for round_ in range(MAX_REFILL_ROUNDS + 1):
+            t0 = time.perf_counter()
+            fresh = self._generate(prompts, params, group_offset=len(rollouts) // params.n)
+            t1 = time.perf_counter()
+            grade_samples(self.pool, fresh, self.cfg.reward)
+            timings["time/generation_s"] += t1 - t0
+            timings["time/grading_s"] += time.perf_counter() - t1
+            rollouts += fresh
+            shape_overlong(spec, fresh, params.max_new_tokens)
+            plan = apply_batch_rule(spec, prompts, fresh)
+            kept += plan.samples
+            metrics.update(plan.metrics)
+            enough = len(kept) >= self.cfg.data.prompts_per_step * params.n
+            if spec.batch_rule != "dynamic_sampling" or enough or round_ == MAX_REFILL_ROUNDS:
+                break
+            prompts = self.sampler.next_batch()  # DAPO: refill with fresh prompts
+        attach_advantages(spec, kept)
+        metrics.update(_rollout_metrics(rollouts))
+        histograms = {"reward/per_prompt_success": _success_rates(rollouts)}
+        return RolloutBatch(kept, step, {**metrics, **timings}, histograms, sampler_state)
+
+    def validate(self) -> dict[str, float]:
+        """Greedy accuracy on the validation set ({} without one)."""
+        if self.val_set is None:
+            return {}
+        t0 = time.perf_counter()
+        prompts = list(self.val_set)[: self.cfg.run.val_max_prompts]
+        params = sampling_params(
+            self.cfg.rollout, n=1, temperature=0.0, seed=0,
+            max_new_tokens=self.cfg.data.max_response_tokens,
+            stop_token_ids=[self.tokenizer.eos_token_id],
+        )  # fmt: skip
+        samples = self._generate(prompts, params)
+        grade_samples(self.pool, samples, self.cfg.reward)
+        accuracy = sum(float((s.reward or 0.0) > 0) for s in samples) / max(1, len(samples))
+        return {"val/accuracy": accuracy, "time/validation_s": time.perf_counter() - t0}
+
+    def _generate(
+        self, prompts: list[PromptRecord], params: SamplingParams, group_offset: int = 0
+    ) -> list[Sample]:
+        """``params.n`` rollouts per prompt; ``group_id`` is the prompt's index plus the offset."""
+        generations = self.engine.generate([p.prompt_ids for p in prompts], params)
+        texts = self.tokenizer.batch_decode([g.token_ids for g in generations],
+                                            skip_special_tokens=True)  # fmt: skip
+        samples = []
+        for gen, text in zip(generations, texts):
+            prompt = prompts[gen.prompt_index]
+            samples.append(
+                Sample(
+                    prompt_id=prompt.prompt_id,
+                    group_id=gen.prompt_index + group_offset,
+                    prompt_ids=list(prompt.prompt_ids),
+                    response_ids=list(gen.token_ids),
+                    rollout_logprobs=gen.logprobs,
+                    ground_truth=prompt.ground_truth,
+                    response_text=text,
+                    finish_reason=gen.finish_reason,
+                    weight_version=gen.weight_version,
+                    metadata={"data_source": prompt.data_source},
+                )
+            )
+        return samples
+
+    # ---------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def grade_samples(pool: RewardPool, samples: list[Sample], cfg: RewardConfig) -> None:
+    """Fill ``sample.reward`` in place (a hang or crash scores 0, see ``RewardPool``)."""
+    if not samples:
+        return
+    rewards = pool.grade(
+        [s.response_text or "" for s in samples],
+        [s.ground_truth or "" for s in samples],
+        [cfg.fn_for(s.metadata.get("data_source", "")) for s in samples],
+    )
+    for sample, reward in zip(samples, rewards):
+        sample.reward = float(reward)
+
+
+def build_rollout_engine(cfg: HPTConfig, hf: Any, tokenizer: Any, run_dir: Path) -> RolloutEngine:
+    """The driver's rollout engine; its weights are overwritten from the trainer at step 0."""
+    if cfg.rollout.engine == "cpu":
+        from transformers import AutoConfig
+
+        from hpt_megatron.rollout.cpu_engine import HFCpuEngine
+
+        hf_cfg = AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "architectures"})
+        return HFCpuEngine.from_config(
+            hf_cfg,
+            max_batch_rows=cfg.rollout.cpu.max_batch_rows,
+            seed=cfg.run.seed,
+            tokenizer=tokenizer,
+            eos_token_ids=[tokenizer.eos_token_id],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    from hpt_megatron.rollout.sglang import build_sglang_engine
+
+    rollout = cfg.rollout
+    overrides = {k: getattr(cfg.model, k) for k in ("rope_theta", "max_position_embeddings")}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides and cfg.model.hf_weights:  # the served checkpoint must use the trainer's RoPE
+        extra = [*rollout.sglang.extra_args, "--json-model-override-args", json.dumps(overrides)]
+        sglang = dataclasses.replace(rollout.sglang, extra_args=extra)
+        rollout = dataclasses.replace(rollout, sglang=sglang)
+    # Serve the starting HF checkpoint when there is one (no random full-size copy to write).
+    return build_sglang_engine(
+        rollout, hf=hf, tokenizer=tokenizer, run_dir=run_dir, model_path=cfg.model.hf_weights
+    )
+
+
+def _success_rates(rollouts: list[Sample]) -> list[float]:
+    per_group: dict[int, list[float]] = {}
+    for s in rollouts:
+        per_group.setdefault(s.group_id, []).append(float((s.reward or 0.0) > 0))
+    return [sum(v) / len(v) for v in per_group.values()]
+
+
+def _rollout_metrics(rollouts: list[Sample]) -> dict[str, float]:
+    if not rollouts:
+        return {}
+    lengths = [len(s.response_ids) for s in rollouts]
+    return {
+        "reward/mean": sum(float(s.reward or 0.0) for s in rollouts) / len(rollouts),
+        "response/length_mean": sum(lengths) / len(lengths),
+        "response/length_max": float(max(lengths)),
+        "response/clipped_share": sum(s.finish_reason == "length" for s in rollouts)
+        / len(rollouts),
+    }

@@ -1,0 +1,189 @@
+"""The policy update: one step's samples -> optimizer updates of the policy.
+
+Shape legend: B rows of a micro-batch, S padded sequence length.
+
+Given the step's samples (each carrying its advantage and loss weights; the same list on every
+rank) and the spec in force, :meth:`PolicyUpdate.update`
+
+1. splits the rows into ``mini_batches`` mini-batches without cutting a prompt group;
+2. assigns each mini-batch's rows to data-parallel ranks by tokens (every rank computes the same
+   assignment from the lengths alone) and collates only this rank's rows into token-budget
+   micro-batches;
+3. takes each mini-batch's loss denominators from the lengths and weights of all its rows, so no
+   rank collates another rank's rows and no collective is needed;
+4. recomputes the old log-probs once, before the first update, when the spec needs pi_old and
+   there is more than one update per step (or truncated IS against the rollout engine);
+5. runs ``epochs`` passes of one optimizer update per mini-batch through the engine, with
+   :class:`PolicyLoss` as the per-micro-batch loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from hpt_megatron.algorithms import AlgorithmSpec, loss_totals, policy_loss, unpack_totals
+from hpt_megatron.data.sample import Sample
+from hpt_megatron.trainer.batching import MicroBatch, collate, token_budget_microbatches
+from hpt_megatron.trainer.engine import MicroBatchLoss, StepResult
+
+
+class PolicyEngine(Protocol):
+    """What the update needs of an engine (``trainer.engine.TrainEngine`` on Megatron)."""
+
+    def forward_logprobs(
+        self, microbatches: list[MicroBatch]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None: ...
+
+    def train_step(self, microbatches: list[MicroBatch], loss_fn: MicroBatchLoss) -> StepResult: ...
+
+
+class PolicyLoss:
+    """``algorithms.policy_loss`` as the engine's per-micro-batch loss.
+
+    ``old_logprobs_bs`` come from the micro-batch when the update recomputed them; otherwise the
+    current log-probs, detached, stand in (one update per step: pi_old == pi_theta exactly).
+    """
+
+    def __init__(self, spec: AlgorithmSpec, totals_6: torch.Tensor, dp: int) -> None:
+        self.spec = spec
+        self.num_tokens, self.num_seqs = unpack_totals(totals_6)
+        self.dp = dp
+
+    def __call__(
+        self, logprobs_bs: torch.Tensor, entropy_bs: torch.Tensor, mb: MicroBatch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        device = logprobs_bs.device
+        old_bs = logprobs_bs.detach() if mb.old_logprobs_bs is None else mb.old_logprobs_bs
+        rollout_bs = mb.rollout_logprobs_bs
+        return policy_loss(
+            self.spec,
+            logprobs=logprobs_bs,
+            old_logprobs=old_bs.to(device),
+            advantages=mb.advantages_bs.to(device),
+            response_mask=mb.loss_mask_bs.to(device),
+            entropy=entropy_bs if self.spec.entropy_coef else entropy_bs.detach(),
+            is_demo=mb.is_demo_b.to(device),
+            rl_weight=mb.rl_weight_b.to(device),
+            sft_weight=mb.sft_weight_b.to(device),
+            rollout_logprobs=None if rollout_bs is None else rollout_bs.to(device),
+            global_num_tokens=self.num_tokens,
+            global_num_seqs=self.num_seqs,
+            dp_world_size=self.dp,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateLayout:
+    """How a step's rows are cut: mini-batches, epochs, data-parallel ranks and micro-batches."""
+
+    dp: int = 1
+    dp_rank: int = 0
+    max_tokens: int = 4096  # padded tokens of one micro-batch
+    pad_id: int = 0
+    pad_to_multiple: int = 1  # the tensor-parallel size (sequence lengths divisible by it)
+    mini_batches: int = 1
+    epochs: int = 1
+
+
+def split_groups(samples: list[Sample], parts: int) -> list[list[Sample]]:
+    """``parts`` mini-batches (fewer when there are fewer groups), never cutting a prompt group."""
+    groups: dict[int, list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(sample.group_id, []).append(sample)
+    ordered = list(groups.values())
+    per = -(-len(ordered) // parts)
+    return [[s for g in ordered[k : k + per] for s in g] for k in range(0, len(ordered), per)]
+
+
+def dp_shards(samples: list[Sample], dp: int) -> list[list[int]]:
+    """Balance tokens over ``dp`` ranks (longest first, to the least loaded); deterministic."""
+    loads = [0] * dp
+    shards: list[list[int]] = [[] for _ in range(dp)]
+    for idx in sorted(range(len(samples)), key=lambda i: (-samples[i].num_tokens, i)):
+        rank = min(range(dp), key=lambda r: (loads[r], r))
+        shards[rank].append(idx)
+        loads[rank] += samples[idx].num_tokens
+    return [sorted(s) for s in shards]
+
+
+def minibatch_totals(spec: AlgorithmSpec, samples: list[Sample]) -> torch.Tensor:
+    """The loss denominators ``[6]`` of a whole mini-batch (every rank's rows), from lengths."""
+    return loss_totals(
+        spec,
+        response_lengths=torch.tensor([len(s.response_ids) for s in samples]),
+        is_demo=torch.tensor([s.is_demo for s in samples]),
+        rl_weight=torch.tensor([s.rl_weight for s in samples], dtype=torch.float64),
+        sft_weight=torch.tensor([s.sft_weight for s in samples], dtype=torch.float64),
+    )
+
+
+def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[MicroBatch]:
+    """This data-parallel rank's micro-batches of ``samples`` (``sample_index_b`` indexes them).
+
+    A rank left without rows (fewer rows than ranks) trains on a copy of row 0 with zero loss
+    weights, so it still joins the collective step and adds nothing to the gradient.
+    """
+    mine = dp_shards(samples, layout.dp)[layout.dp_rank]
+    rows = samples
+    if not mine:
+        rows = [dataclasses.replace(samples[0], rl_weight=0.0, sft_weight=0.0, advantage=0.0)]
+        mine = [0]
+    lengths = [rows[i].num_tokens for i in mine]
+    return [
+        collate(rows, [mine[j] for j in group], pad_id=layout.pad_id,
+                pad_to_multiple=layout.pad_to_multiple)
+        for group in token_budget_microbatches(lengths, layout.max_tokens)
+    ]  # fmt: skip
+
+
+class PolicyUpdate:
+    """Runs the optimizer updates of one step on ``engine`` (every rank calls it with the same
+    samples; see the module docstring)."""
+
+    def __init__(self, engine: PolicyEngine, layout: UpdateLayout) -> None:
+        self.engine = engine
+        self.layout = layout
+
+    def update(self, samples: list[Sample], spec: AlgorithmSpec) -> dict[str, float]:
+        """Train on ``samples`` with ``spec``; returns the last update's metrics and timings."""
+        if not samples:
+            return {"train/skipped_empty": 1.0}
+        layout = self.layout
+        minis = split_groups(samples, layout.mini_batches)
+        local = [local_microbatches(mini, layout) for mini in minis]
+        losses = [PolicyLoss(spec, minibatch_totals(spec, mini), layout.dp) for mini in minis]
+        timings = {"time/logprob_s": 0.0, "time/train_s": 0.0}
+        updates = len(minis) * layout.epochs
+        if spec.needs_old_logprobs and (updates > 1 or spec.tis_cap is not None):
+            t0 = time.perf_counter()
+            for microbatches in local:
+                self._attach_old_logprobs(microbatches)
+            timings["time/logprob_s"] = time.perf_counter() - t0
+        metrics: dict[str, float] = {}
+        for _ in range(layout.epochs):
+            for microbatches, loss_fn in zip(local, losses):
+                t0 = time.perf_counter()
+                result = self.engine.train_step(microbatches, loss_fn)
+                timings["time/train_s"] += time.perf_counter() - t0
+                metrics = {
+                    **result.metrics,
+                    "grad_norm": result.grad_norm,
+                    "lr": result.lr,
+                    "train/skipped_update": float(result.skipped),
+                }
+        metrics["train/rows"] = float(len(samples))
+        metrics["train/tokens"] = float(sum(len(s.response_ids) for s in samples))
+        return {**metrics, **timings}
+
+    def _attach_old_logprobs(self, microbatches: list[MicroBatch]) -> None:
+        """pi_old of each micro-batch, before any update (only the last pipeline stage gets it)."""
+        outputs = self.engine.forward_logprobs(microbatches)
+        if outputs is None:
+            return
+        for mb, (logprobs_bs, _) in zip(microbatches, outputs):
+            mb.old_logprobs_bs = logprobs_bs.float() * mb.loss_mask_bs
