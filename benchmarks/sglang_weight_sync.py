@@ -6,7 +6,9 @@ SGLang server on CPU, then times, in the same run:
 - ``disk``: the disk transport (safetensors snapshot + ``/update_weights_from_disk``);
 - ``cpu-engine``: the in-process CPU engine's in-place ``update_weights`` (no server).
 
-Usage: python benchmarks/sglang_weight_sync.py [--models tiny,qwen0.5b] [--repeats 3]
+Usage, from the repository root (the tiny model comes from ``tests.helpers``):
+
+    python -m benchmarks.sglang_weight_sync [--models tiny,qwen0.5b] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.cpu_engine import HFCpuEngine
 from hpt_megatron.rollout.sglang import SGLangEngine
-from hpt_megatron.rollout.testing import QWEN25_05B_SHAPE, build_tiny_model, tiny_config
+from tests.helpers.tiny_hf import QWEN25_05B_SHAPE, build_tiny_model, tiny_config
 
 BUCKET_BYTES = 256 << 20
 

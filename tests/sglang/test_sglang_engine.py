@@ -17,7 +17,7 @@ import torch
 from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.base import SamplingParams
 from hpt_megatron.rollout.sglang import ServerStartError, SGLangEngine
-from hpt_megatron.rollout.testing import build_tiny_model
+from tests.helpers.tiny_hf import build_tiny_model
 
 pytestmark = pytest.mark.sglang
 
