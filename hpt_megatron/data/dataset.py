@@ -57,10 +57,6 @@ class PromptDataset(Sequence[PromptRecord]):
     def __iter__(self) -> Iterator[PromptRecord]:
         return iter(self.records)
 
-    @property
-    def has_demonstrations(self) -> bool:
-        return all(r.demo_ids is not None for r in self.records)
-
 
 def _eos_id(tokenizer: Any) -> int:
     eos = tokenizer.eos_token_id
