@@ -97,7 +97,7 @@ def tokenize_examples(
         if prompt_over:
             ids = ids[-options.max_prompt_tokens :]
             stats.prompts_truncated += 1
-        if demo_over:
+        if demo is not None and demo_over:
             demo = demo[: options.max_response_tokens]
             stats.demos_truncated += 1
         records.append(

@@ -116,6 +116,7 @@ def _context(
     from megatron.core import parallel_state as ps
 
     world = dist.group.WORLD
+    assert world is not None, "init_process_group has run"
     cpu_group = world if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     return ParallelContext(
         rank=rank,
