@@ -5,7 +5,9 @@ machine load): the engine's ``generate`` (client: balancing, retries, parsing in
 ``Generation``) and a bare aiohttp loop posting the identical ``/generate`` bodies with the same
 concurrency and reading the JSON. Reports tokens/s of each and the client's overhead.
 
-Usage: python benchmarks/sglang_client_overhead.py [--prompts 64] [--n 8] [--tokens 40]
+Usage, from the repository root (the tiny model comes from ``tests.helpers``):
+
+    python -m benchmarks.sglang_client_overhead [--prompts 64] [--n 8] [--tokens 40]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.base import SamplingParams
 from hpt_megatron.rollout.sglang import SGLangEngine
 from hpt_megatron.rollout.sglang.client import sampling_payload
-from hpt_megatron.rollout.testing import build_tiny_model
+from tests.helpers.tiny_hf import build_tiny_model
 
 
 async def _direct(url: str, prompts: list[list[int]], params: SamplingParams, limit: int) -> int:

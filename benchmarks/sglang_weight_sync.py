@@ -1,13 +1,14 @@
-"""Weight-sync time per transport into a CPU SGLang server, against writing the same bytes.
+"""Weight-sync time into a CPU SGLang server, against writing the same bytes.
 
 For each model (the tiny test model, and a random model of Qwen2.5-0.5B's shape) this starts one
 SGLang server on CPU, then times, in the same run:
 - ``file``: writing the weights' raw bytes to one file (the floor for any disk-based sync);
 - ``disk``: the disk transport (safetensors snapshot + ``/update_weights_from_disk``);
-- ``tensor``: ``/update_weights_from_tensor`` with flattened buckets through shared memory;
 - ``cpu-engine``: the in-process CPU engine's in-place ``update_weights`` (no server).
 
-Usage: python benchmarks/sglang_weight_sync.py [--models tiny,qwen0.5b] [--repeats 3]
+Usage, from the repository root (the tiny model comes from ``tests.helpers``):
+
+    python -m benchmarks.sglang_weight_sync [--models tiny,qwen0.5b] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ import torch
 from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.cpu_engine import HFCpuEngine
 from hpt_megatron.rollout.sglang import SGLangEngine
-from hpt_megatron.rollout.sglang.weight_sync.tensor import TensorTransport
-from hpt_megatron.rollout.testing import QWEN25_05B_SHAPE, build_tiny_model, tiny_config
+from tests.helpers.tiny_hf import QWEN25_05B_SHAPE, build_tiny_model, tiny_config
 
 BUCKET_BYTES = 256 << 20
 
@@ -92,16 +92,7 @@ def bench_model(name: str, repeats: int, work: Path) -> dict[str, object]:
             lambda: engine.update_weights(_buckets(state), next(version)), repeats
         )
         out["disk_split"] = engine.transport.last_timing
-        disk = engine.transport
-        engine.transport = TensorTransport(tp_size=1)
-        try:
-            out["tensor_s"] = _time(
-                lambda: engine.update_weights(_buckets(state), next(version)), repeats
-            )
-        except Exception as err:  # report, do not hide: the CPU path is best-effort
-            out["tensor_s"] = f"failed: {str(err)[:300]}"
-        engine.transport = disk
-    for key in ("disk_s", "tensor_s", "cpu_engine_s"):
+    for key in ("disk_s", "cpu_engine_s"):
         if isinstance(out.get(key), float):
             out[key.replace("_s", "_vs_file")] = round(out[key] / out["file_s"], 2)
     return out

@@ -77,23 +77,26 @@ def _check_version() -> None:
 
 
 def _patch_torch_cuda() -> None:
-    cuda = torch.cuda
-    cuda.current_device = lambda: "cpu"  # used as device= argument only
-    cuda.synchronize = lambda *a, **k: None
-    cuda.default_stream = lambda *a, **k: _NullStream()
-    cuda.current_stream = lambda *a, **k: _NullStream()
-    cuda.Stream = _NullStream
-    cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    # The RNG tracker seeds, reads and restores "the CUDA state": make that the CPU generator.
-    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    cuda.manual_seed_all = lambda seed: (
-        None
-    )  # torch.manual_seed calls it; the CPU is seeded already
-    cuda.memory_allocated = lambda *a, **k: 0
-    cuda.max_memory_allocated = lambda *a, **k: 0
-    cuda.empty_cache = lambda: None
+    # Set by name: these stand-ins do not have torch.cuda's signatures (current_device gives "cpu").
+    stand_ins: dict[str, Any] = {
+        "current_device": lambda: "cpu",  # used as a device= argument only
+        "synchronize": lambda *a, **k: None,
+        "default_stream": lambda *a, **k: _NullStream(),
+        "current_stream": lambda *a, **k: _NullStream(),
+        "Stream": _NullStream,
+        "stream": lambda *a, **k: contextlib.nullcontext(),
+        "get_rng_state": lambda *a, **k: torch.get_rng_state(),
+        "set_rng_state": lambda state, *a, **k: torch.set_rng_state(state),
+        # The RNG tracker seeds, reads and restores "the CUDA state": make that the CPU generator.
+        "manual_seed": lambda seed: torch.default_generator.manual_seed(int(seed)),
+        # torch.manual_seed calls it; the CPU generator is seeded already.
+        "manual_seed_all": lambda seed: None,
+        "memory_allocated": lambda *a, **k: 0,
+        "max_memory_allocated": lambda *a, **k: 0,
+        "empty_cache": lambda: None,
+    }
+    for name, value in stand_ins.items():
+        setattr(torch.cuda, name, value)
 
 
 def _patch_megatron() -> None:

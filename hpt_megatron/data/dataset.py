@@ -57,10 +57,6 @@ class PromptDataset(Sequence[PromptRecord]):
     def __iter__(self) -> Iterator[PromptRecord]:
         return iter(self.records)
 
-    @property
-    def has_demonstrations(self) -> bool:
-        return all(r.demo_ids is not None for r in self.records)
-
 
 def _eos_id(tokenizer: Any) -> int:
     eos = tokenizer.eos_token_id
@@ -101,7 +97,7 @@ def tokenize_examples(
         if prompt_over:
             ids = ids[-options.max_prompt_tokens :]
             stats.prompts_truncated += 1
-        if demo_over:
+        if demo is not None and demo_over:
             demo = demo[: options.max_response_tokens]
             stats.demos_truncated += 1
         records.append(

@@ -75,10 +75,6 @@ class PromptSampler:
         while True:
             yield self.next_batch()
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.dataset) // self.batch_size
-
     def state_dict(self) -> dict[str, Any]:
         """The data position, for a checkpoint."""
         return {

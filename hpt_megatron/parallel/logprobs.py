@@ -23,7 +23,9 @@ def _chunks(num_tokens: int, chunk: int) -> list[tuple[int, int]]:
     return [(i, min(i + chunk, num_tokens)) for i in range(0, num_tokens, chunk)]
 
 
-def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> None:
+def _all_reduce(
+    tensor: torch.Tensor, op: dist.ReduceOp.RedOpType, group: dist.ProcessGroup | None
+) -> None:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, op=op, group=group)
 

@@ -39,16 +39,8 @@ class ParallelContext:
     vpp: int | None
     sequence_parallel: bool
     tp_group: dist.ProcessGroup
-    pp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup  # data parallel (with context parallel folded in for grads)
-    dp_cp_group: dist.ProcessGroup
-    mp_group: dist.ProcessGroup  # model parallel (tp x pp)
-    world_group: dist.ProcessGroup
     cpu_group: dist.ProcessGroup  # gloo group over all ranks, for small CPU-side collectives
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
 
     @property
     def is_last_stage(self) -> bool:
@@ -124,6 +116,7 @@ def _context(
     from megatron.core import parallel_state as ps
 
     world = dist.group.WORLD
+    assert world is not None, "init_process_group has run"
     cpu_group = world if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     return ParallelContext(
         rank=rank,
@@ -140,11 +133,7 @@ def _context(
         vpp=parallel.vpp,
         sequence_parallel=parallel.sequence_parallel,
         tp_group=ps.get_tensor_model_parallel_group(),
-        pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
-        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
-        mp_group=ps.get_model_parallel_group(),
-        world_group=world,
         cpu_group=cpu_group,
     )
 

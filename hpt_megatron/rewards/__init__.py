@@ -12,7 +12,6 @@ from typing import Any
 from hpt_megatron.rewards.pool import RewardPool, grade_batch
 from hpt_megatron.rewards.registry import (
     RewardFn,
-    register_reward,
     registered_rewards,
     resolve_reward,
 )
@@ -28,7 +27,6 @@ __all__ = [
     "RewardFn",
     "RewardPool",
     "grade_batch",
-    "register_reward",
     "registered_rewards",
     "resolve_reward",
     *_LAZY,

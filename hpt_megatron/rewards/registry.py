@@ -22,16 +22,6 @@ _REGISTRY: dict[str, str] = {
 }
 
 
-def register_reward(name: str, import_path: str) -> None:
-    """Register ``name`` for the reward at ``import_path`` (``'pkg.module:function'``).
-
-    The target is checked now; worker processes resolve it again by the same path, so it must be
-    importable there (a module-level function, not a lambda or closure).
-    """
-    resolve_reward(import_path)
-    _REGISTRY[name] = import_path
-
-
 def registered_rewards() -> list[str]:
     return sorted(_REGISTRY)
 

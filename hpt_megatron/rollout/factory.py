@@ -1,30 +1,9 @@
-"""Build the configured rollout engine (``rollout.engine``) for the scheduler."""
+"""``SamplingParams`` from the ``rollout`` config section."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from hpt_megatron.config.rollout import RolloutConfig
-from hpt_megatron.rollout.base import RolloutEngine, SamplingParams
-
-
-def build_engine(
-    cfg: RolloutConfig, *, model_path: str | Path, run_dir: str | Path
-) -> RolloutEngine:
-    """The CPU engine in this process, or SGLang servers started on ``model_path``.
-
-    SGLang's weight sync is by disk snapshots here; a trainer that owns GPU tensors or an NCCL
-    group builds ``SGLangEngine.launch(..., transport=...)`` itself.
-    """
-    if cfg.engine == "cpu":
-        from hpt_megatron.rollout.cpu_engine import HFCpuEngine
-
-        return HFCpuEngine.from_pretrained(
-            model_path, dtype=cfg.cpu.dtype, max_batch_rows=cfg.cpu.max_batch_rows
-        )
-    from hpt_megatron.rollout.sglang import SGLangEngine
-
-    return SGLangEngine.launch(cfg.sglang, model_path=model_path, run_dir=run_dir)
+from hpt_megatron.rollout.base import SamplingParams
 
 
 def sampling_params(

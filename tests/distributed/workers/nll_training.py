@@ -8,6 +8,7 @@ import argparse
 import json
 
 import torch
+from nll_loss import TokenMeanNLL
 from train_parity import ARCHS, make_samples
 
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
@@ -15,7 +16,6 @@ from hpt_megatron.models.provider import build_model_chunks
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.trainer.batching import collate, token_budget_microbatches
 from hpt_megatron.trainer.build import build_engine
-from hpt_megatron.trainer.losses import TokenMeanNLL
 
 
 def main() -> None:

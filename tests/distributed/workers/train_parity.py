@@ -9,6 +9,7 @@ import json
 import random
 
 import torch
+from nll_loss import TokenMeanNLL
 
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
 from hpt_megatron.data.sample import Sample
@@ -17,7 +18,6 @@ from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.trainer.batching import collate, token_budget_microbatches
 from hpt_megatron.trainer.build import build_engine
 from hpt_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
-from hpt_megatron.trainer.losses import TokenMeanNLL
 
 ARCHS = {
     "llama": dict(

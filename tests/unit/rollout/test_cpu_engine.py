@@ -8,7 +8,7 @@ import torch
 from hpt_megatron.rollout.base import RolloutEngine, SamplingParams
 from hpt_megatron.rollout.cpu_engine import HFCpuEngine
 from hpt_megatron.rollout.sampling import processed_logprobs
-from hpt_megatron.rollout.testing import build_byte_tokenizer, build_tiny_model, tiny_config
+from tests.helpers.tiny_hf import build_byte_tokenizer, build_tiny_model, tiny_config
 
 PAD = 257
 PROMPTS = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12], [40, 41, 42]]

@@ -224,7 +224,7 @@ def test_parse_generation_maps_finish_reasons() -> None:
 def test_build_sglang_engine_writes_an_init_model(tmp_path: Path) -> None:
     from hpt_megatron.config.rollout import RolloutConfig
     from hpt_megatron.rollout.sglang import build_sglang_engine
-    from hpt_megatron.rollout.testing import build_byte_tokenizer, tiny_config
+    from tests.helpers.tiny_hf import build_byte_tokenizer, tiny_config
 
     hf = tiny_config().to_dict()
     cfg = RolloutConfig(engine="sglang", sglang=_cfg())

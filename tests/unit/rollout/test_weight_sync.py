@@ -1,8 +1,7 @@
-"""Weight-sync payloads that need no server: safetensors snapshots and flattened buckets."""
+"""Weight-sync payloads that need no server: safetensors snapshots."""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 from hpt_megatron.rollout.sglang.weight_sync.disk import write_safetensors, write_snapshot
-from hpt_megatron.rollout.sglang.weight_sync.distributed import bucket_announcement
-from hpt_megatron.rollout.sglang.weight_sync.tensor import flatten_bucket, serialize_for_sglang
 
 
 def _bucket() -> list[tuple[str, torch.Tensor]]:
@@ -46,22 +43,3 @@ def test_snapshot_is_complete_or_absent(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no tensors"):
         write_snapshot([], tmp_path, version=8)
     assert not (tmp_path / "v8").exists()
-
-
-def test_flattened_bucket_round_trip_through_shared_memory() -> None:
-    bucket = _bucket()
-    flat, meta = flatten_bucket(bucket)
-    assert flat.dtype == torch.uint8 and all(m.start_idx % 16 == 0 for m in meta)
-    import base64
-
-    data = pickle.loads(base64.b64decode(serialize_for_sglang({"flat": flat, "meta": meta})))
-    for (name, tensor), m in zip(bucket, data["meta"]):
-        raw = data["flat"][m.start_idx : m.end_idx]
-        rebuilt = raw.view(m.dtype).reshape(m.shape)
-        assert m.name == name and torch.equal(rebuilt, tensor)
-
-
-def test_distributed_announcement() -> None:
-    body = bucket_announcement(_bucket()[2:4], version=3, flush=True)
-    assert body["names"] == ["b", "c"] and body["dtypes"] == ["bfloat16", "int64"]
-    assert body["shapes"] == [[5], [3]] and body["weight_version"] == "3" and body["flush_cache"]

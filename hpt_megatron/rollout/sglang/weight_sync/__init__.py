@@ -1,14 +1,13 @@
-"""Weight-sync transports into SGLang servers, one module each (chosen by placement).
+"""Weight-sync transports into SGLang servers.
 
-- ``disk``: safetensors snapshot + ``/update_weights_from_disk`` (any placement, CPU included);
-- ``tensor``: flattened buckets by IPC handle + ``/update_weights_from_tensor`` (colocated);
-- ``distributed``: NCCL broadcast + ``/update_weights_from_distributed`` (disaggregated).
+One transport remains: ``disk`` (safetensors snapshot + ``/update_weights_from_disk``), which works
+for every placement, CPU included. ``WeightTransport`` is the interface a new transport (CUDA IPC
+or NCCL, as a separate module here) would implement.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import Protocol
 
 from hpt_megatron.rollout.base import WeightBucket
@@ -27,23 +26,3 @@ class WeightTransport(Protocol):
     async def resync(self, client: SGLangClient, index: int) -> None:
         """Bring a restarted server ``index`` back to the current weights, where possible."""
         ...
-
-
-@contextlib.asynccontextmanager
-async def weight_update_session(client: SGLangClient) -> AsyncIterator[None]:
-    """``/begin_weight_update`` ... ``/end_weight_update`` on every server.
-
-    SGLang 0.5.23 accepts ``update_weights_from_tensor`` and ``update_weights_from_distributed``
-    only inside such a session (it restores in-place-packed weights first).
-    """
-    await _check_all(client, "/begin_weight_update")
-    try:
-        yield
-    finally:
-        await _check_all(client, "/end_weight_update")
-
-
-async def _check_all(client: SGLangClient, path: str) -> None:
-    for answer in await client.post_all(path, {}):
-        if not (isinstance(answer, dict) and answer.get("success")):
-            raise RuntimeError(f"{path} failed: {answer}")

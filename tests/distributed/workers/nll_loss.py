@@ -1,4 +1,4 @@
-"""Losses of the training engine that do not need the algorithms package: token-mean NLL."""
+"""Token-mean NLL: the loss the engine-level workers train with (no algorithms package)."""
 
 from __future__ import annotations
 

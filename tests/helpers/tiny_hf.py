@@ -1,7 +1,7 @@
 """Tiny random Hugging Face models and a byte-level tokenizer, built locally (no hub access).
 
-Used by the rollout tests, the SGLang test tier and the benchmarks: every model here is random,
-so only shapes and numerics are meaningful, never the text.
+Used by the rollout tests, the SGLang test tier and the SGLang benchmarks: every model here is
+random, so only shapes and numerics are meaningful, never the text.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Helpers shared by several test tiers and the benchmarks (never imported by the package)."""
