@@ -94,6 +94,7 @@ class Driver:
         if spec.advantage == "one":  # SFT: train on the demonstrations, nothing to generate
             samples = [demo_sample(p, g, sft_weight=0.0, rl_weight=1.0)
                        for g, p in enumerate(prompts)]  # fmt: skip
+            attach_advantages(spec, samples)  # A = 1
             metrics = {"sft/rows": float(len(samples)), **timings}
             return RolloutBatch(samples, step, metrics, sampler_state=sampler_state)
         params = self.sampling_params(step)
