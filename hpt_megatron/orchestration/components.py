@@ -14,6 +14,7 @@ from hpt_megatron.config import HPTConfig, dump_yaml
 from hpt_megatron.data import build_arithmetic_tokenizer, build_prompt_dataset, build_sampler
 from hpt_megatron.data.dataset import PromptDataset
 from hpt_megatron.data.sampler import PromptSampler
+from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.models.provider import (
     build_model_chunks,
     check_hf_supported,
@@ -37,7 +38,7 @@ class Run:
     cfg: HPTConfig
     ctx: ParallelContext
     run_dir: Path
-    hf: dict[str, Any]
+    hf: HFModelConfig
     spec: AlgorithmSpec
     tokenizer: Any
     trainer: TrainEngine
@@ -48,8 +49,8 @@ class Run:
     pool: RewardPool | None
 
 
-def resolve_model_config(cfg: HPTConfig) -> dict[str, Any]:
-    """The HF config dict of the policy, with overrides; checked against the parallel layout."""
+def resolve_model_config(cfg: HPTConfig) -> HFModelConfig:
+    """The HF config of the policy, with overrides; checked against the parallel layout."""
     hf = load_hf_config(cfg.model.hf_config or dict(cfg.model.inline))
     hf = hf_config_with_overrides(hf, cfg.model)
     check_hf_supported(hf)
@@ -69,16 +70,13 @@ def load_tokenizer(cfg: HPTConfig, run_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path if path.is_dir() else path.parent))
 
 
-def build_rollout_engine(cfg: HPTConfig, hf: dict[str, Any], tokenizer: Any, run_dir: Path):  # noqa: ANN201
+def build_rollout_engine(cfg: HPTConfig, hf: HFModelConfig, tokenizer: Any, run_dir: Path):  # noqa: ANN201
     """The driver's rollout engine; its weights are overwritten from the trainer at step 0."""
     if cfg.rollout.engine == "cpu":
-        from transformers import AutoConfig
-
         from hpt_megatron.rollout.cpu_engine import HFCpuEngine
 
-        hf_cfg = AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "architectures"})
         return HFCpuEngine.from_config(
-            hf_cfg,
+            hf,
             max_batch_rows=cfg.rollout.cpu.max_batch_rows,
             seed=cfg.run.seed,
             tokenizer=tokenizer,
@@ -111,9 +109,9 @@ def build_run(cfg: HPTConfig, ctx: ParallelContext) -> Run:
         dump_yaml(cfg, run_dir / "config.yaml")
     _barrier(ctx)
     tokenizer = load_tokenizer(cfg, run_dir)
-    if len(tokenizer) > int(hf["vocab_size"]):
+    if len(tokenizer) > hf.vocab_size:
         raise ValueError(
-            f"model vocab_size {hf['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})"
+            f"model vocab_size {hf.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
         )
 
     # Weights about to be loaded (model.load / model.hf_weights) need no random init first.
@@ -121,7 +119,7 @@ def build_run(cfg: HPTConfig, ctx: ParallelContext) -> Run:
     chunks = build_model_chunks(hf, cfg.model, cfg.parallel, pp_rank=ctx.pp_rank,
                                 init_weights=not loads_weights)  # fmt: skip
     trainer = build_engine(
-        chunks, ctx, cfg.trainer, total_steps=cfg.run.steps, vocab_size=int(hf["vocab_size"])
+        chunks, ctx, cfg.trainer, total_steps=cfg.run.steps, vocab_size=hf.vocab_size
     )
     sampler = train_set = val_set = engine = pool = None
     if ctx.is_driver:
