@@ -19,7 +19,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hpt_megatron.models.hf_config import HFModelConfig
 
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -43,8 +46,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _hf_dtype(hf: dict[str, Any]) -> str:
-    return _DTYPE_NAMES.get(str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), "fp32")
+def _hf_dtype(hf: HFModelConfig) -> str:
+    return _DTYPE_NAMES.get(hf.torch_dtype or "float32", "fp32")
 
 
 def _freeze_imports() -> None:
@@ -134,7 +137,7 @@ def megatron_to_hf(args: argparse.Namespace) -> None:
         entries = [(n, t.dtype, tuple(t.shape)) for n, t in shard]
         writer.write_stream(entries, bar, f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
     writer.finish()
-    write_config({**hf, "torch_dtype": _TORCH_DTYPES[dtype]}, args.out)
+    write_config(hf, args.out, torch_dtype=_TORCH_DTYPES[dtype])
     copy_side_files(args.load, args.out)
     print(f"wrote HF folder {args.out} ({dtype})")
 

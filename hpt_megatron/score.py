@@ -172,14 +172,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parallel.validate()
     seqs = read_sequences(args.input)
     ctx = init_distributed(parallel)
-    model = ModelConfig(inline=hf, params_dtype=args.dtype)
+    model = ModelConfig(inline=hf.to_dict(), params_dtype=args.dtype)
     chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank, init_weights=False)
     load_model_checkpoint(chunks, args.load)
     mine = list(range(ctx.dp_rank, len(seqs), ctx.dp))
     scored = score_sequences(
         chunks,
         [seqs[i] for i in mine],
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=hf.vocab_size,
         tp_rank=ctx.tp_rank,
         seq_multiple=ctx.tp if parallel.sequence_parallel else 1,
         batch_size=args.batch_size,

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from hpt_megatron.models.mapping import Dims, global_param_names, rule_for
 
 if TYPE_CHECKING:
+    from hpt_megatron.models.hf_config import HFModelConfig
     from hpt_megatron.parallel.runtime import ParallelContext
 
 DEFAULT_BUCKET_BYTES = 512 * 1024**2
@@ -49,7 +50,7 @@ def _gather_tp(local: torch.Tensor, group: dist.ProcessGroup | None) -> list[tor
 
 def iter_hf_tensors(
     chunks: Sequence[torch.nn.Module],
-    hf: dict[str, Any],
+    hf: HFModelConfig,
     *,
     tp_group: dist.ProcessGroup | None = None,
     dtype: torch.dtype | None = None,
@@ -71,7 +72,7 @@ def iter_hf_tensors(
 
 def export_hf_weights(
     chunks: Sequence[torch.nn.Module],
-    hf: dict[str, Any],
+    hf: HFModelConfig,
     *,
     tp_group: dist.ProcessGroup | None = None,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -115,7 +116,7 @@ def bucketed(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> 
 
 def save_hf_folder(
     chunks: Sequence[torch.nn.Module],
-    hf: dict[str, Any],
+    hf: HFModelConfig,
     out: str | Path,
     ctx: ParallelContext,
     *,
@@ -154,4 +155,4 @@ def save_hf_folder(
     if ctx.is_driver:
         assert writer is not None  # rank 0 is TP, PP and DP rank 0
         writer.finish(p for i, p in enumerate(parts) if p is not None and i != ctx.rank)
-        write_config({**hf, "torch_dtype": torch_dtype}, out)
+        write_config(hf, out, torch_dtype=torch_dtype)

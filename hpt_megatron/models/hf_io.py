@@ -7,9 +7,13 @@ import shutil
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
+
+if TYPE_CHECKING:
+    from hpt_megatron.models.hf_config import HFModelConfig
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -197,5 +201,12 @@ def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
-def write_config(hf: dict, folder: str | Path) -> None:
-    (Path(folder) / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+def write_config(hf: HFModelConfig, folder: str | Path, *, torch_dtype: str | None = None) -> None:
+    """Write ``hf``'s fields as ``folder/config.json``, with ``torch_dtype`` (``"bfloat16"``...)
+    when given (also as transformers 5's ``dtype`` if the file has that key)."""
+    raw = hf.to_dict()
+    if torch_dtype is not None:
+        raw["torch_dtype"] = torch_dtype
+        if "dtype" in raw:
+            raw["dtype"] = torch_dtype
+    (Path(folder) / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")

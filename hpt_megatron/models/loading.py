@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from hpt_megatron.models.hf_io import HFCheckpointReader
 from hpt_megatron.models.mapping import Dims, global_param_names, rule_for
+
+if TYPE_CHECKING:
+    from hpt_megatron.models.hf_config import HFModelConfig
 
 
 def _describe(dims: Dims) -> str:
@@ -24,7 +27,7 @@ def local_tensor(
     reader: HFCheckpointReader,
     name: str,
     param: torch.Tensor,
-    hf: dict[str, Any],
+    hf: HFModelConfig,
     tp_rank: int,
     tp_size: int,
 ) -> torch.Tensor:
@@ -49,7 +52,7 @@ def local_tensor(
 
 def load_hf_weights(
     chunks: Sequence[torch.nn.Module],
-    hf: dict[str, Any],
+    hf: HFModelConfig,
     folder: str | Path,
     *,
     tp_rank: int = 0,

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from hpt_megatron.models.provider import head_dim, num_kv_heads
+if TYPE_CHECKING:
+    from hpt_megatron.models.hf_config import HFModelConfig
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,12 @@ class Dims:
     vocab: int
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> Dims:
+    def from_hf(cls, hf: HFModelConfig) -> Dims:
         return cls(
-            heads=int(hf["num_attention_heads"]),
-            groups=num_kv_heads(hf),
-            head_dim=head_dim(hf),
-            vocab=int(hf["vocab_size"]),
+            heads=hf.num_attention_heads,
+            groups=hf.num_key_value_heads,
+            head_dim=hf.head_dim,
+            vocab=hf.vocab_size,
         )
 
 
@@ -225,14 +226,14 @@ _TABLE: list[tuple[str, tuple[str, ...], Layout]] = [
 _COMPILED = [(re.compile(pattern + "$"), names, layout) for pattern, names, layout in _TABLE]
 
 
-def rule_for(name: str, hf: dict[str, Any]) -> Rule:
+def rule_for(name: str, hf: HFModelConfig) -> Rule:
     """The :class:`Rule` for a Megatron parameter name whose layer index is global.
 
     Raises:
         KeyError: no rule for this name (a module this mapping does not know).
     """
     if name == "output_layer.weight":
-        if hf.get("tie_word_embeddings", False):
+        if hf.tie_word_embeddings:
             # Only a later pipeline stage holds this copy of the embedding (Megatron keeps the
             # two in sync); HF has no separate lm_head to export.
             return Rule(("model.embed_tokens.weight",), Vocab(), exported=False)

@@ -3,23 +3,26 @@
 Dense decoders only (Llama 3.x, Qwen2/2.5, Qwen3): RMSNorm, SwiGLU, RoPE (default or ``llama3``
 scaling), grouped-query attention, optional q/k/v bias and QK norm, tied or untied embeddings.
 Local (pure torch) layers on CPU or when ``model.transformer_impl == "local"``; Transformer Engine
-layers otherwise. ``transformer_config_from_hf`` is pure: it reads dicts and dataclasses only.
+layers otherwise. The input is Hugging Face's view of the model (:class:`HFModelConfig`, HF
+names); the output is Megatron's (``TransformerConfig``, padded vocabulary, ``GPTModel``).
+``transformer_config_from_hf`` is pure: it reads dataclasses only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hpt_megatron.config.base import ConfigError
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig
-from hpt_megatron.models.architectures import architecture_of
+from hpt_megatron.models.hf_config import HFModelConfig
 
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
@@ -40,107 +43,100 @@ class RopeSettings:
     scaling_factor: float = 8.0
 
 
-def load_hf_config(path_or_dict: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """Read an HF config: a folder holding ``config.json``, the file itself, or a dict (copied).
+def load_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> HFModelConfig:
+    """Parse an HF config: a folder holding ``config.json``, the file itself, or its fields
+    (``model.inline``; copied).
 
     Raises:
-        ValueError: the path has no ``config.json`` or the file is not valid JSON.
+        ValueError: the path has no ``config.json``, the file is not valid JSON, or a field is
+            missing or of the wrong type (the message names the file and the key).
     """
-    if isinstance(path_or_dict, dict):
-        return copy.deepcopy(path_or_dict)
-    path = Path(path_or_dict)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{path}: no Hugging Face config.json here")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if isinstance(path_or_dict, Mapping):
+        return HFModelConfig.from_dict(path_or_dict)
+    return HFModelConfig.from_file(path_or_dict)
 
 
-def hf_config_with_overrides(hf: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
-    """The HF config with ``model.rope_theta`` / ``model.max_position_embeddings`` applied.
+def hf_config_with_overrides(hf: HFModelConfig, model: ModelConfig) -> HFModelConfig:
+    """The HF config with ``model.rope_theta`` / ``model.max_position_embeddings`` applied, to
+    the fields and to ``raw`` alike.
 
     Written next to exported weights, so that the rollout servers use the same RoPE as training.
     """
-    out = copy.deepcopy(hf)
+    raw = hf.to_dict()
+    changes: dict[str, Any] = {}
     if model.max_position_embeddings is not None:
-        out["max_position_embeddings"] = model.max_position_embeddings
+        raw["max_position_embeddings"] = model.max_position_embeddings
+        changes["max_position_embeddings"] = model.max_position_embeddings
     if model.rope_theta is not None:
-        out["rope_theta"] = model.rope_theta
-        if isinstance(out.get("rope_parameters"), dict):
-            out["rope_parameters"]["rope_theta"] = model.rope_theta
-    return out
+        raw["rope_theta"] = model.rope_theta
+        if isinstance(raw.get("rope_parameters"), dict):
+            raw["rope_parameters"]["rope_theta"] = model.rope_theta
+        changes["rope_theta"] = float(model.rope_theta)
+    if not changes:
+        return hf
+    return dataclasses.replace(hf, raw=MappingProxyType(raw), **changes)
 
 
-def rope_settings(hf: dict[str, Any]) -> RopeSettings:
-    """RoPE base and scaling from either transformers 4 (``rope_theta``, ``rope_scaling``) or
-    transformers 5 (``rope_parameters``) keys; ``ConfigError`` for scalings Megatron lacks."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or params
-    theta = float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
-    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    if kind == "default":
-        return RopeSettings(theta=theta)
+def rope_settings(hf: HFModelConfig) -> RopeSettings:
+    """Megatron's RoPE arguments for the HF RoPE; ``ConfigError`` for scalings Megatron lacks."""
+    scaling = hf.rope_scaling
+    if scaling is None:
+        return RopeSettings(theta=hf.rope_theta)
+    kind = scaling.get("rope_type", scaling.get("type"))
     if kind != "llama3":
-        raise ConfigError(f"config.json: rope type {kind!r} is not supported (default, llama3)")
+        raise ConfigError(f"{hf.source}: rope type {kind!r} is not supported (default, llama3)")
     for key, expected in _LLAMA3_FIXED.items():
         if float(scaling.get(key, expected)) != expected:
             raise ConfigError(
-                f"config.json: llama3 rope {key}={scaling[key]} (Megatron fixes it at {expected})"
+                f"{hf.source}: llama3 rope {key}={scaling[key]} (Megatron fixes it at {expected})"
             )
     if int(scaling.get("original_max_position_embeddings", 8192)) != _LLAMA3_ORIGINAL_MAX:
-        raise ConfigError("config.json: llama3 rope original_max_position_embeddings must be 8192")
-    return RopeSettings(theta=theta, llama3_scaling=True, scaling_factor=float(scaling["factor"]))
+        raise ConfigError(f"{hf.source}: llama3 rope original_max_position_embeddings must be 8192")
+    if "factor" not in scaling:
+        raise ConfigError(f"{hf.source}: llama3 rope scaling without a factor")
+    return RopeSettings(
+        theta=hf.rope_theta, llama3_scaling=True, scaling_factor=float(scaling["factor"])
+    )
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Round the vocabulary up to a multiple of ``divisible_by * tp``."""
+    """Megatron's vocabulary: HF's ``vocab_size`` rounded up to a multiple of
+    ``divisible_by * tp``."""
     multiple = divisible_by * tp
     return -(-vocab_size // multiple) * multiple
 
 
-def head_dim(hf: dict[str, Any]) -> int:
-    return int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"])
+def check_hf_supported(hf: HFModelConfig) -> None:
+    """Raise ``ConfigError`` naming the key for HF features the Megatron model would not match.
 
-
-def num_kv_heads(hf: dict[str, Any]) -> int:
-    return int(hf.get("num_key_value_heads") or hf["num_attention_heads"])
-
-
-def check_hf_supported(hf: dict[str, Any]) -> None:
-    """Raise ``ConfigError`` naming the key for HF features the Megatron model would not match."""
-    architecture_of(hf)
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-        if key not in hf:
-            raise ConfigError(f"config.json: missing {key}")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"config.json: hidden_act={hf['hidden_act']!r} (only silu/SwiGLU)")
-    if hf.get("mlp_bias"):
-        raise ConfigError("config.json: mlp_bias=true is not supported")
-    if hf.get("use_sliding_window"):
-        raise ConfigError("config.json: use_sliding_window=true is not supported")
+    (The sizes and ``model_type`` were checked when the config was parsed.)
+    """
+    if hf.hidden_act != "silu":
+        raise ConfigError(f"{hf.source}: hidden_act={hf.hidden_act!r} (only silu/SwiGLU)")
+    if hf.mlp_bias:
+        raise ConfigError(f"{hf.source}: mlp_bias=true is not supported")
+    if hf.use_sliding_window:
+        raise ConfigError(f"{hf.source}: use_sliding_window=true is not supported")
     rope_settings(hf)
 
 
-def check_parallel_against_model(hf: dict[str, Any], parallel: ParallelConfig) -> None:
+def check_parallel_against_model(hf: HFModelConfig, parallel: ParallelConfig) -> None:
     """Raise ``ConfigError`` when the TP/PP layout cannot split this model.
 
     TP ranks must hold whole KV groups (DESIGN.md section 4), so TP divides both the query heads
     and the KV heads; PP (times virtual stages) must divide the layers.
     """
-    heads, groups = int(hf["num_attention_heads"]), num_kv_heads(hf)
+    heads, groups = hf.num_attention_heads, hf.num_key_value_heads
     if heads % parallel.tp or groups % parallel.tp:
         raise ConfigError(
             f"parallel.tp={parallel.tp} does not divide num_attention_heads={heads} / "
             f"num_key_value_heads={groups}: each TP rank must hold whole KV groups"
         )
-    if int(hf["intermediate_size"]) % parallel.tp:
+    if hf.intermediate_size % parallel.tp:
         raise ConfigError(
-            f"parallel.tp={parallel.tp} does not divide intermediate_size={hf['intermediate_size']}"
+            f"parallel.tp={parallel.tp} does not divide intermediate_size={hf.intermediate_size}"
         )
-    layers, stages = int(hf["num_hidden_layers"]), parallel.pp * (parallel.vpp or 1)
+    layers, stages = hf.num_hidden_layers, parallel.pp * (parallel.vpp or 1)
     if layers % stages:
         raise ConfigError(
             f"parallel.pp={parallel.pp} (x vpp={parallel.vpp or 1}) does not divide "
@@ -186,7 +182,7 @@ def _recompute(model: ModelConfig) -> dict[str, Any]:
 
 
 def transformer_config_from_hf(
-    hf: dict[str, Any],
+    hf: HFModelConfig,
     model: ModelConfig,
     parallel: ParallelConfig,
     *,
@@ -196,7 +192,7 @@ def transformer_config_from_hf(
     """Translate an HF config (plus our model and parallel sections) into a ``TransformerConfig``.
 
     Args:
-        hf: the HF ``config.json`` fields.
+        hf: the HF ``config.json``.
         model: dtype, FP8, recompute and dropout options (RoPE overrides are read by
             :func:`build_model`, which owns the GPTModel arguments).
         parallel: TP/PP/VPP/CP sizes and sequence parallelism.
@@ -212,24 +208,23 @@ def transformer_config_from_hf(
     check_parallel_against_model(hf, parallel)
     if model.fp8 is not None and not use_te:
         raise ConfigError("model.fp8: FP8 needs Transformer Engine layers (a GPU)")
-    arch = architecture_of(hf)
     if cpu_initialization is None:
         cpu_initialization = not torch.cuda.is_available()
     return TransformerConfig(
-        num_layers=int(hf["num_hidden_layers"]),
-        hidden_size=int(hf["hidden_size"]),
-        ffn_hidden_size=int(hf["intermediate_size"]),
-        num_attention_heads=int(hf["num_attention_heads"]),
-        num_query_groups=num_kv_heads(hf),
-        kv_channels=head_dim(hf),
+        num_layers=hf.num_hidden_layers,
+        hidden_size=hf.hidden_size,
+        ffn_hidden_size=hf.intermediate_size,
+        num_attention_heads=hf.num_attention_heads,
+        num_query_groups=hf.num_key_value_heads,
+        kv_channels=hf.head_dim,
         normalization="RMSNorm",
-        layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        layernorm_epsilon=hf.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
-        add_qkv_bias=arch.qkv_bias(hf),
-        qk_layernorm=arch.qk_norm,
-        init_method_std=float(hf.get("initializer_range", 0.02)),
+        add_qkv_bias=hf.attention_bias,
+        qk_layernorm=hf.qk_norm,
+        init_method_std=hf.initializer_range,
         attention_dropout=model.attention_dropout,
         hidden_dropout=model.hidden_dropout,
         attention_softmax_in_fp32=True,
@@ -268,7 +263,7 @@ def layer_spec(config: TransformerConfig, *, use_te: bool) -> Any:
 
 
 def build_model(
-    hf: dict[str, Any],
+    hf: HFModelConfig,
     model: ModelConfig,
     parallel: ParallelConfig,
     *,
@@ -308,13 +303,13 @@ def build_model(
             config=config,
             transformer_layer_spec=layer_spec(config, use_te=use_te),
             vocab_size=padded_vocab_size(
-                int(hf["vocab_size"]), parallel.tp, model.make_vocab_size_divisible_by
+                hf.vocab_size, parallel.tp, model.make_vocab_size_divisible_by
             ),
-            max_sequence_length=int(hf.get("max_position_embeddings", 4096)),
+            max_sequence_length=hf.max_position_embeddings,
             pre_process=pre_process,
             post_process=post_process,
             parallel_output=True,
-            share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
+            share_embeddings_and_output_weights=hf.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=rope.theta,  # type: ignore[arg-type]  # float bases are fine
             rope_scaling=rope.llama3_scaling,
@@ -327,7 +322,7 @@ def build_model(
 
 
 def build_model_chunks(
-    hf: dict[str, Any],
+    hf: HFModelConfig,
     model: ModelConfig,
     parallel: ParallelConfig,
     *,

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -55,6 +55,9 @@ from torch.utils.serialization import config as serialization_config
 
 from hpt_megatron.models.loading import local_tensor
 from hpt_megatron.models.mapping import Dims, rule_for, tp1_region
+
+if TYPE_CHECKING:
+    from hpt_megatron.models.hf_config import HFModelConfig
 
 # What ``dist_checkpointing.save`` writes next to the DCP files (megatron-core 0.16).
 MEGATRON_CONFIG = {
@@ -90,7 +93,7 @@ class Schema:
     params: dict[str, torch.Tensor]  # parameter name -> meta tensor (shape, for checks)
 
 
-def megatron_schema(hf: dict[str, Any], dtype: str) -> Schema:
+def megatron_schema(hf: HFModelConfig, dtype: str) -> Schema:
     """What Megatron writes for the TP=PP=1 model of ``hf``, from a model built on ``meta``
     with local layers (GPU or not: TE layers would add FP8 state objects a CPU run lacks).
 
@@ -106,7 +109,7 @@ def megatron_schema(hf: dict[str, Any], dtype: str) -> Schema:
     from hpt_megatron.models.checkpoint import model_sharded_state_dict
     from hpt_megatron.models.provider import build_model_chunks
 
-    model = ModelConfig(inline=hf, params_dtype=dtype)
+    model = ModelConfig(inline=hf.to_dict(), params_dtype=dtype)
     chunks = build_model_chunks(
         hf, model, ParallelConfig(), pp_rank=0, init_weights=False, meta=True
     )
@@ -174,7 +177,7 @@ class _LazySavePlanner(DefaultSavePlanner):
 
 
 def write_checkpoint_from_hf(
-    hf: dict[str, Any],
+    hf: HFModelConfig,
     hf_folder: str | Path,
     out: str | Path,
     *,
@@ -257,7 +260,7 @@ def write_checkpoint_from_hf(
 
 
 def _piece_tensor(
-    reader: Any, piece: Piece, schema: Schema, hf: dict[str, Any], dims: Dims
+    reader: Any, piece: Piece, schema: Schema, hf: HFModelConfig, dims: Dims
 ) -> torch.Tensor:
     """The data of one chunk, from the HF tensors ``reader.get`` returns (meta ones for checks)."""
     meta = schema.params[piece.param]
@@ -409,7 +412,7 @@ class _FileSlice(io.RawIOBase):
 
 def iter_checkpoint_hf_tensors(
     ckpt: TorchDistCheckpoint,
-    hf: dict[str, Any],
+    hf: HFModelConfig,
     *,
     dtype: torch.dtype | None = None,
     meta: bool = False,
@@ -424,7 +427,7 @@ def iter_checkpoint_hf_tensors(
         ValueError: a model key without an HF mapping, or a layer count that is not the config's.
     """
     dims = Dims.from_hf(hf)
-    layers = int(hf["num_hidden_layers"])
+    layers = hf.num_hidden_layers
     tensors = {k: md for k, md in ckpt.tensors().items() if k.startswith(_MODEL_PREFIXES)}
     per_layer = [k for k in tensors if k.startswith(_LAYERS)]
     for key in per_layer:

@@ -21,6 +21,7 @@ from hpt_megatron.data.dataset import PromptDataset
 from hpt_megatron.data.records import PromptRecord
 from hpt_megatron.data.sample import RolloutBatch, Sample
 from hpt_megatron.data.sampler import PromptSampler
+from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.orchestration.batch_rules import (
     apply_batch_rule,
     attach_advantages,
@@ -54,7 +55,7 @@ class Driver:
         self.pool = pool
 
     @classmethod
-    def build(cls, cfg: HPTConfig, hf: Any, tokenizer: Any, run_dir: Path) -> Driver:
+    def build(cls, cfg: HPTConfig, hf: HFModelConfig, tokenizer: Any, run_dir: Path) -> Driver:
         train_set = build_prompt_dataset(cfg.data, tokenizer, "train")
         sampler = build_sampler(cfg.data, train_set, cfg.run.seed)
         val_set = None
@@ -185,16 +186,15 @@ def grade_samples(pool: RewardPool, samples: list[Sample], cfg: RewardConfig) ->
         sample.reward = float(reward)
 
 
-def build_rollout_engine(cfg: HPTConfig, hf: Any, tokenizer: Any, run_dir: Path) -> RolloutEngine:
+def build_rollout_engine(
+    cfg: HPTConfig, hf: HFModelConfig, tokenizer: Any, run_dir: Path
+) -> RolloutEngine:
     """The driver's rollout engine; its weights are overwritten from the trainer at step 0."""
     if cfg.rollout.engine == "cpu":
-        from transformers import AutoConfig
-
         from hpt_megatron.rollout.cpu_engine import HFCpuEngine
 
-        hf_cfg = AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "architectures"})
         return HFCpuEngine.from_config(
-            hf_cfg,
+            hf,
             max_batch_rows=cfg.rollout.cpu.max_batch_rows,
             seed=cfg.run.seed,
             tokenizer=tokenizer,

@@ -23,6 +23,7 @@ from hpt_megatron.config import HPTConfig, dump_yaml
 from hpt_megatron.data.sample import RolloutBatch
 from hpt_megatron.data.tokenizer import load_tokenizer
 from hpt_megatron.models.export import save_hf_folder
+from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.models.hf_io import write_config
 from hpt_megatron.models.provider import (
     check_hf_supported,
@@ -45,7 +46,7 @@ from hpt_megatron.trainer.engine import TrainEngine
 from hpt_megatron.trainer.update import PolicyUpdate, UpdateLayout
 
 
-def resolve_model_config(cfg: HPTConfig) -> Any:
+def resolve_model_config(cfg: HPTConfig) -> HFModelConfig:
     """The HF config of the policy, with overrides; checked against the parallel layout."""
     hf = load_hf_config(cfg.model.hf_config or dict(cfg.model.inline))
     hf = hf_config_with_overrides(hf, cfg.model)
@@ -61,7 +62,7 @@ class Run:
     cfg: HPTConfig
     ctx: ParallelContext
     run_dir: Path
-    hf: Any
+    hf: HFModelConfig
     spec: AlgorithmSpec
     tokenizer: Any
     policy: TrainEngine
@@ -85,7 +86,9 @@ def train(cfg: HPTConfig) -> dict[str, float]:
         shutdown_distributed()
 
 
-def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: Any, spec: AlgorithmSpec) -> Run:
+def _build_run(
+    cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: AlgorithmSpec
+) -> Run:
     run_dir = Path(cfg.run.run_dir)
     if ctx.is_driver:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,9 +97,9 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: Any, spec: AlgorithmSpe
         torch.distributed.barrier(group=ctx.cpu_group)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.hf_weights or cfg.model.hf_config,
                                run_dir)  # fmt: skip
-    if len(tokenizer) > int(hf["vocab_size"]):
+    if len(tokenizer) > hf.vocab_size:
         raise ValueError(
-            f"model vocab_size {hf['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})"
+            f"model vocab_size {hf.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
         )
     policy = build_policy(hf, cfg.model, cfg.parallel, cfg.trainer, ctx, total_steps=cfg.run.steps)
     layout = UpdateLayout(

@@ -8,18 +8,17 @@ holds one full copy of the policy while loading, as the engine itself does.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 
 from hpt_megatron.models.export import export_hf_weights
+from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.rollout.base import RolloutEngine
 
 
 def local_buckets(
-    chunks: list[torch.nn.Module], hf: dict[str, Any], ctx: ParallelContext, bucket_bytes: int
+    chunks: list[torch.nn.Module], hf: HFModelConfig, ctx: ParallelContext, bucket_bytes: int
 ) -> list:
     """This rank's export buckets (empty unless it is TP rank 0 of replica 0)."""
     if ctx.dp_rank != 0:
@@ -32,7 +31,7 @@ def local_buckets(
 def sync_weights(
     engine: RolloutEngine | None,
     chunks: list[torch.nn.Module],
-    hf: dict[str, Any],
+    hf: HFModelConfig,
     ctx: ParallelContext,
     version: int,
     bucket_bytes: int = 512 * 1024**2,

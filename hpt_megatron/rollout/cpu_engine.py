@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
 
+from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.rollout.base import Generation, SamplingParams, WeightBucket
 from hpt_megatron.rollout.sampling import sample_tokens, validate_sampling
 from hpt_megatron.rollout.stop import StopStringMatcher
@@ -102,10 +103,17 @@ class HFCpuEngine:
 
     @classmethod
     def from_config(
-        cls, config: PretrainedConfig | str | Path, *, seed: int = 0, **kwargs: object
+        cls,
+        config: HFModelConfig | PretrainedConfig | str | Path,
+        *,
+        seed: int = 0,
+        **kwargs: object,
     ) -> HFCpuEngine:
-        """A randomly initialised model from an HF config (object, folder or config.json)."""
-        if not isinstance(config, PretrainedConfig):
+        """A randomly initialised model from an HF config (ours or transformers', a folder or a
+        config.json)."""
+        if isinstance(config, HFModelConfig):
+            config = config.to_transformers()
+        elif not isinstance(config, PretrainedConfig):
             config = AutoConfig.from_pretrained(config)
         torch.manual_seed(seed)
         return cls(AutoModelForCausalLM.from_config(config), **kwargs)  # type: ignore[arg-type]

@@ -5,11 +5,11 @@ learning-rate schedule, and the starting weights of a fresh run."""
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
+from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.trainer.engine import TrainEngine
 
@@ -94,7 +94,7 @@ def build_engine(
 
 
 def build_policy(
-    hf: Any,
+    hf: HFModelConfig,
     model: ModelConfig,
     parallel: ParallelConfig,
     trainer: TrainerConfig,
@@ -110,10 +110,10 @@ def build_policy(
     chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank,
                                 init_weights=not loads_weights)  # fmt: skip
     return build_engine(chunks, ctx, trainer, total_steps=total_steps,
-                        vocab_size=int(hf["vocab_size"]))  # fmt: skip
+                        vocab_size=hf.vocab_size)  # fmt: skip
 
 
-def init_policy_weights(engine: TrainEngine, hf: Any, model: ModelConfig) -> None:
+def init_policy_weights(engine: TrainEngine, hf: HFModelConfig, model: ModelConfig) -> None:
     """Collective: the starting policy of a fresh run, from ``model.load`` (a Megatron
     checkpoint, any layout) or ``model.hf_weights`` (an HF folder); else the random init stays."""
     ctx = engine.ctx

@@ -30,20 +30,19 @@ def ctx():
 
 
 def _model(tmp_path, **model_options):  # noqa: ANN001, ANN003, ANN202
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from hpt_megatron.config.sections import ModelConfig, ParallelConfig
     from hpt_megatron.models.loading import load_hf_weights
-    from hpt_megatron.models.provider import build_model
+    from hpt_megatron.models.provider import build_model, load_hf_config
 
     torch.manual_seed(0)
-    hf_model = AutoModelForCausalLM.from_config(
-        AutoConfig.for_model(**{k: v for k, v in HF.items() if k != "architectures"})
-    )
+    hf = load_hf_config(HF)
+    hf_model = AutoModelForCausalLM.from_config(hf.to_transformers())
     hf_model.save_pretrained(tmp_path / "hf")
     cfg = ModelConfig(inline=HF, transformer_impl="transformer_engine", **model_options)
-    model = build_model(HF, cfg, ParallelConfig(), pre_process=True, post_process=True)
-    load_hf_weights([model], HF, tmp_path / "hf")
+    model = build_model(hf, cfg, ParallelConfig(), pre_process=True, post_process=True)
+    load_hf_weights([model], hf, tmp_path / "hf")
     return hf_model, model
 
 

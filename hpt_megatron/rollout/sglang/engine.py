@@ -13,7 +13,7 @@ import threading
 from collections.abc import Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hpt_megatron.config.rollout import (
     RolloutConfig,
@@ -27,6 +27,9 @@ from hpt_megatron.rollout.sglang.client import ServerPool, SGLangClient
 from hpt_megatron.rollout.sglang.server import ServerLaunch, SGLangServer, free_port
 from hpt_megatron.rollout.sglang.weight_sync import WeightTransport
 from hpt_megatron.rollout.sglang.weight_sync.disk import DiskTransport
+
+if TYPE_CHECKING:
+    from hpt_megatron.models.hf_config import HFModelConfig
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -230,7 +233,7 @@ class SGLangEngine:
 def build_sglang_engine(
     cfg: RolloutConfig,
     *,
-    hf: dict[str, Any],
+    hf: HFModelConfig,
     tokenizer: Any,
     run_dir: str | Path,
     model_path: str | Path | None = None,
@@ -249,10 +252,9 @@ def build_sglang_engine(
     return SGLangEngine.launch(cfg.sglang, model_path=model_path, run_dir=run_dir)
 
 
-def _write_init_model(hf: dict[str, Any], tokenizer: Any, path: Path) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _write_init_model(hf: HFModelConfig, tokenizer: Any, path: Path) -> None:
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "architectures"})
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    AutoModelForCausalLM.from_config(hf.to_transformers()).save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

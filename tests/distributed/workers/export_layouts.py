@@ -30,7 +30,7 @@ def main() -> None:
     parallel = ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp)
     ctx = init_distributed(parallel)
     hf = load_hf_config(args.load)
-    model = ModelConfig(inline=hf)
+    model = ModelConfig(inline=hf.to_dict())
     chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank, init_weights=False)
     load_model_checkpoint(chunks, args.load)
     save_hf_folder(chunks, hf, args.hf_out, ctx, torch_dtype="float32")

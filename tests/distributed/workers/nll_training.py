@@ -12,7 +12,7 @@ from nll_loss import TokenMeanNLL
 from train_parity import ARCHS, make_samples
 
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
-from hpt_megatron.models.provider import build_model_chunks
+from hpt_megatron.models.provider import build_model_chunks, load_hf_config
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.trainer.batching import collate, token_budget_microbatches
 from hpt_megatron.trainer.build import build_engine
@@ -28,8 +28,8 @@ def main() -> None:
 
     parallel = ParallelConfig(tp=args.tp, backend="gloo")
     ctx = init_distributed(parallel, seed=1)
-    hf = ARCHS[args.arch]
-    model_cfg = ModelConfig(inline=hf)
+    hf = load_hf_config(ARCHS[args.arch])
+    model_cfg = ModelConfig(inline=ARCHS[args.arch])
     # Clipping on: the CPU gradient clip is part of what this exercises.
     trainer_cfg = TrainerConfig(lr=1e-3, grad_clip=1.0, max_tokens_per_microbatch=64)
 

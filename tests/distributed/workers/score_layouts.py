@@ -32,11 +32,11 @@ def main() -> None:
     for ckpt in args.ckpts:
         hf = load_hf_config(ckpt)
         chunks = build_model_chunks(
-            hf, ModelConfig(inline=hf), parallel, pp_rank=ctx.pp_rank, init_weights=False
+            hf, ModelConfig(inline=hf.to_dict()), parallel, pp_rank=ctx.pp_rank, init_weights=False
         )
         load_model_checkpoint(chunks, ckpt)
         results[ckpt] = score_sequences(
-            chunks, seqs, vocab_size=int(hf["vocab_size"]), tp_rank=ctx.tp_rank, batch_size=2
+            chunks, seqs, vocab_size=hf.vocab_size, tp_rank=ctx.tp_rank, batch_size=2
         )
     if ctx.is_last_stage and ctx.tp_rank == 0:
         print(json.dumps(results))

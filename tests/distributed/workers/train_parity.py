@@ -13,7 +13,7 @@ from nll_loss import TokenMeanNLL
 
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
 from hpt_megatron.data.sample import Sample
-from hpt_megatron.models.provider import build_model_chunks
+from hpt_megatron.models.provider import build_model_chunks, load_hf_config
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.trainer.batching import collate, token_budget_microbatches
 from hpt_megatron.trainer.build import build_engine
@@ -73,10 +73,9 @@ def main() -> None:
     model_cfg = ModelConfig(inline=ARCHS[args.arch])
     trainer_cfg = TrainerConfig(lr=1e-3, grad_clip=0.0, max_tokens_per_microbatch=args.max_tokens)
 
-    chunks = build_model_chunks(ARCHS[args.arch], model_cfg, parallel, pp_rank=ctx.pp_rank)
-    engine = build_engine(
-        chunks, ctx, trainer_cfg, total_steps=10, vocab_size=ARCHS[args.arch]["vocab_size"]
-    )
+    hf = load_hf_config(ARCHS[args.arch])
+    chunks = build_model_chunks(hf, model_cfg, parallel, pp_rank=ctx.pp_rank)
+    engine = build_engine(chunks, ctx, trainer_cfg, total_steps=10, vocab_size=hf.vocab_size)
     if args.save:
         save_checkpoint(args.ckpt, engine.model_chunks)
     else:

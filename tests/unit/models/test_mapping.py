@@ -14,6 +14,7 @@ from hpt_megatron.models.export import export_hf_weights
 from hpt_megatron.models.hf_io import HFCheckpointReader
 from hpt_megatron.models.loading import load_hf_weights
 from tests.unit.models import tiny_configs
+from tests.unit.models.tiny_configs import parse
 
 DIMS = mapping.Dims(heads=8, groups=2, head_dim=4, vocab=10)
 
@@ -53,13 +54,13 @@ def test_vocab_padding_is_zero_and_stripped():
 
 
 def test_rules_and_tied_output():
-    hf = tiny_configs.qwen3(tied=False)
+    hf = parse(tiny_configs.qwen3(tied=False))
     rule = mapping.rule_for("decoder.layers.3.self_attention.linear_qkv.weight", hf)
     assert rule.hf_names[2] == "model.layers.3.self_attn.v_proj.weight"
     te = mapping.rule_for("decoder.layers.0.mlp.linear_fc1.layer_norm_weight", hf)
     assert te.hf_names == ("model.layers.0.post_attention_layernorm.weight",)
     assert mapping.rule_for("output_layer.weight", hf).hf_names == ("lm_head.weight",)
-    tied = mapping.rule_for("output_layer.weight", tiny_configs.qwen2(tied=True))
+    tied = mapping.rule_for("output_layer.weight", parse(tiny_configs.qwen2(tied=True)))
     assert tied.hf_names == ("model.embed_tokens.weight",) and not tied.exported
     with pytest.raises(KeyError, match="mlp.router.weight"):
         mapping.rule_for("decoder.layers.0.mlp.router.weight", hf)
@@ -83,20 +84,22 @@ class _Chunk(torch.nn.Module):
 
 def test_export_buckets_bound_the_size():
     chunk = _Chunk()
-    buckets = list(export_hf_weights([chunk], tiny_configs.qwen2(), bucket_bytes=1300 * 4))
+    buckets = list(export_hf_weights([chunk], parse(tiny_configs.qwen2()), bucket_bytes=1300 * 4))
     names = [[n for n, _ in b] for b in buckets]
     assert names == [["model.norm.weight"], ["model.embed_tokens.weight"]]  # 300 + 1200 > 1300
     assert buckets[1][0][1].shape == (300, 4)  # padding stripped
-    assert len(list(export_hf_weights([chunk], tiny_configs.qwen2(), bucket_bytes=10**6))) == 1
+    assert (
+        len(list(export_hf_weights([chunk], parse(tiny_configs.qwen2()), bucket_bytes=10**6))) == 1
+    )
     with pytest.raises(ValueError, match="bucket_bytes"):
-        next(export_hf_weights([chunk], tiny_configs.qwen2(), bucket_bytes=0))
+        next(export_hf_weights([chunk], parse(tiny_configs.qwen2()), bucket_bytes=0))
 
 
 def test_loader_names_shape_mismatch(tmp_path):
     save_file({"model.norm.weight": torch.ones(7), "model.embed_tokens.weight": torch.ones(300, 4)},
               tmp_path / "model.safetensors")  # fmt: skip
     with pytest.raises(ValueError, match=r"model.norm.weight.*\[7\].*\[300\]"):
-        load_hf_weights([_Chunk()], tiny_configs.qwen2(), tmp_path)
+        load_hf_weights([_Chunk()], parse(tiny_configs.qwen2()), tmp_path)
 
 
 def test_reader_errors(tmp_path):

@@ -11,22 +11,30 @@ from hpt_megatron.config.base import ConfigError
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig
 from hpt_megatron.models import provider
 from tests.unit.models import tiny_configs
+from tests.unit.models.tiny_configs import parse
 
 
-def _translate(hf: dict, model: ModelConfig | None = None, parallel: ParallelConfig | None = None):
+def _translate(raw: dict, model: ModelConfig | None = None, parallel: ParallelConfig | None = None):
     return provider.transformer_config_from_hf(
-        hf, model or ModelConfig(inline=hf), parallel or ParallelConfig(), use_te=False
+        parse(raw), model or ModelConfig(inline=raw), parallel or ParallelConfig(), use_te=False
     )
 
 
 def test_load_hf_config_from_dir_file_and_dict(tmp_path):
-    hf = tiny_configs.qwen2()
-    (tmp_path / "config.json").write_text(json.dumps(hf))
-    assert provider.load_hf_config(tmp_path) == hf
-    assert provider.load_hf_config(tmp_path / "config.json") == hf
-    assert provider.load_hf_config(hf) == hf and provider.load_hf_config(hf) is not hf
+    raw = tiny_configs.qwen2()
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    from_dir = provider.load_hf_config(tmp_path)
+    assert from_dir.to_dict() == raw and from_dir.source == str(tmp_path / "config.json")
+    assert provider.load_hf_config(tmp_path / "config.json") == from_dir
+    inline = provider.load_hf_config(raw)
+    assert inline.to_dict() == raw and inline.source == "config.json"
+    raw["vocab_size"] = 1  # the parsed config is a copy
+    assert inline.vocab_size == 300 and inline.raw["vocab_size"] == 300
     with pytest.raises(ValueError, match="no Hugging Face config.json"):
         provider.load_hf_config(tmp_path / "missing")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        provider.load_hf_config(tmp_path)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
@@ -47,24 +55,39 @@ def test_llama_attention_bias_switch():
     assert _translate({**tiny_configs.llama(), "attention_bias": True}).add_qkv_bias
 
 
+def _rope(**fields: object) -> provider.RopeSettings:
+    raw = {k: v for k, v in tiny_configs.llama().items() if not k.startswith("rope_")}
+    return provider.rope_settings(parse({**raw, **fields}))
+
+
 def test_rope_settings_llama3_and_transformers5_keys():
-    rope = provider.rope_settings(tiny_configs.llama())
+    rope = provider.rope_settings(parse(tiny_configs.llama()))
     assert rope == provider.RopeSettings(theta=500000.0, llama3_scaling=True, scaling_factor=8.0)
     hf5 = {"rope_parameters": {"rope_type": "default", "rope_theta": 40000.0}}
-    assert provider.rope_settings(hf5) == provider.RopeSettings(theta=40000.0)
-    with pytest.raises(ConfigError, match="yarn"):
-        provider.rope_settings({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    assert _rope(**hf5) == provider.RopeSettings(theta=40000.0)
+    llama3 = {**tiny_configs.llama()["rope_scaling"], "rope_theta": 500000.0}
+    assert _rope(rope_parameters=llama3) == rope
+    with pytest.raises(ConfigError, match="config.json: rope type 'yarn'"):
+        _rope(rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(ConfigError, match="low_freq_factor"):
-        provider.rope_settings({"rope_scaling": {"rope_type": "llama3", "low_freq_factor": 2.0}})
+        _rope(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0})
+    with pytest.raises(ConfigError, match="without a factor"):
+        _rope(rope_scaling={"rope_type": "llama3"})
 
 
 def test_rope_overrides_as_in_the_paper():
     model = ModelConfig(inline={"x": 1}, rope_theta=40000.0, max_position_embeddings=16384)
-    hf = provider.hf_config_with_overrides(
-        {**tiny_configs.qwen2(), "rope_parameters": {"rope_theta": 10000.0}}, model
-    )
-    assert hf["max_position_embeddings"] == 16384
+    raw = {**tiny_configs.qwen2(), "rope_parameters": {"rope_theta": 10000.0}}
+    before = parse(raw)
+    hf = provider.hf_config_with_overrides(before, model)
+    assert hf.max_position_embeddings == 16384 and hf.rope_theta == 40000.0
     assert provider.rope_settings(hf).theta == 40000.0
+    # raw (what is written back for the rollout servers) says the same as the fields
+    assert hf.raw["max_position_embeddings"] == 16384 and hf.raw["rope_theta"] == 40000.0
+    assert hf.raw["rope_parameters"] == {"rope_theta": 40000.0}
+    assert hf == parse(hf.to_dict())
+    assert before.rope_theta == 1000000.0 and before.raw["rope_parameters"]["rope_theta"] == 10000.0
+    assert provider.hf_config_with_overrides(before, ModelConfig(inline={"x": 1})) is before
 
 
 def test_precision_recompute_dropout_and_parallel_fields():
@@ -94,7 +117,7 @@ def test_precision_recompute_dropout_and_parallel_fields():
 def test_fp8_recipes(recipe):
     model = ModelConfig(inline={"x": 1}, params_dtype="bf16", fp8="hybrid", fp8_recipe=recipe)
     cfg = provider.transformer_config_from_hf(
-        tiny_configs.qwen2(), model, ParallelConfig(), use_te=True, cpu_initialization=True
+        parse(tiny_configs.qwen2()), model, ParallelConfig(), use_te=True, cpu_initialization=True
     )
     assert cfg.fp8 == "hybrid" and cfg.fp8_recipe == recipe
     with pytest.raises(ConfigError, match="Transformer Engine"):
@@ -104,11 +127,11 @@ def test_fp8_recipes(recipe):
 def test_parallel_errors_name_the_key_and_reason():
     with pytest.raises(ConfigError, match=r"parallel.tp=3 does not divide num_attention_heads=8 / "
                        r"num_key_value_heads=2"):  # fmt: skip
-        provider.check_parallel_against_model(tiny_configs.llama(), ParallelConfig(tp=3))
+        provider.check_parallel_against_model(parse(tiny_configs.llama()), ParallelConfig(tp=3))
     with pytest.raises(ConfigError, match="parallel.tp=4 .*num_key_value_heads=2"):
-        provider.check_parallel_against_model(tiny_configs.llama(), ParallelConfig(tp=4))
+        provider.check_parallel_against_model(parse(tiny_configs.llama()), ParallelConfig(tp=4))
     with pytest.raises(ConfigError, match="parallel.pp=4 .*num_hidden_layers=2"):
-        provider.check_parallel_against_model(tiny_configs.llama(), ParallelConfig(pp=4))
+        provider.check_parallel_against_model(parse(tiny_configs.llama()), ParallelConfig(pp=4))
 
 
 def test_unsupported_features_name_the_key():
@@ -135,6 +158,6 @@ def test_sequence_parallel_needs_transformer_engine():
           "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
           "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
     with pytest.raises(ConfigError, match="parallel.sequence_parallel"):
-        build_model(hf, ModelConfig(inline=hf, transformer_impl="local"),
+        build_model(parse(hf), ModelConfig(inline=hf, transformer_impl="local"),
                     ParallelConfig(tp=2, sequence_parallel=True), pre_process=True,
                     post_process=True)  # fmt: skip

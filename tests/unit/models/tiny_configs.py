@@ -1,8 +1,14 @@
-"""Tiny HF configs shared by the model tests: GQA 8 heads / 2 KV groups, a vocab needing padding."""
+"""Tiny HF configs shared by the model tests: GQA 8 heads / 2 KV groups, a vocab needing padding.
+
+The builders return ``config.json`` fields (dicts, to edit or write); :func:`parse` gives the
+:class:`HFModelConfig` that the model code takes.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+from hpt_megatron.models.hf_config import HFModelConfig
 
 _BASE: dict[str, Any] = {
     "hidden_size": 64,
@@ -63,3 +69,8 @@ def qwen3(tied: bool = False) -> dict[str, Any]:
 
 
 ALL = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}
+
+
+def parse(raw: dict[str, Any]) -> HFModelConfig:
+    """``raw`` parsed, as ``load_hf_config`` parses inline fields."""
+    return HFModelConfig.from_dict(raw)

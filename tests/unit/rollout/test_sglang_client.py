@@ -223,10 +223,11 @@ def test_parse_generation_maps_finish_reasons() -> None:
 
 def test_build_sglang_engine_writes_an_init_model(tmp_path: Path) -> None:
     from hpt_megatron.config.rollout import RolloutConfig
+    from hpt_megatron.models.hf_config import HFModelConfig
     from hpt_megatron.rollout.sglang import build_sglang_engine
     from tests.helpers.tiny_hf import build_byte_tokenizer, tiny_config
 
-    hf = tiny_config().to_dict()
+    hf = HFModelConfig.from_dict(tiny_config().to_dict())
     cfg = RolloutConfig(engine="sglang", sglang=_cfg())
     engine = build_sglang_engine(cfg, hf=hf, tokenizer=build_byte_tokenizer(), run_dir=tmp_path)
     with engine:
