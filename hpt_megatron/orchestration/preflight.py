@@ -125,4 +125,7 @@ def _check_sglang(cfg: HPTConfig) -> None:
             "rollout.sglang.python or HPT_SGLANG_VENV; tools/sglang_env.sh builds it)"
         )
     if sglang.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("rollout.sglang.device: cuda needs a GPU; none are visible (use cpu)")
+        raise ConfigError(
+            "rollout.sglang.device: cuda needs a GPU for rollout.engine sglang; none are visible "
+            "(use rollout.sglang.device=cpu, or rollout.engine=cpu)"
+        )
