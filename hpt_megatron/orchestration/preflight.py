@@ -78,6 +78,11 @@ def _check_devices(cfg: HPTConfig) -> None:
         raise ConfigError(
             f"model.fp8: {model.fp8}: FP8 training needs transformer_engine layers on a GPU"
         )
+    if model.params_dtype != "fp32" and not gpu:
+        raise ConfigError(
+            f"model.params_dtype: {model.params_dtype} training needs a GPU (Megatron's "
+            "mixed-precision optimizer takes CUDA tensors); use fp32 on CPU"
+        )
     if cfg.parallel.backend == "nccl" and not gpu:
         raise ConfigError("parallel.backend: nccl needs GPUs; none are visible (use auto or gloo)")
 
