@@ -83,6 +83,16 @@ def _check_devices(cfg: HPTConfig) -> None:
             f"model.params_dtype: {model.params_dtype} training needs a GPU (Megatron's "
             "mixed-precision optimizer takes CUDA tensors); use fp32 on CPU"
         )
+    if model.recompute_granularity is not None and not gpu:
+        raise ConfigError(
+            f"model.recompute_granularity: {model.recompute_granularity} recomputation needs a GPU "
+            "(Megatron builds the recomputed attention mask on cuda); leave it null on CPU"
+        )
+    if cfg.trainer.use_distributed_optimizer and not gpu:
+        raise ConfigError(
+            "trainer.use_distributed_optimizer: Megatron's distributed optimizer takes CUDA "
+            "tensors; needs a GPU (set false on CPU)"
+        )
     if cfg.parallel.backend == "nccl" and not gpu:
         raise ConfigError("parallel.backend: nccl needs GPUs; none are visible (use auto or gloo)")
 
