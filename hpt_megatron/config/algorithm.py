@@ -26,6 +26,7 @@ def _options_class() -> type:
     cls.__module__ = __name__
     cls.__doc__ = "Overrides of the preset's ``AlgorithmSpec`` fields; ``None``: the preset's."
     cls.ALIASES = {"aggregation": AGGREGATION_ALIASES}  # type: ignore[attr-defined]
+    cls.OMIT_NONE = True  # type: ignore[attr-defined]  # dumps list only the options set
     return cls
 
 

@@ -140,9 +140,12 @@ def validate_tree(obj: Any, prefix: str = "", recurse: bool = True) -> None:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain YAML-serialisable form of a config tree."""
+    """Plain YAML-serialisable form of a config tree (a section with ``OMIT_NONE`` leaves out
+    its ``None`` fields: the algorithm options that keep the preset's value)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        omit = getattr(obj, "OMIT_NONE", False)
+        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        return {k: to_dict(v) for k, v in values.items() if not (omit and v is None)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
