@@ -97,7 +97,8 @@ def test_bad_flags(capsys, args, message):
         (["model.hf_weights=/nope/w"], "model.hf_weights: /nope/w is not a directory"),
         (["rollout.engine=sglang", "rollout.sglang.python=/nope/python"],
          "rollout.engine: sglang needs SGLang's python, /nope/python is not there"),
-        (["parallel.tp=1", "parallel.pp=4"], "parallel.pp=4 (x vpp=1) does not divide num_hidden_layers=2"),
+        (["parallel.tp=1", "parallel.pp=4"],
+         "parallel.pp=4 (x vpp=1) does not divide num_hidden_layers=2"),
         (["run.resume=/nope/ckpt"], "run.resume: /nope/ckpt is not a checkpoint directory"),
     ],
 )  # fmt: skip
