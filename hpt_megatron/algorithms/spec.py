@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,6 +26,14 @@ Normalization = Literal["global", "microbatch"]
 BatchRule = Literal["none", "hpt_gate", "demo_in_group", "dynamic_sampling", "sft_then_rl"]
 DemoTerm = Literal["rl", "sft"]
 GateMode = Literal["hard", "linear", "sigmoid"]
+
+# verl's spellings of the aggregation modes, accepted as options (``loss_agg_mode``).
+AGGREGATION_ALIASES = {
+    "token-mean": "token_mean",
+    "seq-mean-token-mean": "seq_mean_token_mean",
+    "seq-mean-token-sum": "seq_mean_token_sum",
+    "seq-mean-token-sum-norm": "token_sum_norm",
+}
 
 
 class OptionError(ValueError):
@@ -118,9 +125,14 @@ class AlgorithmSpec:
     def with_options(self, **options: Any) -> AlgorithmSpec:
         """A copy with fields overridden by name, type-checked and validated.
 
+        Values are checked against the field types by the config loader's checker (the one type
+        checker); verl's aggregation spellings (``AGGREGATION_ALIASES``) are accepted.
+
         Raises:
             OptionError: an unknown name (with the closest valid one), a wrong type or a bad value.
         """
+        from hpt_megatron.config.base import ConfigError, check_value
+
         hints = typing.get_type_hints(AlgorithmSpec)
         names = [f.name for f in dataclasses.fields(self) if f.name != "name"]
         clean = {}
@@ -129,7 +141,12 @@ class AlgorithmSpec:
                 match = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
                 hint = f"; did you mean {match[0]}" if match else f"; valid: {', '.join(names)}"
                 raise OptionError(key, f"unknown{hint}")
-            clean[key] = _check_type(key, value, hints[key])
+            if key == "aggregation" and isinstance(value, str):
+                value = AGGREGATION_ALIASES.get(value, value)
+            try:
+                clean[key] = check_value(value, hints[key], key)
+            except ConfigError as err:
+                raise OptionError(key, str(err).removeprefix(f"{key}: ")) from None
         spec = dataclasses.replace(self, **clean)
         spec.validate()
         return spec
@@ -207,34 +224,3 @@ def _validate_extras(s: AlgorithmSpec) -> None:
         and s.overlong_buffer >= s.overlong_max_len
     ):
         raise OptionError("overlong_buffer", "must be smaller than overlong_max_len")
-
-
-def _check_type(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against a field type (int -> float allowed), or raise ``OptionError``."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            match = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f"; did you mean {match[0]}" if match else ""
-            raise OptionError(key, f"{value!r} is not one of {list(allowed)}{hint}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(key, value, arg)
-            except OptionError:
-                continue
-        raise OptionError(key, f"{value!r} is not a {tp}")
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool):
-        raise OptionError(key, f"expected {tp.__name__}, got bool {value!r}")
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise OptionError(key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value

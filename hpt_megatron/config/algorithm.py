@@ -1,12 +1,36 @@
-"""The ``algorithm`` section: a preset name plus part-by-part overrides."""
+"""The ``algorithm`` section: a preset name plus part-by-part overrides.
+
+``AlgorithmOptions`` is generated from ``AlgorithmSpec``: one field per spec field, typed like it
+but ``None`` by default ("the preset's value"), so the loader's one type checker checks options like
+every other key, and a new spec field is an option without more code.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from hpt_megatron.algorithms.spec import AlgorithmSpec
+from hpt_megatron.algorithms.spec import AGGREGATION_ALIASES, AlgorithmSpec, OptionError
+
+
+def _options_class() -> type:
+    hints = typing.get_type_hints(AlgorithmSpec)
+    fields = [
+        (f.name, hints[f.name] | None, dataclasses.field(default=None))
+        for f in dataclasses.fields(AlgorithmSpec)
+        if f.name != "name"
+    ]
+    cls = dataclasses.make_dataclass("AlgorithmOptions", fields, kw_only=True)
+    cls.__module__ = __name__
+    cls.__doc__ = "Overrides of the preset's ``AlgorithmSpec`` fields; ``None``: the preset's."
+    cls.ALIASES = {"aggregation": AGGREGATION_ALIASES}  # type: ignore[attr-defined]
+    cls.OMIT_NONE = True  # type: ignore[attr-defined]  # dumps list only the options set
+    return cls
+
+
+AlgorithmOptions: Any = _options_class()
 
 
 @dataclass(kw_only=True)
@@ -15,23 +39,37 @@ class AlgorithmConfig:
     fields by name (``algorithm.options.clip_high=0.28``). See docs/algorithms.md."""
 
     preset: str = "hpt"
-    options: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
+    options: AlgorithmOptions = field(default_factory=AlgorithmOptions)  # type: ignore[valid-type]
+
+    def overrides(self) -> dict[str, Any]:
+        """The options that are set (not ``None``)."""
+        values = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
+        return {k: v for k, v in values.items() if v is not None}
 
     def spec(self) -> AlgorithmSpec:
         """The resolved, validated spec (raises ``ValueError`` naming the bad key)."""
         from hpt_megatron.algorithms.presets import get_preset
-        from hpt_megatron.algorithms.spec import OptionError
 
         try:
             base = get_preset(self.preset)
         except ValueError as err:
             raise ValueError(f"preset: {err}") from None
         try:
-            spec = base.with_options(**self.options)
-            spec.validate()
+            return base.with_options(**self.overrides())
         except OptionError as err:
             raise ValueError(f"options.{err.key}: {err.detail}") from None
-        return spec
 
     def validate(self) -> None:
-        self.spec()
+        spec = self.spec()
+        # Settings the pure algorithm supports but hpt train cannot carry out yet.
+        if spec.kl_coef > 0:
+            raise ValueError(
+                f"options.kl_coef: {spec.kl_coef}: a KL penalty needs a reference policy, which "
+                "hpt train does not build yet; set 0"
+            )
+        if spec.advantage == "gae":
+            key = "options.advantage" if self.options.advantage else "preset"
+            raise ValueError(
+                f"{key}: advantage 'gae' (preset '{self.preset}') needs a value model (critic), "
+                "which hpt train does not build yet; use a critic-free preset such as grpo"
+            )

@@ -1,46 +1,32 @@
 """Typed configuration: nested dataclasses loaded from YAML with dotted overrides.
 
-Every section is a small dataclass; ``from_dict`` builds the tree, checks types, rejects unknown
-keys (naming the closest valid one) and calls each section's ``validate()``. Errors are
-``ValueError`` whose message starts with the full dotted key.
+OmegaConf loads the YAML, merges it over the defaults, applies ``key.sub=value`` overrides and
+resolves interpolations (``${run.name}``, ``${oc.env:VAR}``); ``from_dict`` then builds the typed
+tree from the plain result: it checks every value against the dataclass type hints (``Literal``
+included, which OmegaConf's structured configs cannot express), rejects unknown keys (naming the
+closest valid one) and calls each section's ``validate()``. This is the one type checker: the
+algorithm options are a section of the same tree. Errors are ``ConfigError`` (a ``ValueError``)
+whose message starts with the full dotted key.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A user error in a configuration: the message names the dotted key."""
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-6`` (no dot) as a string; resolve floats as YAML 1.2 does."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
 
 
 def _closest(name: str, options: list[str], prefix: str) -> str:
@@ -50,8 +36,12 @@ def _closest(name: str, options: list[str], prefix: str) -> str:
     return f"; valid keys here: {', '.join(options)}"
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against type ``tp`` (converting int->float and str->Path), or raise."""
+def check_value(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp`` (converting int->float and str->Path), or raise.
+
+    Raises:
+        ConfigError: ``"<key>: <why>"``.
+    """
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -64,7 +54,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return check_value(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
         if len(errors) == 1:
@@ -73,32 +63,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+            match = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f"; did you mean {match[0]!r}?" if match else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{hint}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         (item_tp, *_) = typing.get_args(tp) or (Any,)
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
         _, val_tp = typing.get_args(tp) or (Any, Any)
-        return {k: _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+        return {k: check_value(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, prefix=key)
+        return from_dict(tp, value, prefix=key)  # type: ignore[arg-type]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is Path and isinstance(value, str):
         return Path(value)
     if isinstance(tp, type):
-        if tp is int and isinstance(value, bool):
-            raise ConfigError(f"{key}: expected int, got bool {value!r}")
+        if tp in (int, float) and isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got bool {value!r}")
         if not isinstance(value, tp):
             got = type(value).__name__
             raise ConfigError(f"{key}: expected {tp.__name__}, got {got} {value!r}")
@@ -106,15 +98,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, recursively, then validate it."""
+    """Build dataclass ``cls`` from a plain mapping, recursively, then validate it.
+
+    A section may declare ``ALIASES = {field: {spelling: value}}``: accepted spellings of a
+    value, replaced before the type check.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    aliases: dict[str, dict[Any, Any]] = getattr(cls, "ALIASES", {})
+    for name in data:  # unknown keys first: a typo is the likeliest mistake
+        if name not in fields:
+            key = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"unknown key '{key}'{_closest(name, sorted(fields), prefix)}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
-        if name not in fields:
-            raise ConfigError(f"unknown key '{key}'{_closest(name, sorted(fields), prefix)}")
-        kwargs[name] = _coerce(value, hints[name], key)
+        if name in aliases and isinstance(value, str):
+            value = aliases[name].get(value, value)
+        kwargs[name] = check_value(value, hints[name], key)
     obj = cls(**kwargs)
     validate_tree(obj, prefix, recurse=False)
     return obj
@@ -139,9 +140,12 @@ def validate_tree(obj: Any, prefix: str = "", recurse: bool = True) -> None:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain YAML-serialisable form of a config tree."""
+    """Plain YAML-serialisable form of a config tree (a section with ``OMIT_NONE`` leaves out
+    its ``None`` fields: the algorithm options that keep the preset's value)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        omit = getattr(obj, "OMIT_NONE", False)
+        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        return {k: to_dict(v) for k, v in values.items() if not (omit and v is None)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -151,47 +155,80 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    first = str(err).split("\n")[0]
+    hint = " (interpolations name the full key, e.g. ${run.name})" if "key" in first else ""
+    return ConfigError(f"{key + ': ' if key else ''}{first}{hint}")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'trainer.lr=1e-6'`` -> (['trainer', 'lr'], 1e-06). Values are parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.sub=value")
-    key, raw = text.split("=", 1)
+    key = text.split("=", 1)[0]
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key part")
-    value = yaml.safe_load(raw) if raw != "" else ""
-    # YAML 1.1 reads 1e-6 as a string; accept the scientific notation users write.
-    if isinstance(value, str) and any(c in value for c in "eE."):
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    return key.split("."), value
+    node: Any = _dotlist([text])
+    path = key.split(".")
+    for part in path:
+        node = node[part]
+    return path, node
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted overrides to a raw mapping (in place) and return it."""
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                section = ".".join(path[: i + 1])
-                raise ConfigError(f"override '{text}': '{section}' is not a section")
-            node = child
-        node[path[-1]] = value
-    return data
+def _dotlist(overrides: list[str]) -> dict[str, Any]:
+    try:
+        parsed = OmegaConf.from_dotlist(overrides)
+        return OmegaConf.to_container(parsed, resolve=False)  # type: ignore[return-value]
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(f"overrides {overrides}: {str(err).splitlines()[0]}") from None
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path) -> DictConfig:
+    """Read a YAML mapping (interpolations left unresolved)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader) or {}  # _Loader is a SafeLoader
+        data = OmegaConf.load(path)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping, got a list")
     return data
+
+
+def merge_and_resolve(
+    defaults: dict[str, Any], path: str | Path | None, overrides: list[str]
+) -> dict[str, Any]:
+    """``defaults``, then the file, then the dotted overrides, merged and resolved to plain data.
+
+    Keys the user wrote come first (at every level), so that ``from_dict`` reports a problem in
+    what was written before one in a section left at its defaults.
+    """
+    for text in overrides:
+        parse_override(text)  # a malformed one is named by itself
+    written = [load_yaml(path)] if path is not None else []
+    written.append(OmegaConf.create(_dotlist(overrides)))
+    try:
+        user = OmegaConf.to_container(OmegaConf.merge(*written), resolve=False)
+        merged = OmegaConf.merge(OmegaConf.create(defaults), *written)
+        resolved = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err) from None
+    return _written_first(resolved, user)  # type: ignore[arg-type]
+
+
+def _written_first(data: dict[str, Any], written: Any) -> dict[str, Any]:
+    if not isinstance(written, dict):
+        return data
+    order = [k for k in written if k in data] + [k for k in data if k not in written]
+    return {
+        k: _written_first(data[k], written.get(k)) if isinstance(data[k], dict) else data[k]
+        for k in order
+    }
 
 
 def dump_yaml(obj: Any, path: str | Path) -> None:

@@ -62,7 +62,9 @@ class SGLangConfig:
     max_retries: int = 3  # per request, across servers
     max_restarts: int = 2  # per server, after a crash
     max_concurrency: int = 64  # in-flight requests per server
-    weight_sync: Literal["auto", "disk", "tensor", "distributed"] = "auto"
+    # How new weights reach the servers: through safetensors files on disk (the only transport
+    # hpt train wires; "auto" picks it).
+    weight_sync: Literal["auto", "disk"] = "auto"
     weight_sync_dir: str | None = None  # disk transport; None: <run_dir>/rollout_weights
     log_dir: str | None = None  # None: <run_dir>/sglang_logs
 
@@ -86,8 +88,6 @@ class SGLangConfig:
         for key in ("startup_timeout_s", "request_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
-        if self.device == "cpu" and self.weight_sync in ("tensor", "distributed"):
-            raise ValueError(f"weight_sync: {self.weight_sync!r} needs GPUs; use 'disk' on CPU")
         reserved = {"--model-path", "--port", "--host", "--api-key", "--tp-size", "--base-gpu-id"}
         clash = sorted(reserved.intersection(a.split("=")[0] for a in self.extra_args))
         if clash:

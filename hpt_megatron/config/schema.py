@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpt_megatron.config.algorithm import AlgorithmConfig
-from hpt_megatron.config.base import apply_overrides, from_dict, load_yaml, validate_tree
+from hpt_megatron.config.base import from_dict, merge_and_resolve, to_dict, validate_tree
 from hpt_megatron.config.data import DataConfig, RewardConfig
 from hpt_megatron.config.rollout import RolloutConfig
 from hpt_megatron.config.sections import (
@@ -34,9 +34,13 @@ class HPTConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> HPTConfig:
-    """Load a YAML file (or nothing), apply ``key.sub=value`` overrides, build and validate."""
-    data = load_yaml(path) if path is not None else {}
-    apply_overrides(data, list(overrides or []))
+    """Load a YAML file (or nothing) over the defaults, apply ``key.sub=value`` overrides, resolve
+    interpolations (``${run.name}``, ``${oc.env:VAR}``), then build and validate the typed tree.
+
+    Raises:
+        ConfigError: naming the dotted key (or the file) of the first problem.
+    """
+    data = merge_and_resolve(to_dict(HPTConfig()), path, list(overrides or []))
     config = from_dict(HPTConfig, data)
     validate_tree(config)  # sections left at their defaults are checked too
     return config

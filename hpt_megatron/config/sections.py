@@ -11,7 +11,7 @@ class RunConfig:
     """Where a run writes, how it starts and how long it lasts."""
 
     name: str = "run"
-    output_dir: str = "runs/${name}"
+    output_dir: str = "runs/${run.name}"  # resolved by the loader (OmegaConf interpolation)
     seed: int = 1234
     steps: int = 100
     resume: str = "auto"  # "auto" (newest good checkpoint), "never", or a checkpoint directory
@@ -32,7 +32,8 @@ class RunConfig:
 
     @property
     def run_dir(self) -> str:
-        return self.output_dir.replace("${name}", self.name)
+        """The run directory (``output_dir``, interpolations already resolved by the loader)."""
+        return self.output_dir
 
 
 @dataclass(kw_only=True)
@@ -89,6 +90,10 @@ class ParallelConfig:
             raise ValueError("sequence_parallel: needs tp > 1")
         if self.vpp is not None and self.pp == 1:
             raise ValueError("vpp: virtual pipeline stages need pp > 1")
+        if self.cp > 1:
+            raise ValueError(
+                f"cp: {self.cp}: context parallel is not wired into the trainer yet; use 1"
+            )
 
 
 @dataclass(kw_only=True)
@@ -132,7 +137,14 @@ class LoggingConfig:
     jsonl: bool = True
     wandb_project: str | None = None
     progress_bar: bool = True
-    log_every: int = 1
+    log_every: int = 1  # metrics are written every step; kept so that configs setting 1 load
+
+    def validate(self) -> None:
+        if self.log_every != 1:
+            raise ValueError(
+                f"log_every: {self.log_every}: hpt train logs every step; other values are not "
+                "carried out yet (set 1)"
+            )
 
 
 @dataclass(kw_only=True)

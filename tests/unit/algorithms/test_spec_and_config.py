@@ -14,7 +14,7 @@ from hpt_megatron.algorithms import (
     policy_loss,
 )
 from hpt_megatron.config.algorithm import AlgorithmConfig
-from hpt_megatron.config.base import ConfigError
+from hpt_megatron.config.base import ConfigError, from_dict
 from hpt_megatron.config.schema import load_config
 
 
@@ -67,19 +67,63 @@ def test_unknown_preset():
 
 
 def test_config_validate_names_the_option_key():
-    with pytest.raises(ValueError, match=r"^options.clip_hgh: unknown; did you mean clip_high"):
-        AlgorithmConfig(preset="grpo", options={"clip_hgh": 0.3}).validate()
+    # The options are a typed section of the config tree (one checker for every key).
+    with pytest.raises(ConfigError, match=r"^unknown key 'options.clip_hgh'; did you mean "
+                                          r"'options.clip_high'"):  # fmt: skip
+        from_dict(AlgorithmConfig, {"preset": "grpo", "options": {"clip_hgh": 0.3}})
+    with pytest.raises(ConfigError, match=r"^options.clip_low: expected float, got str"):
+        from_dict(AlgorithmConfig, {"preset": "grpo", "options": {"clip_low": "big"}})
     with pytest.raises(ValueError, match="^preset: unknown preset 'hptt'"):
         AlgorithmConfig(preset="hptt").validate()
-    assert AlgorithmConfig(preset="dapo", options={"clip_high": 0.3}).spec().clip_high == 0.3
+    cfg = from_dict(AlgorithmConfig, {"preset": "dapo", "options": {"clip_high": 0.3}})
+    assert cfg.spec().clip_high == 0.3
+    assert cfg.overrides() == {"clip_high": 0.3}  # unset options keep the preset's values
+    assert cfg.spec().clip_low == get_preset("dapo").clip_low
 
 
 def test_config_tree_prefixes_the_section():
     base = ["model.inline={hidden_size: 8}"]
     cfg = load_config(None, [*base, "algorithm.preset=hpt_paper", "algorithm.options.sft_coef=0.3"])
     assert cfg.algorithm.spec().sft_coef == 0.3
-    with pytest.raises(ConfigError, match="algorithm.options.clip_hgh: unknown"):
+    with pytest.raises(ConfigError, match="unknown key 'algorithm.options.clip_hgh'"):
         load_config(None, [*base, "algorithm.options.clip_hgh=0.3"])
+    with pytest.raises(ConfigError, match=r"^algorithm.options.clip_low: expected float"):
+        load_config(None, [*base, "algorithm.options.clip_low=big"])
+    with pytest.raises(ConfigError, match=r"^algorithm.options.mask: 'clip' needs denominator"):
+        load_config(None, [*base, "algorithm.preset=grpo", "algorithm.options.denominator=one"])
+
+
+@pytest.mark.parametrize(
+    ("verl", "ours"),
+    [
+        ("token-mean", "token_mean"),
+        ("seq-mean-token-mean", "seq_mean_token_mean"),
+        ("seq-mean-token-sum", "seq_mean_token_sum"),
+        ("seq-mean-token-sum-norm", "token_sum_norm"),
+    ],
+)
+def test_verl_aggregation_spellings_are_accepted(verl, ours):
+    cfg = load_config(
+        None, ["model.inline={hidden_size: 8}", f"algorithm.options.aggregation={verl}"]
+    )
+    assert cfg.algorithm.options.aggregation == ours
+    assert cfg.algorithm.spec().aggregation == ours
+    assert get_preset("grpo").with_options(aggregation=verl).aggregation == ours
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algorithm.options.kl_coef=0.1"], r"^algorithm.options.kl_coef: 0.1: .*reference policy"),
+        (["algorithm.preset=ppo"], r"^algorithm.preset: advantage 'gae' .*critic"),
+        (["algorithm.preset=grpo", "algorithm.options.advantage=gae"],
+         r"^algorithm.options.advantage: advantage 'gae'"),
+    ],
+)  # fmt: skip
+def test_settings_hpt_train_cannot_run_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model.inline={hidden_size: 8}", *overrides])
+    get_preset("ppo").validate()  # the pure algorithm still has them
 
 
 def test_dapo_dynamic_sampling_keep():

@@ -213,3 +213,45 @@ def test_resolved_config_round_trips(config_file, tmp_path, source):
     again = load_config(out)
     assert again == cfg
     assert again.trainer.lr == 3e-4 and again.data.arithmetic.levels == [2]
+
+
+def test_output_dir_interpolates_the_run_name(config_file):
+    assert load_config(config_file).run.run_dir == "runs/unit"  # the default runs/${run.name}
+    cfg = load_config(config_file, ["run.name=exp2", "run.output_dir=/tmp/${run.name}/out"])
+    assert cfg.run.output_dir == cfg.run.run_dir == "/tmp/exp2/out"
+
+
+def test_interpolation_of_environment_and_other_keys(config_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HPT_TEST_DATA", str(tmp_path))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(YAML + "  train: ${oc.env:HPT_TEST_DATA}/train.jsonl\n"
+                    "rollout:\n  max_new_tokens: ${data.max_response_tokens}\n")  # fmt: skip
+    cfg = load_config(path, ["data.max_response_tokens=77"])
+    assert cfg.data.train == f"{tmp_path}/train.jsonl"
+    assert cfg.rollout.max_new_tokens == 77 and isinstance(cfg.rollout.max_new_tokens, int)
+    monkeypatch.delenv("HPT_TEST_DATA")
+    with pytest.raises(ConfigError, match=r"^data.train: .*HPT_TEST_DATA' not found"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^run.output_dir: Interpolation key 'name' not found"):
+        load_config(config_file, ["run.output_dir=runs/${name}"])
+
+
+def test_invalid_yaml_is_named(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("trainer:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=f"{path}: not valid YAML"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("parallel.cp=2", r"^parallel.cp: 2: context parallel is not wired"),
+        ("rollout.sglang.weight_sync=tensor", r"^rollout.sglang.weight_sync: 'tensor' is not one"),
+        ("rollout.sglang.weight_sync=distributed", r"^rollout.sglang.weight_sync: 'distributed'"),
+        ("logging.log_every=10", r"^logging.log_every: 10: hpt train logs every step"),
+    ],
+)
+def test_settings_hpt_train_cannot_carry_out_are_rejected(config_file, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(config_file, [override])

@@ -1,0 +1,146 @@
+"""Checks of a run that need no training: ``hpt train --dry-run`` runs them, ``hpt train`` too.
+
+The loader (``load_config``) already checked every key's type and each section's values; here the
+config meets this machine: the world size against the parallel layout, the model config against
+the layout, the files it names, the reward functions, the devices and the SGLang install. Every
+problem is a ``ConfigError`` whose message starts with the dotted key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from hpt_megatron.config import ConfigError, HPTConfig
+from hpt_megatron.config.data import BUILTIN_TASKS
+from hpt_megatron.data import FieldMap, read_examples
+from hpt_megatron.models.provider import (
+    check_hf_supported,
+    check_parallel_against_model,
+    hf_config_with_overrides,
+    load_hf_config,
+)
+from hpt_megatron.parallel.runtime import check_world_size
+from hpt_megatron.rewards.registry import resolve_reward
+
+
+def preflight(cfg: HPTConfig, world_size: int) -> None:
+    """Check everything about ``cfg`` that can be checked without training.
+
+    Args:
+        cfg: a loaded (hence already validated) config.
+        world_size: the number of processes the run has (torchrun's ``WORLD_SIZE``).
+
+    Raises:
+        ConfigError: naming the dotted key of the first problem.
+    """
+    check_world_size(cfg.parallel, world_size)
+    _check_model(cfg)
+    _check_devices(cfg)
+    _check_data(cfg)
+    _check_rewards(cfg)
+    _check_sglang(cfg)
+    if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir():
+        raise ConfigError(f"run.resume: {cfg.run.resume} is not a checkpoint directory")
+
+
+def _check_model(cfg: HPTConfig) -> None:
+    model = cfg.model
+    try:
+        hf = load_hf_config(model.hf_config or dict(model.inline))
+    except ValueError as err:
+        raise ConfigError(f"model.hf_config: {err}") from None
+    hf = hf_config_with_overrides(hf, model)
+    check_hf_supported(hf)
+    check_parallel_against_model(hf, cfg.parallel)
+    for key in ("hf_weights", "load"):
+        path = getattr(model, key)
+        if path is not None and not Path(path).is_dir():
+            raise ConfigError(f"model.{key}: {path} is not a directory")
+    # The tokenizer comes from model.tokenizer, else the weights' or the config's folder.
+    source = model.tokenizer or model.hf_weights or model.hf_config
+    if source not in (None, "arithmetic") and not Path(source).exists():
+        raise ConfigError(f"model.tokenizer: {source} does not exist")
+
+
+def _check_devices(cfg: HPTConfig) -> None:
+    gpu = torch.cuda.is_available()
+    model = cfg.model
+    if model.transformer_impl == "transformer_engine":
+        if not gpu:
+            raise ConfigError("model.transformer_impl: transformer_engine needs a GPU; use auto")
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ConfigError("model.transformer_impl: transformer_engine is not installed")
+    if model.fp8 is not None and (not gpu or model.transformer_impl == "local"):
+        raise ConfigError(
+            f"model.fp8: {model.fp8}: FP8 training needs transformer_engine layers on a GPU"
+        )
+    if model.params_dtype != "fp32" and not gpu:
+        raise ConfigError(
+            f"model.params_dtype: {model.params_dtype} training needs a GPU (Megatron's "
+            "mixed-precision optimizer takes CUDA tensors); use fp32 on CPU"
+        )
+    if model.recompute_granularity is not None and not gpu:
+        raise ConfigError(
+            f"model.recompute_granularity: {model.recompute_granularity} recomputation needs a GPU "
+            "(Megatron builds the recomputed attention mask on cuda); leave it null on CPU"
+        )
+    if cfg.trainer.use_distributed_optimizer and not gpu:
+        raise ConfigError(
+            "trainer.use_distributed_optimizer: Megatron's distributed optimizer takes CUDA "
+            "tensors; needs a GPU (set false on CPU)"
+        )
+    if cfg.parallel.backend == "nccl" and not gpu:
+        raise ConfigError("parallel.backend: nccl needs GPUs; none are visible (use auto or gloo)")
+
+
+def _check_data(cfg: HPTConfig) -> None:
+    data = cfg.data
+    fields = FieldMap(
+        prompt=data.prompt_key,
+        answer=data.answer_key,
+        demonstration=data.demonstration_key,
+        data_source=data.data_source_key,
+    )
+    for key in ("train", "val"):
+        source = getattr(data, key)
+        if not source or source in BUILTIN_TASKS:
+            continue
+        try:
+            read_examples(
+                source, fields=fields, fmt=data.format, max_bad_share=data.max_bad_row_share
+            )
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"data.{key}: {err}") from None
+
+
+def _check_rewards(cfg: HPTConfig) -> None:
+    specs = {
+        "fn": cfg.reward.fn,
+        **{f"by_data_source.{k}": v for k, v in cfg.reward.by_data_source.items()},
+    }
+    for key, spec in specs.items():
+        try:
+            resolve_reward(spec)
+        except ValueError as err:
+            raise ConfigError(f"reward.{key}: {err}") from None
+
+
+def _check_sglang(cfg: HPTConfig) -> None:
+    if cfg.rollout.engine != "sglang":
+        return
+    sglang = cfg.rollout.sglang
+    python = sglang.python_executable()
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise ConfigError(
+            f"rollout.engine: sglang needs SGLang's python, {python} is not there (set "
+            "rollout.sglang.python or HPT_SGLANG_VENV; tools/sglang_env.sh builds it)"
+        )
+    if sglang.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "rollout.sglang.device: cuda needs a GPU for rollout.engine sglang; none are visible "
+            "(use rollout.sglang.device=cpu, or rollout.engine=cpu)"
+        )

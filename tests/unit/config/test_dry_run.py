@@ -1,0 +1,118 @@
+"""``hpt train CONFIG [key=value ...] --dry-run``: every example config, the flag's placement, the
+world size (``WORLD_SIZE``, ``--world-size``) and what preflight finds missing on this machine."""
+
+import pathlib
+
+import pytest
+import yaml
+
+from hpt_megatron.cli import main
+from hpt_megatron.config import load_config, to_dict
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[3] / "examples"
+TINY = str(EXAMPLES / "tiny_cpu.yaml")
+PAPER = sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name != "tiny_cpu.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _no_torchrun(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _dry_run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["train", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_every_example_is_dry_run():
+    names = {p.name for p in EXAMPLES.glob("*.yaml")}
+    assert names == {"tiny_cpu.yaml", *PAPER}
+
+
+def test_tiny_cpu_dry_runs_and_prints_the_resolved_config(capsys):
+    code, out, err = _dry_run(capsys, TINY, "--dry-run", "--world-size", "2")
+    assert code == 0, err
+    printed = yaml.safe_load(out)
+    assert printed["run"]["output_dir"] == "runs/tiny_cpu"  # runs/${run.name}, resolved
+    assert printed["algorithm"]["options"] == {"entropy_coef": 0.0}  # only the options set
+    assert printed == to_dict(load_config(TINY))
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_examples_load_and_name_the_missing_model(capsys, name):
+    cfg = load_config(EXAMPLES / name)  # the config itself is valid
+    code, out, err = _dry_run(capsys, str(EXAMPLES / name), "--dry-run", "--world-size", "8")
+    assert code == 2 and out == ""
+    assert err.startswith(f"hpt train: config error: model.hf_config: {cfg.model.hf_config}")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--dry-run", "parallel.tp=1"],
+        ["parallel.tp=1", "--dry-run"],
+        ["run.steps=3", "--dry-run", "parallel.tp=1"],
+        ["--world-size=1", "parallel.tp=1", "--dry-run"],
+    ],
+)
+def test_the_flag_goes_anywhere_after_the_config(capsys, args):
+    code, out, err = _dry_run(capsys, TINY, *args)
+    assert code == 0, err
+    assert yaml.safe_load(out)["parallel"]["tp"] == 1
+
+
+def test_world_size_defaults_to_one_and_comes_from_torchrun(capsys, monkeypatch):
+    code, _, err = _dry_run(capsys, TINY, "--dry-run")  # tp=2 in a world of one
+    assert code == 2 and "parallel.tp * parallel.pp * parallel.cp" in err and "size 1" in err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    code, _, err = _dry_run(capsys, TINY, "--dry-run")
+    assert code == 2 and "world size 3" in err
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert _dry_run(capsys, TINY, "--dry-run")[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--world-size"], "--world-size: expected a positive integer"),
+        (["--world-size", "0"], "--world-size: expected a positive integer"),
+        (["--dryrun"], "unknown option '--dryrun'"),
+        (["--world-size", "2"], "--world-size goes with --dry-run"),
+    ],
+)
+def test_bad_flags(capsys, args, message):
+    code, _, err = _dry_run(capsys, TINY, *args)
+    assert code == 2 and message in err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.lrr=1"], "unknown key 'trainer.lrr'; did you mean 'trainer.lr'?"),
+        (["data.train=/nope/train.parquet"], "data.train: dataset file not found: /nope"),
+        (["reward.fn=nope_pkg.mod:fn"], "reward.fn: reward 'nope_pkg.mod:fn': cannot import"),
+        (["model.tokenizer=/nope/tok"], "model.tokenizer: /nope/tok does not exist"),
+        (["model.hf_weights=/nope/w"], "model.hf_weights: /nope/w is not a directory"),
+        (["rollout.engine=sglang", "rollout.sglang.python=/nope/python"],
+         "rollout.engine: sglang needs SGLang's python, /nope/python is not there"),
+        (["parallel.tp=1", "parallel.pp=4"],
+         "parallel.pp=4 (x vpp=1) does not divide num_hidden_layers=2"),
+        (["run.resume=/nope/ckpt"], "run.resume: /nope/ckpt is not a checkpoint directory"),
+    ],
+)  # fmt: skip
+def test_preflight_names_the_key(capsys, overrides, message):
+    code, out, err = _dry_run(capsys, TINY, "--dry-run", "--world-size", "4", *overrides)
+    assert code == 2 and out == ""
+    assert err.startswith("hpt train: config error: ") and message in err, err
+
+
+def test_data_files_are_read(capsys, tmp_path):
+    good, bad = tmp_path / "train.jsonl", tmp_path / "bad.jsonl"
+    good.write_text('{"prompt": "1+1=?", "answer": "2"}\n')
+    bad.write_text('{"question": "1+1=?"}\n')
+    args = [TINY, "--dry-run", "--world-size", "2"]
+    assert _dry_run(capsys, *args, f"data.train={good}")[0] == 0
+    code, _, err = _dry_run(capsys, *args, f"data.train={good}", f"data.val={bad}")
+    assert code == 2 and "data.val: " in err
