@@ -7,7 +7,7 @@ import pytest
 from hpt_megatron.config import ConfigError, HPTConfig, dump_yaml, load_config
 from hpt_megatron.config.base import parse_override
 from hpt_megatron.config.sections import ParallelConfig
-from hpt_megatron.models.provider import check_parallel_against_model
+from hpt_megatron.models.provider import check_parallel_against_model, load_hf_config
 from hpt_megatron.parallel.runtime import check_world_size
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[3] / "examples" / "tiny_cpu.yaml"
@@ -29,8 +29,17 @@ data:
     levels: [1, 2]
 """
 
-HF = {"num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 96,
-      "num_hidden_layers": 4}  # fmt: skip
+HF = load_hf_config(
+    {
+        "model_type": "llama",
+        "vocab_size": 64,
+        "hidden_size": 64,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "intermediate_size": 96,
+        "num_hidden_layers": 4,
+    }
+)
 
 
 @pytest.fixture
