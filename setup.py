@@ -14,6 +14,7 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.21",
         "pyyaml>=6",
+        "omegaconf>=2.3",
         "numpy",
         "pyarrow>=15",
         "math-verify[antlr4_13_2]>=0.7",

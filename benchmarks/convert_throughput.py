@@ -166,9 +166,11 @@ def main() -> None:
             flags = ("--no-progress",) if command[0] == "convert" else ()
             results[name].append(run(*command, *flags))
     bound = largest + BUCKET
-    print(f"model bytes {total / 2**20:.0f} MiB ({args.dtype}); largest tensor "
-          f"{largest / 2**20:.0f} MiB; largest + bucket {bound / 2**20:.0f} MiB; "
-          f"{args.rounds} rounds")  # fmt: skip
+    print(
+        f"model bytes {total / 2**20:.0f} MiB ({args.dtype}); largest tensor "
+        f"{largest / 2**20:.0f} MiB; largest + bucket {bound / 2**20:.0f} MiB; "
+        f"{args.rounds} rounds"
+    )
     for name, rs in results.items():
         secs = statistics.median(r["seconds"] for r in rs)
         base = results["baseline"]

@@ -36,7 +36,7 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
 
 
-def _run(method: str, logits, targets, backward: bool, chunk: int):  # noqa: ANN001, ANN202
+def _run(method: str, logits, targets, backward: bool, chunk: int):
     import torch
 
     from hpt_megatron.parallel.logprobs import vocab_parallel_logprobs_entropy
@@ -67,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     backward = args.mode == "fwd+bwd"
 
-    def make(tokens: int, vocab: int):  # noqa: ANN202
+    def make(tokens: int, vocab: int):
         logits = torch.empty(tokens, vocab, dtype=dtype).normal_(0.0, 2.0)
         logits.requires_grad_(backward)
         return logits, torch.randint(0, vocab, (tokens,))
@@ -78,21 +78,37 @@ def worker(args: argparse.Namespace) -> None:
     out = _run(args.method, logits, targets, backward, args.chunk)
     peak = _peak()
     grad_bytes = logits.grad.numel() * logits.grad.element_size() if backward else 0
-    print(json.dumps({
-        "extra_mb": (peak - before_rss) / MB,
-        "slack_mb": (before_peak - before_rss) / MB,  # an earlier peak above the baseline
-        "logits_mb": logits.numel() * logits.element_size() / MB,
-        "grad_mb": grad_bytes / MB,
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "extra_mb": (peak - before_rss) / MB,
+                "slack_mb": (before_peak - before_rss) / MB,  # an earlier peak above the baseline
+                "logits_mb": logits.numel() * logits.element_size() / MB,
+                "grad_mb": grad_bytes / MB,
+            }
+        )
+    )
     del out
 
 
 def measure(method: str, dtype: str, mode: str, chunk: int, args: argparse.Namespace) -> dict:
     cmd = [
-        sys.executable, __file__, "--worker", "--method", method, "--dtype", dtype,
-        "--mode", mode, "--chunk", str(chunk), "--tokens", str(args.tokens),
-        "--vocab", str(args.vocab),
-    ]  # fmt: skip
+        sys.executable,
+        __file__,
+        "--worker",
+        "--method",
+        method,
+        "--dtype",
+        dtype,
+        "--mode",
+        mode,
+        "--chunk",
+        str(chunk),
+        "--tokens",
+        str(args.tokens),
+        "--vocab",
+        str(args.vocab),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode:
@@ -121,10 +137,14 @@ def main() -> None:
 
     fp32_mb = args.tokens * args.vocab * 4 / MB
     probe = measure("probe", "fp32", "fwd", 0, args)
-    print(f"T={args.tokens} V={args.vocab}: one fp32 [T, V] = {fp32_mb:.0f} MB; "
-          f"probe allocating exactly that measures {probe['extra_mb']:.0f} MB")  # fmt: skip
-    header = (f"{'dtype':5} {'mode':8} {'method':14} {'extra MB':>9} {'spread':>7} "
-              f"{'-grad MB':>9} {'ratio':>6} {'ratio-grad':>10}")  # fmt: skip
+    print(
+        f"T={args.tokens} V={args.vocab}: one fp32 [T, V] = {fp32_mb:.0f} MB; "
+        f"probe allocating exactly that measures {probe['extra_mb']:.0f} MB"
+    )
+    header = (
+        f"{'dtype':5} {'mode':8} {'method':14} {'extra MB':>9} {'spread':>7} "
+        f"{'-grad MB':>9} {'ratio':>6} {'ratio-grad':>10}"
+    )
     print(header)
     print("-" * len(header))
     for dtype in args.dtypes:
@@ -139,8 +159,10 @@ def main() -> None:
                 base = base or (extra, no_grad)
                 name = "plain" if method == "plain" else f"chunked C={chunk}"
                 flag = f"  (!) slack {slack:.0f} MB" if slack > 0.05 * extra else ""
-                print(f"{dtype:5} {mode:8} {name:14} {extra:9.0f} {spread:7.0f} {no_grad:9.0f} "
-                      f"{extra / base[0]:6.3f} {no_grad / base[1]:10.3f}{flag}")  # fmt: skip
+                print(
+                    f"{dtype:5} {mode:8} {name:14} {extra:9.0f} {spread:7.0f} {no_grad:9.0f} "
+                    f"{extra / base[0]:6.3f} {no_grad / base[1]:10.3f}{flag}"
+                )
 
 
 if __name__ == "__main__":

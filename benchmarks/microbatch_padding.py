@@ -40,10 +40,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     args = ap.parse_args()
 
-    print(f"{args.num} sequences, lognormal median {args.median}, sigma {args.sigma}, "
-          f"capped at {args.max_len}; {args.seeds} seeds (mean over seeds)")  # fmt: skip
-    header = (f"{'budget':>7} {'#mb':>6} {'real Mtok':>10} {'budget Mtok':>12} {'budget eff':>10} "
-              f"{'fixed size':>10} {'fixed Mtok':>11} {'fixed eff':>9}")  # fmt: skip
+    print(
+        f"{args.num} sequences, lognormal median {args.median}, sigma {args.sigma}, "
+        f"capped at {args.max_len}; {args.seeds} seeds (mean over seeds)"
+    )
+    header = (
+        f"{'budget':>7} {'#mb':>6} {'real Mtok':>10} {'budget Mtok':>12} {'budget eff':>10} "
+        f"{'fixed size':>10} {'fixed Mtok':>11} {'fixed eff':>9}"
+    )
     print(header)
     print("-" * len(header))
     for budget in args.budget:
@@ -58,8 +62,10 @@ def main() -> None:
             real = sum(lengths)
             rows.append((len(by_budget), real, real / eff_b, eff_b, size, real / eff_f, eff_f))
         mean = [statistics.fmean(col) for col in zip(*rows)]
-        print(f"{budget:7d} {mean[0]:6.1f} {mean[1] / 1e6:10.3f} {mean[2] / 1e6:12.3f} "
-              f"{mean[3]:10.3f} {mean[4]:10.1f} {mean[5] / 1e6:11.3f} {mean[6]:9.3f}")  # fmt: skip
+        print(
+            f"{budget:7d} {mean[0]:6.1f} {mean[1] / 1e6:10.3f} {mean[2] / 1e6:12.3f} "
+            f"{mean[3]:10.3f} {mean[4]:10.1f} {mean[5] / 1e6:11.3f} {mean[6]:9.3f}"
+        )
     lengths = lognormal_lengths(args.num, args.median, args.sigma, args.max_len, 0)
     capped = sum(x >= args.max_len for x in lengths)
     median, mean = statistics.median(lengths), statistics.fmean(lengths)

@@ -47,7 +47,7 @@ def _write_raw(state: dict[str, torch.Tensor], path: Path) -> None:
             fh.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
-def _time(fn, repeats: int) -> float:  # noqa: ANN001 - a thunk
+def _time(fn, repeats: int) -> float:  # a thunk
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -140,10 +140,18 @@ def finished(args: argparse.Namespace, method: str, run_dir: Path) -> bool:
 def train(args: argparse.Namespace, method: str, run_dir: Path) -> float:
     """Run one method to the end; returns its wall time in seconds."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-        "--standalone", "-m", "hpt_megatron.cli", "train", args.config,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(args.nproc),
+        "--standalone",
+        "-m",
+        "hpt_megatron.cli",
+        "train",
+        args.config,
         *overrides(args, method, run_dir),
-    ]  # fmt: skip
+    ]
     print(f"\n=== {METHODS[method][0]}: {' '.join(cmd)}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"

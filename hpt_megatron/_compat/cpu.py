@@ -40,7 +40,7 @@ def _is_cuda(device: Any) -> bool:
 class _CudaToCpu(TorchFunctionMode):
     """Rewrite CUDA device arguments to CPU for every torch function call."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
@@ -106,7 +106,7 @@ def _patch_megatron() -> None:
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
-    def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):  # noqa: ANN001
+    def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
         if isinstance(parameters, torch.Tensor):
             parameters = [parameters]
         attr = "decoupled_grad" if use_decoupled_grad else "grad"

@@ -145,12 +145,19 @@ def policy_loss(
         raise ValueError(f"{spec.name}: call spec.phase_for_step(step) and pass that spec")
     mask_bt = check_mask(response_mask)
     _check_inputs(
-        spec, mask_bt.shape, logprobs, old_logprobs, advantages, entropy, ref_logprobs,
+        spec,
+        mask_bt.shape,
+        logprobs,
+        old_logprobs,
+        advantages,
+        entropy,
+        ref_logprobs,
         rollout_logprobs,
-    )  # fmt: skip
+    )
     demo_b, rl_b, sft_b = row_weights(spec, mask_bt.shape[0], is_demo, rl_weight, sft_weight)
-    ctx = _context(spec, mask_bt, logprobs.dtype, demo_b, rl_b, sft_b, global_num_tokens,
-                   global_num_seqs)  # fmt: skip
+    ctx = _context(
+        spec, mask_bt, logprobs.dtype, demo_b, rl_b, sft_b, global_num_tokens, global_num_seqs
+    )
     metrics: Metrics = {}
     pg_loss, terms = _rl_term(
         spec, ctx, logprobs, old_logprobs, advantages, rollout_logprobs, metrics
@@ -227,9 +234,14 @@ def _rl_term(
             cut_bt.float(), ctx.on_bt.float(), ctx.rows["rl"], ctx.metric_tokens["rl"]
         )
     pg_loss = agg.aggregate(
-        term_bt, ctx.mask, ctx.rl_b, spec.aggregation, num_tokens=ctx.loss_tokens["rl"],
-        num_seqs=ctx.loss_seqs["rl"], constant=spec.loss_agg_constant,
-    )  # fmt: skip
+        term_bt,
+        ctx.mask,
+        ctx.rl_b,
+        spec.aggregation,
+        num_tokens=ctx.loss_tokens["rl"],
+        num_seqs=ctx.loss_seqs["rl"],
+        constant=spec.loss_agg_constant,
+    )
     return pg_loss, terms
 
 
@@ -255,9 +267,13 @@ def _regularisers(
         rl_rows = ctx.rows["rl"].double()
         if spec.kl_mode == "loss" and spec.kl_coef > 0:
             kl_mean = agg.aggregate(
-                kl_bt, ctx.mask, rl_rows, "token_mean", num_tokens=ctx.loss_tokens["rl"],
+                kl_bt,
+                ctx.mask,
+                rl_rows,
+                "token_mean",
+                num_tokens=ctx.loss_tokens["rl"],
                 num_seqs=1,
-            )  # fmt: skip
+            )
             extra = extra + spec.kl_coef * kl_mean
         metrics["kl_ref"] = _share(kl_bt, ctx.mask, rl_rows, ctx.metric_tokens["rl"])
     return extra
@@ -274,9 +290,13 @@ def _check_inputs(
     rollout_logprobs: torch.Tensor | None,
 ) -> None:
     named = {
-        "logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages,
-        "entropy": entropy, "ref_logprobs": ref_logprobs, "rollout_logprobs": rollout_logprobs,
-    }  # fmt: skip
+        "logprobs": logprobs,
+        "old_logprobs": old_logprobs,
+        "advantages": advantages,
+        "entropy": entropy,
+        "ref_logprobs": ref_logprobs,
+        "rollout_logprobs": rollout_logprobs,
+    }
     for name, tensor in named.items():
         check_bt(name, tensor, shape)
     needs = {

@@ -19,9 +19,13 @@ def sft() -> AlgorithmSpec:
     with grad log pi; the loss value is the token-mean NLL over the batch.
     """
     return AlgorithmSpec(
-        name="sft", advantage="one", denominator="current", demo_denominator="current",
-        mask="none", aggregation="token_mean",
-    )  # fmt: skip
+        name="sft",
+        advantage="one",
+        denominator="current",
+        demo_denominator="current",
+        mask="none",
+        aggregation="token_mean",
+    )
 
 
 def reinforce() -> AlgorithmSpec:
@@ -31,9 +35,12 @@ def reinforce() -> AlgorithmSpec:
     of a response is the sum over its tokens, averaged over responses (seq_mean_token_sum).
     """
     return AlgorithmSpec(
-        name="reinforce", advantage="reinforce", denominator="current", mask="none",
+        name="reinforce",
+        advantage="reinforce",
+        denominator="current",
+        mask="none",
         aggregation="seq_mean_token_sum",
-    )  # fmt: skip
+    )
 
 
 def ppo() -> AlgorithmSpec:
@@ -44,9 +51,14 @@ def ppo() -> AlgorithmSpec:
     is not part of this package: the scheduler must pass ``values`` to ``compute_advantages``.
     """
     return AlgorithmSpec(
-        name="ppo", advantage="gae", denominator="old", mask="clip", clip_low=0.2,
-        clip_high=0.2, aggregation="token_mean",
-    )  # fmt: skip
+        name="ppo",
+        advantage="gae",
+        denominator="old",
+        mask="clip",
+        clip_low=0.2,
+        clip_high=0.2,
+        aggregation="token_mean",
+    )
 
 
 def grpo() -> AlgorithmSpec:
@@ -57,9 +69,12 @@ def grpo() -> AlgorithmSpec:
     set ``kl_coef=0.04``, which then needs a reference model), as HPT's GRPO baseline.
     """
     return AlgorithmSpec(
-        name="grpo", advantage="grpo", denominator="old", mask="clip",
+        name="grpo",
+        advantage="grpo",
+        denominator="old",
+        mask="clip",
         aggregation="seq_mean_token_mean",
-    )  # fmt: skip
+    )
 
 
 def dr_grpo() -> AlgorithmSpec:
@@ -70,9 +85,13 @@ def dr_grpo() -> AlgorithmSpec:
     constant factor left to the learning rate.
     """
     return AlgorithmSpec(
-        name="dr_grpo", advantage="dr_grpo", denominator="old", mask="clip",
-        aggregation="token_sum_norm", loss_agg_constant=8192.0,
-    )  # fmt: skip
+        name="dr_grpo",
+        advantage="dr_grpo",
+        denominator="old",
+        mask="clip",
+        aggregation="token_sum_norm",
+        loss_agg_constant=8192.0,
+    )
 
 
 def dapo() -> AlgorithmSpec:
@@ -83,10 +102,16 @@ def dapo() -> AlgorithmSpec:
     Dynamic sampling and overlong shaping run in the scheduler (``dapo.py`` functions).
     """
     return AlgorithmSpec(
-        name="dapo", advantage="grpo", denominator="old", mask="clip", clip_low=0.2,
-        clip_high=0.28, aggregation="token_mean", batch_rule="dynamic_sampling",
+        name="dapo",
+        advantage="grpo",
+        denominator="old",
+        mask="clip",
+        clip_low=0.2,
+        clip_high=0.28,
+        aggregation="token_mean",
+        batch_rule="dynamic_sampling",
         overlong_buffer=4096,
-    )  # fmt: skip
+    )
 
 
 def cispo() -> AlgorithmSpec:
@@ -97,9 +122,14 @@ def cispo() -> AlgorithmSpec:
     (lower bound 0: none) and eps_high = 0.28 (DAPO's).
     """
     return AlgorithmSpec(
-        name="cispo", advantage="grpo", denominator="old", mask="cispo", clip_low=1.0,
-        clip_high=0.28, aggregation="token_mean",
-    )  # fmt: skip
+        name="cispo",
+        advantage="grpo",
+        denominator="old",
+        mask="cispo",
+        clip_low=1.0,
+        clip_high=0.28,
+        aggregation="token_mean",
+    )
 
 
 def gspo() -> AlgorithmSpec:
@@ -109,9 +139,14 @@ def gspo() -> AlgorithmSpec:
     Implemented in the GSPO-token form, which with this aggregation equals sequence-level GSPO.
     """
     return AlgorithmSpec(
-        name="gspo", advantage="grpo", denominator="gspo", mask="seq_clip", clip_low=3e-4,
-        clip_high=4e-4, aggregation="seq_mean_token_mean",
-    )  # fmt: skip
+        name="gspo",
+        advantage="grpo",
+        denominator="gspo",
+        mask="seq_clip",
+        clip_low=3e-4,
+        clip_high=4e-4,
+        aggregation="seq_mean_token_mean",
+    )
 
 
 def rloo() -> AlgorithmSpec:
@@ -121,9 +156,12 @@ def rloo() -> AlgorithmSpec:
     Deviation: no KL folded into the reward by default (set ``kl_coef`` with ``kl_mode=reward``).
     """
     return AlgorithmSpec(
-        name="rloo", advantage="rloo", denominator="current", mask="none",
+        name="rloo",
+        advantage="rloo",
+        denominator="current",
+        mask="none",
         aggregation="seq_mean_token_sum",
-    )  # fmt: skip
+    )
 
 
 def reinforce_pp() -> AlgorithmSpec:
@@ -134,9 +172,13 @@ def reinforce_pp() -> AlgorithmSpec:
     (set ``kl_coef`` > 0 and ``kl_mode=reward``; the scheduler passes ``token_rewards``).
     """
     return AlgorithmSpec(
-        name="reinforce_pp", advantage="reinforce_pp", denominator="old", mask="clip",
-        aggregation="token_mean", kl_mode="reward",
-    )  # fmt: skip
+        name="reinforce_pp",
+        advantage="reinforce_pp",
+        denominator="old",
+        mask="clip",
+        aggregation="token_mean",
+        kl_mode="reward",
+    )
 
 
 def srft() -> AlgorithmSpec:
@@ -148,9 +190,15 @@ def srft() -> AlgorithmSpec:
     samples) are not reproduced; Table 1's simplification is.
     """
     return AlgorithmSpec(
-        name="srft", advantage="srft", denominator="old", mask="clip", demo_denominator="one",
-        demo_term="rl", aggregation="token_mean", batch_rule="demo_in_group",
-    )  # fmt: skip
+        name="srft",
+        advantage="srft",
+        denominator="old",
+        mask="clip",
+        demo_denominator="one",
+        demo_term="rl",
+        aggregation="token_mean",
+        batch_rule="demo_in_group",
+    )
 
 
 def luffy() -> AlgorithmSpec:
@@ -162,9 +210,16 @@ def luffy() -> AlgorithmSpec:
     (``advantage=dr_grpo, mask=none, aggregation=token_sum_norm``).
     """
     return AlgorithmSpec(
-        name="luffy", advantage="srft", denominator="old", mask="clip", demo_denominator="one",
-        demo_term="rl", luffy_gamma=0.1, aggregation="token_mean", batch_rule="demo_in_group",
-    )  # fmt: skip
+        name="luffy",
+        advantage="srft",
+        denominator="old",
+        mask="clip",
+        demo_denominator="one",
+        demo_term="rl",
+        luffy_gamma=0.1,
+        aggregation="token_mean",
+        batch_rule="demo_in_group",
+    )
 
 
 def sft_then_grpo() -> AlgorithmSpec:
@@ -174,9 +229,13 @@ def sft_then_grpo() -> AlgorithmSpec:
     before it and this GRPO spec from it on.
     """
     return AlgorithmSpec(
-        name="sft_then_grpo", advantage="grpo", denominator="old", mask="clip",
-        aggregation="seq_mean_token_mean", batch_rule="sft_then_rl",
-    )  # fmt: skip
+        name="sft_then_grpo",
+        advantage="grpo",
+        denominator="old",
+        mask="clip",
+        aggregation="seq_mean_token_mean",
+        batch_rule="sft_then_rl",
+    )
 
 
 def hpt_paper() -> AlgorithmSpec:
@@ -191,11 +250,19 @@ def hpt_paper() -> AlgorithmSpec:
     Deviation: none intended; the paper's equation 11 (clip, std) is not what its code ran.
     """
     return AlgorithmSpec(
-        name="hpt_paper", advantage="dr_grpo", denominator="old", mask="none",
-        demo_term="sft", aggregation="token_sum_norm", loss_agg_constant=8192.0,
-        normalization="microbatch", sft_coef=1.0, entropy_coef=0.001, batch_rule="hpt_gate",
+        name="hpt_paper",
+        advantage="dr_grpo",
+        denominator="old",
+        mask="none",
+        demo_term="sft",
+        aggregation="token_sum_norm",
+        loss_agg_constant=8192.0,
+        normalization="microbatch",
+        sft_coef=1.0,
+        entropy_coef=0.001,
+        batch_rule="hpt_gate",
         gate_gamma=0,
-    )  # fmt: skip
+    )
 
 
 def hpt() -> AlgorithmSpec:
@@ -208,19 +275,40 @@ def hpt() -> AlgorithmSpec:
     the paper's RL scale, still split-invariant.
     """
     return AlgorithmSpec(
-        name="hpt", advantage="dr_grpo", denominator="old", mask="none", demo_term="sft",
-        aggregation="token_mean", normalization="global", sft_coef=1.0, entropy_coef=0.001,
-        batch_rule="hpt_gate", gate_gamma=0,
-    )  # fmt: skip
+        name="hpt",
+        advantage="dr_grpo",
+        denominator="old",
+        mask="none",
+        demo_term="sft",
+        aggregation="token_mean",
+        normalization="global",
+        sft_coef=1.0,
+        entropy_coef=0.001,
+        batch_rule="hpt_gate",
+        gate_gamma=0,
+    )
 
 
 PRESETS: dict[str, Callable[[], AlgorithmSpec]] = {
     fn.__name__: fn
     for fn in (
-        sft, reinforce, ppo, grpo, dr_grpo, dapo, cispo, gspo, rloo, reinforce_pp, srft, luffy,
-        sft_then_grpo, hpt_paper, hpt,
+        sft,
+        reinforce,
+        ppo,
+        grpo,
+        dr_grpo,
+        dapo,
+        cispo,
+        gspo,
+        rloo,
+        reinforce_pp,
+        srft,
+        luffy,
+        sft_then_grpo,
+        hpt_paper,
+        hpt,
     )
-}  # fmt: skip
+}
 
 
 def get_preset(name: str) -> AlgorithmSpec:

@@ -158,10 +158,17 @@ class AlgorithmSpec:
         assert self.switch_step is not None
         if step < self.switch_step:
             return dataclasses.replace(
-                self, name=f"{self.name}:sft", advantage="one", denominator="current",
-                demo_denominator="current", mask="none", aggregation="token_mean",
-                batch_rule="none", kl_coef=0.0, tis_cap=None,
-            )  # fmt: skip
+                self,
+                name=f"{self.name}:sft",
+                advantage="one",
+                denominator="current",
+                demo_denominator="current",
+                mask="none",
+                aggregation="token_mean",
+                batch_rule="none",
+                kl_coef=0.0,
+                tis_cap=None,
+            )
         return dataclasses.replace(self, name=f"{self.name}:rl", batch_rule="none")
 
     def validate(self) -> None:

@@ -169,7 +169,7 @@ def _rows_parquet(path: Path) -> Iterator[tuple[int, Any]]:
 
     try:
         table = pq.read_table(path)
-    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+    except Exception as err:  # pyarrow raises several types for a bad file
         raise ValueError(f"{path}: not a readable parquet file: {err}") from None
     yield from enumerate(table.to_pylist())
 

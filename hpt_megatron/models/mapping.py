@@ -61,10 +61,10 @@ class Layout(Protocol):
 
 
 class Replicated:
-    def to_local(self, hf, rank, size, local_shape, dims):  # noqa: ANN001, ANN201
+    def to_local(self, hf, rank, size, local_shape, dims):
         return hf[0]
 
-    def to_hf(self, shards, dims):  # noqa: ANN001, ANN201
+    def to_hf(self, shards, dims):
         return [shards[0]]
 
 
@@ -74,17 +74,17 @@ class Split:
 
     dim: int
 
-    def to_local(self, hf, rank, size, local_shape, dims):  # noqa: ANN001, ANN201
+    def to_local(self, hf, rank, size, local_shape, dims):
         return hf[0].chunk(size, dim=self.dim)[rank]
 
-    def to_hf(self, shards, dims):  # noqa: ANN001, ANN201
+    def to_hf(self, shards, dims):
         return [shards[0] if len(shards) == 1 else torch.cat(shards, dim=self.dim)]
 
 
 class Vocab:
     """Vocabulary-parallel rows, padded with zeros to the model's padded vocabulary."""
 
-    def to_local(self, hf, rank, size, local_shape, dims):  # noqa: ANN001, ANN201
+    def to_local(self, hf, rank, size, local_shape, dims):
         rows = local_shape[0]
         start = rank * rows
         local = hf[0].new_empty(local_shape)
@@ -95,7 +95,7 @@ class Vocab:
         local[kept:].zero_()
         return local
 
-    def to_hf(self, shards, dims):  # noqa: ANN001, ANN201
+    def to_hf(self, shards, dims):
         if len(shards) == 1:  # a view: the padding rows are the last ones
             return [shards[0][: dims.vocab]]
         rows = shards[0].shape[0]
@@ -106,7 +106,7 @@ class Vocab:
 class QKV:
     """q, k, v (weights ``[n*d, hidden]`` or biases ``[n*d]``) <-> grouped ``linear_qkv``."""
 
-    def to_local(self, hf, rank, size, local_shape, dims):  # noqa: ANN001, ANN201
+    def to_local(self, hf, rank, size, local_shape, dims):
         q, k, v = hf
         per_group = dims.heads // dims.groups
         tail = q.shape[1:]
@@ -117,7 +117,7 @@ class QKV:
         sl = slice(rank * groups_per_rank, (rank + 1) * groups_per_rank)
         return torch.cat([q[sl], k[sl], v[sl]], dim=1).reshape(-1, *tail)
 
-    def to_hf(self, shards, dims):  # noqa: ANN001, ANN201
+    def to_hf(self, shards, dims):
         full = torch.cat(shards, dim=0)
         per_group = dims.heads // dims.groups
         tail = full.shape[1:]
@@ -129,11 +129,11 @@ class QKV:
 class GateUp:
     """gate and up ``[F, hidden]`` <-> ``linear_fc1`` (``[gate_r; up_r]`` on TP rank r)."""
 
-    def to_local(self, hf, rank, size, local_shape, dims):  # noqa: ANN001, ANN201
+    def to_local(self, hf, rank, size, local_shape, dims):
         gate, up = hf
         return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
 
-    def to_hf(self, shards, dims):  # noqa: ANN001, ANN201
+    def to_hf(self, shards, dims):
         halves = [s.chunk(2, dim=0) for s in shards]
         if len(shards) == 1:  # views: the two halves are contiguous rows
             return list(halves[0])

@@ -63,8 +63,11 @@ class Driver:
             val_cfg = cfg.data if cfg.data.val else dataclasses.replace(cfg.data, val="arithmetic")
             val_set = build_prompt_dataset(val_cfg, tokenizer, "val")
         reward = cfg.reward
-        pool = RewardPool(num_workers=reward.num_workers, timeout_s=reward.timeout_s,
-                          memory_limit_mb=reward.memory_limit_mb)  # fmt: skip
+        pool = RewardPool(
+            num_workers=reward.num_workers,
+            timeout_s=reward.timeout_s,
+            memory_limit_mb=reward.memory_limit_mb,
+        )
         try:
             engine = build_rollout_engine(cfg, hf, tokenizer, run_dir)
         except BaseException:
@@ -93,11 +96,12 @@ class Driver:
         prompts = self.sampler.next_batch()
         timings = {"time/generation_s": 0.0, "time/grading_s": 0.0}
         if spec.advantage == "one":  # SFT: train on the demonstrations, nothing to generate
-            samples = [demo_sample(p, g, sft_weight=0.0, rl_weight=1.0)
-                       for g, p in enumerate(prompts)]  # fmt: skip
+            samples = [
+                demo_sample(p, g, sft_weight=0.0, rl_weight=1.0) for g, p in enumerate(prompts)
+            ]
             attach_advantages(spec, samples)  # A = 1
-            metrics = {"sft/rows": float(len(samples)), **timings}
-            return RolloutBatch(samples, step, metrics, sampler_state=sampler_state)
+            sft_metrics = {"sft/rows": float(len(samples)), **timings}
+            return RolloutBatch(samples, step, sft_metrics, sampler_state=sampler_state)
         params = self.sampling_params(step)
         kept: list[Sample] = []
         rollouts: list[Sample] = []
@@ -130,10 +134,13 @@ class Driver:
         t0 = time.perf_counter()
         prompts = list(self.val_set)[: self.cfg.run.val_max_prompts]
         params = sampling_params(
-            self.cfg.rollout, n=1, temperature=0.0, seed=0,
+            self.cfg.rollout,
+            n=1,
+            temperature=0.0,
+            seed=0,
             max_new_tokens=self.cfg.data.max_response_tokens,
             stop_token_ids=[self.tokenizer.eos_token_id],
-        )  # fmt: skip
+        )
         samples = self._generate(prompts, params)
         grade_samples(self.pool, samples, self.cfg.reward)
         accuracy = sum(float((s.reward or 0.0) > 0) for s in samples) / max(1, len(samples))
@@ -144,8 +151,9 @@ class Driver:
     ) -> list[Sample]:
         """``params.n`` rollouts per prompt; ``group_id`` is the prompt's index plus the offset."""
         generations = self.engine.generate([p.prompt_ids for p in prompts], params)
-        texts = self.tokenizer.batch_decode([g.token_ids for g in generations],
-                                            skip_special_tokens=True)  # fmt: skip
+        texts = self.tokenizer.batch_decode(
+            [g.token_ids for g in generations], skip_special_tokens=True
+        )
         samples = []
         for gen, text in zip(generations, texts):
             prompt = prompts[gen.prompt_index]

@@ -86,17 +86,16 @@ def train(cfg: HPTConfig) -> dict[str, float]:
         shutdown_distributed()
 
 
-def _build_run(
-    cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: AlgorithmSpec
-) -> Run:
+def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: AlgorithmSpec) -> Run:
     run_dir = Path(cfg.run.run_dir)
     if ctx.is_driver:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, run_dir / "config.yaml")
     if ctx.world_size > 1:
         torch.distributed.barrier(group=ctx.cpu_group)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.hf_weights or cfg.model.hf_config,
-                               run_dir)  # fmt: skip
+    tokenizer = load_tokenizer(
+        cfg.model.tokenizer or cfg.model.hf_weights or cfg.model.hf_config, run_dir
+    )
     if len(tokenizer) > hf.vocab_size:
         raise ValueError(
             f"model vocab_size {hf.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
@@ -117,11 +116,16 @@ def _build_run(
         tokenizer.save_pretrained(str(path))
 
     checkpointer = Checkpointer(
-        run_dir / "checkpoints", ctx, save_every=cfg.checkpoint.save_every,
-        keep_last=cfg.checkpoint.keep_last, last_step=cfg.run.steps, describe=describe,
-    )  # fmt: skip
-    return Run(cfg, ctx, run_dir, hf, spec, tokenizer, policy, PolicyUpdate(policy, layout),
-               checkpointer)  # fmt: skip
+        run_dir / "checkpoints",
+        ctx,
+        save_every=cfg.checkpoint.save_every,
+        keep_last=cfg.checkpoint.keep_last,
+        last_step=cfg.run.steps,
+        describe=describe,
+    )
+    return Run(
+        cfg, ctx, run_dir, hf, spec, tokenizer, policy, PolicyUpdate(policy, layout), checkpointer
+    )
 
 
 def _train(run: Run, driver: Driver | None) -> dict[str, float]:
@@ -133,10 +137,15 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
         driver.load_state_dict(state["sampler"])
     start = 0 if state is None else int(state["step"])
     logger = MetricsLogger(
-        run.run_dir, enabled=ctx.is_driver, tensorboard=cfg.logging.tensorboard,
-        jsonl=cfg.logging.jsonl, wandb_project=cfg.logging.wandb_project,
-        total_steps=cfg.run.steps, progress_bar=cfg.logging.progress_bar, start_step=start,
-    )  # fmt: skip
+        run.run_dir,
+        enabled=ctx.is_driver,
+        tensorboard=cfg.logging.tensorboard,
+        jsonl=cfg.logging.jsonl,
+        wandb_project=cfg.logging.wandb_project,
+        total_steps=cfg.run.steps,
+        progress_bar=cfg.logging.progress_bar,
+        start_step=start,
+    )
     engine = driver.engine if driver is not None else None
     sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=start)
     overlap = cfg.run.placement == "disaggregated" and cfg.run.max_staleness == 1
@@ -146,6 +155,7 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
         for step in range(start, cfg.run.steps):
             t_step = time.perf_counter()
             batch = broadcast_from_driver(ctx, rollouts.batch(step))
+            assert batch is not None
             if engine is not None and not overlap:
                 engine.release_memory()  # colocated: the trainer gets the devices
             train_metrics = run.update.update(batch.samples, run.spec.phase_for_step(step))
@@ -173,8 +183,9 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
             # The data position of the next batch when it was already drawn (one-step-off
             # generation), so a resumed run draws that batch again.
             data = rollouts.next_sampler_state() if driver is not None else None
-            run.checkpointer.maybe_save(step + 1, run.policy, metrics.get("val/accuracy"),
-                                        {"sampler": data})  # fmt: skip
+            run.checkpointer.maybe_save(
+                step + 1, run.policy, metrics.get("val/accuracy"), {"sampler": data}
+            )
     finally:
         rollouts.close()
         logger.close()
@@ -233,8 +244,7 @@ def _export_final(run: Run) -> Path:
     out = run.run_dir / "hf"
     modules = [getattr(c, "module", c) for c in run.policy.model_chunks]
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-    save_hf_folder(modules, run.hf, out, run.ctx,
-                   torch_dtype=dtype[modules[0].config.params_dtype])  # fmt: skip
+    save_hf_folder(modules, run.hf, out, run.ctx, torch_dtype=dtype[modules[0].config.params_dtype])
     if run.ctx.is_driver:
         run.tokenizer.save_pretrained(str(out))
     return out

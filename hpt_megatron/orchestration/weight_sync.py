@@ -8,6 +8,8 @@ holds one full copy of the policy while loading, as the engine itself does.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -38,11 +40,10 @@ def sync_weights(
 ) -> int:
     """Collective over all ranks; the driver's ``engine`` receives every bucket. Returns bytes."""
     mine = local_buckets(chunks, hf, ctx, bucket_bytes)
-    if ctx.world_size == 1:
-        gathered = [mine]
-    else:
-        gathered = [None] * ctx.world_size if ctx.is_driver else None
-        dist.gather_object(mine, gathered, dst=0, group=ctx.cpu_group)
+    gathered: list[Any] = [mine]
+    if ctx.world_size > 1:
+        gathered = [None] * ctx.world_size
+        dist.gather_object(mine, gathered if ctx.is_driver else None, dst=0, group=ctx.cpu_group)
     if not ctx.is_driver:
         return 0
     buckets = [bucket for rank_buckets in gathered for bucket in rank_buckets]

@@ -33,7 +33,7 @@ def _all_reduce(
 class _VocabParallelLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx,  # noqa: ANN001
+        ctx,
         logits_nv: torch.Tensor,
         targets_n: torch.Tensor,
         vocab_start: int,
@@ -81,7 +81,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         return logprob_n, entropy_n
 
     @staticmethod
-    def backward(ctx, grad_logprob_n: torch.Tensor, grad_entropy_n: torch.Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_logprob_n: torch.Tensor, grad_entropy_n: torch.Tensor):
         logits_nv, local_t, in_shard_n, logz_n, entropy_n = ctx.saved_tensors
         grad_nv = torch.empty_like(logits_nv)
         g_lp = grad_logprob_n.float() if grad_logprob_n is not None else torch.zeros_like(logz_n)

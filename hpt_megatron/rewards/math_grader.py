@@ -61,7 +61,7 @@ def _parse(answer: str) -> tuple[Any, ...]:
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     try:
         return tuple(parse(f"\\boxed{{{answer}}}", parsing_timeout=timeout))
-    except Exception:  # noqa: BLE001 - unparseable is "no expression"
+    except Exception:  # unparseable is "no expression"
         return ()
 
 
@@ -74,7 +74,7 @@ def _sympy_equal(pred: tuple[Any, ...], gold: tuple[Any, ...]) -> bool:
         return False
     try:
         return bool(sympy.simplify(a - b) == 0)
-    except Exception:  # noqa: BLE001 - sympy failing means "not shown equal"
+    except Exception:  # sympy failing means "not shown equal"
         return False
 
 
@@ -84,7 +84,7 @@ def _math_verify_equal(pred: tuple[Any, ...], gold: tuple[Any, ...]) -> bool:
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     try:
         return bool(verify(list(gold), list(pred), timeout_seconds=timeout))
-    except Exception:  # noqa: BLE001 - math-verify raising means "not verified"
+    except Exception:  # math-verify raising means "not verified"
         return False
 
 

@@ -50,7 +50,7 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
         try:
             fn = cache.get(spec) or cache.setdefault(spec, resolve_reward(spec))
             score = float(fn(response, ground_truth))
-        except Exception:  # noqa: BLE001 - a failing grader costs this answer only
+        except Exception:  # a failing grader costs this answer only
             score = 0.0
         conn.send((index, score))
 

@@ -5,6 +5,7 @@ learning-rate schedule, and the starting weights of a fresh run."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,10 +14,13 @@ from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.trainer.engine import TrainEngine
 
+if TYPE_CHECKING:
+    from megatron.core.transformer.module import MegatronModule
+
 log = logging.getLogger(__name__)
 
 
-def wrap_ddp(chunks: list[torch.nn.Module], cfg: TrainerConfig) -> list[torch.nn.Module]:
+def wrap_ddp(chunks: list[MegatronModule], cfg: TrainerConfig) -> list[MegatronModule]:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
@@ -43,7 +47,9 @@ def wrap_ddp(chunks: list[torch.nn.Module], cfg: TrainerConfig) -> list[torch.nn
     return wrapped
 
 
-def build_optimizer(chunks: list[torch.nn.Module], cfg: TrainerConfig, total_steps: int):  # noqa: ANN201
+def build_optimizer(
+    chunks: list[MegatronModule], cfg: TrainerConfig, total_steps: int
+) -> tuple[Any, Any]:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -81,7 +87,7 @@ def build_optimizer(chunks: list[torch.nn.Module], cfg: TrainerConfig, total_ste
 
 
 def build_engine(
-    chunks: list[torch.nn.Module],
+    chunks: list[MegatronModule],
     ctx: ParallelContext,
     cfg: TrainerConfig,
     total_steps: int,
@@ -107,10 +113,10 @@ def build_policy(
     from hpt_megatron.models.provider import build_model_chunks
 
     loads_weights = bool(model.load or model.hf_weights)
-    chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank,
-                                init_weights=not loads_weights)  # fmt: skip
-    return build_engine(chunks, ctx, trainer, total_steps=total_steps,
-                        vocab_size=hf.vocab_size)  # fmt: skip
+    chunks = build_model_chunks(
+        hf, model, parallel, pp_rank=ctx.pp_rank, init_weights=not loads_weights
+    )
+    return build_engine(chunks, ctx, trainer, total_steps=total_steps, vocab_size=hf.vocab_size)
 
 
 def init_policy_weights(engine: TrainEngine, hf: HFModelConfig, model: ModelConfig) -> None:
@@ -126,6 +132,12 @@ def init_policy_weights(engine: TrainEngine, hf: HFModelConfig, model: ModelConf
         from hpt_megatron.models.loading import load_hf_weights
 
         modules = [getattr(c, "module", c) for c in engine.model_chunks]
-        load_hf_weights(modules, hf, model.hf_weights, tp_rank=ctx.tp_rank, tp_size=ctx.tp,
-                        progress=ctx.is_driver)  # fmt: skip
+        load_hf_weights(
+            modules,
+            hf,
+            model.hf_weights,
+            tp_rank=ctx.tp_rank,
+            tp_size=ctx.tp,
+            progress=ctx.is_driver,
+        )
         log.info("initial weights from the HF folder %s", model.hf_weights)

@@ -194,7 +194,7 @@ def _crc(file: Path) -> int:
 def rng_state() -> dict[str, Any]:
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state()[1].tolist(),
+        "numpy": np.random.get_state()[1].tolist(),  # type: ignore[index]  # legacy: a tuple
         "torch": torch.get_rng_state().tolist(),
     }
 
@@ -204,10 +204,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         return
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    np.random.seed(0)
-    np_state = list(np.random.get_state())
-    np_state[1] = np.array(state["numpy"], dtype=np.uint32)
-    np.random.set_state(tuple(np_state))
+    # Only the key array is saved; the rest is that of a freshly seeded generator.
+    keys = np.array(state["numpy"], dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, 624, 0, 0.0))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
@@ -292,11 +291,15 @@ class Checkpointer:
             **extra,
         }
         group = self.ctx.cpu_group
-        paths = [save_checkpoint(step_dir(self.root, step), engine.model_chunks,
-                                 engine.optimizer, state, group=group)]  # fmt: skip
+        paths = [
+            save_checkpoint(
+                step_dir(self.root, step), engine.model_chunks, engine.optimizer, state, group=group
+            )
+        ]
         if is_best:
-            paths.append(save_checkpoint(self.root / BEST, engine.model_chunks, None, state,
-                                         group=group))  # fmt: skip
+            paths.append(
+                save_checkpoint(self.root / BEST, engine.model_chunks, None, state, group=group)
+            )
         if self.ctx.is_driver:
             for path in paths:
                 if self.describe is not None:

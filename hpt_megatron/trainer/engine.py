@@ -54,7 +54,7 @@ class TrainEngine:
         model_chunks,
         optimizer,
         scheduler,
-        ctx: ParallelContext,  # noqa: ANN001
+        ctx: ParallelContext,
         cfg: TrainerConfig,
         vocab_size: int | None = None,
     ) -> None:
@@ -77,12 +77,12 @@ class TrainEngine:
         tp_group = self.ctx.tp_group if self.ctx.tp > 1 else None
         device = self.ctx.device
 
-        def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):  # noqa: ANN202
+        def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
             mb = next(data_iterator)
             ids, pos = mb.input_ids_bs.to(device), mb.position_ids_bs.to(device)
             logits_bsv = model(ids, pos, None)
 
-            def loss_func(output_bsv: torch.Tensor, non_loss_data: bool = False):  # noqa: ANN202
+            def loss_func(output_bsv: torch.Tensor, non_loss_data: bool = False):
                 targets = mb.targets_bs.to(device)
                 logprobs_bs, entropy_bs = vocab_parallel_logprobs_entropy(
                     output_bsv,
@@ -93,6 +93,7 @@ class TrainEngine:
                 )
                 if non_loss_data:
                     return logprobs_bs.detach().cpu(), entropy_bs.detach().cpu()
+                assert loss_fn is not None  # only forward-only passes go without a loss
                 share, metrics = loss_fn(logprobs_bs, entropy_bs, mb)
                 return share * scale, {k: v.detach().float() for k, v in metrics.items()}
 

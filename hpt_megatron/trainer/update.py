@@ -135,10 +135,14 @@ def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[Micr
         mine = [0]
     lengths = [rows[i].num_tokens for i in mine]
     return [
-        collate(rows, [mine[j] for j in group], pad_id=layout.pad_id,
-                pad_to_multiple=layout.pad_to_multiple)
+        collate(
+            rows,
+            [mine[j] for j in group],
+            pad_id=layout.pad_id,
+            pad_to_multiple=layout.pad_to_multiple,
+        )
         for group in token_budget_microbatches(lengths, layout.max_tokens)
-    ]  # fmt: skip
+    ]
 
 
 class PolicyUpdate:

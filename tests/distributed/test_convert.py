@@ -131,8 +131,16 @@ def test_layout_export_and_sharded_checkpoint_are_bit_exact(converted, tmp_path,
     original = _hf_tensors(converted["llama"]["hf"])
     exported, resaved, back = tmp_path / "export", tmp_path / "resaved", tmp_path / "back"
     args = ["--load", str(converted["llama"]["mg"]), "--hf-out", str(exported)]
-    torchrun(WORKERS / "export_layouts.py", *args, "--megatron-out", str(resaved),
-             "--tp", str(tp), "--pp", str(pp))  # fmt: skip
+    torchrun(
+        WORKERS / "export_layouts.py",
+        *args,
+        "--megatron-out",
+        str(resaved),
+        "--tp",
+        str(tp),
+        "--pp",
+        str(pp),
+    )
     (resaved / "config.json").write_text((converted["llama"]["mg"] / "config.json").read_text())
     _convert("megatron-to-hf", "--load", str(resaved), "--out", str(back))
     for folder in (exported, back):
@@ -159,8 +167,19 @@ def test_virtual_pipeline_scores_and_exports_like_hf(tmp_path):
             ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
             assert (torch.tensor(mine) - ref).abs().max().item() < 1e-4
     exported = tmp_path / "export"
-    torchrun(WORKERS / "export_layouts.py", "--load", str(mg_dir), "--hf-out", str(exported),
-             "--megatron-out", str(tmp_path / "resaved"), "--pp", "2", "--vpp", "2")  # fmt: skip
+    torchrun(
+        WORKERS / "export_layouts.py",
+        "--load",
+        str(mg_dir),
+        "--hf-out",
+        str(exported),
+        "--megatron-out",
+        str(tmp_path / "resaved"),
+        "--pp",
+        "2",
+        "--vpp",
+        "2",
+    )
     original, returned = _hf_tensors(hf_dir), _hf_tensors(exported)
     assert sorted(returned) == sorted(original)
     assert all(torch.equal(returned[k], original[k]) for k in original)
@@ -179,8 +198,16 @@ def test_converter_writes_what_megatron_writes(converted, tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
 
     resaved = tmp_path / "resaved"
-    torchrun(WORKERS / "export_layouts.py", "--load", str(converted["qwen2"]["mg"]),
-             "--hf-out", str(tmp_path / "hf"), "--megatron-out", str(resaved), nproc=1)  # fmt: skip
+    torchrun(
+        WORKERS / "export_layouts.py",
+        "--load",
+        str(converted["qwen2"]["mg"]),
+        "--hf-out",
+        str(tmp_path / "hf"),
+        "--megatron-out",
+        str(resaved),
+        nproc=1,
+    )
     ours = FileSystemReader(converted["qwen2"]["mg"]).read_metadata().state_dict_metadata
     theirs = FileSystemReader(resaved).read_metadata().state_dict_metadata
     assert sorted(ours) == sorted(theirs)
@@ -196,8 +223,16 @@ def test_hf_shape_unlike_the_config_is_a_clear_error_that_writes_nothing(convert
     shutil.copytree(converted["llama"]["hf"], bad)
     config = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
-    cmd = [sys.executable, str(ROOT / "tools" / "convert.py"), "hf-to-megatron", "--hf", str(bad),
-           "--out", str(out), "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "convert.py"),
+        "hf-to-megatron",
+        "--hf",
+        str(bad),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "linear_fc1.weight: HF shapes [[96, 64], [96, 64]] make [192, 64], not [256, 64]" in (

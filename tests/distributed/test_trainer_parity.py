@@ -26,8 +26,9 @@ def _max_rel(a: dict, b: dict) -> float:
 def reference(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     ckpt, out = tmp / "ckpt", tmp / "ref.json"
-    torchrun(WORKER, "--arch", request.param, "--ckpt", str(ckpt), "--out", str(out), "--save",
-             nproc=1)  # fmt: skip
+    torchrun(
+        WORKER, "--arch", request.param, "--ckpt", str(ckpt), "--out", str(out), "--save", nproc=1
+    )
     return request.param, ckpt, json.loads(out.read_text())
 
 
@@ -50,8 +51,18 @@ def test_microbatch_split_invariance(reference, tmp_path):
     arch, ckpt, ref = reference
     out = tmp_path / "split.json"
     # A budget of 24 tokens forces one micro-batch per one or two samples.
-    torchrun(WORKER, "--arch", arch, "--ckpt", str(ckpt), "--out", str(out),
-             "--max-tokens", "24", nproc=1)  # fmt: skip
+    torchrun(
+        WORKER,
+        "--arch",
+        arch,
+        "--ckpt",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--max-tokens",
+        "24",
+        nproc=1,
+    )
     got = json.loads(out.read_text())
     assert ref["num_microbatches"] == 1 and got["num_microbatches"] >= 4
     assert abs(ref["loss"] - got["loss"]) / ref["loss"] < 1e-6

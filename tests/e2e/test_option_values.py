@@ -32,21 +32,32 @@ TINY = str(ROOT / "examples" / "tiny_cpu.yaml")
 pytestmark = pytest.mark.slow
 
 SMALL = [
-    "run.steps=2", "parallel.tp=1", "run.val_every=0", "checkpoint.export_hf=false",
-    "checkpoint.save_every=0", "data.prompts_per_step=4", "rollout.n=4",
-    "rollout.max_new_tokens=32", "data.max_response_tokens=32", "data.arithmetic.train_size=64",
-    "data.arithmetic.test_size=8", "logging.progress_bar=false", "reward.num_workers=1",
-]  # fmt: skip
+    "run.steps=2",
+    "parallel.tp=1",
+    "run.val_every=0",
+    "checkpoint.export_hf=false",
+    "checkpoint.save_every=0",
+    "data.prompts_per_step=4",
+    "rollout.n=4",
+    "rollout.max_new_tokens=32",
+    "data.max_response_tokens=32",
+    "data.arithmetic.train_size=64",
+    "data.arithmetic.test_size=8",
+    "logging.progress_bar=false",
+    "reward.num_workers=1",
+]
 # Settings a value cannot be accepted without (a value alone would be rejected for another key).
 NEEDS = {
     ("model.fp8", "e4m3"): ["model.params_dtype=bf16"],
     ("model.fp8", "hybrid"): ["model.params_dtype=bf16"],
-    ("model.recompute_granularity", "full"): ["model.recompute_method=uniform",
-                                              "model.recompute_num_layers=1"],
+    ("model.recompute_granularity", "full"): [
+        "model.recompute_method=uniform",
+        "model.recompute_num_layers=1",
+    ],
     ("algorithm.options.batch_rule", "sft_then_rl"): ["algorithm.options.switch_step=1"],
     ("algorithm.options.mask", "seq_clip"): ["algorithm.options.denominator=gspo"],
     ("algorithm.preset", "sft_then_grpo"): ["algorithm.options.switch_step=1"],
-}  # fmt: skip
+}
 # Values the type hints do not enumerate: settings hpt train cannot run yet.
 EXTRA = [("algorithm.options.kl_coef", 0.1), ("parallel.cp", 2)]
 

@@ -20,21 +20,37 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.distributed
 
 SMALL = [
-    "run.val_every=3", "run.val_max_prompts=8", "data.prompts_per_step=4", "rollout.n=4",
-    "rollout.max_new_tokens=32", "data.max_response_tokens=32", "checkpoint.save_every=2",
-    "logging.progress_bar=false", "reward.num_workers=1",
-]  # fmt: skip
+    "run.val_every=3",
+    "run.val_max_prompts=8",
+    "data.prompts_per_step=4",
+    "rollout.n=4",
+    "rollout.max_new_tokens=32",
+    "data.max_response_tokens=32",
+    "checkpoint.save_every=2",
+    "logging.progress_bar=false",
+    "reward.num_workers=1",
+]
 # Metrics that must be identical between an interrupted-and-resumed run and an uninterrupted one.
 EXACT = ["reward/mean", "gate/sft_fraction", "loss", "grad_norm", "response/length_mean", "lr"]
 
 
 def _command(out: pathlib.Path, nproc: int, steps: int, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "hpt_megatron.cli",
-        "train", str(ROOT / "examples" / "tiny_cpu.yaml"), f"run.output_dir={out}",
-        f"run.steps={steps}", *SMALL, *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "hpt_megatron.cli",
+        "train",
+        str(ROOT / "examples" / "tiny_cpu.yaml"),
+        f"run.output_dir={out}",
+        f"run.steps={steps}",
+        *SMALL,
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -42,8 +58,14 @@ def _env() -> dict[str, str]:
 
 
 def _run(out: pathlib.Path, nproc: int, steps: int, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_command(out, nproc, steps, *extra), capture_output=True, text=True,
-                          env=_env(), timeout=600, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        _command(out, nproc, steps, *extra),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return proc
 
@@ -78,26 +100,61 @@ def test_tp2_run_writes_metrics_checkpoints_and_hf_export(tmp_path):
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ["reward/mean", "gate/sft_fraction", "entropy", "response/length_mean",
-                "response/length_max", "response/clipped_share", "clip_frac", "kl_old",
-                "grad_norm", "lr", "throughput/tokens_per_s", "time/generation_s",
-                "time/grading_s", "time/logprob_s", "time/train_s", "time/weight_sync_s",
-                "val/accuracy"]:  # fmt: skip
+    for tag in [
+        "reward/mean",
+        "gate/sft_fraction",
+        "entropy",
+        "response/length_mean",
+        "response/length_max",
+        "response/clipped_share",
+        "clip_frac",
+        "kl_old",
+        "grad_norm",
+        "lr",
+        "throughput/tokens_per_s",
+        "time/generation_s",
+        "time/grading_s",
+        "time/logprob_s",
+        "time/train_s",
+        "time/weight_sync_s",
+        "val/accuracy",
+    ]:
         assert tag in tags, tag
     assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2, 3, 4]
     assert "reward/per_prompt_success" in acc.Tags()["histograms"]
 
     # hpt eval reads a run checkpoint directly (converted on the fly; config + tokenizer inside).
     bench = tmp_path / "arith.json"
-    bench.write_text(json.dumps([{"prompt": "12+34=?", "answer": "46"},
-                                 {"prompt": "50+21=?", "answer": "71"}]))  # fmt: skip
+    bench.write_text(
+        json.dumps([{"prompt": "12+34=?", "answer": "46"}, {"prompt": "50+21=?", "answer": "71"}])
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "hpt_megatron.cli", "eval", "--megatron-checkpoint",
-         str(out / "checkpoints" / "step_000004"), "--benchmarks", str(bench), "--template",
-         "chat", "--system-prompt", "none", "--k", "1", "--max-new-tokens", "8",
-         "--output-dir", str(tmp_path / "eval")],
-        capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hpt_megatron.cli",
+            "eval",
+            "--megatron-checkpoint",
+            str(out / "checkpoints" / "step_000004"),
+            "--benchmarks",
+            str(bench),
+            "--template",
+            "chat",
+            "--system-prompt",
+            "none",
+            "--k",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--output-dir",
+            str(tmp_path / "eval"),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "arith" in proc.stdout
     assert len((tmp_path / "eval" / "responses.jsonl").read_text().splitlines()) == 2
@@ -111,8 +168,10 @@ def test_tp2_run_writes_metrics_checkpoints_and_hf_export(tmp_path):
 
     back = tmp_path / "from-checkpoint"
     step = out / "checkpoints" / "step_000004"
-    assert convert.main(["megatron-to-hf", "--load", str(step), "--out", str(back),
-                         "--no-progress"]) == 0  # fmt: skip
+    assert (
+        convert.main(["megatron-to-hf", "--load", str(step), "--out", str(back), "--no-progress"])
+        == 0
+    )
     exported, converted = {}, {}
     for folder, tensors in ((out / "hf", exported), (back, converted)):
         for shard in sorted(folder.glob("*.safetensors")):
@@ -137,9 +196,14 @@ def test_dp2_matches_single_process(tmp_path):
 
 def _kill_after(out: pathlib.Path, steps: int, *extra: str, kill_at: int) -> None:
     """Start a run and SIGKILL every process of it once step ``kill_at`` is logged."""
-    proc = subprocess.Popen(_command(out, 2, steps, *extra), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _command(out, 2, steps, *extra),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -184,8 +248,17 @@ def test_one_step_off_with_recomputed_old_logprobs(tmp_path):
     """Disaggregated placement, generation one step ahead, GRPO with two mini-batches per step
     (so pi_old is recomputed by the trainer and the second update has a real ratio)."""
     out = tmp_path / "async"
-    _run(out, 2, 4, "parallel.tp=2", "run.placement=disaggregated", "run.max_staleness=1",
-         "algorithm.preset=grpo", "trainer.mini_batches_per_step=2", "run.val_every=0")  # fmt: skip
+    _run(
+        out,
+        2,
+        4,
+        "parallel.tp=2",
+        "run.placement=disaggregated",
+        "run.max_staleness=1",
+        "algorithm.preset=grpo",
+        "trainer.mini_batches_per_step=2",
+        "run.val_every=0",
+    )
     metrics = _metrics(out)
     assert sorted(metrics) == [1, 2, 3, 4]
     assert all(m["rollout/staleness"] == 1.0 for m in metrics.values())
@@ -201,8 +274,17 @@ def test_fresh_run_starts_from_hf_weights_or_checkpoint(tmp_path):
 
     first, second = tmp_path / "first", tmp_path / "second"
     _run(first, 2, 2, "parallel.tp=2", "run.val_every=0")
-    _run(second, 2, 1, "parallel.tp=2", "run.val_every=0", f"model.hf_weights={first / 'hf'}",
-         "trainer.lr=1e-12", "trainer.min_lr=0", "trainer.warmup_steps=0")  # fmt: skip
+    _run(
+        second,
+        2,
+        1,
+        "parallel.tp=2",
+        "run.val_every=0",
+        f"model.hf_weights={first / 'hf'}",
+        "trainer.lr=1e-12",
+        "trainer.min_lr=0",
+        "trainer.warmup_steps=0",
+    )
     a = {k: v for f in (first / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
     b = {k: v for f in (second / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
     assert a.keys() == b.keys()
@@ -210,22 +292,51 @@ def test_fresh_run_starts_from_hf_weights_or_checkpoint(tmp_path):
         assert (a[name] - b[name]).abs().max() < 1e-8, name
     # model.load: the same from the first run's last Megatron checkpoint (model + optimizer)
     from_ckpt = tmp_path / "from_ckpt"
-    _run(from_ckpt, 2, 1, "parallel.tp=2", "run.val_every=0",
-         f"model.load={first / 'checkpoints' / 'step_000002'}", "trainer.lr=1e-12",
-         "trainer.min_lr=0", "trainer.warmup_steps=0")  # fmt: skip
+    _run(
+        from_ckpt,
+        2,
+        1,
+        "parallel.tp=2",
+        "run.val_every=0",
+        f"model.load={first / 'checkpoints' / 'step_000002'}",
+        "trainer.lr=1e-12",
+        "trainer.min_lr=0",
+        "trainer.warmup_steps=0",
+    )
     d = {k: v for f in (from_ckpt / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
     for name in a:
         assert (a[name] - d[name]).abs().max() < 1e-8, name
     # and the first run's two updates did move the weights away from a fresh random init
     third = tmp_path / "third"
-    _run(third, 2, 1, "parallel.tp=2", "run.val_every=0", "trainer.lr=1e-12",
-         "trainer.min_lr=0", "trainer.warmup_steps=0")  # fmt: skip
+    _run(
+        third,
+        2,
+        1,
+        "parallel.tp=2",
+        "run.val_every=0",
+        "trainer.lr=1e-12",
+        "trainer.min_lr=0",
+        "trainer.warmup_steps=0",
+    )
     c = {k: v for f in (third / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
     assert max((a[n] - c[n]).abs().max() for n in a) > 1e-4
 
 
-PRESETS = ["sft", "reinforce", "grpo", "dr_grpo", "cispo", "gspo", "rloo", "reinforce_pp", "srft",
-           "luffy", "sft_then_grpo", "hpt_paper", "hpt"]  # fmt: skip
+PRESETS = [
+    "sft",
+    "reinforce",
+    "grpo",
+    "dr_grpo",
+    "cispo",
+    "gspo",
+    "rloo",
+    "reinforce_pp",
+    "srft",
+    "luffy",
+    "sft_then_grpo",
+    "hpt_paper",
+    "hpt",
+]
 
 
 @pytest.mark.parametrize("preset", [*PRESETS, "dapo"])
@@ -236,8 +347,9 @@ def test_every_preset_trains_a_step(tmp_path, preset):
         extra = ["algorithm.options.switch_step=1"]  # step 1 is SFT, step 2 is GRPO
     out = tmp_path / preset
     # One process without torchrun (a world of one), forked after the imports to save their time.
-    argv = _command(out, 1, 2, "parallel.tp=1", "run.val_every=0", f"algorithm.preset={preset}",
-                    *extra)  # fmt: skip
+    argv = _command(
+        out, 1, 2, "parallel.tp=1", "run.val_every=0", f"algorithm.preset={preset}", *extra
+    )
     argv = argv[argv.index("hpt_megatron.cli") + 1 :]
     code, output = run_cli(argv, tmp_path / "train.log")
     assert code == 0, output[-5000:]
@@ -254,10 +366,18 @@ def test_every_preset_trains_a_step(tmp_path, preset):
 
 
 def test_ppo_without_a_critic_is_a_clear_error(tmp_path):
-    proc = subprocess.run(_command(tmp_path / "ppo", 1, 1, "parallel.tp=1", "run.val_every=0",
-                                   "algorithm.preset=ppo"),
-                          capture_output=True, text=True, env=_env(), timeout=300,
-                          cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        _command(
+            tmp_path / "ppo", 1, 1, "parallel.tp=1", "run.val_every=0", "algorithm.preset=ppo"
+        ),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode != 0  # torchrun's own code; the process exits 2
-    assert "config error: algorithm.preset: advantage 'gae' (preset 'ppo') needs a value model " \
+    assert (
+        "config error: algorithm.preset: advantage 'gae' (preset 'ppo') needs a value model "
         "(critic)" in proc.stderr
+    )

@@ -13,10 +13,19 @@ import torch
 pytestmark = pytest.mark.gpu
 
 HF = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512, hidden_size=256,
-    intermediate_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-    rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,
-)  # fmt: skip
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +38,7 @@ def ctx():
     shutdown_distributed()
 
 
-def _model(tmp_path, **model_options):  # noqa: ANN001, ANN003, ANN202
+def _model(tmp_path, **model_options):
     from transformers import AutoModelForCausalLM
 
     from hpt_megatron.config.sections import ModelConfig, ParallelConfig
@@ -66,8 +75,9 @@ def test_fp8_step_is_finite(ctx, tmp_path, recipe):
     ids = torch.randint(0, 512, (2, 64)).cuda()
     pos = torch.arange(64).expand(2, -1).cuda()
     logits = model(ids, pos, None)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                             ids[:, 1:].reshape(-1))  # fmt: skip
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    )
     loss.backward()
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.grad is not None]

@@ -24,14 +24,28 @@ def test_hpt_train_with_sglang_rollouts(tmp_path):
         pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "hpt_megatron.cli",
-        "train", str(ROOT / "examples" / "tiny_cpu.yaml"), f"run.output_dir={out}",
-        "run.steps=3", "run.val_every=3", "run.val_max_prompts=8", "data.prompts_per_step=4",
-        "rollout.n=4", "logging.progress_bar=false", "rollout.engine=sglang",
-        "rollout.sglang.device=cpu", "rollout.sglang.max_total_tokens=4096",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "hpt_megatron.cli",
+        "train",
+        str(ROOT / "examples" / "tiny_cpu.yaml"),
+        f"run.output_dir={out}",
+        "run.steps=3",
+        "run.val_every=3",
+        "run.val_max_prompts=8",
+        "data.prompts_per_step=4",
+        "rollout.n=4",
+        "logging.progress_bar=false",
+        "rollout.engine=sglang",
+        "rollout.sglang.device=cpu",
+        "rollout.sglang.max_total_tokens=4096",
         "rollout.sglang.extra_args=[--skip-server-warmup]",
-    ]  # fmt: skip
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-5000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from hpt_megatron.parallel.logprobs import vocab_parallel_logprobs_entropy
 
 
-def logprobs_and_grad(logits, targets, g_lp, g_h, group, chunk, vocab_size=None):  # noqa: ANN001, ANN201
+def logprobs_and_grad(logits, targets, g_lp, g_h, group, chunk, vocab_size=None):
     x = logits.clone().requires_grad_(True)
     lp, h = vocab_parallel_logprobs_entropy(
         x, targets, tp_group=group, chunk_tokens=chunk, vocab_size=vocab_size
@@ -67,12 +67,19 @@ def main() -> None:
     pad_grad_zero = torch.tensor(int((grad[..., max(0, true_v - shard.start) :] == 0).all()))
     dist.all_reduce(pad_grad_zero, op=dist.ReduceOp.MIN)  # the padding lives on the last rank
     if rank == 0:
-        print(json.dumps({
-            "logprobs": errors[0].item(), "entropy": errors[1].item(), "grad": errors[2].item(),
-            "targets_per_rank": owners.tolist(), "grad_dtype": str(grad.dtype),
-            "grad_shape": list(grad.shape),
-            "pad_grad_zero": bool(pad_grad_zero),
-        }))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "logprobs": errors[0].item(),
+                    "entropy": errors[1].item(),
+                    "grad": errors[2].item(),
+                    "targets_per_rank": owners.tolist(),
+                    "grad_dtype": str(grad.dtype),
+                    "grad_shape": list(grad.shape),
+                    "pad_grad_zero": bool(pad_grad_zero),
+                }
+            )
+        )
     dist.destroy_process_group()
 
 

@@ -58,11 +58,17 @@ def main() -> None:
     torch.distributed.all_gather_object(gathered, unchanged, group=ctx.cpu_group)
     if ctx.rank == 0:
         with open(args.out, "w") as fh:
-            json.dump({
-                "losses": losses, "grad_norms": norms, "skipped": skipped,
-                "unchanged": sorted({n for names in gathered for n in names}),
-                "num_params": len(params), "num_microbatches": len(batches),
-            }, fh)  # fmt: skip
+            json.dump(
+                {
+                    "losses": losses,
+                    "grad_norms": norms,
+                    "skipped": skipped,
+                    "unchanged": sorted({n for names in gathered for n in names}),
+                    "num_params": len(params),
+                    "num_microbatches": len(batches),
+                },
+                fh,
+            )
     shutdown_distributed()
 
 

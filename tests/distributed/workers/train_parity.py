@@ -21,18 +21,34 @@ from hpt_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
 
 ARCHS = {
     "llama": dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=250, hidden_size=64,
-        intermediate_size=96, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128,
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        vocab_size=250,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=128,
         tie_word_embeddings=False,
     ),
     "qwen2": dict(
-        architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=250, hidden_size=64,
-        intermediate_size=96, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=128,
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        vocab_size=250,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=128,
         tie_word_embeddings=True,
     ),
-}  # fmt: skip
+}
 
 
 def make_samples(n: int = 8, seed: int = 0) -> list[Sample]:
@@ -45,7 +61,7 @@ def make_samples(n: int = 8, seed: int = 0) -> list[Sample]:
     return out
 
 
-def per_sample_logprobs(engine, samples, mbs, batches):  # noqa: ANN001, ANN201
+def per_sample_logprobs(engine, samples, mbs, batches):
     out = engine.forward_logprobs(batches)
     if out is None:
         return None

@@ -41,14 +41,17 @@ def test_demos_excluded_from_grpo_stats_but_included_in_srft():
     rewards, groups = [1.0, 0.0, 0.0, 1.0, 1.0], [0, 0, 0, 0, 1]
     demo = [False, False, False, True, True]
     with pytest.raises(ValueError, match="group 1 has 0 member"):
-        compute_advantages("grpo", rewards=rewards, group_ids=groups, response_mask=MASK,
-                           is_demo=demo)  # fmt: skip
+        compute_advantages(
+            "grpo", rewards=rewards, group_ids=groups, response_mask=MASK, is_demo=demo
+        )
     groups = [0, 0, 0, 0, 0]
-    dr = compute_advantages("dr_grpo", rewards=rewards, group_ids=groups, response_mask=MASK,
-                            is_demo=demo)  # fmt: skip
+    dr = compute_advantages(
+        "dr_grpo", rewards=rewards, group_ids=groups, response_mask=MASK, is_demo=demo
+    )
     assert per_row(dr) == pytest.approx([2 / 3, -1 / 3, -1 / 3, 2 / 3, 2 / 3], abs=1e-6)
-    srft = compute_advantages("srft", rewards=rewards, group_ids=groups, response_mask=MASK,
-                              is_demo=demo)  # fmt: skip
+    srft = compute_advantages(
+        "srft", rewards=rewards, group_ids=groups, response_mask=MASK, is_demo=demo
+    )
     r = torch.tensor(rewards, dtype=torch.float64)
     expected = ((r - r.mean()) / (r.std() + 1e-6)).tolist()
     assert per_row(srft) == pytest.approx(expected, rel=1e-5)
@@ -96,14 +99,16 @@ def test_fold_kl_into_rewards():
 @pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "rloo", "srft"])
 def test_singleton_group_is_a_clear_error(kind):
     with pytest.raises(ValueError, match="group 7 has 1 member"):
-        compute_advantages(kind, rewards=[1.0, 0.0, 1.0], group_ids=[3, 3, 7],
-                           response_mask=MASK[:3])  # fmt: skip
+        compute_advantages(
+            kind, rewards=[1.0, 0.0, 1.0], group_ids=[3, 3, 7], response_mask=MASK[:3]
+        )
 
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match=r"rows \[1\]"):
-        compute_advantages("grpo", rewards=[1.0, float("nan"), 0.0, 1.0, 0.0], group_ids=GROUPS,
-                           response_mask=MASK)  # fmt: skip
+        compute_advantages(
+            "grpo", rewards=[1.0, float("nan"), 0.0, 1.0, 0.0], group_ids=GROUPS, response_mask=MASK
+        )
     with pytest.raises(ValueError, match="expected 5 entries"):
         compute_advantages("grpo", rewards=REWARDS[:4], group_ids=GROUPS, response_mask=MASK)
     with pytest.raises(ValueError, match="group_ids: expected 5"):

@@ -72,9 +72,13 @@ def test_constant_one_denominator_gives_grad_pi_through_logits():
     adv = torch.randn(3, 4, dtype=torch.float64)
     mask = torch.ones(3, 4, dtype=torch.float64)
     loss, _ = policy_loss(
-        "srft", logprobs=logprobs, old_logprobs=logprobs.detach(), advantages=adv,
-        response_mask=mask, is_demo=torch.ones(3, dtype=torch.bool),
-    )  # fmt: skip
+        "srft",
+        logprobs=logprobs,
+        old_logprobs=logprobs.detach(),
+        advantages=adv,
+        response_mask=mask,
+        is_demo=torch.ones(3, dtype=torch.bool),
+    )
     loss.backward()
     p = torch.softmax(logits.detach(), -1)
     pi = p.gather(-1, tokens[..., None])
@@ -100,9 +104,13 @@ def test_kl_loss_term_gradient():
     ref = torch.tensor([[-1.5, -1.0]], dtype=torch.float64)
     zeros = torch.zeros(1, 2, dtype=torch.float64)
     loss, metrics = policy_loss(
-        spec, logprobs=lp, old_logprobs=lp.detach(), advantages=zeros,
-        response_mask=torch.ones(1, 2), ref_logprobs=ref,
-    )  # fmt: skip
+        spec,
+        logprobs=lp,
+        old_logprobs=lp.detach(),
+        advantages=zeros,
+        response_mask=torch.ones(1, 2),
+        ref_logprobs=ref,
+    )
     loss.backward()
     # d k3 / d lp = 1 - exp(ref - lp); token mean over 2 tokens
     torch.testing.assert_close(lp.grad, 0.1 * (1 - torch.exp(ref - lp.detach())) / 2)
@@ -116,9 +124,12 @@ def test_tis_truncates_rollout_mismatch():
     rollout = torch.tensor([[-1.0 - 0.5, -1.0 - 2.0]], dtype=torch.float64)  # w = e^0.5, e^2
     adv = torch.ones(1, 2, dtype=torch.float64)
     loss, metrics = policy_loss(
-        spec, logprobs=lp, advantages=adv, response_mask=torch.ones(1, 2),
+        spec,
+        logprobs=lp,
+        advantages=adv,
+        response_mask=torch.ones(1, 2),
         rollout_logprobs=rollout,
-    )  # fmt: skip
+    )
     loss.backward()
     w = torch.tensor([[torch.e**0.5, 2.0]], dtype=torch.float64)
     torch.testing.assert_close(lp.grad, -w / 2)
@@ -130,9 +141,13 @@ def test_entropy_bonus_sign():
     lp = torch.full((1, 2), -1.0, dtype=torch.float64, requires_grad=True)
     ent = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)
     loss, m = policy_loss(
-        spec, logprobs=lp, old_logprobs=lp.detach(), advantages=torch.zeros(1, 2),
-        response_mask=torch.ones(1, 2), entropy=ent,
-    )  # fmt: skip
+        spec,
+        logprobs=lp,
+        old_logprobs=lp.detach(),
+        advantages=torch.zeros(1, 2),
+        response_mask=torch.ones(1, 2),
+        entropy=ent,
+    )
     loss.backward()
     torch.testing.assert_close(ent.grad, torch.full((1, 2), -0.005, dtype=torch.float64))
     assert m["entropy"].item() == pytest.approx(1.0)

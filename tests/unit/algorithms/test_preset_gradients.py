@@ -170,7 +170,20 @@ def test_hpt_presets(name):
 
 def test_every_preset_has_a_closed_form_test():
     covered = {
-        "sft", "reinforce", "ppo", "dapo", "reinforce_pp", "grpo", "dr_grpo", "cispo", "gspo",
-        "rloo", "srft", "luffy", "sft_then_grpo", "hpt", "hpt_paper",
-    }  # fmt: skip
+        "sft",
+        "reinforce",
+        "ppo",
+        "dapo",
+        "reinforce_pp",
+        "grpo",
+        "dr_grpo",
+        "cispo",
+        "gspo",
+        "rloo",
+        "srft",
+        "luffy",
+        "sft_then_grpo",
+        "hpt",
+        "hpt_paper",
+    }
     assert covered == set(PRESETS)

@@ -68,8 +68,11 @@ def test_unknown_preset():
 
 def test_config_validate_names_the_option_key():
     # The options are a typed section of the config tree (one checker for every key).
-    with pytest.raises(ConfigError, match=r"^unknown key 'options.clip_hgh'; did you mean "
-                                          r"'options.clip_high'"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"^unknown key 'options.clip_hgh'; did you mean "
+        r"'options.clip_high'",
+    ):
         from_dict(AlgorithmConfig, {"preset": "grpo", "options": {"clip_hgh": 0.3}})
     with pytest.raises(ConfigError, match=r"^options.clip_low: expected float, got str"):
         from_dict(AlgorithmConfig, {"preset": "grpo", "options": {"clip_low": "big"}})
@@ -116,10 +119,12 @@ def test_verl_aggregation_spellings_are_accepted(verl, ours):
     [
         (["algorithm.options.kl_coef=0.1"], r"^algorithm.options.kl_coef: 0.1: .*reference policy"),
         (["algorithm.preset=ppo"], r"^algorithm.preset: advantage 'gae' .*critic"),
-        (["algorithm.preset=grpo", "algorithm.options.advantage=gae"],
-         r"^algorithm.options.advantage: advantage 'gae'"),
+        (
+            ["algorithm.preset=grpo", "algorithm.options.advantage=gae"],
+            r"^algorithm.options.advantage: advantage 'gae'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_settings_hpt_train_cannot_run_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["model.inline={hidden_size: 8}", *overrides])
@@ -140,8 +145,12 @@ def test_dapo_overlong_penalty():
 
 def test_policy_loss_bad_inputs():
     lp = torch.zeros(2, 3, requires_grad=True)
-    ok = dict(logprobs=lp, old_logprobs=torch.zeros(2, 3), advantages=torch.zeros(2, 3),
-              response_mask=torch.ones(2, 3))  # fmt: skip
+    ok = dict(
+        logprobs=lp,
+        old_logprobs=torch.zeros(2, 3),
+        advantages=torch.zeros(2, 3),
+        response_mask=torch.ones(2, 3),
+    )
     with pytest.raises(ValueError, match=r"advantages: shape \[2, 4\] does not match \[2, 3\]"):
         policy_loss("grpo", **{**ok, "advantages": torch.zeros(2, 4)})
     with pytest.raises(ValueError, match="old_logprobs: preset 'grpo' needs it"):

@@ -38,11 +38,17 @@ def run(name: str, x: dict, n_micro: int, dp: int = 1, with_totals: bool = True)
     total_loss, metrics = 0.0, {}
     for c in chunks:
         loss, m = policy_loss(
-            name, logprobs=x["logprobs"][c], old_logprobs=x["old"][c], advantages=x["adv"][c],
-            response_mask=x["mask"][c], entropy=x["entropy"][c], is_demo=x["is_demo"][c],
+            name,
+            logprobs=x["logprobs"][c],
+            old_logprobs=x["old"][c],
+            advantages=x["adv"][c],
+            response_mask=x["mask"][c],
+            entropy=x["entropy"][c],
+            is_demo=x["is_demo"][c],
             global_num_tokens=totals[0] if totals else None,
-            global_num_seqs=totals[1] if totals else None, dp_world_size=dp,
-        )  # fmt: skip
+            global_num_seqs=totals[1] if totals else None,
+            dp_world_size=dp,
+        )
         loss.backward()
         total_loss = total_loss + loss.detach()
         for k, v in m.items():

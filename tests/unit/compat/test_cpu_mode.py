@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
     def fails(fn):
         try:
             fn()
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             return f"{type(err).__name__}: {err}"
         return None
 
@@ -163,9 +163,12 @@ SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def report() -> dict:
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, f"worker failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return json.loads(lines[-1][len("REPORT ") :])

@@ -65,11 +65,16 @@ def test_dotted_overrides_parse_and_win_over_the_file(config_file):
     cfg = load_config(
         config_file,
         [
-            "trainer.lr=1e-6", "parallel.tp=1", "trainer.use_distributed_optimizer=true",
-            "data.arithmetic.levels=[3, 4, 5]", "model.rope_theta=4e4",
-            "trainer.skip_update_grad_norm=80", "run.name=exp.v2", "trainer.adam_eps=1E-8",
+            "trainer.lr=1e-6",
+            "parallel.tp=1",
+            "trainer.use_distributed_optimizer=true",
+            "data.arithmetic.levels=[3, 4, 5]",
+            "model.rope_theta=4e4",
+            "trainer.skip_update_grad_norm=80",
+            "run.name=exp.v2",
+            "trainer.adam_eps=1E-8",
         ],
-    )  # fmt: skip
+    )
     assert cfg.trainer.lr == 1e-6 and isinstance(cfg.trainer.lr, float)
     assert cfg.parallel.tp == 1
     assert cfg.trainer.use_distributed_optimizer is True
@@ -109,10 +114,12 @@ def test_malformed_override(text):
         ("trainr.lr=1", "unknown key 'trainr'; did you mean 'trainer'?"),
         ("trainer.lrr=1", "unknown key 'trainer.lrr'; did you mean 'trainer.lr'?"),
         ("parallel.tensor_parallel=2", "unknown key 'parallel.tensor_parallel'"),
-        ("data.arithmetic.levles=[1]", "unknown key 'data.arithmetic.levles'; did you mean "
-                                       "'data.arithmetic.levels'?"),
+        (
+            "data.arithmetic.levles=[1]",
+            "unknown key 'data.arithmetic.levles'; did you mean 'data.arithmetic.levels'?",
+        ),
     ],
-)  # fmt: skip
+)
 def test_unknown_key_names_it_and_the_closest(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -233,8 +240,10 @@ def test_output_dir_interpolates_the_run_name(config_file):
 def test_interpolation_of_environment_and_other_keys(config_file, tmp_path, monkeypatch):
     monkeypatch.setenv("HPT_TEST_DATA", str(tmp_path))
     path = tmp_path / "cfg.yaml"
-    path.write_text(YAML + "  train: ${oc.env:HPT_TEST_DATA}/train.jsonl\n"
-                    "rollout:\n  max_new_tokens: ${data.max_response_tokens}\n")  # fmt: skip
+    path.write_text(
+        YAML + "  train: ${oc.env:HPT_TEST_DATA}/train.jsonl\n"
+        "rollout:\n  max_new_tokens: ${data.max_response_tokens}\n"
+    )
     cfg = load_config(path, ["data.max_response_tokens=77"])
     assert cfg.data.train == f"{tmp_path}/train.jsonl"
     assert cfg.rollout.max_new_tokens == 77 and isinstance(cfg.rollout.max_new_tokens, int)

@@ -95,13 +95,17 @@ def test_bad_flags(capsys, args, message):
         (["reward.fn=nope_pkg.mod:fn"], "reward.fn: reward 'nope_pkg.mod:fn': cannot import"),
         (["model.tokenizer=/nope/tok"], "model.tokenizer: /nope/tok does not exist"),
         (["model.hf_weights=/nope/w"], "model.hf_weights: /nope/w is not a directory"),
-        (["rollout.engine=sglang", "rollout.sglang.python=/nope/python"],
-         "rollout.engine: sglang needs SGLang's python, /nope/python is not there"),
-        (["parallel.tp=1", "parallel.pp=4"],
-         "parallel.pp=4 (x vpp=1) does not divide num_hidden_layers=2"),
+        (
+            ["rollout.engine=sglang", "rollout.sglang.python=/nope/python"],
+            "rollout.engine: sglang needs SGLang's python, /nope/python is not there",
+        ),
+        (
+            ["parallel.tp=1", "parallel.pp=4"],
+            "parallel.pp=4 (x vpp=1) does not divide num_hidden_layers=2",
+        ),
         (["run.resume=/nope/ckpt"], "run.resume: /nope/ckpt is not a checkpoint directory"),
     ],
-)  # fmt: skip
+)
 def test_preflight_names_the_key(capsys, overrides, message):
     code, out, err = _dry_run(capsys, TINY, "--dry-run", "--world-size", "4", *overrides)
     assert code == 2 and out == ""

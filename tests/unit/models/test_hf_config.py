@@ -75,8 +75,11 @@ def test_defaults_are_hfs(model_type):
 
 def test_kv_heads_must_divide_the_heads():
     raw = {k: v for k, v in tiny_configs.qwen2().items() if k != "num_key_value_heads"}
-    with pytest.raises(ValueError, match=r"num_key_value_heads=32 does not divide "
-                       r"num_attention_heads=8 \(qwen2's default\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"num_key_value_heads=32 does not divide "
+        r"num_attention_heads=8 \(qwen2's default\)",
+    ):
         load_hf_config(raw)
     with pytest.raises(ValueError, match="config.json: num_key_value_heads=3 does not divide"):
         load_hf_config({**raw, "num_key_value_heads": 3})
@@ -160,8 +163,11 @@ def test_write_config_round_trip(tmp_path):
     assert back.torch_dtype == "bfloat16"
     assert dataclasses.replace(back, source="config.json", torch_dtype=None, raw=hf.raw) == hf
     # A transformers 5 file keeps one dtype: both keys say the same.
-    write_config(load_hf_config({**tiny_configs.qwen3(), "dtype": "float32"}), tmp_path,
-                 torch_dtype="float16")  # fmt: skip
+    write_config(
+        load_hf_config({**tiny_configs.qwen3(), "dtype": "float32"}),
+        tmp_path,
+        torch_dtype="float16",
+    )
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["dtype"] == written["torch_dtype"] == "float16"
 

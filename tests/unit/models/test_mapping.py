@@ -96,8 +96,10 @@ def test_export_buckets_bound_the_size():
 
 
 def test_loader_names_shape_mismatch(tmp_path):
-    save_file({"model.norm.weight": torch.ones(7), "model.embed_tokens.weight": torch.ones(300, 4)},
-              tmp_path / "model.safetensors")  # fmt: skip
+    save_file(
+        {"model.norm.weight": torch.ones(7), "model.embed_tokens.weight": torch.ones(300, 4)},
+        tmp_path / "model.safetensors",
+    )
     with pytest.raises(ValueError, match=r"model.norm.weight.*\[7\].*\[300\]"):
         load_hf_weights([_Chunk()], parse(tiny_configs.qwen2()), tmp_path)
 

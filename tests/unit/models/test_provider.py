@@ -125,8 +125,11 @@ def test_fp8_recipes(recipe):
 
 
 def test_parallel_errors_name_the_key_and_reason():
-    with pytest.raises(ConfigError, match=r"parallel.tp=3 does not divide num_attention_heads=8 / "
-                       r"num_key_value_heads=2"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel.tp=3 does not divide num_attention_heads=8 / "
+        r"num_key_value_heads=2",
+    ):
         provider.check_parallel_against_model(parse(tiny_configs.llama()), ParallelConfig(tp=3))
     with pytest.raises(ConfigError, match="parallel.tp=4 .*num_key_value_heads=2"):
         provider.check_parallel_against_model(parse(tiny_configs.llama()), ParallelConfig(tp=4))
@@ -154,10 +157,21 @@ def test_sequence_parallel_needs_transformer_engine():
     from hpt_megatron.config.sections import ModelConfig, ParallelConfig
     from hpt_megatron.models.provider import build_model
 
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64,
-          "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-          "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     with pytest.raises(ConfigError, match="parallel.sequence_parallel"):
-        build_model(parse(hf), ModelConfig(inline=hf, transformer_impl="local"),
-                    ParallelConfig(tp=2, sequence_parallel=True), pre_process=True,
-                    post_process=True)  # fmt: skip
+        build_model(
+            parse(hf),
+            ModelConfig(inline=hf, transformer_impl="local"),
+            ParallelConfig(tp=2, sequence_parallel=True),
+            pre_process=True,
+            post_process=True,
+        )

@@ -32,7 +32,7 @@ def make(dtype: torch.dtype = torch.float32, seed: int = 0, scale: float = 3.0):
     return logits, targets, g_lp, g_h
 
 
-def run(logits, targets, g_lp, g_h, chunk):  # noqa: ANN001, ANN201
+def run(logits, targets, g_lp, g_h, chunk):
     x = logits.clone().requires_grad_(True)
     logprobs, entropy = vocab_parallel_logprobs_entropy(x, targets, chunk_tokens=chunk)
     ((logprobs * g_lp).sum() + (entropy * g_h).sum()).backward()

@@ -14,7 +14,7 @@ STANDIN = Path(rollout_pkg.__file__).parent / "sglang/kernel_standin/sgl_kernel/
 
 
 @pytest.fixture(scope="module")
-def sgl_kernel():  # noqa: ANN201 - a module
+def sgl_kernel():  # a module
     spec = importlib.util.spec_from_file_location("hpt_test_sgl_kernel_standin", STANDIN)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

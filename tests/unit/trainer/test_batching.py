@@ -69,13 +69,34 @@ def test_fixed_count_and_padding_efficiency_by_hand():
 
 def _samples() -> list[Sample]:
     return [
-        Sample(prompt_id="a", group_id=0, prompt_ids=[11, 12, 13], response_ids=[14, 15],
-               rollout_logprobs=[-0.25, -0.5], advantage=0.5, rl_weight=1.0),
-        Sample(prompt_id="b", group_id=1, prompt_ids=[21], response_ids=[22, 23, 24],
-               rollout_logprobs=[-1.0, -2.0, -3.0], advantage=-1.5, rl_weight=0.5),
-        Sample(prompt_id="c", group_id=2, prompt_ids=[31, 32], response_ids=[33], is_demo=True,
-               rl_weight=0.0, sft_weight=1.0),
-    ]  # fmt: skip
+        Sample(
+            prompt_id="a",
+            group_id=0,
+            prompt_ids=[11, 12, 13],
+            response_ids=[14, 15],
+            rollout_logprobs=[-0.25, -0.5],
+            advantage=0.5,
+            rl_weight=1.0,
+        ),
+        Sample(
+            prompt_id="b",
+            group_id=1,
+            prompt_ids=[21],
+            response_ids=[22, 23, 24],
+            rollout_logprobs=[-1.0, -2.0, -3.0],
+            advantage=-1.5,
+            rl_weight=0.5,
+        ),
+        Sample(
+            prompt_id="c",
+            group_id=2,
+            prompt_ids=[31, 32],
+            response_ids=[33],
+            is_demo=True,
+            rl_weight=0.0,
+            sft_weight=1.0,
+        ),
+    ]
 
 
 def test_collate_places_targets_mask_and_loss_inputs_at_response_positions():

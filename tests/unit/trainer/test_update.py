@@ -62,8 +62,7 @@ class TorchEngine:
         with torch.no_grad():
             for p in self.model.parameters():
                 p -= self.lr * p.grad
-        return StepResult(grad_norm=float(grad.norm()), skipped=False, lr=self.lr,
-                          metrics=metrics)  # fmt: skip
+        return StepResult(grad_norm=float(grad.norm()), skipped=False, lr=self.lr, metrics=metrics)
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
@@ -89,16 +88,30 @@ def hpt_batch(groups: int = 4, n: int = 3, seed: int = 0) -> list[Sample]:
         prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randrange(2, 6))]
         for _ in range(n):
             resp = [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 9))]
-            samples.append(Sample(
-                prompt_id=str(g), group_id=g, prompt_ids=prompt, response_ids=resp,
-                rollout_logprobs=[-rng.uniform(0.5, 4.0) for _ in resp],
-                advantage=rng.uniform(-1.5, 1.5), rl_weight=1.0,
-            ))  # fmt: skip
+            samples.append(
+                Sample(
+                    prompt_id=str(g),
+                    group_id=g,
+                    prompt_ids=prompt,
+                    response_ids=resp,
+                    rollout_logprobs=[-rng.uniform(0.5, 4.0) for _ in resp],
+                    advantage=rng.uniform(-1.5, 1.5),
+                    rl_weight=1.0,
+                )
+            )
         if g % 2:
             demo = [rng.randrange(3, VOCAB) for _ in range(rng.randrange(3, 10))]
-            samples.append(Sample(prompt_id=str(g), group_id=g, prompt_ids=prompt,
-                                  response_ids=demo, is_demo=True, rl_weight=0.0,
-                                  sft_weight=1.0))  # fmt: skip
+            samples.append(
+                Sample(
+                    prompt_id=str(g),
+                    group_id=g,
+                    prompt_ids=prompt,
+                    response_ids=demo,
+                    is_demo=True,
+                    rl_weight=0.0,
+                    sft_weight=1.0,
+                )
+            )
     return samples
 
 
@@ -117,10 +130,16 @@ def reference_loss_and_grad(samples: list[Sample], spec) -> tuple[float, torch.T
     mb = collate(samples, list(range(len(samples))))
     logprobs_bs, entropy_bs = engine._logprobs(mb)
     loss, _ = policy_loss(
-        spec, logprobs=logprobs_bs, old_logprobs=logprobs_bs.detach(),
-        advantages=mb.advantages_bs, response_mask=mb.loss_mask_bs, entropy=entropy_bs,
-        is_demo=mb.is_demo_b, rl_weight=mb.rl_weight_b, sft_weight=mb.sft_weight_b,
-    )  # fmt: skip
+        spec,
+        logprobs=logprobs_bs,
+        old_logprobs=logprobs_bs.detach(),
+        advantages=mb.advantages_bs,
+        response_mask=mb.loss_mask_bs,
+        entropy=entropy_bs,
+        is_demo=mb.is_demo_b,
+        rl_weight=mb.rl_weight_b,
+        sft_weight=mb.sft_weight_b,
+    )
     loss.backward()
     return float(loss), torch.cat([p.grad.flatten() for p in engine.model.parameters()])
 
@@ -171,13 +190,17 @@ def test_dp2_ranks_share_the_totals_and_their_gradients_sum_to_dp1():
     dp1, m1 = run_update(samples, SPEC)
     ranks = [run_update(samples, SPEC, dp=2, dp_rank=r) for r in (0, 1)]
     rows = [
-        {i for mb in local_microbatches(samples, UpdateLayout(dp=2, dp_rank=r))
-         for i in mb.sample_index_b}
+        {
+            i
+            for mb in local_microbatches(samples, UpdateLayout(dp=2, dp_rank=r))
+            for i in mb.sample_index_b
+        }
         for r in (0, 1)
-    ]  # fmt: skip
+    ]
     assert rows[0].isdisjoint(rows[1]) and rows[0] | rows[1] == set(range(len(samples)))
-    torch.testing.assert_close(ranks[0][0].grads[0] + ranks[1][0].grads[0], dp1.grads[0],
-                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        ranks[0][0].grads[0] + ranks[1][0].grads[0], dp1.grads[0], rtol=1e-4, atol=1e-6
+    )
     # Each rank's metric shares add up to the whole batch's.
     assert ranks[0][1]["loss"] + ranks[1][1]["loss"] == pytest.approx(m1["loss"], rel=1e-5)
 
