@@ -5,7 +5,7 @@
 # script creates a venv with sglang==$HPT_SGLANG_VERSION and replaces SGLang's compiled kernel
 # package (sgl_kernel) with the pure-torch stand-in shipped in
 # hpt_megatron/rollout/sglang/kernel_standin/, which is what lets the server run on CPU
-# (DESIGN.md section 5). The heavy install is cached: a stamp file records what was installed, so
+# (docs/architecture.md (What runs where)). The heavy install is cached: a stamp file records what was installed, so
 # a second run only re-checks and re-copies the stand-in (a few seconds).
 #
 # Usage:  bash tools/sglang_env.sh            # prints the venv's python on the last line

@@ -1,4 +1,4 @@
-"""The HPT gate (DESIGN.md 2.2): per-prompt success rate P decides RL or SFT.
+"""The HPT gate (docs/paper.md): per-prompt success rate P decides RL or SFT.
 
 Shapes: B rows (responses), G groups (prompts).
 

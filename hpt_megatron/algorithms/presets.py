@@ -239,7 +239,7 @@ def sft_then_grpo() -> AlgorithmSpec:
 
 
 def hpt_paper() -> AlgorithmSpec:
-    """HPT exactly as the released runs of Lv et al. 2025 did it (DESIGN.md 2.2).
+    """HPT exactly as the released runs of Lv et al. 2025 did it (docs/paper.md).
 
     Gate gamma = 0 (count), hard. RL: group-mean advantage (no std), ratio pi / pi_old without
     clipping, token sum / 8192; SFT: token mean of the demonstrations, sft_coef 1.0; entropy bonus

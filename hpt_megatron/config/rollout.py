@@ -12,7 +12,7 @@ from typing import Literal
 
 DEFAULT_SGLANG_VENV = "/opt/hpt-sglang-venv"  # tools/sglang_env.sh builds it; env HPT_SGLANG_VENV
 
-# What SGLang 0.5.23 needs to serve on CPU (DESIGN.md section 5).
+# What SGLang 0.5.23 needs to serve on CPU (docs/architecture.md (What runs where)).
 CPU_SERVER_ARGS = (
     "--device",
     "cpu",

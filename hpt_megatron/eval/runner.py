@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class EvalOptions:
-    """The sampling protocol; the defaults are the paper's (DESIGN.md 2.3).
+    """The sampling protocol; the defaults are the paper's (docs/paper.md, evaluation).
 
     ``k`` overrides every benchmark's sample count (AIME and AMC: 32, others: 1); ``limit``
     keeps the first problems of each benchmark (smoke runs).

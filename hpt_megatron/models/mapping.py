@@ -2,8 +2,8 @@
 
 Each Megatron parameter name (with its *global* layer index) matches one :class:`Rule`: the HF
 tensors it is made of and a :class:`Layout` that turns those HF tensors into this TP rank's shard
-(import) and the TP ranks' shards back into the HF tensors (export). The layouts follow DESIGN.md
-section 4:
+(import) and the TP ranks' shards back into the HF tensors (export). The layouts follow
+docs/architecture.md (Contracts):
 
 - ``linear_qkv``: ``[(H + 2G) * d, hidden]`` as G blocks ``[H/G query heads, 1 key, 1 value]``;
   TP ranks hold whole groups, so the TP shard is a contiguous slice of the blocks.

@@ -123,7 +123,7 @@ def check_hf_supported(hf: HFModelConfig) -> None:
 def check_parallel_against_model(hf: HFModelConfig, parallel: ParallelConfig) -> None:
     """Raise ``ConfigError`` when the TP/PP layout cannot split this model.
 
-    TP ranks must hold whole KV groups (DESIGN.md section 4), so TP divides both the query heads
+    TP ranks must hold whole KV groups (docs/architecture.md (Contracts)), so TP divides both the query heads
     and the KV heads; PP (times virtual stages) must divide the layers.
     """
     heads, groups = hf.num_attention_heads, hf.num_key_value_heads

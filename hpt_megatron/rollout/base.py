@@ -1,4 +1,4 @@
-"""The rollout-engine protocol (DESIGN.md section 4)."""
+"""The rollout-engine protocol (docs/architecture.md (Contracts))."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Every ``examples/*.yaml`` loads (no unknown keys, consistent values) with the settings it
-promises: the tiny CPU default and the paper's 8-GPU SGLang runs (DESIGN.md 2.2)."""
+promises: the tiny CPU default and the paper's 8-GPU SGLang runs (docs/paper.md)."""
 
 import pathlib
 
@@ -44,7 +44,7 @@ def test_paper_settings(name):
     model, gamma, sft_coef, skip, template, tp = PAPER[name]
     cfg = load_config(EXAMPLES / name)
     spec = cfg.algorithm.spec()
-    # DESIGN.md 2.2: the released runs' algorithm
+    # docs/paper.md: the released runs' algorithm
     assert cfg.algorithm.preset == "hpt_paper"
     assert spec.batch_rule == "hpt_gate" and spec.gate_mode == "hard"
     assert parse_gamma(spec.gate_gamma) == parse_gamma(gamma)
