@@ -137,14 +137,9 @@ class LoggingConfig:
     jsonl: bool = True
     wandb_project: str | None = None
     progress_bar: bool = True
-    log_every: int = 1  # metrics are written every step; kept so that configs setting 1 load
-
-    def validate(self) -> None:
-        if self.log_every != 1:
-            raise ValueError(
-                f"log_every: {self.log_every}: hpt train logs every step; other values are not "
-                "carried out yet (set 1)"
-            )
+    # Write each step's RolloutBatch (samples with rewards, advantages and loss weights) to
+    # <run_dir>/rollouts/step_N.jsonl; RolloutBatch.load_jsonl reads it back for a replay.
+    save_rollouts: bool = False
 
 
 @dataclass(kw_only=True)

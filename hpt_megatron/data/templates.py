@@ -19,7 +19,7 @@ class PromptTemplate:
     """How chat messages become prompt text.
 
     Args:
-        kind: ``"chat"`` (the tokenizer's chat template), ``"llama_zero"`` (docs/paper.md, evaluation) or
+        kind: ``"chat"`` (the tokenizer's chat template), ``"llama_zero"`` (docs/paper.md) or
             ``"raw"`` (the question text itself).
         system_prompt: Added as the system message by ``"chat"`` when no system message is left
             after dropping the dataset's own; None adds none.

@@ -123,8 +123,8 @@ def check_hf_supported(hf: HFModelConfig) -> None:
 def check_parallel_against_model(hf: HFModelConfig, parallel: ParallelConfig) -> None:
     """Raise ``ConfigError`` when the TP/PP layout cannot split this model.
 
-    TP ranks must hold whole KV groups (docs/architecture.md (Contracts)), so TP divides both the query heads
-    and the KV heads; PP (times virtual stages) must divide the layers.
+    TP ranks must hold whole KV groups (docs/architecture.md, Contracts), so TP divides both the
+    query heads and the KV heads; PP (times virtual stages) must divide the layers.
     """
     heads, groups = hf.num_attention_heads, hf.num_key_value_heads
     if heads % parallel.tp or groups % parallel.tp:

@@ -156,6 +156,9 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
             t_step = time.perf_counter()
             batch = broadcast_from_driver(ctx, rollouts.batch(step))
             assert batch is not None
+            if ctx.is_driver and cfg.logging.save_rollouts:
+                (run.run_dir / "rollouts").mkdir(exist_ok=True)
+                batch.save_jsonl(run.run_dir / "rollouts" / f"step_{step + 1:06d}.jsonl")
             if engine is not None and not overlap:
                 engine.release_memory()  # colocated: the trainer gets the devices
             train_metrics = run.update.update(batch.samples, run.spec.phase_for_step(step))

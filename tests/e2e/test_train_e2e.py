@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from hpt_megatron.data.sample import RolloutBatch
 from tests.distributed.launch import free_port
 from tests.helpers.forked import run_cli
 
@@ -348,7 +349,14 @@ def test_every_preset_trains_a_step(tmp_path, preset):
     out = tmp_path / preset
     # One process without torchrun (a world of one), forked after the imports to save their time.
     argv = _command(
-        out, 1, 2, "parallel.tp=1", "run.val_every=0", f"algorithm.preset={preset}", *extra
+        out,
+        1,
+        2,
+        "parallel.tp=1",
+        "run.val_every=0",
+        "logging.save_rollouts=true",
+        f"algorithm.preset={preset}",
+        *extra,
     )
     argv = argv[argv.index("hpt_megatron.cli") + 1 :]
     code, output = run_cli(argv, tmp_path / "train.log")
@@ -357,8 +365,11 @@ def test_every_preset_trains_a_step(tmp_path, preset):
     assert sorted(metrics) == [1, 2]
     import math
 
-    for m in metrics.values():
+    for step, m in metrics.items():
         assert m["train/rows"] > 0 and "loss" in m and math.isfinite(m["grad_norm"])
+        # The recorded batch is the one trained on, and loads back as a RolloutBatch.
+        batch = RolloutBatch.load_jsonl(out / "rollouts" / f"step_{step:06d}.jsonl")
+        assert batch.step == step - 1 and len(batch) == m["train/rows"]
     # Presets that learn from demonstrations get a gradient even while every rollout fails (a
     # random policy scores 0, so GRPO-style advantages are all 0 and so is their gradient).
     if preset in ("sft", "srft", "luffy", "hpt", "hpt_paper", "sft_then_grpo"):

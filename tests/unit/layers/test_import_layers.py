@@ -1,4 +1,5 @@
-"""The one-way import rules of docs/architecture.md (Layers), checked on the source (AST, no imports run):
+"""The one-way import rules of docs/architecture.md (Layers), checked on the source (AST, no
+imports run):
 ``algorithms/`` and ``config/`` import neither ``torch.distributed`` nor ``megatron``, and only
 ``parallel/`` touches ``megatron.core.parallel_state``."""
 

@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hpt_megatron.algorithms import get_preset, policy_loss
-from hpt_megatron.data.sample import Sample
+from hpt_megatron.data.sample import RolloutBatch, Sample
 from hpt_megatron.trainer.batching import MicroBatch, collate
 from hpt_megatron.trainer.engine import StepResult
 from hpt_megatron.trainer.update import (
@@ -217,3 +217,13 @@ def test_an_empty_batch_is_skipped():
     engine = TorchEngine(tiny_model())
     assert PolicyUpdate(engine, UpdateLayout()).update([], SPEC) == {"train/skipped_empty": 1.0}
     assert engine.grads == []
+
+
+def test_a_saved_batch_replays_to_the_same_gradient(tmp_path):
+    samples = hpt_batch()
+    RolloutBatch(samples, step=3).save_jsonl(tmp_path / "step.jsonl")
+    replay = RolloutBatch.load_jsonl(tmp_path / "step.jsonl")
+    assert replay.step == 3 and replay.samples == samples
+    first, _ = run_update(samples, SPEC)
+    again, _ = run_update(replay.samples, SPEC)
+    assert torch.equal(first.grads[0], again.grads[0])
