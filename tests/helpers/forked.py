@@ -37,10 +37,9 @@ def _child(argv: list[str], log_path: str) -> None:
     torch.set_num_threads(1)
     from hpt_megatron.cli import main
 
-    code = main(argv)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # sys.exit (not os._exit): multiprocessing then runs the exit finalizers, which shut down the
+    # helper processes a run started (Megatron's checkpoint writer starts a Manager server).
+    sys.exit(main(argv))
 
 
 def run_cli(argv: list[str], log_path: Path, timeout: float = 300) -> tuple[int, str]:
