@@ -62,6 +62,11 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     make_vocab_size_divisible_by: int = 128
 
+    @property
+    def tokenizer_source(self) -> str | None:
+        """``tokenizer``, else the weights' folder, else the config's (None: the arithmetic one)."""
+        return self.tokenizer or self.hf_weights or self.hf_config
+
     def validate(self) -> None:
         if self.hf_config is None and not self.inline:
             raise ValueError("hf_config: give a Hugging Face config folder or model.inline fields")

@@ -93,9 +93,7 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
         dump_yaml(cfg, run_dir / "config.yaml")
     if ctx.world_size > 1:
         torch.distributed.barrier(group=ctx.cpu_group)
-    tokenizer = load_tokenizer(
-        cfg.model.tokenizer or cfg.model.hf_weights or cfg.model.hf_config, run_dir
-    )
+    tokenizer = load_tokenizer(cfg.model.tokenizer_source, run_dir)
     if len(tokenizer) > hf.vocab_size:
         raise ValueError(
             f"model vocab_size {hf.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"

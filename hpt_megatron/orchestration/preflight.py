@@ -60,8 +60,7 @@ def _check_model(cfg: HPTConfig) -> None:
         path = getattr(model, key)
         if path is not None and not Path(path).is_dir():
             raise ConfigError(f"model.{key}: {path} is not a directory")
-    # The tokenizer comes from model.tokenizer, else the weights' or the config's folder.
-    source = model.tokenizer or model.hf_weights or model.hf_config
+    source = model.tokenizer_source
     if source not in (None, "arithmetic") and not Path(source).exists():
         raise ConfigError(f"model.tokenizer: {source} does not exist")
 

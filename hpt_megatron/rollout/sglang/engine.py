@@ -146,14 +146,7 @@ class SGLangEngine:
                 )
         log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(run_dir) / "sglang_logs"
         servers = launch_servers(cfg, model_path=model_path, log_dir=log_dir, api_key=api_key)
-        if transport is None:
-            if cfg.weight_sync not in ("auto", "disk"):
-                for server in servers:
-                    server.stop()
-                raise ValueError(
-                    f"rollout.sglang.weight_sync={cfg.weight_sync!r}: pass the transport built by "
-                    "the trainer (it owns the tensors or the NCCL group)"
-                )
+        if transport is None:  # weight_sync is auto or disk: the config allows nothing else
             sync_dir = cfg.weight_sync_dir or Path(run_dir) / "rollout_weights"
             transport = DiskTransport(sync_dir)
         return cls(servers, transport=transport, cfg=cfg)
