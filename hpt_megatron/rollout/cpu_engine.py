@@ -12,9 +12,10 @@ Shape legend: B = rows (prompt x sample) in a chunk, L = padded prompt length, T
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +54,7 @@ class HFCpuEngine:
         model: a causal LM (``AutoModelForCausalLM``); put in eval mode, kept on CPU.
         tokenizer: needed only for stop strings; a ``PreTrainedTokenizerBase``.
         max_batch_rows: most (prompt x sample) rows decoded together.
+        threads: torch intra-op threads while generating (restored after); None: leave as set.
         eos_token_ids: always stop on these; default: the model's generation/config EOS ids.
         pad_token_id: filler for left padding and finished rows; default: the first EOS id.
     """
@@ -65,9 +67,13 @@ class HFCpuEngine:
         max_batch_rows: int = 512,
         eos_token_ids: Iterable[int] | None = None,
         pad_token_id: int | None = None,
+        threads: int | None = None,
     ) -> None:
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_rows = max_batch_rows
@@ -137,10 +143,11 @@ class HFCpuEngine:
         generator = torch.Generator().manual_seed(seed)
         per_chunk = max(1, self.max_batch_rows // params.n)
         out: list[Generation] = []
-        for start in range(0, len(prompts), per_chunk):
-            chunk_prompts = prompts[start : start + per_chunk]
-            chunk = self._generate_chunk(chunk_prompts, params, generator)
-            out.extend(self._to_generations(chunk, start, params.n))
+        with _intra_op_threads(self.threads):
+            for start in range(0, len(prompts), per_chunk):
+                chunk_prompts = prompts[start : start + per_chunk]
+                chunk = self._generate_chunk(chunk_prompts, params, generator)
+                out.extend(self._to_generations(chunk, start, params.n))
         return out
 
     @torch.inference_mode()
@@ -292,6 +299,20 @@ class HFCpuEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the CPU rollout engine was shut down")
+
+
+@contextlib.contextmanager
+def _intra_op_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _model_eos_ids(model: torch.nn.Module) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -180,3 +182,37 @@ def test_from_pretrained_loads_tokenizer(tmp_path) -> None:
     assert not engine.health()
     with pytest.raises(RuntimeError, match="shut down"):
         engine.generate(PROMPTS, SamplingParams())
+
+
+def test_threads_used_while_generating_and_restored(model: torch.nn.Module) -> None:
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    hook = model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        params = SamplingParams(temperature=1.0, max_new_tokens=4, n=2, seed=3)
+        one = HFCpuEngine(model, max_batch_rows=64, threads=1).generate(PROMPTS, params)
+        two = HFCpuEngine(model, max_batch_rows=64, threads=2).generate(PROMPTS, params)
+    finally:
+        hook.remove()
+    assert set(seen) == {1, 2} and torch.get_num_threads() == before
+    # Threads change the speed, not the samples.
+    assert [g.token_ids for g in one] == [g.token_ids for g in two]
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        HFCpuEngine(model, threads=0)
+
+
+def test_generation_threads_auto_gives_idle_ranks_cores(monkeypatch) -> None:
+    from hpt_megatron.config import load_config
+    from hpt_megatron.orchestration.driver import generation_threads
+
+    own = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    sync = load_config("examples/tiny_cpu.yaml")
+    assert generation_threads(sync) == max(1, min(2 * own, cores))
+    off = load_config(
+        "examples/tiny_cpu.yaml", ["run.placement=disaggregated", "run.max_staleness=1"]
+    )
+    assert generation_threads(off) == own
+    fixed = load_config("examples/tiny_cpu.yaml", ["rollout.cpu.threads=3"])
+    assert generation_threads(fixed) == 3
