@@ -73,7 +73,7 @@ class Run:
 def train(cfg: HPTConfig) -> dict[str, float]:
     """Run (or resume) a training run; returns the last step's metrics on the driver."""
     hf = resolve_model_config(cfg)  # model-vs-parallel errors before any process group starts
-    spec = cfg.algorithm.spec()
+    spec = cfg.algorithm.spec(max_staleness=cfg.run.max_staleness)
     ctx = init_distributed(cfg.parallel, seed=cfg.run.seed)
     driver = None
     try:

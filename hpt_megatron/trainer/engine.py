@@ -141,18 +141,19 @@ class TrainEngine:
         return StepResult(grad_norm=grad_norm, skipped=skipped, lr=lr, metrics=metrics)
 
     def _reduce_metrics(self, per_mb: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Sum over micro-batches, then over the data-parallel ranks of the last stage."""
+        """Sum over micro-batches, then over the data-parallel ranks of the last stage (the max
+        for keys ending in ``_max``)."""
         local: dict[str, float] = {}
         for metrics in per_mb:
             for key, value in metrics.items():
-                local[key] = local.get(key, 0.0) + float(value.sum())
+                local[key] = _combine(key, local.get(key), float(value.sum()))
         count_me = self.ctx.is_last_stage and self.ctx.tp_rank == 0
         gathered: list = [None] * self.ctx.world_size
         dist.all_gather_object(gathered, local if count_me else {}, group=self.ctx.cpu_group)
         total: dict[str, float] = {}
         for entry in gathered:
             for key, value in entry.items():
-                total[key] = total.get(key, 0.0) + value
+                total[key] = _combine(key, total.get(key), value)
         return total
 
     def _optimizer_step(self) -> tuple[float, bool]:
@@ -177,3 +178,10 @@ class TrainEngine:
                     )
         opt.step_with_ready_grads()
         return grad_norm, False
+
+
+def _combine(key: str, acc: float | None, value: float) -> float:
+    """Metric reduction: shares add up; ``*_max`` keys take the maximum."""
+    if acc is None:
+        return value
+    return max(acc, value) if key.endswith("_max") else acc + value

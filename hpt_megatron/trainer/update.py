@@ -12,7 +12,7 @@ rank) and the spec in force, :meth:`PolicyUpdate.update`
 3. takes each mini-batch's loss denominators from the lengths and weights of all its rows, so no
    rank collates another rank's rows and no collective is needed;
 4. recomputes the old log-probs once, before the first update, when the spec needs pi_old and
-   there is more than one update per step (or truncated IS against the rollout engine);
+   there is more than one update per step;
 5. runs ``epochs`` passes of one optimizer update per mini-batch through the engine, with
    :class:`PolicyLoss` as the per-micro-batch loss.
 """
@@ -163,7 +163,8 @@ class PolicyUpdate:
         losses = [PolicyLoss(spec, minibatch_totals(spec, mini), layout.dp) for mini in minis]
         timings = {"time/logprob_s": 0.0, "time/train_s": 0.0}
         updates = len(minis) * layout.epochs
-        if spec.needs_old_logprobs and (updates > 1 or spec.tis_cap is not None):
+        # One update per step: pi_old is pi_theta before the update, which the loss has already.
+        if spec.needs_old_logprobs and updates > 1:
             t0 = time.perf_counter()
             for microbatches in local:
                 self._attach_old_logprobs(microbatches)
