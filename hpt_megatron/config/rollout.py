@@ -30,9 +30,9 @@ class CpuEngineConfig:
 
     max_batch_rows: int = 512  # (prompt x sample) rows decoded together
     dtype: Literal["float32", "bfloat16"] = "float32"
-    # Intra-op threads while generating. 0 (auto): synchronous runs, the threads of every trainer
-    # rank on the node (they wait idle during generation); one step off, the driver's own
-    # (training runs at the same time).
+    # Intra-op threads while generating. 0 (auto): colocated, the threads of every trainer rank
+    # on the node (they wait idle during generation); disaggregated, the driver's own (training
+    # runs at the same time).
     threads: int = 0
 
     def validate(self) -> None:

@@ -231,16 +231,16 @@ def build_rollout_engine(
 def generation_threads(cfg: HPTConfig) -> int:
     """The CPU engine's intra-op threads while it generates (``rollout.cpu.threads``).
 
-    Auto, synchronous (``max_staleness: 0``): the other trainer ranks of this node wait in a
-    collective while the driver generates (gloo's wait does not spin), so their threads go to
-    generation: the node's ranks (torchrun's ``LOCAL_WORLD_SIZE``) times this rank's threads, at
-    most the cores this process may run on. Auto, one step off: training runs at the same time,
-    so this rank's own threads.
+    Auto, colocated: the other trainer ranks of this node wait in a collective while the driver
+    generates (gloo's wait does not spin), so their threads go to generation: the node's ranks
+    (torchrun's ``LOCAL_WORLD_SIZE``) times this rank's threads, at most the cores this process
+    may run on. Auto, disaggregated: the producer generates while the trainer trains, so this
+    rank's own threads.
     """
     if cfg.rollout.cpu.threads:
         return cfg.rollout.cpu.threads
     own = torch.get_num_threads()
-    if cfg.run.max_staleness > 0:
+    if cfg.run.placement != "colocated":
         return own
     node_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(node_ranks * own, len(os.sched_getaffinity(0))))
