@@ -171,6 +171,7 @@ class Driver:
                     response_text=text,
                     finish_reason=gen.finish_reason,
                     weight_version=gen.weight_version,
+                    token_versions=gen.token_versions,
                     metadata={"data_source": prompt.data_source},
                 )
             )

@@ -147,7 +147,13 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
     sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=start)
     colocated = cfg.run.placement == "colocated"
     rollouts = make_rollouts(
-        driver, run.spec, start, cfg.run.steps, cfg.run.placement, cfg.run.max_staleness
+        driver,
+        run.spec,
+        start,
+        cfg.run.steps,
+        cfg.run.placement,
+        cfg.run.max_staleness,
+        cfg.rollout.partial,
     )
     metrics: dict[str, float] = {}
     try:

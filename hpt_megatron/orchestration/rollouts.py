@@ -13,7 +13,10 @@ steps ``start, start + 1, ...`` in order, one after another, without waiting for
 except that it starts step ``s``'s batch only once the engine holds version ``>= s - k``. Weights
 pushed after an update are queued and loaded by the producer between two batches (or before a
 validation), so generation stops only for the load itself; the trainer never waits for a
-generation to finish unless the batch it needs is not ready. ``k = 0`` gives the synchronous
+generation to finish unless the batch it needs is not ready. With ``rollout.partial`` the CPU
+engine also loads a push between two decode steps, so a response can continue with newer weights
+(each token keeps the version and log-prob it was sampled with; the KV cache of the earlier tokens
+is kept as the older weights made it, as in AReaL). ``k = 0`` gives the synchronous
 schedule (each batch waits for the previous step's weights: step for step the colocated run);
 ``k = 1`` is one step off-policy. Batches older than the trainer get decoupled PPO's correction
 by default (``config.algorithm.spec(max_staleness)``).
@@ -37,13 +40,18 @@ from hpt_megatron.rollout.base import RolloutEngine, WeightBucket
 
 
 def staleness_metrics(batch: RolloutBatch, step: int) -> dict[str, float]:
-    """Staleness of the batch's generated rows at ``step`` (demonstrations are not generated)."""
-    ages = [step - s.weight_version for s in batch.samples if not s.is_demo]
-    if not ages:
+    """Staleness of the batch's generated rows at ``step`` (by the version each started with;
+    demonstrations are not generated), and how many continued across a weight push."""
+    generated = [s for s in batch.samples if not s.is_demo]
+    if not generated:
         return {"rollout/staleness_mean": 0.0, "rollout/staleness_max": 0.0}
+    ages = [step - s.weight_version for s in generated]
+    versions = [set(s.token_versions or [s.weight_version]) for s in generated]
     return {
         "rollout/staleness_mean": sum(ages) / len(ages),
         "rollout/staleness_max": float(max(ages)),
+        "rollout/partial_frac": sum(len(v) > 1 for v in versions) / len(generated),
+        "rollout/weight_versions": float(len(set().union(*versions))),
     }
 
 
@@ -82,7 +90,13 @@ class AsyncRollouts:
     """Disaggregated: a producer thread generates ahead under the staleness bound ``k``."""
 
     def __init__(
-        self, driver: Driver, spec: AlgorithmSpec, start: int, steps: int, max_staleness: int
+        self,
+        driver: Driver,
+        spec: AlgorithmSpec,
+        start: int,
+        steps: int,
+        max_staleness: int,
+        partial: bool = False,
     ) -> None:
         self.driver = driver
         self.spec = spec
@@ -96,6 +110,8 @@ class AsyncRollouts:
         self._drawn_from: dict[int, dict[str, Any]] = {}  # sampler state before step s's draw
         self._error: BaseException | None = None
         self._stop = False
+        if partial:  # the CPU engine calls it between decode steps, in the producer thread
+            driver.engine.decode_hook = self._load_pending  # type: ignore[attr-defined]
         self._thread = threading.Thread(
             target=self._produce, args=(start,), name="hpt-rollouts", daemon=True
         )
@@ -200,8 +216,9 @@ def make_rollouts(
     steps: int,
     placement: str,
     max_staleness: int,
+    partial: bool = False,
 ) -> InlineRollouts | AsyncRollouts:
     """The batch source of a run (non-driver ranks get an inline one that yields None)."""
     if placement == "disaggregated" and driver is not None:
-        return AsyncRollouts(driver, spec, start, steps, max_staleness)
+        return AsyncRollouts(driver, spec, start, steps, max_staleness, partial)
     return InlineRollouts(driver)

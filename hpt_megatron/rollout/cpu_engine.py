@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +45,7 @@ class _Chunk:
     sampled_bt: torch.Tensor
     length_b: torch.Tensor  # tokens kept per row
     stopped_b: torch.Tensor  # True: EOS / stop token / stop string; False: hit max_new_tokens
+    version_bt: torch.Tensor  # the weight version each token was sampled with
 
 
 class HFCpuEngine:
@@ -83,6 +84,8 @@ class HFCpuEngine:
         fallback_pad = self.eos_token_ids[0] if self.eos_token_ids else 0
         self.pad_token_id = fallback_pad if pad_token_id is None else pad_token_id
         self.weight_version = 0
+        # Called between two decode steps (partial rollouts: it may load new weights).
+        self.decode_hook: Callable[[], None] | None = None
         self._params = dict(model.state_dict(keep_vars=True))
         self._closed = False
         # transformers >= 5.2x names the cache argument ``cache``; older ones ``past_key_values``.
@@ -182,6 +185,7 @@ class HFCpuEngine:
             sampled_bt=torch.zeros(B, T),
             length_b=torch.full((B,), T, dtype=torch.long),
             stopped_b=torch.zeros(B, dtype=torch.bool),
+            version_bt=torch.zeros(B, T, dtype=torch.long),
         )
         rows_a = torch.arange(B)  # active rows (A <= B): indices into the chunk
         next_pos_a = pos_bl[:, -1] + 1
@@ -191,6 +195,7 @@ class HFCpuEngine:
             res.tokens_bt[rows_a, t] = tok_a
             res.sampled_bt[rows_a, t] = sampled_a
             res.raw_bt[rows_a, t] = raw_a
+            res.version_bt[rows_a, t] = self.weight_version
             done_a = torch.isin(tok_a, stop_ids)
             if matcher is not None:
                 done_a |= matcher.matches(res.tokens_bt[rows_a, : t + 1])
@@ -208,6 +213,8 @@ class HFCpuEngine:
                 rows_a, tok_a = rows_a[keep_idx], tok_a[keep_idx]
                 next_pos_a, mask_a = next_pos_a[keep_idx], mask_a[keep_idx]
             mask_a = torch.cat([mask_a, torch.ones_like(mask_a[:, :1])], dim=-1)
+            if self.decode_hook is not None:  # new weights for the next token (the KV cache
+                self.decode_hook()  # of the tokens so far stays as the old weights made it)
             logits = self.model(
                 input_ids=tok_a[:, None],
                 attention_mask=mask_a,
@@ -229,7 +236,7 @@ class HFCpuEngine:
 
     def _to_generations(self, chunk: _Chunk, first_prompt: int, n: int) -> list[Generation]:
         tokens, raw, sampled = chunk.tokens_bt.tolist(), chunk.raw_bt.tolist(), chunk.sampled_bt
-        sampled_list = sampled.tolist()
+        sampled_list, versions = sampled.tolist(), chunk.version_bt.tolist()
         out = []
         for b, (length, stopped) in enumerate(
             zip(chunk.length_b.tolist(), chunk.stopped_b.tolist())
@@ -241,7 +248,8 @@ class HFCpuEngine:
                     logprobs=raw[b][:length],
                     sampling_logprobs=sampled_list[b][:length],
                     finish_reason="stop" if stopped else "length",
-                    weight_version=self.weight_version,
+                    weight_version=versions[b][0] if length else self.weight_version,
+                    token_versions=versions[b][:length],
                 )
             )
         return out

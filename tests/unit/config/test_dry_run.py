@@ -104,6 +104,17 @@ def test_bad_flags(capsys, args, message):
             "parallel.pp=4 (x vpp=1) does not divide num_hidden_layers=2",
         ),
         (["run.resume=/nope/ckpt"], "run.resume: /nope/ckpt is not a checkpoint directory"),
+        (["rollout.partial=true"], "rollout.partial: partial rollouts continue generations"),
+        (
+            [
+                "rollout.partial=true",
+                "run.placement=disaggregated",
+                "rollout.engine=sglang",
+                "rollout.sglang.device=cpu",
+            ],
+            "rollout.partial: only the CPU engine",
+        ),
+        (["run.max_staleness=-1"], "run.max_staleness: must be >= 0"),
     ],
 )
 def test_preflight_names_the_key(capsys, overrides, message):
