@@ -99,6 +99,32 @@ def loss_totals(
     return agg.pack_totals(num_tokens, num_seqs)
 
 
+def zero_gradient_rows(
+    spec: AlgorithmSpec | str,
+    *,
+    advantages: torch.Tensor,
+    rl_weight: torch.Tensor,
+    sft_weight: torch.Tensor,
+) -> torch.Tensor:
+    """``[B]`` bool: rows whose every loss term is exactly zero, so their gradient is zero.
+
+    A row's RL term is its weight times its advantage (row-level here) times a finite factor,
+    its SFT term its SFT weight times ``sft_coef``; the entropy bonus and the KL penalty reach
+    every row, so with either on no row qualifies. Such rows may be left out of the forward and
+    backward passes as long as they stay in the loss denominators (``loss_totals``).
+    """
+    spec = resolve_spec(spec)
+    batch = len(advantages)
+    adv_b = as_vector("advantages", advantages, torch.float64, batch)
+    rl_b = as_vector("rl_weight", rl_weight, torch.float64, batch)
+    sft_b = as_vector("sft_weight", sft_weight, torch.float64, batch)
+    if spec.entropy_coef != 0 or spec.kl_coef != 0:
+        return torch.zeros(batch, dtype=torch.bool)
+    no_rl = (adv_b == 0) | (rl_b == 0)
+    no_sft = (sft_b == 0) | (spec.sft_coef == 0)
+    return no_rl & no_sft
+
+
 def policy_loss(
     preset_or_spec: str | AlgorithmSpec,
     *,
