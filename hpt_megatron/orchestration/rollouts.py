@@ -110,6 +110,7 @@ class AsyncRollouts:
         self._drawn_from: dict[int, dict[str, Any]] = {}  # sampler state before step s's draw
         self._error: BaseException | None = None
         self._stop = False
+        self._load_s = 0.0  # seconds loading pushed weights during the current batch
         if partial:  # the CPU engine calls it between decode steps, in the producer thread
             driver.engine.decode_hook = self._load_pending  # type: ignore[attr-defined]
         self._thread = threading.Thread(
@@ -162,16 +163,23 @@ class AsyncRollouts:
     def _produce(self, start: int) -> None:
         try:
             for step in range(start, self.steps):
+                t0 = time.perf_counter()
                 with self._cond:
                     while not self._stop and self._newest_version() < step - self.k:
                         self._cond.wait()
                     if self._stop:
                         return
                 with self._engine_lock:
+                    t1 = time.perf_counter()
+                    self._load_s = 0.0
                     self._load_pending()  # pushes only grow: the version is now >= step - k
                     with self._cond:  # step s's draw starts from this position (see resume)
                         self._drawn_from[step] = self.driver.state_dict()
                     batch = self.driver.rollout(step, self.spec.phase_for_step(step))
+                    # What the engine side spent not generating: waiting for the staleness bound
+                    # (weights) or for the engine, and loading pushed weights.
+                    batch.metrics["time/producer_wait_s"] = t1 - t0
+                    batch.metrics["time/producer_load_s"] = self._load_s
                 with self._cond:
                     self._ready[step] = batch
                     self._cond.notify_all()
@@ -191,7 +199,9 @@ class AsyncRollouts:
         if pending is None:
             return
         buckets, version = pending
+        t0 = time.perf_counter()
         self.driver.engine.update_weights(buckets, version)
+        self._load_s += time.perf_counter() - t0
         with self._cond:
             self._version = version
 

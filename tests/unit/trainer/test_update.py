@@ -281,7 +281,11 @@ def test_a_minibatch_of_zero_gradient_rows_still_steps_with_a_zero_weight_row():
 
 def test_no_row_is_elided_under_an_entropy_bonus_or_kl():
     samples = _with_equal_groups(hpt_batch(groups=3), {0, 1, 2})
-    for options in ({"entropy_coef": 0.01}, {"entropy_coef": 0.0, "kl_coef": 0.1}):
+    for options in (
+        {"entropy_coef": 0.01},
+        {"entropy_coef": 0.0, "kl_coef": 0.1},
+        {"entropy_coef": 0.0, "normalization": "microbatch"},  # per-micro-batch denominators
+    ):
         spec = get_preset("hpt").with_options(**options)
         kept, elided = gradient_rows(spec, samples)
         assert elided == 0 and kept == samples
