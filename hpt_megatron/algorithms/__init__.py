@@ -7,7 +7,12 @@ Public API::
 See docs/algorithms.md for the four parts, every preset and the trainer contract.
 """
 
-from hpt_megatron.algorithms.advantages import compute_advantages, fold_kl_into_rewards, gae
+from hpt_megatron.algorithms.advantages import (
+    compute_advantages,
+    fold_kl_into_rewards,
+    gae,
+    kl_penalised_advantages,
+)
 from hpt_megatron.algorithms.aggregation import pack_totals, unpack_totals
 from hpt_megatron.algorithms.dapo import dynamic_sampling_keep, overlong_penalty
 from hpt_megatron.algorithms.gate import HPTGate, HPTPlan, hpt_batch_plan, hpt_gate, hpt_route
@@ -31,6 +36,7 @@ __all__ = [
     "hpt_gate",
     "hpt_route",
     "kl_estimate",
+    "kl_penalised_advantages",
     "loss_totals",
     "overlong_penalty",
     "pack_totals",

@@ -34,12 +34,36 @@ AlgorithmOptions: Any = _options_class()
 
 
 @dataclass(kw_only=True)
+class ReferenceConfig:
+    """The frozen reference policy of the KL terms (built only when ``kl_coef > 0``).
+
+    Its weights: ``load`` (a Megatron checkpoint) or ``hf_weights`` (an HF folder) of a model
+    with the policy's architecture; neither: the policy's starting weights (``model.load``,
+    ``model.hf_weights`` or the run's initial random weights). ``offload``: keep its weights in
+    host memory between uses (GPU only; checked by preflight).
+    """
+
+    load: str | None = None
+    hf_weights: str | None = None
+    offload: bool = False
+
+    def validate(self) -> None:
+        if self.load and self.hf_weights:
+            raise ValueError("load and hf_weights: set at most one source of the reference")
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self.load or self.hf_weights or self.offload)
+
+
+@dataclass(kw_only=True)
 class AlgorithmConfig:
     """``preset`` names an entry of ``hpt_megatron.algorithms.PRESETS``; ``options`` override its
     fields by name (``algorithm.options.clip_high=0.28``). See docs/algorithms.md."""
 
     preset: str = "hpt"
     options: AlgorithmOptions = field(default_factory=AlgorithmOptions)  # type: ignore[valid-type]
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def overrides(self) -> dict[str, Any]:
         """The options that are set (not ``None``)."""
@@ -61,12 +85,12 @@ class AlgorithmConfig:
 
     def validate(self) -> None:
         spec = self.spec()
-        # Settings the pure algorithm supports but hpt train cannot carry out yet.
-        if spec.kl_coef > 0:
+        if self.reference.is_set and not spec.needs_ref_logprobs:
             raise ValueError(
-                f"options.kl_coef: {spec.kl_coef}: a KL penalty needs a reference policy, which "
-                "hpt train does not build yet; set 0"
+                f"reference: set, but preset '{self.preset}' has no KL term that uses it "
+                "(options.kl_coef is 0)"
             )
+        # Settings the pure algorithm supports but hpt train cannot carry out yet.
         if spec.advantage == "gae":
             key = "options.advantage" if self.options.advantage else "preset"
             raise ValueError(

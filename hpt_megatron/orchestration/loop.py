@@ -43,6 +43,7 @@ from hpt_megatron.parallel.runtime import (
 from hpt_megatron.trainer.build import build_policy, init_policy_weights
 from hpt_megatron.trainer.checkpoint import Checkpointer
 from hpt_megatron.trainer.engine import TrainEngine
+from hpt_megatron.trainer.reference import ReferencePolicy
 from hpt_megatron.trainer.update import PolicyUpdate, UpdateLayout
 
 
@@ -68,6 +69,7 @@ class Run:
     policy: TrainEngine
     update: PolicyUpdate
     checkpointer: Checkpointer
+    reference: ReferencePolicy | None = None  # when a KL term is on
 
 
 def train(cfg: HPTConfig) -> dict[str, float]:
@@ -99,6 +101,10 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
             f"model vocab_size {hf.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
         )
     policy = build_policy(hf, cfg.model, cfg.parallel, cfg.trainer, ctx, total_steps=cfg.run.steps)
+    reference = None
+    if spec.needs_ref_logprobs:
+        offload = cfg.algorithm.reference.offload
+        reference = ReferencePolicy.build(hf, cfg.model, cfg.parallel, cfg.trainer, ctx, offload)
     layout = UpdateLayout(
         dp=ctx.dp,
         dp_rank=ctx.dp_rank,
@@ -121,9 +127,8 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
         last_step=cfg.run.steps,
         describe=describe,
     )
-    return Run(
-        cfg, ctx, run_dir, hf, spec, tokenizer, policy, PolicyUpdate(policy, layout), checkpointer
-    )
+    update = PolicyUpdate(policy, layout, reference)
+    return Run(cfg, ctx, run_dir, hf, spec, tokenizer, policy, update, checkpointer, reference)
 
 
 def _train(run: Run, driver: Driver | None) -> dict[str, float]:
@@ -133,6 +138,10 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
         init_policy_weights(run.policy, run.hf, cfg.model)
     elif driver is not None:
         driver.load_state_dict(state["sampler"])
+    if run.reference is not None:
+        saved = run.run_dir / "reference"  # the initial random weights, when nothing else is named
+        ref_cfg = cfg.algorithm.reference
+        run.reference.load_weights(run.policy, run.hf, cfg.model, ref_cfg, saved, state is None)
     start = 0 if state is None else int(state["step"])
     logger = MetricsLogger(
         run.run_dir,

@@ -90,6 +90,7 @@ WORK_TIMES = (
     "time/grading_s",
     "time/logprob_s",
     "time/train_s",
+    "time/ref_s",
     "time/weight_sync_s",
     "time/validation_s",
 )

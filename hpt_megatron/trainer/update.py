@@ -30,6 +30,7 @@ from hpt_megatron.algorithms import AlgorithmSpec, loss_totals, policy_loss, unp
 from hpt_megatron.data.sample import Sample
 from hpt_megatron.trainer.batching import MicroBatch, collate, token_budget_microbatches
 from hpt_megatron.trainer.engine import MicroBatchLoss, StepResult
+from hpt_megatron.trainer.reference import ReferencePolicy, attach_reference
 
 
 class PolicyEngine(Protocol):
@@ -60,6 +61,7 @@ class PolicyLoss:
         device = logprobs_bs.device
         old_bs = logprobs_bs.detach() if mb.old_logprobs_bs is None else mb.old_logprobs_bs
         rollout_bs = mb.rollout_logprobs_bs
+        ref_bs = mb.ref_logprobs_bs
         return policy_loss(
             self.spec,
             logprobs=logprobs_bs,
@@ -71,6 +73,7 @@ class PolicyLoss:
             rl_weight=mb.rl_weight_b.to(device),
             sft_weight=mb.sft_weight_b.to(device),
             rollout_logprobs=None if rollout_bs is None else rollout_bs.to(device),
+            ref_logprobs=None if ref_bs is None else ref_bs.to(device),
             global_num_tokens=self.num_tokens,
             global_num_seqs=self.num_seqs,
             dp_world_size=self.dp,
@@ -149,9 +152,12 @@ class PolicyUpdate:
     """Runs the optimizer updates of one step on ``engine`` (every rank calls it with the same
     samples; see the module docstring)."""
 
-    def __init__(self, engine: PolicyEngine, layout: UpdateLayout) -> None:
+    def __init__(
+        self, engine: PolicyEngine, layout: UpdateLayout, reference: ReferencePolicy | None = None
+    ) -> None:
         self.engine = engine
         self.layout = layout
+        self.reference = reference  # built when a KL term is on
 
     def update(self, samples: list[Sample], spec: AlgorithmSpec) -> dict[str, float]:
         """Train on ``samples`` with ``spec``; returns the last update's metrics and timings."""
@@ -163,11 +169,20 @@ class PolicyUpdate:
         losses = [PolicyLoss(spec, minibatch_totals(spec, mini), layout.dp) for mini in minis]
         timings = {"time/logprob_s": 0.0, "time/train_s": 0.0}
         updates = len(minis) * layout.epochs
-        if spec.needs_old_logprobs and (updates > 1 or spec.tis_cap is not None):
+        # The KL terms compare pi_old with pi_ref, so a reference needs pi_old too.
+        uses_ref = self.reference is not None and spec.needs_ref_logprobs
+        if uses_ref or (spec.needs_old_logprobs and (updates > 1 or spec.tis_cap is not None)):
             t0 = time.perf_counter()
             for microbatches in local:
                 self._attach_old_logprobs(microbatches)
             timings["time/logprob_s"] = time.perf_counter() - t0
+        kl_metrics: dict[str, float] = {}
+        if uses_ref:
+            assert self.reference is not None
+            t0 = time.perf_counter()
+            owned = [bool(dp_shards(mini, layout.dp)[layout.dp_rank]) for mini in minis]
+            kl_metrics = attach_reference(self.reference, spec, minis, local, owned)
+            timings["time/ref_s"] = time.perf_counter() - t0
         metrics: dict[str, float] = {}
         for _ in range(layout.epochs):
             for microbatches, loss_fn in zip(local, losses):
@@ -180,6 +195,7 @@ class PolicyUpdate:
                     "lr": result.lr,
                     "train/skipped_update": float(result.skipped),
                 }
+        metrics.update(kl_metrics)
         metrics["train/rows"] = float(len(samples))
         metrics["train/tokens"] = float(sum(len(s.response_ids) for s in samples))
         return {**metrics, **timings}
