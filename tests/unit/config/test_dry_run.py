@@ -104,6 +104,14 @@ def test_bad_flags(capsys, args, message):
             "parallel.pp=4 (x vpp=1) does not divide num_hidden_layers=2",
         ),
         (["run.resume=/nope/ckpt"], "run.resume: /nope/ckpt is not a checkpoint directory"),
+        (
+            ["algorithm.options.kl_coef=0.01", "algorithm.reference.load=/nope/ref"],
+            "algorithm.reference.load: /nope/ref is not a directory",
+        ),
+        (
+            ["algorithm.options.kl_coef=0.01", "algorithm.reference.offload=true"],
+            "algorithm.reference.offload: moving the reference's weights to host memory",
+        ),
     ],
 )
 def test_preflight_names_the_key(capsys, overrides, message):
