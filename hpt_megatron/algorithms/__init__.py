@@ -20,6 +20,7 @@ from hpt_megatron.algorithms.loss import loss_totals, policy_loss, resolve_spec,
 from hpt_megatron.algorithms.parts import kl_estimate
 from hpt_megatron.algorithms.presets import PRESETS, get_preset
 from hpt_megatron.algorithms.spec import AlgorithmSpec, OptionError
+from hpt_megatron.algorithms.value import explained_variance, value_loss
 
 __all__ = [
     "PRESETS",
@@ -29,6 +30,7 @@ __all__ = [
     "OptionError",
     "compute_advantages",
     "dynamic_sampling_keep",
+    "explained_variance",
     "fold_kl_into_rewards",
     "gae",
     "get_preset",
@@ -44,4 +46,5 @@ __all__ = [
     "resolve_spec",
     "row_weights",
     "unpack_totals",
+    "value_loss",
 ]

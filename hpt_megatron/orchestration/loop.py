@@ -41,7 +41,8 @@ from hpt_megatron.parallel.runtime import (
     shutdown_distributed,
 )
 from hpt_megatron.trainer.build import build_policy, init_policy_weights
-from hpt_megatron.trainer.checkpoint import Checkpointer
+from hpt_megatron.trainer.checkpoint import Checkpointer, step_dir
+from hpt_megatron.trainer.critic import Critic, CriticCheckpoint, build_critic, init_critic_weights
 from hpt_megatron.trainer.engine import TrainEngine
 from hpt_megatron.trainer.reference import ReferencePolicy
 from hpt_megatron.trainer.update import PolicyUpdate, UpdateLayout
@@ -70,6 +71,7 @@ class Run:
     update: PolicyUpdate
     checkpointer: Checkpointer
     reference: ReferencePolicy | None = None  # when a KL term is on
+    critic: Critic | None = None  # for advantage gae
 
 
 def train(cfg: HPTConfig) -> dict[str, float]:
@@ -105,6 +107,19 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
     if spec.needs_ref_logprobs:
         offload = cfg.algorithm.reference.offload
         reference = ReferencePolicy.build(hf, cfg.model, cfg.parallel, cfg.trainer, ctx, offload)
+    critic = None
+    if spec.advantage == "gae":
+        critic_cfg = cfg.algorithm.critic
+        engine = build_critic(
+            hf,
+            cfg.model,
+            cfg.parallel,
+            cfg.trainer,
+            critic_cfg,
+            ctx,
+            total_steps=cfg.run.steps,
+        )
+        critic = Critic(engine, critic_cfg)
     layout = UpdateLayout(
         dp=ctx.dp,
         dp_rank=ctx.dp_rank,
@@ -127,8 +142,10 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
         last_step=cfg.run.steps,
         describe=describe,
     )
-    update = PolicyUpdate(policy, layout, reference)
-    return Run(cfg, ctx, run_dir, hf, spec, tokenizer, policy, update, checkpointer, reference)
+    update = PolicyUpdate(policy, layout, reference, critic)
+    return Run(
+        cfg, ctx, run_dir, hf, spec, tokenizer, policy, update, checkpointer, reference, critic
+    )
 
 
 def _train(run: Run, driver: Driver | None) -> dict[str, float]:
@@ -138,6 +155,13 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
         init_policy_weights(run.policy, run.hf, cfg.model)
     elif driver is not None:
         driver.load_state_dict(state["sampler"])
+    ckpt_root = run.run_dir / "checkpoints"
+    critic_ckpt = None if run.critic is None else CriticCheckpoint(ckpt_root, run.critic.engine)
+    if run.critic is not None and critic_ckpt is not None:
+        if state is None:
+            init_critic_weights(run.critic.engine, run.policy, run.critic.cfg)
+        else:
+            critic_ckpt.resume(step_dir(ckpt_root, int(state["step"])))
     if run.reference is not None:
         saved = run.run_dir / "reference"  # the initial random weights, when nothing else is named
         ref_cfg = cfg.algorithm.reference
@@ -168,7 +192,7 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
                 batch.save_jsonl(run.run_dir / "rollouts" / f"step_{step + 1:06d}.jsonl")
             if engine is not None and not overlap:
                 engine.release_memory()  # colocated: the trainer gets the devices
-            train_metrics = run.update.update(batch.samples, run.spec.phase_for_step(step))
+            train_metrics = run.update.update(batch.samples, run.spec.phase_for_step(step), step)
             if engine is not None and not overlap:
                 engine.resume_memory()
             wait_s = rollouts.finish_pending()  # step t+1's generation ends before reloading
@@ -193,9 +217,12 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
             # The data position of the next batch when it was already drawn (one-step-off
             # generation), so a resumed run draws that batch again.
             data = rollouts.next_sampler_state() if driver is not None else None
-            run.checkpointer.maybe_save(
-                step + 1, run.policy, metrics.get("val/accuracy"), {"sampler": data}
-            )
+            score = metrics.get("val/accuracy")
+            if critic_ckpt is not None and run.checkpointer.will_save(step + 1, score):
+                critic_ckpt.save(step_dir(ckpt_root, step + 1))  # before the policy's
+            did_save = run.checkpointer.maybe_save(step + 1, run.policy, score, {"sampler": data})
+            if did_save and critic_ckpt is not None and ctx.is_driver:
+                critic_ckpt.prune()
     finally:
         rollouts.close()
         logger.close()

@@ -78,6 +78,8 @@ class MicroBatch:
     rollout_logprobs_bs: torch.Tensor | None = None
     old_logprobs_bs: torch.Tensor | None = None
     ref_logprobs_bs: torch.Tensor | None = None  # set by the update when a KL term is on
+    old_values_bs: torch.Tensor | None = None  # the critic's values before its update (gae)
+    returns_bs: torch.Tensor | None = None  # GAE returns, the critic's targets
 
     @property
     def num_rows(self) -> int:

@@ -129,12 +129,13 @@ def attach_reference(
     minis: list[list[Sample]],
     local: list[list[MicroBatch]],
     owned: list[bool],
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[RowKey, torch.Tensor]]:
     """Collective: reference log-probs of every micro-batch; the KL loss input or the KL-folded
     advantages; ``kl_ref_mean`` / ``kl_ref_max`` (KL(pi_old || pi_ref) over the step's RL tokens).
 
     ``local[k]`` are this rank's micro-batches of ``minis[k]`` with ``old_logprobs_bs`` set (on
-    last-stage ranks); ``owned[k]``: whether this rank holds rows of ``minis[k]``.
+    last-stage ranks); ``owned[k]``: whether this rank holds rows of ``minis[k]``. Also returns
+    the gathered per-row KL (for GAE, which folds it itself).
     """
     ctx = reference.engine.ctx
     kl_local: dict[RowKey, torch.Tensor] = {}
@@ -152,15 +153,16 @@ def attach_reference(
     kl_rows = gather_rows(ctx, kl_local, owns_rows(ctx))
     keys = [(k, i) for k, mini in enumerate(minis) for i, s in enumerate(mini) if s.rl_weight != 0]
     if not keys:
-        return {}
+        return {}, kl_rows
     kl_bt, mask_bt = padded(keys, kl_rows, minis)
-    if spec.kl_mode == "reward":
+    if spec.kl_mode == "reward" and spec.advantage != "gae":
         _fold_into_advantages(spec, minis, local, owned, keys, kl_bt, mask_bt)
     valid_bt = mask_bt.bool()
-    return {
+    metrics = {
         "kl_ref_mean": float(kl_bt[valid_bt].mean()) if valid_bt.any() else 0.0,
         "kl_ref_max": float(kl_bt[valid_bt].max()) if valid_bt.any() else 0.0,
     }
+    return metrics, kl_rows
 
 
 def _fold_into_advantages(

@@ -29,6 +29,7 @@ import torch
 from hpt_megatron.algorithms import AlgorithmSpec, loss_totals, policy_loss, unpack_totals
 from hpt_megatron.data.sample import Sample
 from hpt_megatron.trainer.batching import MicroBatch, collate, token_budget_microbatches
+from hpt_megatron.trainer.critic import Critic, critic_phase
 from hpt_megatron.trainer.engine import MicroBatchLoss, StepResult
 from hpt_megatron.trainer.reference import ReferencePolicy, attach_reference
 
@@ -153,14 +154,20 @@ class PolicyUpdate:
     samples; see the module docstring)."""
 
     def __init__(
-        self, engine: PolicyEngine, layout: UpdateLayout, reference: ReferencePolicy | None = None
+        self,
+        engine: PolicyEngine,
+        layout: UpdateLayout,
+        reference: ReferencePolicy | None = None,
+        critic: Critic | None = None,
     ) -> None:
         self.engine = engine
         self.layout = layout
         self.reference = reference  # built when a KL term is on
+        self.critic = critic  # built for advantage gae
 
-    def update(self, samples: list[Sample], spec: AlgorithmSpec) -> dict[str, float]:
-        """Train on ``samples`` with ``spec``; returns the last update's metrics and timings."""
+    def update(self, samples: list[Sample], spec: AlgorithmSpec, step: int = 0) -> dict[str, float]:
+        """Train on ``samples`` with ``spec`` at ``step`` (0-based; the critic's warm-up); returns
+        the last update's metrics and timings."""
         if not samples:
             return {"train/skipped_empty": 1.0}
         layout = self.layout
@@ -176,13 +183,20 @@ class PolicyUpdate:
             for microbatches in local:
                 self._attach_old_logprobs(microbatches)
             timings["time/logprob_s"] = time.perf_counter() - t0
-        kl_metrics: dict[str, float] = {}
+        owned = [bool(dp_shards(mini, layout.dp)[layout.dp_rank]) for mini in minis]
+        extra: dict[str, float] = {}
+        kl_rows = None
         if uses_ref:
             assert self.reference is not None
             t0 = time.perf_counter()
-            owned = [bool(dp_shards(mini, layout.dp)[layout.dp_rank]) for mini in minis]
-            kl_metrics = attach_reference(self.reference, spec, minis, local, owned)
+            extra, kl_rows = attach_reference(self.reference, spec, minis, local, owned)
             timings["time/ref_s"] = time.perf_counter() - t0
+        if self.critic is not None and spec.advantage == "gae":
+            reward_kl = kl_rows if spec.kl_mode == "reward" else None
+            critic, cfg = self.critic.engine, self.critic.cfg
+            extra |= critic_phase(critic, cfg, spec, minis, local, owned, layout.epochs, reward_kl)
+            if step < cfg.critic_warmup_steps:  # the critic learns alone first
+                return {**extra, **timings, "train/critic_warmup": 1.0}
         metrics: dict[str, float] = {}
         for _ in range(layout.epochs):
             for microbatches, loss_fn in zip(local, losses):
@@ -195,7 +209,7 @@ class PolicyUpdate:
                     "lr": result.lr,
                     "train/skipped_update": float(result.skipped),
                 }
-        metrics.update(kl_metrics)
+        metrics.update(extra)
         metrics["train/rows"] = float(len(samples))
         metrics["train/tokens"] = float(sum(len(s.response_ids) for s in samples))
         return {**metrics, **timings}

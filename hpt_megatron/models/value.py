@@ -1,0 +1,66 @@
+"""A value model: the policy's Megatron GPT with a one-output head in place of the vocabulary.
+
+Shape legend: S sequence, B batch, H hidden size.
+
+The head (``ValueHead``, a plain ``Linear(H, 1)`` replicated on every tensor-parallel rank)
+takes the place of ``GPTModel.output_layer``, so the model's forward returns ``[B, S, 1]``
+values through Megatron's own post-processing (final norm, then the head). Embeddings are never
+tied to the head: the model is built with ``tie_word_embeddings`` off. With a zero head the
+model's values start at 0 whatever the trunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from hpt_megatron.config.sections import ModelConfig, ParallelConfig
+from hpt_megatron.models.hf_config import HFModelConfig
+
+
+class ValueHead(torch.nn.Module):
+    """``[S, B, H] -> [S, B, 1]``, called like Megatron's output layer (returns a pair)."""
+
+    def __init__(self, hidden_size: int, sequence_parallel: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        # Named like the output layer it replaces (``output_layer.weight``), which Megatron's
+        # checkpoint code expects of an untied language model.
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.sequence_parallel = sequence_parallel
+
+    def forward(
+        self,
+        hidden_sbh: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        runtime_gather_output: bool | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        del weight, runtime_gather_output  # a vocabulary output layer's arguments
+        if self.sequence_parallel:
+            from megatron.core import tensor_parallel
+
+            # Sequence-parallel ranks hold slices of S; the head needs every position.
+            hidden_sbh = tensor_parallel.gather_from_sequence_parallel_region(hidden_sbh)
+        return torch.nn.functional.linear(hidden_sbh, self.weight, self.bias), None
+
+
+def build_value_chunks(
+    hf: HFModelConfig,
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    pp_rank: int,
+    init_weights: bool = True,
+) -> list[torch.nn.Module]:
+    """This pipeline rank's value-model chunks (the last one ends in a :class:`ValueHead`)."""
+    from hpt_megatron.models.provider import build_model_chunks
+
+    untied = dataclasses.replace(hf, tie_word_embeddings=False)
+    chunks = build_model_chunks(untied, model, parallel, pp_rank=pp_rank, init_weights=init_weights)
+    last = chunks[-1]
+    if last.post_process:
+        config = last.config
+        head = ValueHead(config.hidden_size, config.sequence_parallel, config.params_dtype)
+        last.output_layer = head.to(next(last.parameters()).device)
+    return chunks
