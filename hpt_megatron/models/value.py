@@ -12,6 +12,7 @@ model's values start at 0 whatever the trunk.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 
@@ -64,3 +65,32 @@ def build_value_chunks(
         head = ValueHead(config.hidden_size, config.sequence_parallel, config.params_dtype)
         last.output_layer = head.to(next(last.parameters()).device)
     return chunks
+
+
+def iter_value_hf_tensors(
+    chunks: list[torch.nn.Module],
+    hf: HFModelConfig,
+    *,
+    tp_group: torch.distributed.ProcessGroup | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hf_name, full_tensor)`` of a value model in the layout of HF's
+    ``*ForTokenClassification`` with one label (``model.*`` trunk, ``score.weight`` /
+    ``score.bias`` head), on TP rank 0 of each pipeline stage. Every TP rank must exhaust it."""
+    from hpt_megatron.models.export import _gather_tp
+    from hpt_megatron.models.mapping import Dims, global_param_names, rule_for
+
+    untied = dataclasses.replace(hf, tie_word_embeddings=False)
+    dims = Dims.from_hf(untied)
+    for chunk in chunks:
+        names = global_param_names(chunk)
+        for local_name, param in chunk.named_parameters():
+            if local_name.startswith("output_layer."):  # replicated: TP rank 0's copy
+                shards = _gather_tp(param.detach(), tp_group)
+                if shards is not None:
+                    yield "score." + local_name.removeprefix("output_layer."), shards[0]
+                continue
+            rule = rule_for(names[local_name], untied)
+            shards = _gather_tp(param.detach(), tp_group)
+            if shards is None:
+                continue
+            yield from zip(rule.hf_names, rule.layout.to_hf(shards, dims))
