@@ -124,13 +124,24 @@ class AlgorithmConfig:
         spec = self.spec()
         if self.reference.is_set and not spec.needs_ref_logprobs:
             raise ValueError(
-                f"reference: set, but preset '{self.preset}' has no KL term that uses it "
-                "(options.kl_coef is 0)"
+                f"{_first_set(self.reference)}: set, but preset '{self.preset}' has no KL term "
+                "that uses the reference (options.kl_coef is 0)"
             )
         if self.critic != CriticConfig() and spec.advantage != "gae":
             raise ValueError(
-                f"critic: set, but preset '{self.preset}' uses advantage '{spec.advantage}', "
-                "which needs no critic (only 'gae' does)"
+                f"{_first_set(self.critic)}: set, but preset '{self.preset}' uses advantage "
+                f"'{spec.advantage}', which needs no critic (only 'gae' does)"
             )
         if spec.batch_rule == "sft_then_rl" and spec.advantage == "gae":
             raise ValueError("preset: sft_then_rl with advantage 'gae' is not supported")
+
+
+def _first_set(section: Any) -> str:
+    """``section.key`` of the first field of ``section`` that differs from its default."""
+    default = type(section)()
+    name = next(
+        f.name
+        for f in dataclasses.fields(section)
+        if getattr(section, f.name) != getattr(default, f.name)
+    )
+    return f"{type(section).__name__.removesuffix('Config').lower()}.{name}"

@@ -65,6 +65,9 @@ def _check_model(cfg: HPTConfig) -> None:
         path = getattr(reference, key)
         if path is not None and not Path(path).is_dir():
             raise ConfigError(f"algorithm.reference.{key}: {path} is not a directory")
+    critic_load = cfg.algorithm.critic.load
+    if critic_load is not None and not Path(critic_load).is_dir():
+        raise ConfigError(f"algorithm.critic.load: {critic_load} is not a directory")
     source = model.tokenizer_source
     if source not in (None, "arithmetic") and not Path(source).exists():
         raise ConfigError(f"model.tokenizer: {source} does not exist")

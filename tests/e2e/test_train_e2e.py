@@ -230,6 +230,27 @@ def test_resume_after_sigkill_reproduces_uninterrupted_run(tmp_path):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-9), (step, key)
 
 
+def test_ppo_resume_after_sigkill_reproduces_the_critic(tmp_path):
+    """PPO with its critic: the critic's weights, optimizer and schedule are in the checkpoint,
+    so a killed-and-resumed run continues step for step. DAPO's overlong penalty gives the
+    random policy's rollouts nonzero rewards, so the critic has something to learn."""
+    extra = ["parallel.tp=2", "algorithm.preset=ppo", "algorithm.options.overlong_buffer=16"]
+    extra += ["algorithm.critic.lr=1e-3", "run.val_every=0"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _run(full, 2, 6, *extra)
+    _kill_after(killed, 6, *extra, kill_at=3)
+    assert 6 not in _metrics(killed)
+    _run(killed, 2, 6, *extra)
+    want, got = _metrics(full), _metrics(killed)
+    assert sorted(got) == list(range(1, 7))
+    assert (killed / "checkpoints" / "critic" / "step_000006").is_dir()
+    keys = ["critic/value_loss", "critic/grad_norm", "critic/explained_variance"]
+    for step in range(1, 7):
+        for key in [*(k for k in EXACT if k != "gate/sft_fraction"), *keys]:
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-9), (step, key)
+    assert want[6]["critic/value_loss"] > 0 and want[6]["critic/grad_norm"] > 0
+
+
 def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path):
     out = tmp_path / "run"
     _run(out, 2, 4, "parallel.tp=2", "checkpoint.keep_last=3", "run.val_every=0")
@@ -326,6 +347,7 @@ def test_fresh_run_starts_from_hf_weights_or_checkpoint(tmp_path):
 PRESETS = [
     "sft",
     "reinforce",
+    "ppo",
     "grpo",
     "dr_grpo",
     "cispo",
@@ -376,10 +398,17 @@ def test_every_preset_trains_a_step(tmp_path, preset):
         assert metrics[1]["grad_norm"] > 0
 
 
-def test_ppo_without_a_critic_is_a_clear_error(tmp_path):
+def test_a_model_the_preset_needs_but_the_run_lacks_is_a_config_error(tmp_path):
+    """PPO's critic from a checkpoint that is not there: refused before any process trains."""
     proc = subprocess.run(
         _command(
-            tmp_path / "ppo", 1, 1, "parallel.tp=1", "run.val_every=0", "algorithm.preset=ppo"
+            tmp_path / "ppo",
+            1,
+            1,
+            "parallel.tp=1",
+            "run.val_every=0",
+            "algorithm.preset=ppo",
+            f"algorithm.critic.load={tmp_path / 'no-critic'}",
         ),
         capture_output=True,
         text=True,
@@ -388,7 +417,6 @@ def test_ppo_without_a_critic_is_a_clear_error(tmp_path):
         cwd=ROOT,
     )
     assert proc.returncode != 0  # torchrun's own code; the process exits 2
-    assert (
-        "config error: algorithm.preset: advantage 'gae' (preset 'ppo') needs a value model "
-        "(critic)" in proc.stderr
-    )
+    assert "config error: algorithm.critic.load:" in proc.stderr
+    assert "is not a directory" in proc.stderr
+    assert not (tmp_path / "ppo" / "metrics.jsonl").exists()

@@ -119,7 +119,7 @@ def test_verl_aggregation_spellings_are_accepted(verl, ours):
     [
         (
             ["algorithm.reference.load=/some/ckpt"],
-            r"^algorithm.reference: set, but preset 'hpt' has no KL term .*kl_coef is 0",
+            r"^algorithm.reference.load: set, but preset 'hpt' has no KL term .*kl_coef is 0",
         ),
         (
             [
@@ -129,17 +129,40 @@ def test_verl_aggregation_spellings_are_accepted(verl, ours):
             ],
             r"^algorithm.reference.load and hf_weights: set at most one",
         ),
-        (["algorithm.preset=ppo"], r"^algorithm.preset: advantage 'gae' .*critic"),
         (
-            ["algorithm.preset=grpo", "algorithm.options.advantage=gae"],
-            r"^algorithm.options.advantage: advantage 'gae'",
+            ["algorithm.critic.lr=1e-4"],
+            r"^algorithm.critic.lr: set, but preset 'hpt' uses advantage 'dr_grpo'.*only 'gae'",
+        ),
+        (["algorithm.preset=ppo", "algorithm.critic.lr=0"], r"^algorithm.critic.lr: must be > 0"),
+        (
+            ["algorithm.preset=ppo", "algorithm.critic.cliprange_value=-1"],
+            r"^algorithm.critic.cliprange_value: must be > 0",
+        ),
+        (
+            [
+                "algorithm.preset=sft_then_grpo",
+                "algorithm.options.switch_step=2",
+                "algorithm.options.advantage=gae",
+            ],
+            r"^algorithm.preset: sft_then_rl with advantage 'gae' is not supported",
         ),
     ],
 )
 def test_settings_hpt_train_cannot_run_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["model.inline={hidden_size: 8}", *overrides])
-    get_preset("ppo").validate()  # the pure algorithm still has them
+    get_preset("ppo").validate()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["algorithm.preset=ppo"], ["algorithm.preset=grpo", "algorithm.options.advantage=gae"]],
+)
+def test_gae_builds_a_critic(overrides):
+    cfg = load_config(
+        None, ["model.inline={hidden_size: 8}", *overrides, "algorithm.critic.lr=1e-4"]
+    )
+    assert cfg.algorithm.spec().advantage == "gae" and cfg.algorithm.critic.lr == 1e-4
 
 
 @pytest.mark.parametrize("mode", ["loss", "reward"])

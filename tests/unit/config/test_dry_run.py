@@ -109,6 +109,10 @@ def test_bad_flags(capsys, args, message):
             "algorithm.reference.load: /nope/ref is not a directory",
         ),
         (
+            ["algorithm.preset=ppo", "algorithm.critic.load=/nope/critic"],
+            "algorithm.critic.load: /nope/critic is not a directory",
+        ),
+        (
             ["algorithm.options.kl_coef=0.01", "algorithm.reference.offload=true"],
             "algorithm.reference.offload: moving the reference's weights to host memory",
         ),
