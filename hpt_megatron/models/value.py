@@ -12,12 +12,16 @@ model's values start at 0 whatever the trunk.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig
 from hpt_megatron.models.hf_config import HFModelConfig
+from hpt_megatron.parallel.runtime import ParallelContext
 
 
 class ValueHead(torch.nn.Module):
@@ -94,3 +98,48 @@ def iter_value_hf_tensors(
             if shards is None:
                 continue
             yield from zip(rule.hf_names, rule.layout.to_hf(shards, dims))
+
+
+def value_hf_config(hf: HFModelConfig) -> dict[str, Any]:
+    """``config.json`` of the exported value model: HF's ``*ForTokenClassification``, 1 label."""
+    raw = hf.to_dict()
+    arch = raw.get("architectures") or ["LlamaForCausalLM"]
+    raw["architectures"] = [arch[0].replace("ForCausalLM", "ForTokenClassification")]
+    raw.update(tie_word_embeddings=False, num_labels=1, id2label={"0": "VALUE"})
+    raw["label2id"] = {"VALUE": 0}
+    return raw
+
+
+def save_value_hf_folder(
+    chunks: list[torch.nn.Module],
+    hf: HFModelConfig,
+    out: str | Path,
+    ctx: ParallelContext,
+    *,
+    torch_dtype: str,
+) -> None:
+    """Collective: the value model as an HF folder that ``AutoModelForTokenClassification``
+    loads (one label: the value of each position). Layout as ``models.export.save_hf_folder``."""
+    from hpt_megatron.models.export import DEFAULT_BUCKET_BYTES, bucketed
+    from hpt_megatron.models.hf_io import HFCheckpointWriter
+
+    writer = None
+    if ctx.dp_rank == 0:  # other replicas hold the same weights
+        if ctx.tp_rank == 0:
+            prefix = "model" if ctx.pp == 1 else f"model-pp{ctx.pp_rank}"
+            writer = HFCheckpointWriter(out, prefix=prefix)
+        tp_group = ctx.tp_group if ctx.tp > 1 else None
+        tensors = iter_value_hf_tensors(chunks, hf, tp_group=tp_group)
+        for bucket in bucketed(tensors, DEFAULT_BUCKET_BYTES):
+            if writer is not None:
+                writer.write(bucket)
+    mine = (writer.weight_map, writer.total_bytes) if writer is not None else None
+    parts: list[Any] = [mine]
+    if ctx.world_size > 1:
+        parts = [None] * ctx.world_size
+        torch.distributed.all_gather_object(parts, mine, group=ctx.cpu_group)
+    if ctx.is_driver:
+        assert writer is not None  # rank 0 is TP, PP and DP rank 0
+        writer.finish(p for i, p in enumerate(parts) if p is not None and i != ctx.rank)
+        raw = {**value_hf_config(hf), "torch_dtype": torch_dtype}
+        (Path(out) / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")

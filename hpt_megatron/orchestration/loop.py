@@ -284,4 +284,14 @@ def _export_final(run: Run) -> Path:
     save_hf_folder(modules, run.hf, out, run.ctx, torch_dtype=dtype[modules[0].config.params_dtype])
     if run.ctx.is_driver:
         run.tokenizer.save_pretrained(str(out))
+    if run.critic is not None:  # the value model beside it, for AutoModelForTokenClassification
+        from hpt_megatron.models.value import save_value_hf_folder
+
+        critic = [getattr(c, "module", c) for c in run.critic.engine.model_chunks]
+        dtype_name = dtype[critic[0].config.params_dtype]
+        save_value_hf_folder(
+            critic, run.hf, run.run_dir / "hf_critic", run.ctx, torch_dtype=dtype_name
+        )
+        if run.ctx.is_driver:
+            run.tokenizer.save_pretrained(str(run.run_dir / "hf_critic"))
     return out

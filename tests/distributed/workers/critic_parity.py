@@ -3,7 +3,7 @@
 Writes JSON (rank 0): the values of every sample's response tokens before the update, the loss,
 the gradient norm and the values after. ``--save`` (one process) creates the checkpoint (random
 trunk, random head) and, with ``--hf``, also writes the critic as an HF token-classification
-state dict for the plain torch comparison.
+folder (``AutoModelForTokenClassification``) for the plain torch comparison.
 """
 
 import argparse
@@ -16,7 +16,7 @@ from train_parity import ARCHS, make_samples
 from hpt_megatron.config.algorithm import CriticConfig
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
 from hpt_megatron.models.provider import load_hf_config
-from hpt_megatron.models.value import build_value_chunks, iter_value_hf_tensors
+from hpt_megatron.models.value import build_value_chunks, save_value_hf_folder
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.trainer.batching import collate, token_budget_microbatches
 from hpt_megatron.trainer.build import build_optimizer, wrap_ddp
@@ -64,8 +64,7 @@ def main() -> None:
         save_checkpoint(args.ckpt, engine.model_chunks)
         if args.hf:
             modules = [c.module for c in engine.model_chunks]
-            tensors = dict(iter_value_hf_tensors(modules, hf))
-            torch.save(tensors, args.hf)
+            save_value_hf_folder(modules, hf, args.hf, ctx, torch_dtype="float32")
     load_checkpoint(args.ckpt, engine.model_chunks)
 
     samples = make_samples()
