@@ -220,20 +220,20 @@ def critic_phase(
                 values_local.update({(k, i): v for i, v in response_rows(values_bs, mb).items()})
     values_rows = gather_rows(critic.ctx, values_local, owns_rows(critic.ctx))
     keys = [(k, i) for k, mini in enumerate(minis) for i, s in enumerate(mini) if s.rl_weight != 0]
+    if not keys:  # no RL rows this step (all routed to SFT, say): nothing to learn from
+        return {"time/critic_s": time.perf_counter() - t0}
     metrics: dict[str, float] = {}
-    if keys:
-        values_bt, mask_bt = padded(keys, values_rows, minis)
-        adv_bt, returns_bt = _gae(spec, minis, keys, values_bt, mask_bt, kl_rows)
-        lengths = mask_bt.sum(-1).long().tolist()
-        by_key = {
-            key: (adv_bt[b, : lengths[b]], returns_bt[b, : lengths[b]])
-            for b, key in enumerate(keys)
-        }
-        for k, microbatches in enumerate(local):
-            for mb in microbatches:
-                _write(mb, k, by_key if owned[k] else {})
-        metrics["critic/explained_variance"] = explained_variance(values_bt, returns_bt, mask_bt)
-        metrics["critic/returns_mean"] = float(returns_bt[mask_bt.bool()].mean())
+    values_bt, mask_bt = padded(keys, values_rows, minis)
+    adv_bt, returns_bt = _gae(spec, minis, keys, values_bt, mask_bt, kl_rows)
+    lengths = mask_bt.sum(-1).long().tolist()
+    by_key = {
+        key: (adv_bt[b, : lengths[b]], returns_bt[b, : lengths[b]]) for b, key in enumerate(keys)
+    }
+    for k, microbatches in enumerate(local):
+        for mb in microbatches:
+            _write(mb, k, by_key if owned[k] else {})
+    metrics["critic/explained_variance"] = explained_variance(values_bt, returns_bt, mask_bt)
+    metrics["critic/returns_mean"] = float(returns_bt[mask_bt.bool()].mean())
     rl_tokens = [sum(len(s.response_ids) for s in mini if s.rl_weight != 0) for mini in minis]
     for _ in range(epochs):
         for microbatches, tokens in zip(local, rl_tokens):
