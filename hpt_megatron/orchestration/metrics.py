@@ -91,6 +91,7 @@ WORK_TIMES = (
     "time/logprob_s",
     "time/train_s",
     "time/ref_s",
+    "time/critic_s",
     "time/weight_sync_s",
     "time/validation_s",
 )

@@ -12,8 +12,11 @@ rank) and the spec in force, :meth:`PolicyUpdate.update`
 3. takes each mini-batch's loss denominators from the lengths and weights of all its rows, so no
    rank collates another rank's rows and no collective is needed;
 4. recomputes the old log-probs once, before the first update, when the spec needs pi_old and
-   there is more than one update per step (or truncated IS against the rollout engine);
-5. runs ``epochs`` passes of one optimizer update per mini-batch through the engine, with
+   there is more than one update per step (or truncated IS against the rollout engine), or
+   when a KL term is on; then scores the rows with the reference (``trainer/reference.py``);
+5. with advantage ``gae``, runs the critic's phase (``trainer/critic.py``: values, GAE
+   advantages and returns, the critic's updates), and stops there during its warm-up;
+6. runs ``epochs`` passes of one optimizer update per mini-batch through the engine, with
    :class:`PolicyLoss` as the per-micro-batch loss.
 """
 
