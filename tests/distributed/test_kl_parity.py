@@ -1,5 +1,5 @@
 """The KL penalty through the trainer: the gradient at each per-token log-prob equals the closed
-form of k1, k2 and k3, and TP=2 equals TP=1."""
+form of k1, k2 and k3, and TP=2 and DP=2 equal TP=1."""
 
 import json
 import math
@@ -24,10 +24,10 @@ def runs(tmp_path_factory):
     ckpt = tmp / "ckpt"
     torchrun(WORKER, "--ckpt", str(ckpt), "--out", str(tmp / "unused.json"), "--save", nproc=1)
     out = {}
-    for tp in (1, 2):
-        path = tmp / f"tp{tp}.json"
-        torchrun(WORKER, "--ckpt", str(ckpt), "--out", str(path), "--tp", str(tp), nproc=tp)
-        out[tp] = json.loads(path.read_text())
+    for name, tp, nproc in (("tp1", 1, 1), ("tp2", 2, 2), ("dp2", 1, 2)):
+        path = tmp / f"{name}.json"
+        torchrun(WORKER, "--ckpt", str(ckpt), "--out", str(path), "--tp", str(tp), nproc=nproc)
+        out[name] = json.loads(path.read_text())
     return out
 
 
@@ -48,9 +48,10 @@ def test_kl_gradient_is_the_closed_form(runs, estimator):
         assert run[estimator]["kl_ref_max"] > 1e-3
 
 
+@pytest.mark.parametrize("layout", ["tp2", "dp2"])
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
-def test_kl_tp2_matches_tp1(runs, estimator):
-    one, two = runs[1][estimator], runs[2][estimator]
+def test_kl_layout_matches_tp1(runs, estimator, layout):
+    one, two = runs["tp1"][estimator], runs[layout][estimator]
     assert abs(one["grad_norm"] - two["grad_norm"]) <= 1e-5 * one["grad_norm"]
     assert abs(one["kl_ref_mean"] - two["kl_ref_mean"]) <= 1e-5 * abs(one["kl_ref_mean"])
     # Per token, relative to the largest gradient: where log pi ~ log pi_ref (k2, k3) a token's
