@@ -195,6 +195,25 @@ def test_dp2_matches_single_process(tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+def test_ppo_with_kl_in_the_reward_dp2_matches_single_process(tmp_path):
+    """The critic's values and the reference's KL are gathered over data-parallel ranks for GAE
+    over the whole step: two ranks give one process's numbers."""
+    extra = ["parallel.tp=1", "run.val_every=0", "algorithm.preset=ppo"]
+    extra += ["algorithm.options.overlong_buffer=16", "algorithm.critic.lr=1e-3"]
+    extra += ["algorithm.options.kl_coef=0.05", "algorithm.options.kl_mode=reward"]
+    one, dp = tmp_path / "one", tmp_path / "dp"
+    _run(one, 1, 3, *extra)
+    _run(dp, 2, 3, *extra)
+    keys = ["loss", "grad_norm", "kl_ref_mean", "kl_ref_max", "critic/value_loss"]
+    keys += ["critic/grad_norm", "critic/explained_variance", "critic/returns_mean"]
+    for step in (1, 2, 3):
+        a, b = _metrics(one)[step], _metrics(dp)[step]
+        assert a["reward/mean"] == b["reward/mean"]
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (step, key)
+    assert _metrics(one)[3]["kl_ref_mean"] > 0 and _metrics(one)[3]["critic/value_loss"] > 0
+
+
 def _kill_after(out: pathlib.Path, steps: int, *extra: str, kill_at: int) -> None:
     """Start a run and SIGKILL every process of it once step ``kill_at`` is logged."""
     proc = subprocess.Popen(
