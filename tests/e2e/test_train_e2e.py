@@ -249,12 +249,6 @@ def test_resume_after_sigkill_reproduces_uninterrupted_run(tmp_path):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-9), (step, key)
 
 
-def torch_equal(x, y) -> bool:
-    import torch
-
-    return bool(torch.equal(x, y))
-
-
 def test_ppo_resume_after_sigkill_reproduces_the_critic(tmp_path):
     """PPO with its critic: the critic's weights, optimizer and schedule are in the checkpoint,
     so a killed-and-resumed run continues step for step. DAPO's overlong penalty gives the
@@ -275,6 +269,7 @@ def test_ppo_resume_after_sigkill_reproduces_the_critic(tmp_path):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-9), (step, key)
     assert want[6]["critic/value_loss"] > 0 and want[6]["critic/grad_norm"] > 0
     # The critic of the last TP=2 checkpoint, converted, is the folder the run exported at its end.
+    import torch
     from safetensors.torch import load_file
 
     converted = tmp_path / "critic_hf"
@@ -294,7 +289,7 @@ def test_ppo_resume_after_sigkill_reproduces_the_critic(tmp_path):
         k: v for f in (killed / "hf_critic").glob("*.safetensors") for k, v in load_file(f).items()
     }
     assert sorted(a) == sorted(b) and "score.weight" in a and "score.bias" in a
-    assert all(torch_equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path):
