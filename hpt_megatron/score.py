@@ -5,12 +5,14 @@
 
 Each input line is ``{"input_ids": [...]}``; each output line is ``{"logprobs": [...]}``, the
 log-probability of every token after the first given the tokens before it. The forward pass is
-Megatron's pipeline schedule (``forward_only=True``, any PP); log-probs are ``-cross_entropy``
-computed in fp32 on the vocabulary-parallel logits, so no rank gathers the vocabulary. Padded
-vocabulary rows are masked out of the softmax. Data-parallel replicas (world > TP*PP) split the
-sequences. Works as a plain ``python -m`` (one process) too.
+Megatron's pipeline schedule (``forward_only=True``, any PP); the log-probs come from the final
+hidden states through the vocabulary-parallel output layer fused with the log-softmax, in fp32
+(``parallel.logprobs.output_logprobs_entropy``, the training path's), so no rank gathers the
+vocabulary or holds the logits. Padded vocabulary rows are left out of the softmax.
+Data-parallel replicas (world > TP*PP) split the sequences. Works as a plain ``python -m`` (one
+process) too.
 
-Shape legend: b micro-batch (1), s sequence, v this rank's vocabulary slice.
+Shape legend: b micro-batch (1), s sequence, h hidden size.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from hpt_megatron.parallel.logprobs import final_hidden_states, output_logprobs_entropy
 
 
 def read_sequences(path: str | Path) -> list[list[int]]:
@@ -41,25 +45,6 @@ def read_sequences(path: str | Path) -> list[list[int]]:
     return seqs
 
 
-def masked_logprobs(
-    logits_sbv: torch.Tensor, labels_bs: torch.Tensor, *, vocab_size: int, tp_rank: int
-) -> torch.Tensor:
-    """``log p(label)`` ``[b, s]`` in fp32 from vocabulary-parallel logits ``[s, b, v]``.
-
-    Columns past ``vocab_size`` (padding) get the lowest float so they carry no probability.
-    """
-    from megatron.core import tensor_parallel
-
-    logits_sbv = logits_sbv.float()
-    local = logits_sbv.shape[-1]
-    start = tp_rank * local
-    if start + local > vocab_size:
-        logits_sbv = logits_sbv.clone()
-        logits_sbv[..., max(0, vocab_size - start) :] = torch.finfo(torch.float32).min
-    labels_sb = labels_bs.transpose(0, 1).contiguous()
-    return -tensor_parallel.vocab_parallel_cross_entropy(logits_sbv, labels_sb).transpose(0, 1)
-
-
 def _batches(seqs: Sequence[list[int]], multiple: int) -> Iterator[dict[str, torch.Tensor]]:
     length = max(len(s) for s in seqs)
     length = -(-length // multiple) * multiple
@@ -76,19 +61,19 @@ def _forward_step(
     model: torch.nn.Module,
     *,
     vocab_size: int,
-    tp_rank: int,
+    tp_group: Any,
     device: torch.device,
 ) -> tuple[torch.Tensor, Any]:
     batch = {k: v.to(device) for k, v in next(data).items()}
     tokens = batch["tokens"]
     positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0)
     # Right padding under a causal mask leaves the real tokens' outputs untouched.
-    output = model(tokens, positions, None)
+    with final_hidden_states(model):
+        output = model(tokens, positions, None)
 
-    def loss_func(logits_bsv: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        # GPTModel returns [b, s, v] logits when it is given no labels.
-        logprobs_bs = masked_logprobs(
-            logits_bsv.transpose(0, 1), batch["labels"], vocab_size=vocab_size, tp_rank=tp_rank
+    def loss_func(hidden_sbh: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logprobs_bs, _ = output_logprobs_entropy(
+            model, hidden_sbh, batch["labels"], tp_group=tp_group, vocab_size=vocab_size
         )
         kept = logprobs_bs[0, : int(batch["n"]) - 1].detach().cpu()
         return logprobs_bs.sum() * 0.0, {"logprobs": kept}
@@ -101,7 +86,7 @@ def score_sequences(
     seqs: Sequence[list[int]],
     *,
     vocab_size: int,
-    tp_rank: int,
+    tp_group: Any = None,
     seq_multiple: int = 1,
     batch_size: int = 16,
     device: torch.device | None = None,
@@ -115,7 +100,7 @@ def score_sequences(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     device = device or torch.device("cpu")
-    step = partial(_forward_step, vocab_size=vocab_size, tp_rank=tp_rank, device=device)
+    step = partial(_forward_step, vocab_size=vocab_size, tp_group=tp_group, device=device)
     results: list[list[float]] = []
     is_last = False
     for chunk in chunks:
@@ -180,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         chunks,
         [seqs[i] for i in mine],
         vocab_size=hf.vocab_size,
-        tp_rank=ctx.tp_rank,
+        tp_group=ctx.tp_group if ctx.tp > 1 else None,
         seq_multiple=ctx.tp if parallel.sequence_parallel else 1,
         batch_size=args.batch_size,
         device=ctx.device,

@@ -16,7 +16,13 @@ from hpt_megatron.algorithms.advantages import (
 from hpt_megatron.algorithms.aggregation import pack_totals, unpack_totals
 from hpt_megatron.algorithms.dapo import dynamic_sampling_keep, overlong_penalty
 from hpt_megatron.algorithms.gate import HPTGate, HPTPlan, hpt_batch_plan, hpt_gate, hpt_route
-from hpt_megatron.algorithms.loss import loss_totals, policy_loss, resolve_spec, row_weights
+from hpt_megatron.algorithms.loss import (
+    loss_totals,
+    policy_loss,
+    resolve_spec,
+    row_weights,
+    zero_gradient_rows,
+)
 from hpt_megatron.algorithms.parts import kl_estimate
 from hpt_megatron.algorithms.presets import PRESETS, get_preset
 from hpt_megatron.algorithms.spec import AlgorithmSpec, OptionError
@@ -45,6 +51,7 @@ __all__ = [
     "policy_loss",
     "resolve_spec",
     "row_weights",
+    "zero_gradient_rows",
     "unpack_totals",
     "value_loss",
 ]

@@ -27,12 +27,12 @@ import torch
 
 from hpt_megatron.algorithms import aggregation as agg
 from hpt_megatron.algorithms._checks import as_vector, check_bt, check_mask
+from hpt_megatron.algorithms.corrections import mismatch_stats, rollout_correction
 from hpt_megatron.algorithms.parts import (
     TokenTerms,
     demo_terms,
     kl_estimate,
     on_policy_terms,
-    tis_weights,
 )
 from hpt_megatron.algorithms.presets import get_preset
 from hpt_megatron.algorithms.spec import AlgorithmSpec
@@ -99,6 +99,34 @@ def loss_totals(
     return agg.pack_totals(num_tokens, num_seqs)
 
 
+def zero_gradient_rows(
+    spec: AlgorithmSpec | str,
+    *,
+    advantages: torch.Tensor,
+    rl_weight: torch.Tensor,
+    sft_weight: torch.Tensor,
+) -> torch.Tensor:
+    """``[B]`` bool: rows whose every loss term is exactly zero, so their gradient is zero.
+
+    A row's RL term is its weight times its advantage (row-level here) times a finite factor,
+    its SFT term its SFT weight times ``sft_coef``; the entropy bonus and the KL penalty reach
+    every row, so with either on no row qualifies, nor with advantage ``gae`` (the trainer sets
+    the advantages from the critic's values after this choice). Such rows may be left out of the
+    forward and backward passes as long as they stay in the loss denominators (``loss_totals``).
+    """
+    spec = resolve_spec(spec)
+    batch = len(advantages)
+    adv_b = as_vector("advantages", advantages, torch.float64, batch)
+    rl_b = as_vector("rl_weight", rl_weight, torch.float64, batch)
+    sft_b = as_vector("sft_weight", sft_weight, torch.float64, batch)
+    if spec.entropy_coef != 0 or spec.kl_coef != 0 or spec.advantage == "gae":
+        # gae: the advantages come later, from the critic (the rows carry none yet)
+        return torch.zeros(batch, dtype=torch.bool)
+    no_rl = (adv_b == 0) | (rl_b == 0)
+    no_sft = (sft_b == 0) | (spec.sft_coef == 0)
+    return no_rl & no_sft
+
+
 def policy_loss(
     preset_or_spec: str | AlgorithmSpec,
     *,
@@ -129,7 +157,8 @@ def policy_loss(
         is_demo: ``[B]`` bool, True for offline demonstrations.
         rl_weight, sft_weight: ``[B]`` alpha and beta of each row (defaults: ``row_weights``).
         ref_logprobs: ``[B, T]`` reference-model log-probs (KL penalty as a loss term).
-        rollout_logprobs: ``[B, T]`` the rollout engine's log-probs (TIS, ``tis_cap``).
+        rollout_logprobs: ``[B, T]`` the rollout engine's log-probs: mismatch metrics, and the
+            TIS / MIS correction when the spec has one (``corrections.py``).
         global_num_tokens, global_num_seqs: mini-batch totals per term (``{"rl", "sft", "all"}``,
             or one number for all), from ``loss_totals``/``unpack_totals``; None: this batch's.
         dp_world_size: data-parallel ranks; only ``normalization='microbatch'`` divides by it.
@@ -186,6 +215,7 @@ class _Context:
     loss_tokens: dict[str, float | torch.Tensor]  # denominators of the loss
     loss_seqs: dict[str, float | torch.Tensor]
     metric_tokens: dict[str, float | torch.Tensor]  # denominators of the metrics
+    metric_seqs: dict[str, float | torch.Tensor]
 
 
 def _context(
@@ -208,7 +238,16 @@ def _context(
         loss_seqs = agg.resolve_totals(None, local_seqs, "")
     on_bt = mask_bt.bool() & ~demo_b[:, None]
     return _Context(
-        mask_bt.to(dtype), on_bt, demo_b, rl_b, sft_b, rows, loss_tokens, loss_seqs, metric_tokens
+        mask_bt.to(dtype),
+        on_bt,
+        demo_b,
+        rl_b,
+        sft_b,
+        rows,
+        loss_tokens,
+        loss_seqs,
+        metric_tokens,
+        metric_seqs,
     )
 
 
@@ -225,14 +264,25 @@ def _rl_term(
     terms = on_policy_terms(spec, logprobs, old_logprobs, advantages, ctx.on_bt)
     demo_bt = ctx.demo_b[:, None]
     term_bt = torch.where(demo_bt, demo_terms(spec, logprobs, advantages), terms.term_bt)
-    if spec.tis_cap is not None:
-        assert rollout_logprobs is not None
+    if rollout_logprobs is not None:
         base_bt = old_logprobs if old_logprobs is not None else logprobs
-        w_bt, cut_bt = tis_weights(base_bt, rollout_logprobs, spec.tis_cap)
-        term_bt = torch.where(ctx.on_bt, term_bt * w_bt.to(term_bt.dtype), term_bt)
-        metrics["tis_clip_frac"] = _share(
-            cut_bt.float(), ctx.on_bt.float(), ctx.rows["rl"], ctx.metric_tokens["rl"]
-        )
+        _mismatch_metrics(base_bt, rollout_logprobs, ctx, metrics)
+        if spec.corrects_rollout:
+            corr = rollout_correction(spec, base_bt, rollout_logprobs, ctx.on_bt)
+            term_bt = torch.where(ctx.on_bt, term_bt * corr.weight_bt.to(term_bt.dtype), term_bt)
+            on, rl_rows = ctx.on_bt.float(), ctx.rows["rl"]
+            if spec.tis_cap is not None:
+                metrics["tis_clip_frac"] = _share(
+                    corr.truncated_bt.float(), on, rl_rows, ctx.metric_tokens["rl"]
+                )
+            if spec.mis_high is not None:
+                metrics["mismatch/masked_token_frac"] = _share(
+                    corr.masked_bt.float(), on, rl_rows, ctx.metric_tokens["rl"]
+                )
+                masked_rows = (corr.masked_b & rl_rows.bool()).double().sum()
+                metrics["mismatch/masked_seq_frac"] = (
+                    masked_rows / agg._at_least_one(ctx.metric_seqs["rl"])
+                ).float()
     pg_loss = agg.aggregate(
         term_bt,
         ctx.mask,
@@ -243,6 +293,17 @@ def _rl_term(
         constant=spec.loss_agg_constant,
     )
     return pg_loss, terms
+
+
+def _mismatch_metrics(
+    base_bt: torch.Tensor, rollout_bt: torch.Tensor, ctx: _Context, metrics: Metrics
+) -> None:
+    """Trainer-versus-rollout log-prob mismatch on the on-policy tokens (shares of RL tokens)."""
+    abs_bt, k3_bt, top = mismatch_stats(base_bt, rollout_bt, ctx.on_bt)
+    on, rl_rows, total = ctx.on_bt.double(), ctx.rows["rl"], ctx.metric_tokens["rl"]
+    metrics["mismatch/logp_abs_diff_mean"] = _share(abs_bt, on, rl_rows, total)
+    metrics["mismatch/logp_abs_diff_max"] = top.float()
+    metrics["mismatch/k3_kl"] = _share(k3_bt, on, rl_rows, total)
 
 
 def _regularisers(
@@ -303,7 +364,7 @@ def _check_inputs(
         "old_logprobs": spec.denominator in ("old", "gspo"),
         "entropy": spec.entropy_coef > 0,
         "ref_logprobs": spec.kl_coef > 0 and spec.kl_mode == "loss",
-        "rollout_logprobs": spec.tis_cap is not None,
+        "rollout_logprobs": spec.corrects_rollout,
     }
     for name, needed in needs.items():
         if needed and named[name] is None:

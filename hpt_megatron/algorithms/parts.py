@@ -134,16 +134,3 @@ def demo_terms(
     if spec.luffy_gamma is not None:
         prob_bt = prob_bt / (prob_bt + spec.luffy_gamma)
     return -adv_bt * prob_bt
-
-
-def tis_weights(
-    base_logprobs_bt: torch.Tensor, rollout_logprobs_bt: torch.Tensor, cap: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated importance sampling: (min(pi_trainer / pi_rollout, cap) detached, truncated).
-
-    ``base_logprobs_bt`` is pi_old (or pi_theta without an old policy): the policy the trainer
-    believes sampled the tokens; the rollout engine's log-probs differ numerically from it.
-    """
-    log_w_bt = (base_logprobs_bt.detach() - rollout_logprobs_bt).clamp(max=_MAX_LOG_RATIO)
-    w_bt = torch.exp(log_w_bt)
-    return w_bt.clamp(max=cap), w_bt > cap

@@ -22,6 +22,7 @@ Mask = Literal["none", "clip", "dual_clip", "cispo", "seq_clip"]
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
 KLEstimator = Literal["k1", "k2", "k3"]
 KLMode = Literal["loss", "reward"]
+CorrectionLevel = Literal["token", "sequence", "geometric"]
 Normalization = Literal["global", "microbatch"]
 BatchRule = Literal["none", "hpt_gate", "demo_in_group", "dynamic_sampling", "sft_then_rl"]
 DemoTerm = Literal["rl", "sft"]
@@ -71,7 +72,12 @@ class AlgorithmSpec:
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip_c: float = 3.0
-    tis_cap: float | None = None  # truncated IS weight min(pi_old / pi_rollout, cap)
+    # --- off-policy correction against the rollout engine (corrections.py) ------------------
+    tis_cap: float | None = None  # truncated IS weight min(rho, cap), rho = pi_old / pi_rollout
+    tis_level: CorrectionLevel = "token"  # the level of the IS weight rho
+    mis_high: float | None = None  # masked IS: drop where rho leaves [mis_low, mis_high]
+    mis_low: float | None = None  # None: 1 / mis_high
+    mis_level: CorrectionLevel = "token"  # token: drop tokens; sequence/geometric: whole rows
     # --- aggregation --------------------------------------------------------------------------
     aggregation: Aggregation = "token_mean"
     loss_agg_constant: float = 8192.0  # divisor of token_sum_norm
@@ -98,7 +104,7 @@ class AlgorithmSpec:
     @property
     def needs_old_logprobs(self) -> bool:
         """Whether the trainer must supply ``old_logprobs`` (recomputed or from the rollout)."""
-        return self.denominator in ("old", "gspo") or self.tis_cap is not None
+        return self.denominator in ("old", "gspo") or self.corrects_rollout
 
     @property
     def needs_ref_logprobs(self) -> bool:
@@ -106,8 +112,19 @@ class AlgorithmSpec:
         return self.kl_coef > 0
 
     @property
+    def corrects_rollout(self) -> bool:
+        """Whether the on-policy term is reweighted against the rollout engine (TIS / MIS)."""
+        return self.tis_cap is not None or self.mis_high is not None
+
+    @property
     def needs_rollout_logprobs(self) -> bool:
-        return self.tis_cap is not None
+        return self.corrects_rollout
+
+    @property
+    def mis_band(self) -> tuple[float, float]:
+        """``(low, high)`` of masked IS (only meaningful when ``mis_high`` is set)."""
+        assert self.mis_high is not None
+        return (1.0 / self.mis_high if self.mis_low is None else self.mis_low), self.mis_high
 
     @property
     def advantage_options(self) -> dict[str, Any]:
@@ -168,6 +185,8 @@ class AlgorithmSpec:
                 batch_rule="none",
                 kl_coef=0.0,
                 tis_cap=None,
+                mis_high=None,
+                mis_low=None,
             )
         return dataclasses.replace(self, name=f"{self.name}:rl", batch_rule="none")
 
@@ -196,6 +215,13 @@ def _validate_parts(s: AlgorithmSpec) -> None:
         raise OptionError("loss_agg_constant", f"must be > 0, got {s.loss_agg_constant}")
     if s.tis_cap is not None and s.tis_cap <= 0:
         raise OptionError("tis_cap", f"must be > 0, got {s.tis_cap}")
+    if s.mis_high is not None and s.mis_high <= 0:
+        raise OptionError("mis_high", f"must be > 0, got {s.mis_high}")
+    if s.mis_low is not None:
+        if s.mis_high is None:
+            raise OptionError("mis_low", "masked IS is on only with mis_high; set it too")
+        if not 0 <= s.mis_low <= s.mis_high:
+            raise OptionError("mis_low", f"must be in [0, mis_high={s.mis_high}], got {s.mis_low}")
     if s.luffy_gamma is not None and s.luffy_gamma <= 0:
         raise OptionError("luffy_gamma", f"must be > 0, got {s.luffy_gamma}")
     if s.adv_eps < 0:

@@ -30,10 +30,16 @@ class CpuEngineConfig:
 
     max_batch_rows: int = 512  # (prompt x sample) rows decoded together
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # Intra-op threads while generating. 0 (auto): colocated, the threads of every trainer rank
+    # on the node (they wait idle during generation); disaggregated, the driver's own (training
+    # runs at the same time).
+    threads: int = 0
 
     def validate(self) -> None:
         if self.max_batch_rows < 1:
             raise ValueError(f"max_batch_rows: must be >= 1, got {self.max_batch_rows}")
+        if self.threads < 0:
+            raise ValueError(f"threads: must be >= 0 (0: auto), got {self.threads}")
 
 
 @dataclass(kw_only=True)
@@ -111,6 +117,10 @@ class RolloutConfig:
     top_k: int = -1
     max_new_tokens: int = 1024
     stop: list[str] = field(default_factory=list)  # stop strings, besides EOS
+    # Partial rollouts (disaggregated, CPU engine): weights pushed mid-generation are loaded
+    # between two decode steps and the responses continue with them (each token keeps the
+    # version and log-prob it was sampled with).
+    partial: bool = False
     cpu: CpuEngineConfig = field(default_factory=CpuEngineConfig)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from hpt_megatron.algorithms import AlgorithmSpec
 from hpt_megatron.config import HPTConfig
@@ -168,6 +171,7 @@ class Driver:
                     response_text=text,
                     finish_reason=gen.finish_reason,
                     weight_version=gen.weight_version,
+                    token_versions=gen.token_versions,
                     metadata={"data_source": prompt.data_source},
                 )
             )
@@ -204,6 +208,7 @@ def build_rollout_engine(
         return HFCpuEngine.from_config(
             hf,
             max_batch_rows=cfg.rollout.cpu.max_batch_rows,
+            threads=generation_threads(cfg),
             seed=cfg.run.seed,
             tokenizer=tokenizer,
             eos_token_ids=[tokenizer.eos_token_id],
@@ -222,6 +227,24 @@ def build_rollout_engine(
     return build_sglang_engine(
         rollout, hf=hf, tokenizer=tokenizer, run_dir=run_dir, model_path=cfg.model.hf_weights
     )
+
+
+def generation_threads(cfg: HPTConfig) -> int:
+    """The CPU engine's intra-op threads while it generates (``rollout.cpu.threads``).
+
+    Auto, colocated: the other trainer ranks of this node wait in a collective while the driver
+    generates (gloo's wait does not spin), so their threads go to generation: the node's ranks
+    (torchrun's ``LOCAL_WORLD_SIZE``) times this rank's threads, at most the cores this process
+    may run on. Auto, disaggregated: the producer generates while the trainer trains, so this
+    rank's own threads.
+    """
+    if cfg.rollout.cpu.threads:
+        return cfg.rollout.cpu.threads
+    own = torch.get_num_threads()
+    if cfg.run.placement != "colocated":
+        return own
+    node_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(node_ranks * own, len(os.sched_getaffinity(0))))
 
 
 def _success_rates(rollouts: list[Sample]) -> list[float]:

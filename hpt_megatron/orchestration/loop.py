@@ -1,17 +1,16 @@
 """``hpt train``: the loop that sequences rollout -> batch rule -> update -> weight sync -> metrics.
 
-    for step:  driver.rollout (rank 0) -> broadcast -> policy update (all ranks) -> sync -> log
+    for step:  batch (driver) -> broadcast -> policy update (all ranks) -> sync -> log
 
-Colocated placement runs the halves in turn. Disaggregated placement with ``max_staleness: 1``
-generates step t+1 in a background thread while step t trains (one step off-policy): the batch of
-step t+1 comes from the weights after step t-1, and the weights of step t are loaded only after
-that generation has finished, so the engine never changes weights mid-generation.
+Colocated placement generates each batch in line, after the previous step's weights were
+loaded. Disaggregated placement generates in a background producer under the staleness bound
+``run.max_staleness`` (``orchestration/rollouts.py``): the trainer's weights are queued for the
+producer after each update, and the trainer waits only when the batch it needs is not ready.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ import torch
 
 from hpt_megatron.algorithms import AlgorithmSpec
 from hpt_megatron.config import HPTConfig, dump_yaml
-from hpt_megatron.data.sample import RolloutBatch
 from hpt_megatron.data.tokenizer import load_tokenizer
 from hpt_megatron.models.export import save_hf_folder
 from hpt_megatron.models.hf_config import HFModelConfig
@@ -33,6 +31,7 @@ from hpt_megatron.models.provider import (
 )
 from hpt_megatron.orchestration.driver import Driver
 from hpt_megatron.orchestration.metrics import MetricsLogger, derived_metrics
+from hpt_megatron.orchestration.rollouts import make_rollouts
 from hpt_megatron.orchestration.weight_sync import sync_weights
 from hpt_megatron.parallel.runtime import (
     ParallelContext,
@@ -77,7 +76,7 @@ class Run:
 def train(cfg: HPTConfig) -> dict[str, float]:
     """Run (or resume) a training run; returns the last step's metrics on the driver."""
     hf = resolve_model_config(cfg)  # model-vs-parallel errors before any process group starts
-    spec = cfg.algorithm.spec()
+    spec = cfg.algorithm.spec(max_staleness=cfg.run.max_staleness)
     ctx = init_distributed(cfg.parallel, seed=cfg.run.seed)
     driver = None
     try:
@@ -179,44 +178,49 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
     )
     engine = driver.engine if driver is not None else None
     sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=start)
-    overlap = cfg.run.placement == "disaggregated" and cfg.run.max_staleness == 1
-    rollouts = _Rollouts(driver, run.spec, cfg.run.steps, overlap)
+    colocated = cfg.run.placement == "colocated"
+    rollouts = make_rollouts(
+        driver,
+        run.spec,
+        start,
+        cfg.run.steps,
+        cfg.run.placement,
+        cfg.run.max_staleness,
+        cfg.rollout.partial,
+    )
     metrics: dict[str, float] = {}
     try:
         for step in range(start, cfg.run.steps):
             t_step = time.perf_counter()
-            batch = broadcast_from_driver(ctx, rollouts.batch(step))
+            spec = run.spec.phase_for_step(step)
+            batch = broadcast_from_driver(ctx, rollouts.batch(step, spec))
             assert batch is not None
             if ctx.is_driver and cfg.logging.save_rollouts:
                 (run.run_dir / "rollouts").mkdir(exist_ok=True)
                 batch.save_jsonl(run.run_dir / "rollouts" / f"step_{step + 1:06d}.jsonl")
-            if engine is not None and not overlap:
+            if engine is not None and colocated:
                 engine.release_memory()  # colocated: the trainer gets the devices
-            train_metrics = run.update.update(batch.samples, run.spec.phase_for_step(step), step)
-            if engine is not None and not overlap:
+            train_metrics = run.update.update(batch.samples, spec, step)
+            if engine is not None and colocated:
                 engine.resume_memory()
-            wait_s = rollouts.finish_pending()  # step t+1's generation ends before reloading
             t_sync = time.perf_counter()
-            sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=step + 1)
+            sync_weights(rollouts.weight_sink, run.policy.model_chunks, run.hf, ctx, step + 1)
             metrics = {
                 **batch.metrics,
                 **train_metrics,
                 "time/weight_sync_s": time.perf_counter() - t_sync,
-                "time/rollout_wait_s": batch.metrics.get("time/rollout_wait_s", 0.0) + wait_s,
-                "rollout/staleness": float(overlap),
             }
             if cfg.run.val_every and (step + 1) % cfg.run.val_every == 0:
                 # Every rank needs the score: it decides whether all of them save "best".
-                val = driver.validate() if driver is not None else {}
-                metrics.update(broadcast_from_driver(ctx, val))
+                metrics.update(broadcast_from_driver(ctx, rollouts.validate()))
             metrics["time/step_s"] = time.perf_counter() - t_step
             metrics.update(derived_metrics(metrics))
             logger.log(step + 1, metrics)
             for key, values in batch.histograms.items():
                 logger.histogram(step + 1, key, values)
-            # The data position of the next batch when it was already drawn (one-step-off
-            # generation), so a resumed run draws that batch again.
-            data = rollouts.next_sampler_state() if driver is not None else None
+            # The data position before the next batch was drawn (batches generated ahead are
+            # drawn again by a resumed run).
+            data = rollouts.next_sampler_state(step)
             score = metrics.get("val/accuracy")
             if critic_ckpt is not None and run.checkpointer.will_save(step + 1, score):
                 critic_ckpt.save(step_dir(ckpt_root, step + 1))  # before the policy's
@@ -229,51 +233,6 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
     if cfg.checkpoint.export_hf:
         _export_final(run)
     return metrics
-
-
-class _Rollouts:
-    """The driver's batches in step order; with ``overlap``, step t+1 is generated in a thread
-    while step t trains. Other ranks get None."""
-
-    def __init__(self, driver: Driver | None, spec: AlgorithmSpec, steps: int, overlap: bool):
-        self.driver = driver
-        self.spec = spec
-        self.steps = steps
-        self.executor = ThreadPoolExecutor(1) if overlap and driver is not None else None
-        self.pending: Future[RolloutBatch] | None = None
-
-    def _make(self, step: int) -> RolloutBatch:
-        assert self.driver is not None
-        return self.driver.rollout(step, self.spec.phase_for_step(step))
-
-    def batch(self, step: int) -> RolloutBatch | None:
-        if self.driver is None:
-            return None
-        t0 = time.perf_counter()
-        batch = self.pending.result() if self.pending is not None else self._make(step)
-        batch.metrics["time/rollout_wait_s"] = time.perf_counter() - t0
-        self.pending = None
-        if self.executor is not None and step + 1 < self.steps:
-            self.pending = self.executor.submit(self._make, step + 1)
-        return batch
-
-    def finish_pending(self) -> float:
-        """Wait for the background generation of the next step; seconds waited."""
-        if self.pending is None:
-            return 0.0
-        t0 = time.perf_counter()
-        self.pending.result()
-        return time.perf_counter() - t0
-
-    def next_sampler_state(self) -> dict[str, Any]:
-        assert self.driver is not None
-        if self.pending is not None:
-            return self.pending.result().sampler_state or {}
-        return self.driver.state_dict()
-
-    def close(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _export_final(run: Run) -> Path:

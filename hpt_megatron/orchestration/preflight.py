@@ -43,8 +43,22 @@ def preflight(cfg: HPTConfig, world_size: int) -> None:
     _check_data(cfg)
     _check_rewards(cfg)
     _check_sglang(cfg)
+    _check_schedule(cfg)
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir():
         raise ConfigError(f"run.resume: {cfg.run.resume} is not a checkpoint directory")
+
+
+def _check_schedule(cfg: HPTConfig) -> None:
+    if cfg.rollout.partial and cfg.run.placement != "disaggregated":
+        raise ConfigError(
+            "rollout.partial: partial rollouts continue generations across weight pushes, which "
+            "only disaggregated placement makes (run.placement: disaggregated)"
+        )
+    if cfg.rollout.partial and cfg.rollout.engine != "cpu":
+        raise ConfigError(
+            "rollout.partial: only the CPU engine continues a generation with new weights; "
+            "with SGLang it is not built yet (set false)"
+        )
 
 
 def _check_model(cfg: HPTConfig) -> None:

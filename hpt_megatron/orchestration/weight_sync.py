@@ -8,7 +8,8 @@ holds one full copy of the policy while loading, as the engine itself does.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,13 @@ import torch.distributed as dist
 from hpt_megatron.models.export import export_hf_weights
 from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.parallel.runtime import ParallelContext
-from hpt_megatron.rollout.base import RolloutEngine
+from hpt_megatron.rollout.base import WeightBucket
+
+
+class WeightSink(Protocol):
+    """Where the driver puts the buckets: the engine, or a queue in front of it."""
+
+    def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None: ...
 
 
 def local_buckets(
@@ -31,7 +38,7 @@ def local_buckets(
 
 
 def sync_weights(
-    engine: RolloutEngine | None,
+    engine: WeightSink | None,
     chunks: list[torch.nn.Module],
     hf: HFModelConfig,
     ctx: ParallelContext,

@@ -28,7 +28,9 @@ class Generation:
     ``logprobs`` are the raw model's log-probs of ``token_ids`` (temperature 1, no top-k/top-p),
     the quantity the trainer recomputes as pi_old. ``sampling_logprobs``, when an engine reports
     them, are under the distribution the tokens were drawn from (after temperature, top-k, top-p);
-    they equal ``logprobs`` at temperature 1 without truncation.
+    they equal ``logprobs`` at temperature 1 without truncation. ``weight_version`` is the
+    version the response started with; ``token_versions``, when an engine reports them, the
+    version each token was sampled with (they differ after a partial rollout's weight push).
     """
 
     prompt_index: int
@@ -37,6 +39,7 @@ class Generation:
     finish_reason: str  # "stop" | "length" | "abort"
     weight_version: int = 0
     sampling_logprobs: list[float] | None = None
+    token_versions: list[int] | None = None
 
 
 WeightBucket = list[tuple[str, torch.Tensor]]  # (Hugging Face name, full tensor)

@@ -12,9 +12,10 @@ Shape legend: B = rows (prompt x sample) in a chunk, L = padded prompt length, T
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ class _Chunk:
     sampled_bt: torch.Tensor
     length_b: torch.Tensor  # tokens kept per row
     stopped_b: torch.Tensor  # True: EOS / stop token / stop string; False: hit max_new_tokens
+    version_bt: torch.Tensor  # the weight version each token was sampled with
 
 
 class HFCpuEngine:
@@ -53,6 +55,7 @@ class HFCpuEngine:
         model: a causal LM (``AutoModelForCausalLM``); put in eval mode, kept on CPU.
         tokenizer: needed only for stop strings; a ``PreTrainedTokenizerBase``.
         max_batch_rows: most (prompt x sample) rows decoded together.
+        threads: torch intra-op threads while generating (restored after); None: leave as set.
         eos_token_ids: always stop on these; default: the model's generation/config EOS ids.
         pad_token_id: filler for left padding and finished rows; default: the first EOS id.
     """
@@ -65,9 +68,13 @@ class HFCpuEngine:
         max_batch_rows: int = 512,
         eos_token_ids: Iterable[int] | None = None,
         pad_token_id: int | None = None,
+        threads: int | None = None,
     ) -> None:
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_rows = max_batch_rows
@@ -77,6 +84,8 @@ class HFCpuEngine:
         fallback_pad = self.eos_token_ids[0] if self.eos_token_ids else 0
         self.pad_token_id = fallback_pad if pad_token_id is None else pad_token_id
         self.weight_version = 0
+        # Called between two decode steps (partial rollouts: it may load new weights).
+        self.decode_hook: Callable[[], None] | None = None
         self._params = dict(model.state_dict(keep_vars=True))
         self._closed = False
         # transformers >= 5.2x names the cache argument ``cache``; older ones ``past_key_values``.
@@ -137,10 +146,11 @@ class HFCpuEngine:
         generator = torch.Generator().manual_seed(seed)
         per_chunk = max(1, self.max_batch_rows // params.n)
         out: list[Generation] = []
-        for start in range(0, len(prompts), per_chunk):
-            chunk_prompts = prompts[start : start + per_chunk]
-            chunk = self._generate_chunk(chunk_prompts, params, generator)
-            out.extend(self._to_generations(chunk, start, params.n))
+        with _intra_op_threads(self.threads):
+            for start in range(0, len(prompts), per_chunk):
+                chunk_prompts = prompts[start : start + per_chunk]
+                chunk = self._generate_chunk(chunk_prompts, params, generator)
+                out.extend(self._to_generations(chunk, start, params.n))
         return out
 
     @torch.inference_mode()
@@ -175,6 +185,7 @@ class HFCpuEngine:
             sampled_bt=torch.zeros(B, T),
             length_b=torch.full((B,), T, dtype=torch.long),
             stopped_b=torch.zeros(B, dtype=torch.bool),
+            version_bt=torch.zeros(B, T, dtype=torch.long),
         )
         rows_a = torch.arange(B)  # active rows (A <= B): indices into the chunk
         next_pos_a = pos_bl[:, -1] + 1
@@ -184,6 +195,7 @@ class HFCpuEngine:
             res.tokens_bt[rows_a, t] = tok_a
             res.sampled_bt[rows_a, t] = sampled_a
             res.raw_bt[rows_a, t] = raw_a
+            res.version_bt[rows_a, t] = self.weight_version
             done_a = torch.isin(tok_a, stop_ids)
             if matcher is not None:
                 done_a |= matcher.matches(res.tokens_bt[rows_a, : t + 1])
@@ -201,6 +213,8 @@ class HFCpuEngine:
                 rows_a, tok_a = rows_a[keep_idx], tok_a[keep_idx]
                 next_pos_a, mask_a = next_pos_a[keep_idx], mask_a[keep_idx]
             mask_a = torch.cat([mask_a, torch.ones_like(mask_a[:, :1])], dim=-1)
+            if self.decode_hook is not None:  # new weights for the next token (the KV cache
+                self.decode_hook()  # of the tokens so far stays as the old weights made it)
             logits = self.model(
                 input_ids=tok_a[:, None],
                 attention_mask=mask_a,
@@ -222,7 +236,7 @@ class HFCpuEngine:
 
     def _to_generations(self, chunk: _Chunk, first_prompt: int, n: int) -> list[Generation]:
         tokens, raw, sampled = chunk.tokens_bt.tolist(), chunk.raw_bt.tolist(), chunk.sampled_bt
-        sampled_list = sampled.tolist()
+        sampled_list, versions = sampled.tolist(), chunk.version_bt.tolist()
         out = []
         for b, (length, stopped) in enumerate(
             zip(chunk.length_b.tolist(), chunk.stopped_b.tolist())
@@ -234,7 +248,8 @@ class HFCpuEngine:
                     logprobs=raw[b][:length],
                     sampling_logprobs=sampled_list[b][:length],
                     finish_reason="stop" if stopped else "length",
-                    weight_version=self.weight_version,
+                    weight_version=versions[b][0] if length else self.weight_version,
+                    token_versions=versions[b][:length],
                 )
             )
         return out
@@ -292,6 +307,20 @@ class HFCpuEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the CPU rollout engine was shut down")
+
+
+@contextlib.contextmanager
+def _intra_op_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _model_eos_ids(model: torch.nn.Module) -> list[int]:

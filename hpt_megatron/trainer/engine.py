@@ -1,6 +1,6 @@
 """The Megatron training engine: model chunks in DDP, optimizer, LR schedule, one step.
 
-Shape legend: B rows of a micro-batch, S padded sequence length, V_l local vocabulary shard.
+Shape legend: B rows of a micro-batch, S padded sequence length, H hidden size.
 
 Loss normalisation. A loss function returns its micro-batch's *share* of the mini-batch loss
 (normalised by totals over the whole mini-batch and every data-parallel rank), so that the shares
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from hpt_megatron.config.sections import TrainerConfig
-from hpt_megatron.parallel.logprobs import vocab_parallel_logprobs_entropy
+from hpt_megatron.parallel.logprobs import final_hidden_states, output_logprobs_entropy
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.trainer.batching import MicroBatch
 
@@ -80,12 +80,14 @@ class TrainEngine:
         def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
             mb = next(data_iterator)
             ids, pos = mb.input_ids_bs.to(device), mb.position_ids_bs.to(device)
-            logits_bsv = model(ids, pos, None)
+            with final_hidden_states(model):  # the output layer runs fused with the log-probs
+                hidden_sbh = model(ids, pos, None)
 
-            def loss_func(output_bsv: torch.Tensor, non_loss_data: bool = False):
+            def loss_func(output_sbh: torch.Tensor, non_loss_data: bool = False):
                 targets = mb.targets_bs.to(device)
-                logprobs_bs, entropy_bs = vocab_parallel_logprobs_entropy(
-                    output_bsv,
+                logprobs_bs, entropy_bs = output_logprobs_entropy(
+                    model,
+                    output_sbh,
                     targets,
                     tp_group=tp_group,
                     chunk_tokens=chunk,
@@ -97,7 +99,7 @@ class TrainEngine:
                 share, metrics = loss_fn(logprobs_bs, entropy_bs, mb)
                 return share * scale, {k: v.detach().float() for k, v in metrics.items()}
 
-            return logits_bsv, loss_func
+            return hidden_sbh, loss_func
 
         iterators = [iter(microbatches) for _ in self.model_chunks]
         fb = get_forward_backward_func()
@@ -141,18 +143,19 @@ class TrainEngine:
         return StepResult(grad_norm=grad_norm, skipped=skipped, lr=lr, metrics=metrics)
 
     def _reduce_metrics(self, per_mb: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Sum over micro-batches, then over the data-parallel ranks of the last stage."""
+        """Sum over micro-batches, then over the data-parallel ranks of the last stage (the max
+        for keys ending in ``_max``)."""
         local: dict[str, float] = {}
         for metrics in per_mb:
             for key, value in metrics.items():
-                local[key] = local.get(key, 0.0) + float(value.sum())
+                local[key] = _combine(key, local.get(key), float(value.sum()))
         count_me = self.ctx.is_last_stage and self.ctx.tp_rank == 0
         gathered: list = [None] * self.ctx.world_size
         dist.all_gather_object(gathered, local if count_me else {}, group=self.ctx.cpu_group)
         total: dict[str, float] = {}
         for entry in gathered:
             for key, value in entry.items():
-                total[key] = total.get(key, 0.0) + value
+                total[key] = _combine(key, total.get(key), value)
         return total
 
     def _optimizer_step(self) -> tuple[float, bool]:
@@ -177,3 +180,10 @@ class TrainEngine:
                     )
         opt.step_with_ready_grads()
         return grad_norm, False
+
+
+def _combine(key: str, acc: float | None, value: float) -> float:
+    """Metric reduction: shares add up; ``*_max`` keys take the maximum."""
+    if acc is None:
+        return value
+    return max(acc, value) if key.endswith("_max") else acc + value

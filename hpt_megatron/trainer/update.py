@@ -10,10 +10,14 @@ rank) and the spec in force, :meth:`PolicyUpdate.update`
    assignment from the lengths alone) and collates only this rank's rows into token-budget
    micro-batches;
 3. takes each mini-batch's loss denominators from the lengths and weights of all its rows, so no
-   rank collates another rank's rows and no collective is needed;
+   rank collates another rank's rows and no collective is needed; rows whose every loss term is
+   exactly zero (``algorithms.zero_gradient_rows``: zero advantage, no SFT weight, no entropy or
+   KL term) stay in those denominators but are not collated, so they cost no forward or backward
+   (the rows before step 2; a mini-batch left without rows keeps one zero-weight row so that
+   every rank still takes part in the step);
 4. recomputes the old log-probs once, before the first update, when the spec needs pi_old and
-   there is more than one update per step (or truncated IS against the rollout engine), or
-   when a KL term is on; then scores the rows with the reference (``trainer/reference.py``);
+   there is more than one update per step, or when a KL term is on; then scores the rows with
+   the reference (``trainer/reference.py``);
 5. with advantage ``gae``, runs the critic's phase (``trainer/critic.py``: values, GAE
    advantages and returns, the critic's updates), and stops there during its warm-up;
 6. runs ``epochs`` passes of one optimizer update per mini-batch through the engine, with
@@ -29,7 +33,13 @@ from typing import Protocol
 
 import torch
 
-from hpt_megatron.algorithms import AlgorithmSpec, loss_totals, policy_loss, unpack_totals
+from hpt_megatron.algorithms import (
+    AlgorithmSpec,
+    loss_totals,
+    policy_loss,
+    unpack_totals,
+    zero_gradient_rows,
+)
 from hpt_megatron.data.sample import Sample
 from hpt_megatron.trainer.batching import MicroBatch, collate, token_budget_microbatches
 from hpt_megatron.trainer.critic import Critic, critic_phase
@@ -129,6 +139,25 @@ def minibatch_totals(spec: AlgorithmSpec, samples: list[Sample]) -> torch.Tensor
     )
 
 
+def gradient_rows(spec: AlgorithmSpec, samples: list[Sample]) -> tuple[list[Sample], int]:
+    """The rows of ``samples`` that can contribute to the gradient, and how many were left out.
+
+    Never empty: a zero-weight copy of the first row stands in for none, so the ranks still run
+    the step together.
+    """
+    zero_b = zero_gradient_rows(
+        spec,
+        advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float64),
+        rl_weight=torch.tensor([s.rl_weight for s in samples], dtype=torch.float64),
+        sft_weight=torch.tensor([s.sft_weight for s in samples], dtype=torch.float64),
+    )
+    kept = [s for s, zero in zip(samples, zero_b.tolist()) if not zero]
+    elided = len(samples) - len(kept)
+    if not kept:
+        kept = [dataclasses.replace(samples[0], rl_weight=0.0, sft_weight=0.0, advantage=0.0)]
+    return kept, elided
+
+
 def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[MicroBatch]:
     """This data-parallel rank's micro-batches of ``samples`` (``sample_index_b`` indexes them).
 
@@ -175,29 +204,33 @@ class PolicyUpdate:
             return {"train/skipped_empty": 1.0}
         layout = self.layout
         minis = split_groups(samples, layout.mini_batches)
-        local = [local_microbatches(mini, layout) for mini in minis]
+        trained = [gradient_rows(spec, mini) for mini in minis]
+        local = [local_microbatches(rows, layout) for rows, _ in trained]
         losses = [PolicyLoss(spec, minibatch_totals(spec, mini), layout.dp) for mini in minis]
+        elided = sum(count for _, count in trained)
         timings = {"time/logprob_s": 0.0, "time/train_s": 0.0}
         updates = len(minis) * layout.epochs
-        # The KL terms compare pi_old with pi_ref, so a reference needs pi_old too.
+        # One update per step: pi_old is pi_theta before the update, which the loss has already.
+        # The KL terms compare pi_old with pi_ref, so a reference needs pi_old in any case.
         uses_ref = self.reference is not None and spec.needs_ref_logprobs
-        if uses_ref or (spec.needs_old_logprobs and (updates > 1 or spec.tis_cap is not None)):
+        if uses_ref or (spec.needs_old_logprobs and updates > 1):
             t0 = time.perf_counter()
             for microbatches in local:
                 self._attach_old_logprobs(microbatches)
             timings["time/logprob_s"] = time.perf_counter() - t0
-        owned = [bool(dp_shards(mini, layout.dp)[layout.dp_rank]) for mini in minis]
+        kept = [rows for rows, _ in trained]  # what the micro-batches index
+        owned = [bool(dp_shards(rows, layout.dp)[layout.dp_rank]) for rows in kept]
         extra: dict[str, float] = {}
         kl_rows = None
         if uses_ref:
             assert self.reference is not None
             t0 = time.perf_counter()
-            extra, kl_rows = attach_reference(self.reference, spec, minis, local, owned)
+            extra, kl_rows = attach_reference(self.reference, spec, kept, local, owned)
             timings["time/ref_s"] = time.perf_counter() - t0
         if self.critic is not None and spec.advantage == "gae":
             reward_kl = kl_rows if spec.kl_mode == "reward" else None
             critic, cfg = self.critic.engine, self.critic.cfg
-            extra |= critic_phase(critic, cfg, spec, minis, local, owned, layout.epochs, reward_kl)
+            extra |= critic_phase(critic, cfg, spec, kept, local, owned, layout.epochs, reward_kl)
             if step < cfg.critic_warmup_steps:  # the critic learns alone first
                 return {**extra, **timings, "train/critic_warmup": 1.0}
         metrics: dict[str, float] = {}
@@ -214,6 +247,7 @@ class PolicyUpdate:
                 }
         metrics.update(extra)
         metrics["train/rows"] = float(len(samples))
+        metrics["train/rows_elided_frac"] = elided / len(samples)
         metrics["train/tokens"] = float(sum(len(s.response_ids) for s in samples))
         return {**metrics, **timings}
 

@@ -36,7 +36,11 @@ def main() -> None:
         )
         load_model_checkpoint(chunks, ckpt)
         results[ckpt] = score_sequences(
-            chunks, seqs, vocab_size=hf.vocab_size, tp_rank=ctx.tp_rank, batch_size=2
+            chunks,
+            seqs,
+            vocab_size=hf.vocab_size,
+            tp_group=ctx.tp_group if ctx.tp > 1 else None,
+            batch_size=2,
         )
     if ctx.is_last_stage and ctx.tp_rank == 0:
         print(json.dumps(results))

@@ -116,6 +116,17 @@ def test_bad_flags(capsys, args, message):
             ["algorithm.options.kl_coef=0.01", "algorithm.reference.offload=true"],
             "algorithm.reference.offload: moving the reference's weights to host memory",
         ),
+        (["rollout.partial=true"], "rollout.partial: partial rollouts continue generations"),
+        (
+            [
+                "rollout.partial=true",
+                "run.placement=disaggregated",
+                "rollout.engine=sglang",
+                "rollout.sglang.device=cpu",
+            ],
+            "rollout.partial: only the CPU engine",
+        ),
+        (["run.max_staleness=-1"], "run.max_staleness: must be >= 0"),
     ],
 )
 def test_preflight_names_the_key(capsys, overrides, message):

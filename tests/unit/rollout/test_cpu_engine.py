@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -180,3 +182,83 @@ def test_from_pretrained_loads_tokenizer(tmp_path) -> None:
     assert not engine.health()
     with pytest.raises(RuntimeError, match="shut down"):
         engine.generate(PROMPTS, SamplingParams())
+
+
+def test_threads_used_while_generating_and_restored(model: torch.nn.Module) -> None:
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    hook = model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        params = SamplingParams(temperature=1.0, max_new_tokens=4, n=2, seed=3)
+        one = HFCpuEngine(model, max_batch_rows=64, threads=1).generate(PROMPTS, params)
+        two = HFCpuEngine(model, max_batch_rows=64, threads=2).generate(PROMPTS, params)
+    finally:
+        hook.remove()
+    assert set(seen) == {1, 2} and torch.get_num_threads() == before
+    # Threads change the speed, not the samples.
+    assert [g.token_ids for g in one] == [g.token_ids for g in two]
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        HFCpuEngine(model, threads=0)
+
+
+def test_generation_threads_auto_gives_idle_ranks_cores(monkeypatch) -> None:
+    from hpt_megatron.config import load_config
+    from hpt_megatron.orchestration.driver import generation_threads
+
+    own = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    sync = load_config("examples/tiny_cpu.yaml")
+    assert generation_threads(sync) == max(1, min(2 * own, cores))
+    off = load_config(
+        "examples/tiny_cpu.yaml", ["run.placement=disaggregated", "run.max_staleness=1"]
+    )
+    assert generation_threads(off) == own
+    fixed = load_config("examples/tiny_cpu.yaml", ["rollout.cpu.threads=3"])
+    assert generation_threads(fixed) == 3
+
+
+def test_partial_rollout_continues_with_new_weights_and_keeps_each_tokens_logprob() -> None:
+    """A weight push lands between decode steps 3 and 4: the response carries two versions, the
+    first tokens' log-probs are the old model's, the later ones those of the new weights reading
+    the KV cache the old weights wrote (computed here with HF's own cache, one token at a time)."""
+    from transformers import DynamicCache
+
+    config = tiny_config("llama")
+    old = build_tiny_model(config=config, init_std=0.2, seed=0)
+    new_state = build_tiny_model(config=config, init_std=0.2, seed=1).state_dict()
+    engine = HFCpuEngine(build_tiny_model(config=config, init_std=0.2, seed=0), max_batch_rows=8)
+    calls = []
+
+    def push_on_third_step() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            engine.update_weights([list(new_state.items())], version=7)
+
+    engine.decode_hook = push_on_third_step
+    prompt = [5, 6, 7, 8]
+    (gen,) = engine.generate([prompt], SamplingParams(max_new_tokens=8, seed=4, temperature=1.0))
+    assert len(gen.token_ids) == 8, "the test needs a response that runs past the push"
+    assert gen.token_versions == [0, 0, 0, 7, 7, 7, 7, 7] and gen.weight_version == 0
+
+    # Reference: the old model over the prompt and the first tokens, then the new weights.
+    ref, cache = old, DynamicCache(config=old.config)
+    ids = prompt + gen.token_ids
+    want = []
+    with torch.no_grad():
+        logits = ref(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True).logits
+        for t in range(8):
+            want.append(torch.log_softmax(logits[0, -1].float(), -1)[gen.token_ids[t]].item())
+            if t == 2:
+                ref.load_state_dict(new_state)
+            step_ids = torch.tensor([[ids[len(prompt) + t]]])
+            logits = ref(input_ids=step_ids, cache=cache, use_cache=True).logits
+    assert gen.logprobs == pytest.approx(want, abs=1e-5)
+    # The new weights changed the later log-probs (the check above is not vacuous).
+    fresh = build_tiny_model(config=config, init_std=0.2, seed=0)
+    assert gen.logprobs[3:] != pytest.approx(
+        _teacher_forced(fresh, prompt, gen.token_ids)
+        .log_softmax(-1)[torch.arange(3, 8), gen.token_ids[3:]]
+        .tolist(),
+        abs=1e-3,
+    )

@@ -7,6 +7,7 @@ Shape legend: B rows, S padded sequence length, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -20,6 +21,7 @@ from hpt_megatron.trainer.engine import StepResult
 from hpt_megatron.trainer.update import (
     PolicyUpdate,
     UpdateLayout,
+    gradient_rows,
     local_microbatches,
     minibatch_totals,
     split_groups,
@@ -36,6 +38,7 @@ class TorchEngine:
         self.lr = lr
         self.grads: list[torch.Tensor] = []  # flat gradient of every update
         self.forward_calls = 0
+        self.rows_trained = 0
 
     def _logprobs(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         logits_bsv = self.model(input_ids=mb.input_ids_bs, position_ids=mb.position_ids_bs).logits
@@ -53,6 +56,7 @@ class TorchEngine:
         self.model.zero_grad()
         metrics: dict[str, float] = {}
         for mb in microbatches:
+            self.rows_trained += mb.num_rows
             share, mb_metrics = loss_fn(*self._logprobs(mb), mb)
             share.backward()
             for key, value in mb_metrics.items():
@@ -227,3 +231,59 @@ def test_a_saved_batch_replays_to_the_same_gradient(tmp_path):
     first, _ = run_update(samples, SPEC)
     again, _ = run_update(replay.samples, SPEC)
     assert torch.equal(first.grads[0], again.grads[0])
+
+
+def _with_equal_groups(samples: list[Sample], groups: set[int]) -> list[Sample]:
+    """All-equal reward groups: their rollouts get advantage 0 (GRPO)."""
+    return [
+        dataclasses.replace(s, advantage=0.0) if s.group_id in groups and not s.is_demo else s
+        for s in samples
+    ]
+
+
+def _without_elision(monkeypatch) -> None:
+    import hpt_megatron.trainer.update as update_mod
+
+    monkeypatch.setattr(
+        update_mod, "zero_gradient_rows", lambda spec, advantages, **_: advantages != advantages
+    )
+
+
+@pytest.mark.parametrize("layout", [{}, {"max_tokens": 24}, {"mini_batches": 2}])
+def test_zero_gradient_rows_are_elided_and_the_gradient_is_unchanged(layout, monkeypatch):
+    spec = get_preset("hpt").with_options(entropy_coef=0.0)  # no entropy bonus, no KL
+    samples = _with_equal_groups(hpt_batch(groups=6), {0, 2, 3})
+    zero = [not s.is_demo and s.advantage == 0.0 for s in samples]
+    elided, metrics = run_update(samples, spec, lr=0.5, **layout)
+    assert metrics["train/rows_elided_frac"] == pytest.approx(sum(zero) / len(samples))
+    _without_elision(monkeypatch)
+    full, full_metrics = run_update(samples, spec, lr=0.5, **layout)
+    assert full_metrics["train/rows_elided_frac"] == 0.0
+    epochs = len(full.grads) // max(1, len(elided.grads))
+    assert elided.rows_trained == full.rows_trained - sum(zero) * epochs
+    assert len(elided.grads) == len(full.grads)
+    for got, want in zip(elided.grads, full.grads):
+        # The kept rows are batched differently, so only fp32 rounding may separate the two.
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+        assert got.abs().max() > 0
+
+
+def test_a_minibatch_of_zero_gradient_rows_still_steps_with_a_zero_weight_row():
+    spec = get_preset("grpo")
+    samples = [s for s in hpt_batch(groups=2) if not s.is_demo]
+    samples = _with_equal_groups(samples, {0, 1})
+    for dp_rank in (0, 1):
+        engine, metrics = run_update(samples, spec, dp=2, dp_rank=dp_rank)
+        assert metrics["train/rows_elided_frac"] == 1.0
+        assert len(engine.grads) == 1 and engine.rows_trained == 1  # every rank steps
+        assert torch.equal(engine.grads[0], torch.zeros_like(engine.grads[0]))
+
+
+def test_no_row_is_elided_under_an_entropy_bonus_or_kl():
+    samples = _with_equal_groups(hpt_batch(groups=3), {0, 1, 2})
+    for options in ({"entropy_coef": 0.01}, {"entropy_coef": 0.0, "kl_coef": 0.1}):
+        spec = get_preset("hpt").with_options(**options)
+        kept, elided = gradient_rows(spec, samples)
+        assert elided == 0 and kept == samples
+    kept, elided = gradient_rows(get_preset("hpt").with_options(entropy_coef=0.0), samples)
+    assert elided == 9 and all(s.is_demo for s in kept)  # the demonstrations keep SFT weight

@@ -1,0 +1,262 @@
+"""``hpt train`` versus TRL's GRPOTrainer on the same work: steps/s and completion tokens/s, with
+the generation / training split of each.
+
+    python benchmarks/peer_trl.py --steps 30 --rounds 3             # builds TRL's venv once
+    python benchmarks/peer_trl.py --trl-python /opt/hpt-trl-venv/bin/python --start sft
+
+Both systems start from the same HF folder (the tiny Llama of ``examples/tiny_cpu.yaml``: random
+weights, or those weights after ``--sft-steps`` of ``preset=sft`` for an SFT'd start where answers
+vary in length), train GRPO on the built-in arithmetic task with the same prompts (text and token
+ids, checked), the same math reward (``hpt_megatron.rewards.math_reward``), 64 prompts x 8
+completions, 48 new tokens, temperature 1, lr 3e-3, no KL, one update per step. Runs are
+interleaved over ``--rounds`` rounds so machine noise hits all systems alike; the first step of each
+run is warm-up and not counted. TRL runs in its own virtual environment (``--trl-venv``, built with
+``torch==2.13.0 trl==1.16.0 math-verify`` when missing, or ``--trl-python`` to reuse one), in one
+process with all cores, as a TRL user on this machine would run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS, SAMPLES, NEW_TOKENS, LR = 64, 8, 48, 3e-3
+TRL_PINS = ("torch==2.13.0", "trl==1.16.0", "math-verify")
+
+
+# ---------------------------------------------------------------------------------- set-up (hpt)
+def make_start(out: Path, seed: int) -> Path:
+    """The shared random starting policy: an HF folder with weights and the arithmetic tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hpt_megatron.config import load_config
+    from hpt_megatron.data.tokenizer import load_tokenizer
+    from hpt_megatron.models.provider import load_hf_config
+
+    cfg = load_config(ROOT / "examples/tiny_cpu.yaml")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(
+        load_hf_config(dict(cfg.model.inline)).to_transformers()
+    )
+    model.save_pretrained(out)
+    load_tokenizer("arithmetic", out).save_pretrained(str(out))
+    return out
+
+
+def write_prompts(start: Path, path: Path) -> None:
+    """The arithmetic train split as TRL rows: the templated prompt text, its ids, the answer."""
+    from hpt_megatron.config import load_config
+    from hpt_megatron.data import build_prompt_dataset
+    from hpt_megatron.data.tokenizer import load_tokenizer
+
+    cfg = load_config(ROOT / "examples/tiny_cpu.yaml")
+    dataset = build_prompt_dataset(cfg.data, load_tokenizer(str(start), start))
+    with path.open("w") as fh:
+        for rec in dataset:
+            row = {"prompt": rec.prompt_text, "prompt_ids": rec.prompt_ids}
+            fh.write(json.dumps({**row, "ground_truth": rec.ground_truth}) + "\n")
+
+
+def hpt_command(procs: int, start: Path, out: Path, steps: int, extra: list[str]) -> list[str]:
+    return [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)),
+        *("-m", "hpt_megatron.cli", "train", str(ROOT / "examples/tiny_cpu.yaml")),
+        *(f"parallel.tp={procs}", f"model.hf_weights={start}", f"run.steps={steps}"),
+        *("run.val_every=0", "checkpoint.save_every=0", "logging.progress_bar=false"),
+        *(f"data.prompts_per_step={PROMPTS}", f"rollout.n={SAMPLES}", f"trainer.lr={LR}"),
+        *(f"rollout.max_new_tokens={NEW_TOKENS}", f"data.max_response_tokens={NEW_TOKENS}"),
+        *("trainer.lr_schedule=constant", "trainer.warmup_steps=0", "rollout.temperature=1.0"),
+        *(f"run.output_dir={out}", *extra),
+    ]
+
+
+def run_hpt(procs: int, start: Path, out: Path, steps: int) -> list[dict[str, float]]:
+    cmd = hpt_command(
+        procs, start, out, steps, ["algorithm.preset=grpo", "checkpoint.export_hf=false"]
+    )
+    _run(cmd)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {
+            "step_s": r["time/step_s"],
+            "generation_s": r["time/generation_s"] + r.get("time/grading_s", 0.0),
+            "tokens": r["response/length_mean"] * PROMPTS * SAMPLES,
+        }
+        for r in rows[1:]
+    ]
+
+
+def sft_start(random_start: Path, out: Path, steps: int) -> Path:
+    """The random start after ``steps`` of SFT on the demonstrations (answers vary in length)."""
+    cmd = hpt_command(2, random_start, out, steps, ["algorithm.preset=sft"])
+    _run(cmd)
+    return out / "hf"
+
+
+def _run(cmd: list[str]) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-4000:]}")
+
+
+# ------------------------------------------------------------------------------------- TRL side
+def trl_python(args: argparse.Namespace) -> str:
+    if args.trl_python:
+        return args.trl_python
+    venv = Path(args.trl_venv)
+    python = venv / "bin/python"
+    if not python.exists():
+        print(f"building TRL's virtual environment in {venv} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *TRL_PINS], check=True)
+    return str(python)
+
+
+def run_trl(python: str, start: Path, prompts: Path, out: Path, steps: int) -> list[dict]:
+    cmd = [python, __file__, "--worker", str(start), str(prompts), str(out), str(steps)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"TRL run failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(out.read_text())[1:]
+
+
+def trl_worker(start: str, prompts: str, out: str, steps: int) -> None:
+    """Runs inside TRL's venv: GRPOTrainer on the shared start, per-step wall times to ``out``."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from hpt_megatron.rewards.math_grader import math_reward
+
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    rows = [json.loads(line) for line in Path(prompts).read_text().splitlines()]
+    for row in rows[:256]:  # the same token ids as hpt's prompts, as TRL tokenises them
+        ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        assert ids == row["prompt_ids"], (row["prompt"], ids, row["prompt_ids"])
+    data = Dataset.from_list(
+        [{"prompt": r["prompt"], "ground_truth": r["ground_truth"]} for r in rows]
+    )
+
+    def reward(completions: list[str], ground_truth: list[str], **_: object) -> list[float]:
+        return [math_reward(c, g) for c, g in zip(completions, ground_truth)]
+
+    config = GRPOConfig(
+        output_dir=str(Path(out).parent / "trl_out"),
+        per_device_train_batch_size=PROMPTS * SAMPLES,
+        num_generations=SAMPLES,
+        max_completion_length=NEW_TOKENS,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        temperature=1.0,
+        beta=0.0,
+        max_steps=steps,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        seed=0,
+    )
+    timings: list[dict[str, float]] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a: object, **k: object) -> None:
+            timings.append({"t0": time.perf_counter(), "generation_s": 0.0, "tokens": 0.0})
+
+        def on_step_end(self, *a: object, **k: object) -> None:
+            timings[-1]["step_s"] = time.perf_counter() - timings[-1].pop("t0")
+
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(start),
+        reward_funcs=reward,
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
+    )
+    generate = trainer._generate_and_score_completions
+
+    def timed(inputs: list) -> dict:
+        t0 = time.perf_counter()
+        result = generate(inputs)
+        timings[-1]["generation_s"] += time.perf_counter() - t0
+        timings[-1]["tokens"] += float(result["completion_mask"].sum())
+        return result
+
+    trainer._generate_and_score_completions = timed  # type: ignore[method-assign]
+    trainer.train()
+    Path(out).write_text(json.dumps(timings))
+
+
+# ------------------------------------------------------------------------------------------ main
+def summarise(name: str, rows: list[dict], base: dict[str, float] | None) -> dict[str, float]:
+    step = statistics.median(r["step_s"] for r in rows)
+    gen = statistics.median(r["generation_s"] for r in rows)
+    tok = sum(r["tokens"] for r in rows) / sum(r["step_s"] for r in rows)
+    fig = {"step_s": step, "tokens_per_s": tok}
+    ratio = "" if base is None else f"  steps/s {base['step_s'] / step:4.2f}x TRL"
+    ratio += "" if base is None else f", tokens/s {tok / base['tokens_per_s']:4.2f}x TRL"
+    print(
+        f"  {name:34} {step:6.2f} s/step  gen {gen:5.2f}  train {step - gen:5.2f}  "
+        f"{tok:8,.0f} tok/s{ratio}"
+    )
+    return fig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--start", choices=["random", "sft", "both"], default="both")
+    ap.add_argument("--sft-steps", type=int, default=60)
+    ap.add_argument("--trl-python", help="a python with trl installed (skips building the venv)")
+    ap.add_argument("--trl-venv", default=os.path.expanduser("~/.cache/hpt-megatron/trl-venv"))
+    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return trl_worker(*args.worker[:3], int(args.worker[3]))
+    python = trl_python(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        starts = {"random": make_start(work / "start_random", seed=0)}
+        if args.start in ("sft", "both"):
+            starts["sft"] = sft_start(starts["random"], work / "sft", args.sft_steps)
+        if args.start == "sft":
+            del starts["random"]
+        for kind, start in starts.items():
+            prompts = work / f"prompts_{kind}.jsonl"
+            write_prompts(start, prompts)
+            runs: dict[str, list[dict]] = {
+                "TRL GRPOTrainer": [],
+                "hpt tp=1, 1 process": [],
+                "hpt tp=2, 2 processes (README)": [],
+            }
+            for r in range(args.rounds):
+                tag = f"{kind}_{r}"
+                runs["TRL GRPOTrainer"] += run_trl(
+                    python, start, prompts, work / f"trl_{tag}.json", args.steps
+                )
+                runs["hpt tp=1, 1 process"] += run_hpt(1, start, work / f"hpt1_{tag}", args.steps)
+                runs["hpt tp=2, 2 processes (README)"] += run_hpt(
+                    2, start, work / f"hpt2_{tag}", args.steps
+                )
+            print(f"{kind} start: {args.rounds} rounds x {args.steps - 1} steps, medians")
+            base = summarise("TRL GRPOTrainer", runs.pop("TRL GRPOTrainer"), None)
+            for name, rows in runs.items():
+                summarise(name, rows, base)
+
+
+if __name__ == "__main__":
+    main()
