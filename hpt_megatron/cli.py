@@ -17,7 +17,7 @@ USAGE = """usage: hpt {train,eval,convert} ...
                                               several processes)
             [--dry-run [--world-size N]]      check the config on this machine, print it, exit
   hpt eval --model HF_DIR --benchmarks ...     evaluate on the paper's benchmarks
-  hpt convert {hf-to-megatron,megatron-to-hf}  convert checkpoints (see tools/convert.py)
+  hpt convert {hf-to-megatron,megatron-to-hf,critic-to-hf}  convert checkpoints (tools/convert.py)
 """
 
 

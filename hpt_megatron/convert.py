@@ -2,6 +2,7 @@
 
     python tools/convert.py hf-to-megatron --hf HF_DIR --out MEGATRON_DIR [--dtype bf16|fp16|fp32]
     python tools/convert.py megatron-to-hf --load MEGATRON_DIR --out HF_DIR [--hf-config DIR]
+    python tools/convert.py critic-to-hf --load RUN/checkpoints/critic/step_N --out HF_DIR
 
 One process, no model: both directions stream one tensor (one layer of one parameter) at a time
 between safetensors and the torch_dist files, so memory stays near the largest tensor plus one
@@ -9,6 +10,11 @@ output shard. The Megatron checkpoint (torch_dist format, the layout Megatron wr
 loads at any TP/PP layout; ``megatron-to-hf`` reads checkpoints written at any layout, training
 checkpoints included (their optimizer state is skipped). The output folder also gets the HF
 ``config.json`` and tokenizer files, so a run needs nothing else.
+
+``critic-to-hf`` writes a PPO run's critic (``checkpoints/critic/step_N``, any layout) as an HF
+``*ForTokenClassification`` folder with one label, the value of each position; it builds the
+value model in this process (memory: the model once) and takes the config and tokenizer from the
+policy checkpoint of the same step unless ``--hf-config`` names another folder.
 """
 
 from __future__ import annotations
@@ -41,7 +47,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     to_hf.add_argument("--hf-config", help="folder with config.json (default: the checkpoint's)")
     to_hf.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: checkpoint's")
     to_hf.add_argument("--shard-mib", type=int, default=512, help="safetensors shard size")
-    for p in (to_mg, to_hf):
+    critic = sub.add_parser("critic-to-hf", help="a PPO run's critic checkpoint -> HF folder")
+    critic.add_argument("--load", required=True, help="<run>/checkpoints/critic/step_N")
+    critic.add_argument("--out", required=True, help="HF folder to write")
+    critic.add_argument("--hf-config", help="folder with config.json (default: the policy's)")
+    for p in (to_mg, to_hf, critic):
         p.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -142,12 +152,43 @@ def megatron_to_hf(args: argparse.Namespace) -> None:
     print(f"wrote HF folder {args.out} ({dtype})")
 
 
+def critic_to_hf(args: argparse.Namespace) -> None:
+    """A critic checkpoint -> HF token-classification folder (see the module docstring)."""
+    from hpt_megatron.config.sections import ModelConfig, ParallelConfig
+    from hpt_megatron.models.hf_io import copy_side_files
+    from hpt_megatron.models.provider import check_hf_supported, load_hf_config
+    from hpt_megatron.models.value import build_value_chunks, save_value_hf_folder
+    from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
+    from hpt_megatron.trainer.checkpoint import load_checkpoint
+
+    _check_one_process()
+    load = Path(args.load)
+    policy = load.parent.parent / load.name  # <run>/checkpoints/step_N beside critic/step_N
+    source = Path(args.hf_config) if args.hf_config else policy
+    if not (source / "config.json").is_file():
+        raise ValueError(f"--hf-config: no config.json in {source} (name the policy's folder)")
+    hf = load_hf_config(source)
+    check_hf_supported(hf)
+    parallel = ParallelConfig(backend="gloo")
+    ctx = init_distributed(parallel, seed=0)
+    try:
+        chunks = build_value_chunks(hf, ModelConfig(), parallel, pp_rank=0, init_weights=False)
+        load_checkpoint(load, chunks)
+        save_value_hf_folder(chunks, hf, args.out, ctx, torch_dtype="float32")  # built in fp32
+    finally:
+        shutdown_distributed()
+    copy_side_files(source, args.out)
+    print(f"wrote HF value model {args.out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tools/convert.py`` and ``hpt convert``; returns the exit status."""
     args = _parse(argv)
     try:
         if args.command == "hf-to-megatron":
             hf_to_megatron(args)
+        elif args.command == "critic-to-hf":
+            critic_to_hf(args)
         else:
             megatron_to_hf(args)
     except ValueError as err:  # ConfigError included: a user error, named by its message

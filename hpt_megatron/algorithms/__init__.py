@@ -7,7 +7,12 @@ Public API::
 See docs/algorithms.md for the four parts, every preset and the trainer contract.
 """
 
-from hpt_megatron.algorithms.advantages import compute_advantages, fold_kl_into_rewards, gae
+from hpt_megatron.algorithms.advantages import (
+    compute_advantages,
+    fold_kl_into_rewards,
+    gae,
+    kl_penalised_advantages,
+)
 from hpt_megatron.algorithms.aggregation import pack_totals, unpack_totals
 from hpt_megatron.algorithms.dapo import dynamic_sampling_keep, overlong_penalty
 from hpt_megatron.algorithms.gate import HPTGate, HPTPlan, hpt_batch_plan, hpt_gate, hpt_route
@@ -21,6 +26,7 @@ from hpt_megatron.algorithms.loss import (
 from hpt_megatron.algorithms.parts import kl_estimate
 from hpt_megatron.algorithms.presets import PRESETS, get_preset
 from hpt_megatron.algorithms.spec import AlgorithmSpec, OptionError
+from hpt_megatron.algorithms.value import explained_variance, value_loss
 
 __all__ = [
     "PRESETS",
@@ -30,6 +36,7 @@ __all__ = [
     "OptionError",
     "compute_advantages",
     "dynamic_sampling_keep",
+    "explained_variance",
     "fold_kl_into_rewards",
     "gae",
     "get_preset",
@@ -37,6 +44,7 @@ __all__ = [
     "hpt_gate",
     "hpt_route",
     "kl_estimate",
+    "kl_penalised_advantages",
     "loss_totals",
     "overlong_penalty",
     "pack_totals",
@@ -45,4 +53,5 @@ __all__ = [
     "row_weights",
     "zero_gradient_rows",
     "unpack_totals",
+    "value_loss",
 ]

@@ -226,3 +226,45 @@ def fold_kl_into_rewards(
     rewards_b = check_rewards(rewards, mask_bt.shape[0])
     check_bt("kl", kl, mask_bt.shape)
     return rewards_b - coef * (kl.detach().to(torch.float64) * mask_bt).sum(-1)
+
+
+def kl_penalised_advantages(
+    kind: str,
+    *,
+    rewards: Vector,
+    kl: torch.Tensor,
+    coef: float,
+    response_mask: torch.Tensor,
+    group_ids: Vector | None = None,
+    is_demo: Vector | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """Advantages ``[B, T]`` of ``kind`` with the KL penalty folded into the rewards
+    (``kl_mode='reward'``): ``-coef * kl`` per token for the token-level kinds (``reinforce_pp``,
+    ``gae``), each row's outcome reward minus ``coef`` times its summed KL for the others.
+
+    ``kl`` ``[B, T]`` is the per-token estimate against the reference (``parts.kl_estimate``);
+    ``options`` as for :func:`compute_advantages`.
+    """
+    mask_bt = check_mask(response_mask)
+    check_bt("kl", kl, mask_bt.shape)
+    if kind in ("reinforce_pp", "gae"):
+        token_rewards_bt = -coef * kl.detach().to(torch.float64) * mask_bt
+        return compute_advantages(
+            kind,
+            rewards=rewards,
+            group_ids=group_ids,
+            response_mask=mask_bt,
+            is_demo=is_demo,
+            token_rewards=token_rewards_bt,
+            **options,
+        )
+    folded_b = fold_kl_into_rewards(rewards=rewards, kl=kl, response_mask=mask_bt, coef=coef)
+    return compute_advantages(
+        kind,
+        rewards=folded_b,
+        group_ids=group_ids,
+        response_mask=mask_bt,
+        is_demo=is_demo,
+        **options,
+    )

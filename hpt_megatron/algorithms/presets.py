@@ -47,8 +47,9 @@ def ppo() -> AlgorithmSpec:
     """PPO (Schulman et al. 2017) with GAE (Schulman et al. 2016), as used for LLMs by
     Ouyang et al. 2022: pi_ref = pi_old, clip 0.2, token mean, whitened GAE advantages.
 
-    Deviations: gamma = lambda = 1 (outcome rewards, no discounting) by default; the value model
-    is not part of this package: the scheduler must pass ``values`` to ``compute_advantages``.
+    Deviations: gamma = lambda = 1 (outcome rewards, no discounting) by default. The values come
+    from the critic ``hpt train`` builds for it (``trainer/critic.py``); pure callers pass
+    ``values`` to ``compute_advantages``.
     """
     return AlgorithmSpec(
         name="ppo",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from hpt_megatron.algorithms.spec import AGGREGATION_ALIASES, AlgorithmSpec, OptionError
 
@@ -36,12 +36,73 @@ AlgorithmOptions: Any = _options_class()
 
 
 @dataclass(kw_only=True)
+class ReferenceConfig:
+    """The frozen reference policy of the KL terms (built only when ``kl_coef > 0``).
+
+    Its weights: ``load`` (a Megatron checkpoint) or ``hf_weights`` (an HF folder) of a model
+    with the policy's architecture; neither: the policy's starting weights (``model.load``,
+    ``model.hf_weights`` or the run's initial random weights). ``offload``: keep its weights in
+    host memory between uses (GPU only; checked by preflight).
+    """
+
+    load: str | None = None
+    hf_weights: str | None = None
+    offload: bool = False
+
+    def validate(self) -> None:
+        if self.load and self.hf_weights:
+            raise ValueError("load and hf_weights: set at most one source of the reference")
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self.load or self.hf_weights or self.offload)
+
+
+@dataclass(kw_only=True)
+class CriticConfig:
+    """The value model of advantage ``gae`` (preset ``ppo``; built only then).
+
+    The policy's architecture with a one-output head in place of the vocabulary, in the policy's
+    layout. Its weights: ``load`` (a critic checkpoint, ``<run>/checkpoints/critic/step_N``),
+    else the policy's starting weights with a zero head. Its own AdamW and schedule (the
+    trainer's betas, eps and micro-batching). ``cliprange_value``: the PPO value clip around
+    the values before the update (None: no clip). ``critic_warmup_steps``: the first steps train
+    only the critic.
+    """
+
+    load: str | None = None
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    cliprange_value: float | None = 0.5
+    critic_warmup_steps: int = 0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr: must be in [0, lr], got {self.min_lr}")
+        if self.cliprange_value is not None and self.cliprange_value <= 0:
+            raise ValueError(f"cliprange_value: must be > 0 (or null), got {self.cliprange_value}")
+        for key in ("warmup_steps", "critic_warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("grad_clip and weight_decay: must be >= 0")
+
+
+@dataclass(kw_only=True)
 class AlgorithmConfig:
     """``preset`` names an entry of ``hpt_megatron.algorithms.PRESETS``; ``options`` override its
     fields by name (``algorithm.options.clip_high=0.28``). See docs/algorithms.md."""
 
     preset: str = "hpt"
     options: AlgorithmOptions = field(default_factory=AlgorithmOptions)  # type: ignore[valid-type]
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
 
     def overrides(self) -> dict[str, Any]:
         """The options that are set (not ``None``)."""
@@ -72,15 +133,26 @@ class AlgorithmConfig:
 
     def validate(self) -> None:
         spec = self.spec()
-        # Settings the pure algorithm supports but hpt train cannot carry out yet.
-        if spec.kl_coef > 0:
+        if self.reference.is_set and not spec.needs_ref_logprobs:
             raise ValueError(
-                f"options.kl_coef: {spec.kl_coef}: a KL penalty needs a reference policy, which "
-                "hpt train does not build yet; set 0"
+                f"{_first_set(self.reference)}: set, but preset '{self.preset}' has no KL term "
+                "that uses the reference (options.kl_coef is 0)"
             )
-        if spec.advantage == "gae":
-            key = "options.advantage" if self.options.advantage else "preset"
+        if self.critic != CriticConfig() and spec.advantage != "gae":
             raise ValueError(
-                f"{key}: advantage 'gae' (preset '{self.preset}') needs a value model (critic), "
-                "which hpt train does not build yet; use a critic-free preset such as grpo"
+                f"{_first_set(self.critic)}: set, but preset '{self.preset}' uses advantage "
+                f"'{spec.advantage}', which needs no critic (only 'gae' does)"
             )
+        if spec.batch_rule == "sft_then_rl" and spec.advantage == "gae":
+            raise ValueError("preset: sft_then_rl with advantage 'gae' is not supported")
+
+
+def _first_set(section: Any) -> str:
+    """``section.key`` of the first field of ``section`` that differs from its default."""
+    default = type(section)()
+    name = next(
+        f.name
+        for f in dataclasses.fields(section)
+        if getattr(section, f.name) != getattr(default, f.name)
+    )
+    return f"{type(section).__name__.removesuffix('Config').lower()}.{name}"

@@ -121,7 +121,7 @@ def attach_advantages(spec: AlgorithmSpec, samples: list[Sample]) -> None:
     for sample in samples:
         sample.advantage = 0.0
     rl_rows = [s for s in samples if s.rl_weight != 0]
-    if not rl_rows:
+    if not rl_rows or spec.advantage == "gae":  # GAE: the trainer, from the critic's values
         return
     dense: dict[int, int] = {}
     groups_b = torch.tensor([dense.setdefault(s.group_id, len(dense)) for s in rl_rows])

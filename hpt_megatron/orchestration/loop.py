@@ -40,8 +40,10 @@ from hpt_megatron.parallel.runtime import (
     shutdown_distributed,
 )
 from hpt_megatron.trainer.build import build_policy, init_policy_weights
-from hpt_megatron.trainer.checkpoint import Checkpointer
+from hpt_megatron.trainer.checkpoint import Checkpointer, step_dir
+from hpt_megatron.trainer.critic import Critic, CriticCheckpoint, build_critic, init_critic_weights
 from hpt_megatron.trainer.engine import TrainEngine
+from hpt_megatron.trainer.reference import ReferencePolicy
 from hpt_megatron.trainer.update import PolicyUpdate, UpdateLayout
 
 
@@ -67,6 +69,8 @@ class Run:
     policy: TrainEngine
     update: PolicyUpdate
     checkpointer: Checkpointer
+    reference: ReferencePolicy | None = None  # when a KL term is on
+    critic: Critic | None = None  # for advantage gae
 
 
 def train(cfg: HPTConfig) -> dict[str, float]:
@@ -98,6 +102,23 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
             f"model vocab_size {hf.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
         )
     policy = build_policy(hf, cfg.model, cfg.parallel, cfg.trainer, ctx, total_steps=cfg.run.steps)
+    reference = None
+    if spec.needs_ref_logprobs:
+        offload = cfg.algorithm.reference.offload
+        reference = ReferencePolicy.build(hf, cfg.model, cfg.parallel, cfg.trainer, ctx, offload)
+    critic = None
+    if spec.advantage == "gae":
+        critic_cfg = cfg.algorithm.critic
+        engine = build_critic(
+            hf,
+            cfg.model,
+            cfg.parallel,
+            cfg.trainer,
+            critic_cfg,
+            ctx,
+            total_steps=cfg.run.steps,
+        )
+        critic = Critic(engine, critic_cfg)
     layout = UpdateLayout(
         dp=ctx.dp,
         dp_rank=ctx.dp_rank,
@@ -120,8 +141,9 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
         last_step=cfg.run.steps,
         describe=describe,
     )
+    update = PolicyUpdate(policy, layout, reference, critic)
     return Run(
-        cfg, ctx, run_dir, hf, spec, tokenizer, policy, PolicyUpdate(policy, layout), checkpointer
+        cfg, ctx, run_dir, hf, spec, tokenizer, policy, update, checkpointer, reference, critic
     )
 
 
@@ -132,6 +154,17 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
         init_policy_weights(run.policy, run.hf, cfg.model)
     elif driver is not None:
         driver.load_state_dict(state["sampler"])
+    ckpt_root = run.run_dir / "checkpoints"
+    critic_ckpt = None if run.critic is None else CriticCheckpoint(ckpt_root, run.critic.engine)
+    if run.critic is not None and critic_ckpt is not None:
+        if state is None:
+            init_critic_weights(run.critic.engine, run.policy, run.critic.cfg)
+        else:
+            critic_ckpt.resume(step_dir(ckpt_root, int(state["step"])))
+    if run.reference is not None:
+        saved = run.run_dir / "reference"  # the initial random weights, when nothing else is named
+        ref_cfg = cfg.algorithm.reference
+        run.reference.load_weights(run.policy, run.hf, cfg.model, ref_cfg, saved, state is None)
     start = 0 if state is None else int(state["step"])
     logger = MetricsLogger(
         run.run_dir,
@@ -167,7 +200,7 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
                 batch.save_jsonl(run.run_dir / "rollouts" / f"step_{step + 1:06d}.jsonl")
             if engine is not None and colocated:
                 engine.release_memory()  # colocated: the trainer gets the devices
-            train_metrics = run.update.update(batch.samples, spec)
+            train_metrics = run.update.update(batch.samples, spec, step)
             if engine is not None and colocated:
                 engine.resume_memory()
             t_sync = time.perf_counter()
@@ -188,9 +221,12 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
             # The data position before the next batch was drawn (batches generated ahead are
             # drawn again by a resumed run).
             data = rollouts.next_sampler_state(step)
-            run.checkpointer.maybe_save(
-                step + 1, run.policy, metrics.get("val/accuracy"), {"sampler": data}
-            )
+            score = metrics.get("val/accuracy")
+            if critic_ckpt is not None and run.checkpointer.will_save(step + 1, score):
+                critic_ckpt.save(step_dir(ckpt_root, step + 1))  # before the policy's
+            did_save = run.checkpointer.maybe_save(step + 1, run.policy, score, {"sampler": data})
+            if did_save and critic_ckpt is not None and ctx.is_driver:
+                critic_ckpt.prune()
     finally:
         rollouts.close()
         logger.close()
@@ -207,4 +243,14 @@ def _export_final(run: Run) -> Path:
     save_hf_folder(modules, run.hf, out, run.ctx, torch_dtype=dtype[modules[0].config.params_dtype])
     if run.ctx.is_driver:
         run.tokenizer.save_pretrained(str(out))
+    if run.critic is not None:  # the value model beside it, for AutoModelForTokenClassification
+        from hpt_megatron.models.value import save_value_hf_folder
+
+        critic = [getattr(c, "module", c) for c in run.critic.engine.model_chunks]
+        dtype_name = dtype[critic[0].config.params_dtype]
+        save_value_hf_folder(
+            critic, run.hf, run.run_dir / "hf_critic", run.ctx, torch_dtype=dtype_name
+        )
+        if run.ctx.is_driver:
+            run.tokenizer.save_pretrained(str(run.run_dir / "hf_critic"))
     return out

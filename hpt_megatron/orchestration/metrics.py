@@ -90,6 +90,8 @@ WORK_TIMES = (
     "time/grading_s",
     "time/logprob_s",
     "time/train_s",
+    "time/ref_s",
+    "time/critic_s",
     "time/weight_sync_s",
     "time/validation_s",
 )

@@ -74,6 +74,14 @@ def _check_model(cfg: HPTConfig) -> None:
         path = getattr(model, key)
         if path is not None and not Path(path).is_dir():
             raise ConfigError(f"model.{key}: {path} is not a directory")
+    reference = cfg.algorithm.reference
+    for key in ("hf_weights", "load"):
+        path = getattr(reference, key)
+        if path is not None and not Path(path).is_dir():
+            raise ConfigError(f"algorithm.reference.{key}: {path} is not a directory")
+    critic_load = cfg.algorithm.critic.load
+    if critic_load is not None and not Path(critic_load).is_dir():
+        raise ConfigError(f"algorithm.critic.load: {critic_load} is not a directory")
     source = model.tokenizer_source
     if source not in (None, "arithmetic") and not Path(source).exists():
         raise ConfigError(f"model.tokenizer: {source} does not exist")
@@ -105,6 +113,11 @@ def _check_devices(cfg: HPTConfig) -> None:
         raise ConfigError(
             "trainer.use_distributed_optimizer: Megatron's distributed optimizer takes CUDA "
             "tensors; needs a GPU (set false on CPU)"
+        )
+    if cfg.algorithm.reference.offload and not gpu:
+        raise ConfigError(
+            "algorithm.reference.offload: moving the reference's weights to host memory between "
+            "uses needs a GPU (on CPU they are in host memory already); set false"
         )
     if cfg.parallel.backend == "nccl" and not gpu:
         raise ConfigError("parallel.backend: nccl needs GPUs; none are visible (use auto or gloo)")

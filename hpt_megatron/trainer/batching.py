@@ -63,7 +63,7 @@ class MicroBatch:
     ``<= t``; ``loss_mask_bs`` is 1 where that token is a response token. The loss inputs come from
     the samples: ``advantages_bs`` (each row's advantage on its response tokens),
     ``rollout_logprobs_bs`` (when every row has the engine's log-probs or is a demonstration), and
-    ``old_logprobs_bs``, set by the update when it recomputes them.
+    ``old_logprobs_bs`` / ``ref_logprobs_bs``, set by the update when it computes them.
     """
 
     input_ids_bs: torch.Tensor
@@ -77,6 +77,9 @@ class MicroBatch:
     sft_weight_b: torch.Tensor
     rollout_logprobs_bs: torch.Tensor | None = None
     old_logprobs_bs: torch.Tensor | None = None
+    ref_logprobs_bs: torch.Tensor | None = None  # set by the update when a KL term is on
+    old_values_bs: torch.Tensor | None = None  # the critic's values before its update (gae)
+    returns_bs: torch.Tensor | None = None  # GAE returns, the critic's targets
 
     @property
     def num_rows(self) -> int:

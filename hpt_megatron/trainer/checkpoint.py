@@ -270,6 +270,11 @@ class Checkpointer:
         log.info("resumed from %s at step %d", path, state["step"])
         return state
 
+    def will_save(self, step: int, val: float | None) -> bool:
+        """Whether :meth:`maybe_save` saves ``step`` (so companions can save first)."""
+        due = bool(self.save_every) and step % self.save_every == 0
+        return due or step == self.last_step or (val is not None and val > self.best_val)
+
     def maybe_save(
         self, step: int, engine: TrainEngine, val: float | None, extra: dict[str, Any]
     ) -> bool:

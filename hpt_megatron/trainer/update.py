@@ -16,8 +16,11 @@ rank) and the spec in force, :meth:`PolicyUpdate.update`
    (the rows before step 2; a mini-batch left without rows keeps one zero-weight row so that
    every rank still takes part in the step);
 4. recomputes the old log-probs once, before the first update, when the spec needs pi_old and
-   there is more than one update per step;
-5. runs ``epochs`` passes of one optimizer update per mini-batch through the engine, with
+   there is more than one update per step, or when a KL term is on; then scores the rows with
+   the reference (``trainer/reference.py``);
+5. with advantage ``gae``, runs the critic's phase (``trainer/critic.py``: values, GAE
+   advantages and returns, the critic's updates), and stops there during its warm-up;
+6. runs ``epochs`` passes of one optimizer update per mini-batch through the engine, with
    :class:`PolicyLoss` as the per-micro-batch loss.
 """
 
@@ -39,7 +42,9 @@ from hpt_megatron.algorithms import (
 )
 from hpt_megatron.data.sample import Sample
 from hpt_megatron.trainer.batching import MicroBatch, collate, token_budget_microbatches
+from hpt_megatron.trainer.critic import Critic, critic_phase
 from hpt_megatron.trainer.engine import MicroBatchLoss, StepResult
+from hpt_megatron.trainer.reference import ReferencePolicy, attach_reference
 
 
 class PolicyEngine(Protocol):
@@ -70,6 +75,7 @@ class PolicyLoss:
         device = logprobs_bs.device
         old_bs = logprobs_bs.detach() if mb.old_logprobs_bs is None else mb.old_logprobs_bs
         rollout_bs = mb.rollout_logprobs_bs
+        ref_bs = mb.ref_logprobs_bs
         return policy_loss(
             self.spec,
             logprobs=logprobs_bs,
@@ -81,6 +87,7 @@ class PolicyLoss:
             rl_weight=mb.rl_weight_b.to(device),
             sft_weight=mb.sft_weight_b.to(device),
             rollout_logprobs=None if rollout_bs is None else rollout_bs.to(device),
+            ref_logprobs=None if ref_bs is None else ref_bs.to(device),
             global_num_tokens=self.num_tokens,
             global_num_seqs=self.num_seqs,
             dp_world_size=self.dp,
@@ -178,12 +185,21 @@ class PolicyUpdate:
     """Runs the optimizer updates of one step on ``engine`` (every rank calls it with the same
     samples; see the module docstring)."""
 
-    def __init__(self, engine: PolicyEngine, layout: UpdateLayout) -> None:
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        layout: UpdateLayout,
+        reference: ReferencePolicy | None = None,
+        critic: Critic | None = None,
+    ) -> None:
         self.engine = engine
         self.layout = layout
+        self.reference = reference  # built when a KL term is on
+        self.critic = critic  # built for advantage gae
 
-    def update(self, samples: list[Sample], spec: AlgorithmSpec) -> dict[str, float]:
-        """Train on ``samples`` with ``spec``; returns the last update's metrics and timings."""
+    def update(self, samples: list[Sample], spec: AlgorithmSpec, step: int = 0) -> dict[str, float]:
+        """Train on ``samples`` with ``spec`` at ``step`` (0-based; the critic's warm-up); returns
+        the last update's metrics and timings."""
         if not samples:
             return {"train/skipped_empty": 1.0}
         layout = self.layout
@@ -195,11 +211,28 @@ class PolicyUpdate:
         timings = {"time/logprob_s": 0.0, "time/train_s": 0.0}
         updates = len(minis) * layout.epochs
         # One update per step: pi_old is pi_theta before the update, which the loss has already.
-        if spec.needs_old_logprobs and updates > 1:
+        # The KL terms compare pi_old with pi_ref, so a reference needs pi_old in any case.
+        uses_ref = self.reference is not None and spec.needs_ref_logprobs
+        if uses_ref or (spec.needs_old_logprobs and updates > 1):
             t0 = time.perf_counter()
             for microbatches in local:
                 self._attach_old_logprobs(microbatches)
             timings["time/logprob_s"] = time.perf_counter() - t0
+        kept = [rows for rows, _ in trained]  # what the micro-batches index
+        owned = [bool(dp_shards(rows, layout.dp)[layout.dp_rank]) for rows in kept]
+        extra: dict[str, float] = {}
+        kl_rows = None
+        if uses_ref:
+            assert self.reference is not None
+            t0 = time.perf_counter()
+            extra, kl_rows = attach_reference(self.reference, spec, kept, local, owned)
+            timings["time/ref_s"] = time.perf_counter() - t0
+        if self.critic is not None and spec.advantage == "gae":
+            reward_kl = kl_rows if spec.kl_mode == "reward" else None
+            critic, cfg = self.critic.engine, self.critic.cfg
+            extra |= critic_phase(critic, cfg, spec, kept, local, owned, layout.epochs, reward_kl)
+            if step < cfg.critic_warmup_steps:  # the critic learns alone first
+                return {**extra, **timings, "train/critic_warmup": 1.0}
         metrics: dict[str, float] = {}
         for _ in range(layout.epochs):
             for microbatches, loss_fn in zip(local, losses):
@@ -212,6 +245,7 @@ class PolicyUpdate:
                     "lr": result.lr,
                     "train/skipped_update": float(result.skipped),
                 }
+        metrics.update(extra)
         metrics["train/rows"] = float(len(samples))
         metrics["train/rows_elided_frac"] = elided / len(samples)
         metrics["train/tokens"] = float(sum(len(s.response_ids) for s in samples))

@@ -58,7 +58,8 @@ NEEDS = {
     ("algorithm.options.mask", "seq_clip"): ["algorithm.options.denominator=gspo"],
     ("algorithm.preset", "sft_then_grpo"): ["algorithm.options.switch_step=1"],
 }
-# Values the type hints do not enumerate: settings hpt train cannot run yet.
+# Values the type hints do not enumerate: a KL penalty (a reference policy) and settings hpt train
+# cannot run yet.
 EXTRA = [("algorithm.options.kl_coef", 0.1), ("parallel.cp", 2)]
 
 

@@ -195,6 +195,25 @@ def test_dp2_matches_single_process(tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+def test_ppo_with_kl_in_the_reward_dp2_matches_single_process(tmp_path):
+    """The critic's values and the reference's KL are gathered over data-parallel ranks for GAE
+    over the whole step: two ranks give one process's numbers."""
+    extra = ["parallel.tp=1", "run.val_every=0", "algorithm.preset=ppo"]
+    extra += ["algorithm.options.overlong_buffer=16", "algorithm.critic.lr=1e-3"]
+    extra += ["algorithm.options.kl_coef=0.05", "algorithm.options.kl_mode=reward"]
+    one, dp = tmp_path / "one", tmp_path / "dp"
+    _run(one, 1, 3, *extra)
+    _run(dp, 2, 3, *extra)
+    keys = ["loss", "grad_norm", "kl_ref_mean", "kl_ref_max", "critic/value_loss"]
+    keys += ["critic/grad_norm", "critic/explained_variance", "critic/returns_mean"]
+    for step in (1, 2, 3):
+        a, b = _metrics(one)[step], _metrics(dp)[step]
+        assert a["reward/mean"] == b["reward/mean"]
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (step, key)
+    assert _metrics(one)[3]["kl_ref_mean"] > 0 and _metrics(one)[3]["critic/value_loss"] > 0
+
+
 def _kill_after(out: pathlib.Path, steps: int, *extra: str, kill_at: int) -> None:
     """Start a run and SIGKILL every process of it once step ``kill_at`` is logged."""
     proc = subprocess.Popen(
@@ -228,6 +247,49 @@ def test_resume_after_sigkill_reproduces_uninterrupted_run(tmp_path):
     for step in range(1, 7):
         for key in EXACT:
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-9), (step, key)
+
+
+def test_ppo_resume_after_sigkill_reproduces_the_critic(tmp_path):
+    """PPO with its critic: the critic's weights, optimizer and schedule are in the checkpoint,
+    so a killed-and-resumed run continues step for step. DAPO's overlong penalty gives the
+    random policy's rollouts nonzero rewards, so the critic has something to learn."""
+    extra = ["parallel.tp=2", "algorithm.preset=ppo", "algorithm.options.overlong_buffer=16"]
+    extra += ["algorithm.critic.lr=1e-3", "run.val_every=0"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _run(full, 2, 6, *extra)
+    _kill_after(killed, 6, *extra, kill_at=3)
+    assert 6 not in _metrics(killed)
+    _run(killed, 2, 6, *extra)
+    want, got = _metrics(full), _metrics(killed)
+    assert sorted(got) == list(range(1, 7))
+    assert (killed / "checkpoints" / "critic" / "step_000006").is_dir()
+    keys = ["critic/value_loss", "critic/grad_norm", "critic/explained_variance"]
+    for step in range(1, 7):
+        for key in [*(k for k in EXACT if k != "gate/sft_fraction"), *keys]:
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-9), (step, key)
+    assert want[6]["critic/value_loss"] > 0 and want[6]["critic/grad_norm"] > 0
+    # The critic of the last TP=2 checkpoint, converted, is the folder the run exported at its end.
+    import torch
+    from safetensors.torch import load_file
+
+    converted = tmp_path / "critic_hf"
+    critic_ckpt = killed / "checkpoints" / "critic" / "step_000006"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert.py"), "critic-to-hf"]
+        + ["--load", str(critic_ckpt), "--out", str(converted)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = {k: v for f in converted.glob("*.safetensors") for k, v in load_file(f).items()}
+    b = {
+        k: v for f in (killed / "hf_critic").glob("*.safetensors") for k, v in load_file(f).items()
+    }
+    assert sorted(a) == sorted(b) and "score.weight" in a and "score.bias" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path):
@@ -329,6 +391,7 @@ def test_fresh_run_starts_from_hf_weights_or_checkpoint(tmp_path):
 PRESETS = [
     "sft",
     "reinforce",
+    "ppo",
     "grpo",
     "dr_grpo",
     "cispo",
@@ -379,10 +442,17 @@ def test_every_preset_trains_a_step(tmp_path, preset):
         assert metrics[1]["grad_norm"] > 0
 
 
-def test_ppo_without_a_critic_is_a_clear_error(tmp_path):
+def test_a_model_the_preset_needs_but_the_run_lacks_is_a_config_error(tmp_path):
+    """PPO's critic from a checkpoint that is not there: refused before any process trains."""
     proc = subprocess.run(
         _command(
-            tmp_path / "ppo", 1, 1, "parallel.tp=1", "run.val_every=0", "algorithm.preset=ppo"
+            tmp_path / "ppo",
+            1,
+            1,
+            "parallel.tp=1",
+            "run.val_every=0",
+            "algorithm.preset=ppo",
+            f"algorithm.critic.load={tmp_path / 'no-critic'}",
         ),
         capture_output=True,
         text=True,
@@ -391,7 +461,6 @@ def test_ppo_without_a_critic_is_a_clear_error(tmp_path):
         cwd=ROOT,
     )
     assert proc.returncode != 0  # torchrun's own code; the process exits 2
-    assert (
-        "config error: algorithm.preset: advantage 'gae' (preset 'ppo') needs a value model "
-        "(critic)" in proc.stderr
-    )
+    assert "config error: algorithm.critic.load:" in proc.stderr
+    assert "is not a directory" in proc.stderr
+    assert not (tmp_path / "ppo" / "metrics.jsonl").exists()

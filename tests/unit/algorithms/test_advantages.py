@@ -123,3 +123,31 @@ def test_bad_inputs():
         compute_advantages("grpo", rewards=REWARDS, group_ids=GROUPS, response_mask=MASK[0])
     with pytest.raises(ValueError, match="values"):
         gae(rewards=[1.0], response_mask=MASK[:1], values=torch.zeros(1, 4))
+
+
+def test_kl_penalised_advantages_fold_the_kl_into_the_rewards():
+    from hpt_megatron.algorithms import kl_penalised_advantages
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    kl = torch.tensor([[0.1, 0.3, 9.0], [0.2, 0.0, 0.4], [0.5, 9.0, 9.0], [0.0, 0.0, 9.0]])
+    rewards, groups = [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1]
+    # Outcome kinds: each row's reward minus coef x its summed KL (padding ignored), then RLOO.
+    got = kl_penalised_advantages(
+        "rloo", rewards=rewards, kl=kl, coef=0.5, response_mask=mask, group_ids=groups
+    )
+    folded = [1.0 - 0.5 * 0.4, 0.0 - 0.5 * 0.6, 1.0 - 0.5 * 0.5, 1.0]
+    want = [folded[0] - folded[1], folded[1] - folded[0], folded[2] - folded[3]]
+    want.append(-want[2])
+    assert got[:, 0].tolist() == pytest.approx(want)
+    assert (got * (1 - mask)).abs().max() == 0
+    # Token kinds: -coef x KL per token in the returns (REINFORCE++, gamma 1, whitened).
+    got_pp = kl_penalised_advantages(
+        "reinforce_pp", rewards=rewards, kl=kl, coef=0.5, response_mask=mask
+    )
+    token_rewards = -0.5 * kl * mask
+    want_pp = compute_advantages(
+        "reinforce_pp", rewards=rewards, response_mask=mask, token_rewards=token_rewards
+    )
+    assert torch.allclose(got_pp, want_pp)
+    # Row 0: returns-to-go 1 - 0.05 - 0.15 then 1 - 0.15 differ, so the KL reached each token.
+    assert got_pp[0, 0] < got_pp[0, 1]

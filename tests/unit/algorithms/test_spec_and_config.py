@@ -117,18 +117,68 @@ def test_verl_aggregation_spellings_are_accepted(verl, ours):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["algorithm.options.kl_coef=0.1"], r"^algorithm.options.kl_coef: 0.1: .*reference policy"),
-        (["algorithm.preset=ppo"], r"^algorithm.preset: advantage 'gae' .*critic"),
         (
-            ["algorithm.preset=grpo", "algorithm.options.advantage=gae"],
-            r"^algorithm.options.advantage: advantage 'gae'",
+            ["algorithm.reference.load=/some/ckpt"],
+            r"^algorithm.reference.load: set, but preset 'hpt' has no KL term .*kl_coef is 0",
+        ),
+        (
+            [
+                "algorithm.options.kl_coef=0.1",
+                "algorithm.reference.load=/a",
+                "algorithm.reference.hf_weights=/b",
+            ],
+            r"^algorithm.reference.load and hf_weights: set at most one",
+        ),
+        (
+            ["algorithm.critic.lr=1e-4"],
+            r"^algorithm.critic.lr: set, but preset 'hpt' uses advantage 'dr_grpo'.*only 'gae'",
+        ),
+        (["algorithm.preset=ppo", "algorithm.critic.lr=0"], r"^algorithm.critic.lr: must be > 0"),
+        (
+            ["algorithm.preset=ppo", "algorithm.critic.cliprange_value=-1"],
+            r"^algorithm.critic.cliprange_value: must be > 0",
+        ),
+        (
+            [
+                "algorithm.preset=sft_then_grpo",
+                "algorithm.options.switch_step=2",
+                "algorithm.options.advantage=gae",
+            ],
+            r"^algorithm.preset: sft_then_rl with advantage 'gae' is not supported",
         ),
     ],
 )
 def test_settings_hpt_train_cannot_run_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["model.inline={hidden_size: 8}", *overrides])
-    get_preset("ppo").validate()  # the pure algorithm still has them
+    get_preset("ppo").validate()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["algorithm.preset=ppo"], ["algorithm.preset=grpo", "algorithm.options.advantage=gae"]],
+)
+def test_gae_builds_a_critic(overrides):
+    cfg = load_config(
+        None, ["model.inline={hidden_size: 8}", *overrides, "algorithm.critic.lr=1e-4"]
+    )
+    assert cfg.algorithm.spec().advantage == "gae" and cfg.algorithm.critic.lr == 1e-4
+
+
+@pytest.mark.parametrize("mode", ["loss", "reward"])
+def test_kl_penalty_is_accepted_in_both_modes(mode):
+    cfg = load_config(
+        None,
+        [
+            "model.inline={hidden_size: 8}",
+            "algorithm.preset=rloo",
+            "algorithm.options.kl_coef=0.01",
+            f"algorithm.options.kl_mode={mode}",
+        ],
+    )
+    spec = cfg.algorithm.spec()
+    assert spec.needs_ref_logprobs and spec.kl_mode == mode
+    assert cfg.algorithm.reference.load is None  # the policy's starting weights
 
 
 def test_dapo_dynamic_sampling_keep():

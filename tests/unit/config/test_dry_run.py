@@ -104,6 +104,18 @@ def test_bad_flags(capsys, args, message):
             "parallel.pp=4 (x vpp=1) does not divide num_hidden_layers=2",
         ),
         (["run.resume=/nope/ckpt"], "run.resume: /nope/ckpt is not a checkpoint directory"),
+        (
+            ["algorithm.options.kl_coef=0.01", "algorithm.reference.load=/nope/ref"],
+            "algorithm.reference.load: /nope/ref is not a directory",
+        ),
+        (
+            ["algorithm.preset=ppo", "algorithm.critic.load=/nope/critic"],
+            "algorithm.critic.load: /nope/critic is not a directory",
+        ),
+        (
+            ["algorithm.options.kl_coef=0.01", "algorithm.reference.offload=true"],
+            "algorithm.reference.offload: moving the reference's weights to host memory",
+        ),
         (["rollout.partial=true"], "rollout.partial: partial rollouts continue generations"),
         (
             [
