@@ -32,7 +32,9 @@ from hpt_megatron.models.provider import (
     load_hf_config,
 )
 from hpt_megatron.orchestration.driver import Driver
+from hpt_megatron.orchestration.faults import NonFiniteGuard, Preemption
 from hpt_megatron.orchestration.metrics import MetricsLogger, derived_metrics
+from hpt_megatron.orchestration.watchdog import Watchdog
 from hpt_megatron.orchestration.weight_sync import sync_weights
 from hpt_megatron.parallel.runtime import (
     ParallelContext,
@@ -74,7 +76,9 @@ def train(cfg: HPTConfig) -> dict[str, float]:
     """Run (or resume) a training run; returns the last step's metrics on the driver."""
     hf = resolve_model_config(cfg)  # model-vs-parallel errors before any process group starts
     spec = cfg.algorithm.spec()
-    ctx = init_distributed(cfg.parallel, seed=cfg.run.seed)
+    ctx = init_distributed(
+        cfg.parallel, seed=cfg.run.seed, timeout_s=cfg.fault.collective_timeout_s
+    )
     driver = None
     try:
         run = _build_run(cfg, ctx, hf, spec)
@@ -120,6 +124,7 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
         keep_last=cfg.checkpoint.keep_last,
         last_step=cfg.run.steps,
         describe=describe,
+        background=cfg.checkpoint.async_save,
     )
     return Run(
         cfg, ctx, run_dir, hf, spec, tokenizer, policy, PolicyUpdate(policy, layout), checkpointer
@@ -128,7 +133,22 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
 
 def _train(run: Run, driver: Driver | None) -> dict[str, float]:
     cfg, ctx = run.cfg, run.ctx
-    state = run.checkpointer.resume(cfg.run.resume, run.policy)
+    watchdog = Watchdog(cfg.fault, run.run_dir, ctx.rank, ctx.world_size).start()
+    preemption = Preemption(cfg.fault.preempt_signals)
+    try:
+        return _train_steps(run, driver, watchdog, preemption)
+    finally:
+        preemption.close()
+        watchdog.stop()
+
+
+def _train_steps(
+    run: Run, driver: Driver | None, watchdog: Watchdog, preemption: Preemption
+) -> dict[str, float]:
+    cfg, ctx = run.cfg, run.ctx
+    phase = watchdog.phase
+    with phase("checkpoint"):
+        state = run.checkpointer.resume(cfg.run.resume, run.policy)
     if state is None:
         init_policy_weights(run.policy, run.hf, cfg.model)
     elif driver is not None:
@@ -145,26 +165,37 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
         start_step=start,
     )
     engine = driver.engine if driver is not None else None
-    sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=start)
+    with phase("weight_sync", start):
+        sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=start)
     overlap = cfg.run.placement == "disaggregated" and cfg.run.max_staleness == 1
     rollouts = _Rollouts(driver, run.spec, cfg.run.steps, overlap)
+    guard = NonFiniteGuard(cfg.fault.max_nonfinite_steps)
+    run.policy.phase = phase
     metrics: dict[str, float] = {}
+    preempted = False
     try:
         for step in range(start, cfg.run.steps):
             t_step = time.perf_counter()
-            batch = broadcast_from_driver(ctx, rollouts.batch(step))
+            with phase("rollout", step):
+                made = rollouts.batch(step)  # the driver generates; the others get None
+            with phase("broadcast"):  # the other ranks wait here for the driver's rollout
+                batch = broadcast_from_driver(ctx, made)
             assert batch is not None
             if ctx.is_driver and cfg.logging.save_rollouts:
                 (run.run_dir / "rollouts").mkdir(exist_ok=True)
                 batch.save_jsonl(run.run_dir / "rollouts" / f"step_{step + 1:06d}.jsonl")
             if engine is not None and not overlap:
                 engine.release_memory()  # colocated: the trainer gets the devices
-            train_metrics = run.update.update(batch.samples, run.spec.phase_for_step(step))
+            with phase("forward_backward"):  # the engine marks its optimizer phase inside
+                train_metrics = run.update.update(batch.samples, run.spec.phase_for_step(step))
             if engine is not None and not overlap:
                 engine.resume_memory()
-            wait_s = rollouts.finish_pending()  # step t+1's generation ends before reloading
+            guard.check(step + 1, train_metrics, run.checkpointer.last_complete)
+            with phase("rollout"):
+                wait_s = rollouts.finish_pending()  # step t+1's generation ends before reloading
             t_sync = time.perf_counter()
-            sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=step + 1)
+            with phase("weight_sync"):
+                sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=step + 1)
             metrics = {
                 **batch.metrics,
                 **train_metrics,
@@ -174,23 +205,45 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
             }
             if cfg.run.val_every and (step + 1) % cfg.run.val_every == 0:
                 # Every rank needs the score: it decides whether all of them save "best".
-                val = driver.validate() if driver is not None else {}
-                metrics.update(broadcast_from_driver(ctx, val))
+                with phase("validation"):
+                    val = driver.validate() if driver is not None else {}
+                    metrics.update(broadcast_from_driver(ctx, val))
+            # Every rank stops after the same step when any of them was signalled.
+            preempted = preemption.agreed(ctx)
+            t_ckpt = time.perf_counter()
+            with phase("checkpoint"):
+                run.checkpointer.poll()
+                # The data position of the next batch when it was already drawn (one-step-off
+                # generation), so a resumed run draws that batch again.
+                data = rollouts.next_sampler_state() if driver is not None else None
+                run.checkpointer.maybe_save(
+                    step + 1,
+                    run.policy,
+                    metrics.get("val/accuracy"),
+                    {"sampler": data},
+                    force=preempted,
+                )
+            metrics["time/checkpoint_blocked_s"] = time.perf_counter() - t_ckpt
             metrics["time/step_s"] = time.perf_counter() - t_step
             metrics.update(derived_metrics(metrics))
             logger.log(step + 1, metrics)
             for key, values in batch.histograms.items():
                 logger.histogram(step + 1, key, values)
-            # The data position of the next batch when it was already drawn (one-step-off
-            # generation), so a resumed run draws that batch again.
-            data = rollouts.next_sampler_state() if driver is not None else None
-            run.checkpointer.maybe_save(
-                step + 1, run.policy, metrics.get("val/accuracy"), {"sampler": data}
-            )
+            if preempted:
+                if ctx.is_driver:
+                    print(
+                        f"hpt: stopped by {preemption.requested or 'a signal to another rank'} "
+                        f"after step {step + 1}; checkpoint {run.checkpointer.last_complete}; "
+                        "run again with run.resume=auto to continue",
+                        flush=True,
+                    )
+                break
+        with phase("checkpoint"):
+            run.checkpointer.wait()  # an asynchronous save still being written
     finally:
         rollouts.close()
         logger.close()
-    if cfg.checkpoint.export_hf:
+    if cfg.checkpoint.export_hf and not preempted:
         _export_final(run)
     return metrics
 

@@ -19,3 +19,16 @@ def raises(response: str, ground_truth: str) -> float:
 
 def length_reward(response: str, ground_truth: str) -> float:
     return float(len(response) == int(ground_truth))
+
+
+def nan_reward(response: str, ground_truth: str) -> float:
+    return float("nan")
+
+
+def flaky(response: str, ground_truth: str) -> float:
+    """Raises on some answers, hangs on others, grades the rest (the fault-injection run)."""
+    if response.endswith("1"):
+        raise RuntimeError("grader bug")
+    if response.endswith("2"):
+        time.sleep(3600)
+    return float(response.strip() == ground_truth.strip())
