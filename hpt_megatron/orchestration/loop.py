@@ -176,7 +176,9 @@ def _train_steps(
     try:
         for step in range(start, cfg.run.steps):
             t_step = time.perf_counter()
-            with phase("rollout", step):
+            with phase("checkpoint", step):
+                run.checkpointer.poll()  # an asynchronous save whose files are all written
+            with phase("rollout"):
                 made = rollouts.batch(step)  # the driver generates; the others get None
             with phase("broadcast"):  # the other ranks wait here for the driver's rollout
                 batch = broadcast_from_driver(ctx, made)

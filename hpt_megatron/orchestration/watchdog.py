@@ -167,7 +167,7 @@ class Watchdog:
                     json.dumps({"rank": self.rank, "phase": phase, "step": self.step})
                 )
         self._write_report(phase, elapsed, by_peer)
-        grace = 2 * self.cfg.watchdog_poll_s + 3.0
+        grace = 2 * self.cfg.watchdog_poll_s + 1.5  # the peers see FIRED within one poll
         if self.rank == 0 or not self._wait_for(0, grace):
             self._wait_all(grace)
             print(self.summary(), file=sys.stderr, flush=True)

@@ -102,7 +102,10 @@ def init_distributed(
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        store = _store(rank, world_size, timeout)
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
             distributed_timeout_minutes=max(1, round(timeout_s / 60)),
@@ -157,6 +160,15 @@ def broadcast_from_driver(ctx: ParallelContext, obj: T) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=ctx.cpu_group)
     return box[0]
+
+
+def _store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, its keys prefixed by torchrun's restart count: the agent's store
+    outlives a restart, and without the prefix the restarted ranks would read the addresses of
+    the ranks they replace and fail to connect."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"hpt/attempt_{attempt}/", store)
 
 
 def _free_port() -> int:

@@ -41,8 +41,8 @@ SMALL = [
     "run.val_every=0",
     "data.prompts_per_step=4",
     "rollout.n=2",
-    "rollout.max_new_tokens=16",
-    "data.max_response_tokens=16",
+    "rollout.max_new_tokens=32",
+    "data.max_response_tokens=32",
     "data.arithmetic.train_size=64",
     "data.arithmetic.test_size=8",
     "checkpoint.export_hf=false",
@@ -60,8 +60,10 @@ def _command(out: pathlib.Path, steps: int, *extra: str, restarts: int = 0) -> l
         "torch.distributed.run",
         "--nproc_per_node=2",
         f"--max-restarts={restarts}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
+        # c10d rendezvous: a restart gets a fresh store (a static one hands the restarted ranks
+        # the dead ranks' addresses)
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
         "-m",
         "hpt_megatron.cli",
         "train",
@@ -121,7 +123,7 @@ def _wait_for_step(out: pathlib.Path, proc: subprocess.Popen, step: int) -> None
 
 def _rank(proc: subprocess.Popen, rank: int) -> psutil.Process:
     """The worker process of ``rank`` under the torchrun ``proc``."""
-    for child in psutil.Process(proc.pid).children(recursive=True):
+    for child in psutil.Process(proc.pid).children():  # the workers, not their helpers
         try:
             if child.environ().get("RANK") == str(rank) and "hpt_megatron.cli" in child.cmdline():
                 return child
@@ -151,9 +153,11 @@ def test_sigkilled_rank_restarts_from_the_last_checkpoint_by_itself(tmp_path):
     out = tmp_path / "run"
     proc = _start(out, 6, "checkpoint.save_every=2", restarts=1)
     _wait_for_step(out, proc, 3)
+    while not list_checkpoints(out / "checkpoints") and proc.poll() is None:
+        time.sleep(0.05)  # the asynchronous save of step 2 completes during step 3 or 4
     _rank(proc, 1).kill()
     assert _finish(proc) == 0, _log(out)[-4000:]
-    assert "resumed from" in _log(out)
+    assert f"resumed from {out / 'checkpoints' / 'step_000002'}" in _log(out)
     _check_nothing_lost(out, 6)
 
 
@@ -176,6 +180,8 @@ def test_stalled_collective_fires_the_watchdog_and_the_restart_finishes(tmp_path
         while not report.is_file() and time.monotonic() - t0 < 60:
             time.sleep(0.05)
         fired_after = time.monotonic() - t0
+        while "hpt: HANG" not in _log(out) and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
     finally:
         frozen.resume()  # so that torchrun's SIGTERM ends it at once
     assert report.is_file(), _log(out)[-4000:]
