@@ -81,11 +81,19 @@ class NonFiniteGuard:
         self.max_in_a_row = max_in_a_row
         self.in_a_row = 0
         self.total = 0
+        self.first_bad = 0
+        self.before_streak: Path | None = None
 
     def check(self, step: int, metrics: dict[str, float], last_good: Path | None) -> None:
-        """Add the guard's counts to ``metrics``; raise after too many bad updates in a row."""
+        """Add the guard's counts to ``metrics``; raise after too many bad updates in a row.
+
+        ``last_good`` is the newest complete checkpoint; the error names the one that was newest
+        when the streak began (skipped updates leave the weights as they were).
+        """
         bad = [k for k in self.METRICS if k in metrics and not math.isfinite(metrics[k])]
         if bad:
+            if self.in_a_row == 0:
+                self.first_bad, self.before_streak = step, last_good
             self.in_a_row += 1
             self.total += 1
             log.warning(
@@ -99,10 +107,11 @@ class NonFiniteGuard:
         metrics["train/nonfinite_skipped"] = float(bool(bad))
         metrics["train/nonfinite_total"] = float(self.total)
         if bad and self.max_in_a_row and self.in_a_row >= self.max_in_a_row:
-            where = str(last_good) if last_good else "none (the run has not saved one yet)"
+            where = str(self.before_streak or "none (the run has not saved one yet)")
             raise NonFiniteError(
                 f"step {step}: {bad[0]} is {metrics[bad[0]]} for {self.in_a_row} updates in a "
-                f"row (fault.max_nonfinite_steps={self.max_in_a_row}); stopping. Last good "
-                f"checkpoint: {where}. Lower trainer.lr, check the data of these steps (saved "
-                "with logging.save_rollouts) or raise fault.max_nonfinite_steps."
+                f"row since step {self.first_bad} (fault.max_nonfinite_steps="
+                f"{self.max_in_a_row}); stopping. Last good checkpoint: {where}. Resume from it "
+                "with a lower trainer.lr, check the data of these steps (logging.save_rollouts) "
+                "or raise fault.max_nonfinite_steps."
             )

@@ -162,7 +162,7 @@ class PendingSave:
             where = "; ".join(f"rank {r}: {e}" for r, e in failed)
             raise CheckpointError(
                 f"checkpoint {self.final.name} could not be written to {self.tmp} ({where}); "
-                f"its partial files were removed, the newest loadable checkpoint is unchanged"
+                "its partial files were removed; the newest loadable checkpoint is unchanged"
             )
         if self.request is not None:
             for fn in self.request.finalize_fns:  # Megatron's: global metadata, collective
@@ -552,7 +552,11 @@ class Checkpointer:
         if self.pending is None:
             return
         pending, self.pending = self.pending, None
-        path = pending.finish()
+        try:
+            path = pending.finish()
+        except CheckpointError as err:
+            newest = self.last_complete or "none (no checkpoint has completed yet)"
+            raise CheckpointError(f"{err}: {newest}. Free space and resume") from None
         self.last_complete = path
         if self.ctx.is_driver:
             if self.describe is not None:

@@ -141,7 +141,7 @@ def test_non_finite_guard_counts_skips_and_stops_after_n_in_a_row(tmp_path: Path
     guard.check(3, dict(ok), None)  # a good update resets the streak
     guard.check(4, {"loss": 1.0, "grad_norm": float("inf")}, tmp_path / "step_000003")
     with pytest.raises(NonFiniteError) as err:
-        guard.check(5, {"loss": 1.0, "grad_norm": float("inf")}, tmp_path / "step_000003")
+        guard.check(5, {"loss": 1.0, "grad_norm": float("inf")}, tmp_path / "step_000004")
     message = str(err.value)
-    assert message.startswith("step 5: grad_norm is inf for 2 updates in a row")
-    assert str(tmp_path / "step_000003") in message
+    assert message.startswith("step 5: grad_norm is inf for 2 updates in a row since step 4")
+    assert f"Last good checkpoint: {tmp_path / 'step_000003'}." in message

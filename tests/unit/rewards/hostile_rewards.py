@@ -26,9 +26,10 @@ def nan_reward(response: str, ground_truth: str) -> float:
 
 
 def flaky(response: str, ground_truth: str) -> float:
-    """Raises on some answers, hangs on others, grades the rest (the fault-injection run)."""
-    if response.endswith("1"):
+    """Raises on a quarter of the answers, hangs on another quarter (by response length), grades
+    the rest (the fault-injection run)."""
+    if len(response) % 4 == 0:
         raise RuntimeError("grader bug")
-    if response.endswith("2"):
+    if len(response) % 4 == 1:
         time.sleep(3600)
     return float(response.strip() == ground_truth.strip())
