@@ -92,6 +92,7 @@ class PendingSave:
         )
         self.error: str | None = None
         self.thread: threading.Thread | None = None
+        self.checksums: dict[str, list[int]] = {}  # of the files written, computed by the writer
 
     def start(self, background: bool) -> PendingSave:
         write = self._snapshot_writes()
@@ -141,6 +142,8 @@ class PendingSave:
                 if isinstance(result, Exception):
                     raise result
                 results[idx] = result
+                file = Path(bucket[0])
+                self.checksums[str(file.relative_to(self.tmp))] = [file.stat().st_size, _crc(file)]
         except Exception as err:  # reported collectively by finish()
             self.error = f"{type(err).__name__}: {err}"
             return
@@ -170,7 +173,7 @@ class PendingSave:
         _barrier(self.group)
         if rank == 0:
             (self.tmp / STATE_FILE).write_text(json.dumps(self.state or {}, indent=1))
-        write_rank_manifest(self.tmp, rank)  # every rank at once, its own files
+        write_rank_manifest(self.tmp, rank, known=self.checksums)  # every rank, its own files
         _barrier(self.group)
         if rank == 0:
             write_rank_manifest(self.tmp, 0, rest=True)  # files nobody else claimed
@@ -270,9 +273,12 @@ def _owner(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def write_rank_manifest(path: Path, rank: int, rest: bool = False) -> None:
+def write_rank_manifest(
+    path: Path, rank: int, rest: bool = False, known: dict[str, list[int]] | None = None
+) -> None:
     """Size and CRC32 of the files ``rank`` wrote, into ``manifest_<rank>.json``; with ``rest``
-    (rank 0, after the others) also every file no manifest lists yet."""
+    (rank 0, after the others) also every file no manifest lists yet. ``known`` holds entries
+    the writer already computed (the files are not read again)."""
     files = [p for p in path.rglob("*") if p.is_file() and not _MANIFEST.match(p.name)]
     if rest:
         claimed: set[str] = set()
@@ -284,8 +290,10 @@ def write_rank_manifest(path: Path, rank: int, rest: bool = False) -> None:
     else:
         mine = [f for f in files if _owner(f.name) == rank]
         entries = {}
+    known = known or {}
     for file in sorted(mine):
-        entries[str(file.relative_to(path))] = [file.stat().st_size, _crc(file)]
+        name = str(file.relative_to(path))
+        entries[name] = known.get(name) or [file.stat().st_size, _crc(file)]
     tmp = path / f".manifest_{rank}.json.tmp"
     tmp.write_text(json.dumps(entries))
     os.replace(tmp, path / f"manifest_{rank}.json")
