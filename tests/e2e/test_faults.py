@@ -53,17 +53,22 @@ SMALL = [
 ]
 
 
-def _command(out: pathlib.Path, steps: int, *extra: str, restarts: int = 0) -> list[str]:
+def _command(
+    out: pathlib.Path, steps: int, *extra: str, restarts: int = 0, static: bool = False
+) -> list[str]:
+    port = free_port()
+    rendezvous = (
+        ["--master_addr=127.0.0.1", f"--master_port={port}"]
+        if static
+        else ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
+    )
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
         f"--max-restarts={restarts}",
-        # c10d rendezvous: a restart gets a fresh store (a static one hands the restarted ranks
-        # the dead ranks' addresses)
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        *rendezvous,
         "-m",
         "hpt_megatron.cli",
         "train",
@@ -75,11 +80,13 @@ def _command(out: pathlib.Path, steps: int, *extra: str, restarts: int = 0) -> l
     ]
 
 
-def _start(out: pathlib.Path, steps: int, *extra: str, restarts: int = 0) -> subprocess.Popen:
+def _start(
+    out: pathlib.Path, steps: int, *extra: str, restarts: int = 0, static: bool = False
+) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     log = open(out.parent / f"{out.name}.log", "a")  # noqa: SIM115  # closed with the process
     return subprocess.Popen(
-        _command(out, steps, *extra, restarts=restarts),
+        _command(out, steps, *extra, restarts=restarts, static=static),
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
@@ -151,7 +158,8 @@ def _check_nothing_lost(out: pathlib.Path, steps: int) -> None:
 
 def test_sigkilled_rank_restarts_from_the_last_checkpoint_by_itself(tmp_path):
     out = tmp_path / "run"
-    proc = _start(out, 6, "checkpoint.save_every=2", restarts=1)
+    # A static rendezvous (--master_addr/--master_port): the restart reuses the agent's store.
+    proc = _start(out, 6, "checkpoint.save_every=2", restarts=1, static=True)
     _wait_for_step(out, proc, 3)
     while not list_checkpoints(out / "checkpoints") and proc.poll() is None:
         time.sleep(0.05)  # the asynchronous save of step 2 completes during step 3 or 4
