@@ -24,14 +24,15 @@ SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 class FaultConfig:
     """Hang watchdog, collective timeout, preemption signals and the non-finite guard."""
 
-    # torch.distributed collectives (init_process_group timeout) give up after this long.
-    collective_timeout_s: float = 1800.0
+    # torch.distributed collectives (init_process_group timeout) give up after this long. The
+    # other ranks wait for the driver's rollout inside a collective: keep it above the longest.
+    collective_timeout_s: float = 5400.0
     watchdog: bool = True
     # A phase never seen finishing yet (the first step: warm-up, compilation) may last this long.
-    hang_timeout_s: float = 1200.0
+    hang_timeout_s: float = 3600.0
     # Once observed: bound = max(hang_min_s, hang_factor * the longest completed duration).
     hang_factor: float = 5.0
-    hang_min_s: float = 300.0
+    hang_min_s: float = 600.0
     # Fixed bounds for some phases (seconds), overriding the two rules above.
     phase_timeout_s: dict[str, float] = field(default_factory=dict)
     watchdog_poll_s: float = 1.0
