@@ -34,7 +34,7 @@ from tests.helpers.forked import run_cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "examples" / "tiny_cpu.yaml")
-pytestmark = [pytest.mark.faults, pytest.mark.distributed]
+pytestmark = [pytest.mark.faults, pytest.mark.distributed, pytest.mark.slow]  # 25-60 s each
 
 SMALL = [
     "parallel.tp=1",
@@ -178,7 +178,7 @@ def test_stalled_collective_fires_the_watchdog_and_the_restart_finishes(tmp_path
         "fault.watchdog_poll_s=0.25",
         "fault.collective_timeout_s=300",
     ]
-    proc = _start(out, 5, "checkpoint.save_every=2", *watchdog, restarts=1)
+    proc = _start(out, 4, "checkpoint.save_every=2", *watchdog, restarts=1)
     _wait_for_step(out, proc, 3)
     frozen = _rank(proc, 1)
     frozen.suspend()  # rank 0 then waits for it inside the next collective
@@ -201,25 +201,25 @@ def test_stalled_collective_fires_the_watchdog_and_the_restart_finishes(tmp_path
     log = _log(out)
     line = next(ln for ln in log.splitlines() if ln.startswith("hpt: HANG at step"))
     assert "rank 0 in " in line and "rank 1 wrote no report (frozen or dead" in line
-    _check_nothing_lost(out, 5)
+    _check_nothing_lost(out, 4)
 
 
 def test_sigterm_checkpoints_the_current_step_exits_0_and_resume_continues(tmp_path):
     out = tmp_path / "run"
-    proc = _start(out, 6, "checkpoint.save_every=0")
+    proc = _start(out, 4, "checkpoint.save_every=0")
     _wait_for_step(out, proc, 2)
     for rank in (0, 1):  # what Slurm does: every task of the step gets the signal
         _rank(proc, rank).send_signal(signal.SIGTERM)
     assert _finish(proc) == 0, _log(out)[-4000:]
     stopped = max(_metrics(out))
-    assert stopped < 6
+    assert stopped < 4
     assert f"stopped by SIGTERM after step {stopped}" in _log(out)
     newest = list_checkpoints(out / "checkpoints")[-1]
     assert newest.name == f"step_{stopped:06d}" and verify_checkpoint(newest) is None
     assert json.loads((newest / "hpt_state.json").read_text())["step"] == stopped
-    assert _finish(_start(out, 6)) == 0, _log(out)[-4000:]
+    assert _finish(_start(out, 4)) == 0, _log(out)[-4000:]
     assert f"resumed from {newest}" in _log(out)
-    _check_nothing_lost(out, 6)
+    _check_nothing_lost(out, 4)
 
 
 def _mount_tmpfs(path: pathlib.Path, size: str) -> None:
@@ -234,7 +234,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
     ckpts = out / "checkpoints"
     _mount_tmpfs(ckpts, "15m")  # two checkpoints of the tiny model (about 7 MB each) fit
     try:
-        proc = _start(out, 6, "checkpoint.save_every=1", "checkpoint.keep_last=10")
+        proc = _start(out, 4, "checkpoint.save_every=1", "checkpoint.keep_last=10")
         assert _finish(proc) != 0
         log = _log(out)
         assert "checkpoint step_000003 could not be written to" in log, log[-4000:]
@@ -243,10 +243,10 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
         assert verify_checkpoint(ckpts / "step_000002") is None
         assert not list(ckpts.glob("*.tmp"))  # the partial files were removed
         subprocess.run(["mount", "-o", "remount,size=64m", str(ckpts)], check=True)
-        proc = _start(out, 6, "checkpoint.save_every=1", "checkpoint.keep_last=1")
+        proc = _start(out, 4, "checkpoint.save_every=1", "checkpoint.keep_last=1")
         assert _finish(proc) == 0, _log(out)[-4000:]
         assert f"resumed from {ckpts / 'step_000002'}" in _log(out)
-        _check_nothing_lost(out, 6)
+        _check_nothing_lost(out, 4)
     finally:
         subprocess.run(["umount", "-l", str(ckpts)])
 
