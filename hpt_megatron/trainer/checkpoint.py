@@ -122,32 +122,45 @@ class PendingSave:
         return transform_list, use_msc, buckets, results_queue
 
     def _write(self, write: Any) -> None:
-        """This rank's shard files, one bucket after another, in the calling thread (Megatron's
-        own writer forks processes; a thread leaves no helper behind and cannot hang in fork)."""
+        """This rank's shard files, one thread per file (Megatron's own writer forks processes;
+        threads leave no helper behind and cannot hang in fork)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        transform_list, use_msc, buckets, results_queue = write
+        try:
+            with ThreadPoolExecutor(len(buckets)) as pool:
+                done = list(
+                    pool.map(
+                        lambda ib: self._write_bucket(transform_list, use_msc, *ib),
+                        enumerate(buckets),
+                    )
+                )
+        except Exception as err:  # reported collectively by finish()
+            self.error = f"{type(err).__name__}: {err}"
+            return
+        for name, entry, _ in done:
+            self.checksums[name] = entry
+        results_queue.put({idx: result for idx, (_, _, result) in enumerate(done)})
+
+    def _write_bucket(
+        self, transform_list: Any, use_msc: bool, idx: int, bucket: Any
+    ) -> tuple[str, list[int], Any]:
+        """Write one file; its name, [size, CRC32] and Megatron's write results."""
         from megatron.core.dist_checkpointing.strategies.filesystem_async import (
             FileSystemWriterAsync,
         )
 
-        transform_list, use_msc, buckets, results_queue = write
-        results: dict[int, Any] = {}
-        try:
-            for idx, bucket in enumerate(buckets):
-                out: queue.Queue = queue.Queue()
-                count: queue.Queue = queue.Queue()
-                count.put(idx)
-                FileSystemWriterAsync.write_preloaded_data(
-                    transform_list, idx, bucket, out, count, True, use_msc=use_msc
-                )
-                _, result = out.get()
-                if isinstance(result, Exception):
-                    raise result
-                results[idx] = result
-                file = Path(bucket[0])
-                self.checksums[str(file.relative_to(self.tmp))] = [file.stat().st_size, _crc(file)]
-        except Exception as err:  # reported collectively by finish()
-            self.error = f"{type(err).__name__}: {err}"
-            return
-        results_queue.put(results)
+        out: queue.Queue = queue.Queue()
+        count: queue.Queue = queue.Queue()
+        count.put(idx)
+        FileSystemWriterAsync.write_preloaded_data(
+            transform_list, idx, bucket, out, count, True, use_msc=use_msc
+        )
+        _, result = out.get()
+        if isinstance(result, Exception):
+            raise result
+        file = Path(bucket[0])
+        return str(file.relative_to(self.tmp)), [file.stat().st_size, _crc(file)], result
 
     def done(self) -> bool:
         return self.thread is None or not self.thread.is_alive()
@@ -211,7 +224,7 @@ def begin_save(
     sharded: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(_flat(model_sd))
-    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=2)  # 2 files a rank
     try:
         request = dist_checkpointing.save(
             sharded, str(tmp), sharded_strategy=strategy, async_sharded_save=True
