@@ -95,7 +95,7 @@ class PendingSave:
         self.checksums: dict[str, list[int]] = {}  # of the files written, computed by the writer
 
     def start(self, background: bool) -> PendingSave:
-        write = self._snapshot_writes()
+        write = self._snapshot_writes(copy=background)
         if write is None:
             return self
         if background:
@@ -105,9 +105,10 @@ class PendingSave:
             self._write(write)
         return self
 
-    def _snapshot_writes(self) -> Any:
+    def _snapshot_writes(self, copy: bool) -> Any:
         """Stage the tensors this rank writes: device tensors are copied to host by Megatron's
-        preload; host tensors that are live training state are cloned, so training may go on."""
+        preload; with ``copy``, host tensors that are live training state are cloned, so that
+        training may go on while they are written."""
         req = self.request
         if req is None or req.async_fn is None:
             return None
@@ -117,7 +118,7 @@ class PendingSave:
         live = {t.data_ptr() for _, _, (_, tensors) in originals for _, t in tensors}
         buckets = []
         for file_name, key, (bytes_data, tensors) in staged:
-            copied = [(i, t.clone() if t.data_ptr() in live else t) for i, t in tensors]
+            copied = [(i, t.clone() if copy and t.data_ptr() in live else t) for i, t in tensors]
             buckets.append((file_name, key, (bytes_data, copied)))
         return transform_list, use_msc, buckets, results_queue
 
