@@ -8,6 +8,7 @@ from pathlib import Path
 from hpt_megatron.config.algorithm import AlgorithmConfig
 from hpt_megatron.config.base import from_dict, merge_and_resolve, to_dict, validate_tree
 from hpt_megatron.config.data import DataConfig, RewardConfig
+from hpt_megatron.config.fault import FaultConfig
 from hpt_megatron.config.rollout import RolloutConfig
 from hpt_megatron.config.sections import (
     CheckpointConfig,
@@ -31,6 +32,7 @@ class HPTConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> HPTConfig:

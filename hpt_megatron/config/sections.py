@@ -153,3 +153,6 @@ class CheckpointConfig:
     save_every: int = 0  # steps; 0 saves only at the end
     keep_last: int = 2
     export_hf: bool = True  # export the final policy as an HF folder
+    # Write the model/optimizer shards in a background thread while training goes on (the next
+    # save, and the end of the run, wait for it); False writes them before the step returns.
+    async_save: bool = True

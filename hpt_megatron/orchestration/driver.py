@@ -127,6 +127,7 @@ class Driver:
             prompts = self.sampler.next_batch()  # DAPO: refill with fresh prompts
         attach_advantages(spec, kept)
         metrics.update(_rollout_metrics(rollouts))
+        metrics.update(self.damage_metrics())
         histograms = {"reward/per_prompt_success": _success_rates(rollouts)}
         return RolloutBatch(kept, step, {**metrics, **timings}, histograms, sampler_state)
 
@@ -176,6 +177,16 @@ class Driver:
                 )
             )
         return samples
+
+    def damage_metrics(self) -> dict[str, float]:
+        """Running counts of what was lost on the way and scored 0 or skipped."""
+        stats, data = self.pool.stats, self.sampler.dataset
+        return {
+            "reward/timeouts_total": float(stats.timeouts),
+            "reward/crashes_total": float(stats.crashes),
+            "reward/errors_total": float(stats.errors),
+            "data/bad_rows": float(data.stats.bad_rows if isinstance(data, PromptDataset) else 0),
+        }
 
     # ---------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

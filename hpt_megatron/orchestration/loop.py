@@ -30,8 +30,10 @@ from hpt_megatron.models.provider import (
     load_hf_config,
 )
 from hpt_megatron.orchestration.driver import Driver
+from hpt_megatron.orchestration.faults import NonFiniteGuard, Preemption
 from hpt_megatron.orchestration.metrics import MetricsLogger, derived_metrics
 from hpt_megatron.orchestration.rollouts import make_rollouts
+from hpt_megatron.orchestration.watchdog import Watchdog
 from hpt_megatron.orchestration.weight_sync import sync_weights
 from hpt_megatron.parallel.runtime import (
     ParallelContext,
@@ -77,7 +79,9 @@ def train(cfg: HPTConfig) -> dict[str, float]:
     """Run (or resume) a training run; returns the last step's metrics on the driver."""
     hf = resolve_model_config(cfg)  # model-vs-parallel errors before any process group starts
     spec = cfg.algorithm.spec(max_staleness=cfg.run.max_staleness)
-    ctx = init_distributed(cfg.parallel, seed=cfg.run.seed)
+    ctx = init_distributed(
+        cfg.parallel, seed=cfg.run.seed, timeout_s=cfg.fault.collective_timeout_s
+    )
     driver = None
     try:
         run = _build_run(cfg, ctx, hf, spec)
@@ -140,6 +144,7 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
         keep_last=cfg.checkpoint.keep_last,
         last_step=cfg.run.steps,
         describe=describe,
+        background=cfg.checkpoint.async_save,
     )
     update = PolicyUpdate(policy, layout, reference, critic)
     return Run(
@@ -149,7 +154,22 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
 
 def _train(run: Run, driver: Driver | None) -> dict[str, float]:
     cfg, ctx = run.cfg, run.ctx
-    state = run.checkpointer.resume(cfg.run.resume, run.policy)
+    watchdog = Watchdog(cfg.fault, run.run_dir, ctx.rank, ctx.world_size).start()
+    preemption = Preemption(cfg.fault.preempt_signals)
+    try:
+        return _train_steps(run, driver, watchdog, preemption)
+    finally:
+        preemption.close()
+        watchdog.stop()
+
+
+def _train_steps(
+    run: Run, driver: Driver | None, watchdog: Watchdog, preemption: Preemption
+) -> dict[str, float]:
+    cfg, ctx = run.cfg, run.ctx
+    phase = watchdog.phase
+    with phase("checkpoint"):
+        state = run.checkpointer.resume(cfg.run.resume, run.policy)
     if state is None:
         init_policy_weights(run.policy, run.hf, cfg.model)
     elif driver is not None:
@@ -177,7 +197,8 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
         start_step=start,
     )
     engine = driver.engine if driver is not None else None
-    sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=start)
+    with phase("weight_sync", start):
+        sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=start)
     colocated = cfg.run.placement == "colocated"
     rollouts = make_rollouts(
         driver,
@@ -188,23 +209,34 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
         cfg.run.max_staleness,
         cfg.rollout.partial,
     )
+    guard = NonFiniteGuard(cfg.fault.max_nonfinite_steps)
+    run.policy.phase = phase
     metrics: dict[str, float] = {}
+    preempted = False
     try:
         for step in range(start, cfg.run.steps):
             t_step = time.perf_counter()
             spec = run.spec.phase_for_step(step)
-            batch = broadcast_from_driver(ctx, rollouts.batch(step, spec))
+            with phase("checkpoint", step):
+                run.checkpointer.poll()  # an asynchronous save whose files are all written
+            with phase("rollout"):
+                made = rollouts.batch(step, spec)  # the driver's; the others get None
+            with phase("broadcast"):  # the other ranks wait here for the driver's rollout
+                batch = broadcast_from_driver(ctx, made)
             assert batch is not None
             if ctx.is_driver and cfg.logging.save_rollouts:
                 (run.run_dir / "rollouts").mkdir(exist_ok=True)
                 batch.save_jsonl(run.run_dir / "rollouts" / f"step_{step + 1:06d}.jsonl")
             if engine is not None and colocated:
                 engine.release_memory()  # colocated: the trainer gets the devices
-            train_metrics = run.update.update(batch.samples, spec, step)
+            with phase("forward_backward"):  # the engine marks its optimizer phase inside
+                train_metrics = run.update.update(batch.samples, spec, step)
             if engine is not None and colocated:
                 engine.resume_memory()
+            guard.check(step + 1, train_metrics, run.checkpointer.last_complete)
             t_sync = time.perf_counter()
-            sync_weights(rollouts.weight_sink, run.policy.model_chunks, run.hf, ctx, step + 1)
+            with phase("weight_sync"):  # async: queued for the producer, not loaded here
+                sync_weights(rollouts.weight_sink, run.policy.model_chunks, run.hf, ctx, step + 1)
             metrics = {
                 **batch.metrics,
                 **train_metrics,
@@ -212,25 +244,46 @@ def _train(run: Run, driver: Driver | None) -> dict[str, float]:
             }
             if cfg.run.val_every and (step + 1) % cfg.run.val_every == 0:
                 # Every rank needs the score: it decides whether all of them save "best".
-                metrics.update(broadcast_from_driver(ctx, rollouts.validate()))
+                with phase("validation"):
+                    metrics.update(broadcast_from_driver(ctx, rollouts.validate()))
+            # Every rank stops after the same step when any of them was signalled.
+            preempted = preemption.agreed(ctx)
+            t_ckpt = time.perf_counter()
+            with phase("checkpoint"):
+                run.checkpointer.poll()
+                # The data position before the next batch was drawn (batches generated ahead
+                # are drawn again by a resumed run).
+                data = rollouts.next_sampler_state(step)
+                score = metrics.get("val/accuracy")
+                due = preempted or run.checkpointer.due(step + 1, score)
+                if critic_ckpt is not None and due:
+                    critic_ckpt.save(step_dir(ckpt_root, step + 1))  # before the policy's
+                did_save = run.checkpointer.maybe_save(
+                    step + 1, run.policy, score, {"sampler": data}, force=preempted
+                )
+                if did_save and critic_ckpt is not None and ctx.is_driver:
+                    critic_ckpt.prune()
+            metrics["time/checkpoint_blocked_s"] = time.perf_counter() - t_ckpt
             metrics["time/step_s"] = time.perf_counter() - t_step
             metrics.update(derived_metrics(metrics))
             logger.log(step + 1, metrics)
             for key, values in batch.histograms.items():
                 logger.histogram(step + 1, key, values)
-            # The data position before the next batch was drawn (batches generated ahead are
-            # drawn again by a resumed run).
-            data = rollouts.next_sampler_state(step)
-            score = metrics.get("val/accuracy")
-            if critic_ckpt is not None and run.checkpointer.will_save(step + 1, score):
-                critic_ckpt.save(step_dir(ckpt_root, step + 1))  # before the policy's
-            did_save = run.checkpointer.maybe_save(step + 1, run.policy, score, {"sampler": data})
-            if did_save and critic_ckpt is not None and ctx.is_driver:
-                critic_ckpt.prune()
+            if preempted:
+                if ctx.is_driver:
+                    print(
+                        f"hpt: stopped by {preemption.requested or 'a signal to another rank'} "
+                        f"after step {step + 1}; checkpoint {run.checkpointer.last_complete}; "
+                        "run again with run.resume=auto to continue",
+                        flush=True,
+                    )
+                break
+        with phase("checkpoint"):
+            run.checkpointer.wait()  # an asynchronous save still being written
     finally:
         rollouts.close()
         logger.close()
-    if cfg.checkpoint.export_hf:
+    if cfg.checkpoint.export_hf and not preempted:
         _export_final(run)
     return metrics
 

@@ -68,8 +68,13 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelContext:
+def init_distributed(
+    parallel: ParallelConfig, seed: int = 1234, timeout_s: float = 1800.0
+) -> ParallelContext:
     """Initialise torch.distributed and Megatron's model-parallel state.
+
+    ``timeout_s`` bounds every collective of the default group and of Megatron's groups
+    (``fault.collective_timeout_s``); the hang watchdog normally reports a stall well before it.
 
     Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (set by torchrun); a plain
     ``python -m ...`` gets a world of one, so single process and ``torchrun --nproc_per_node 1``
@@ -85,6 +90,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelCont
     if parallel.backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("parallel.backend: nccl needs GPUs; none are visible")
     check_world_size(parallel, world_size)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if use_gpu:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -96,28 +102,37 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelCont
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        store = _store(rank, world_size, timeout)
         dist.init_process_group(
-            backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=60)
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
         )
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
+            distributed_timeout_minutes=max(1, round(timeout_s / 60)),
             tensor_model_parallel_size=parallel.tp,
             pipeline_model_parallel_size=parallel.pp,
             virtual_pipeline_model_parallel_size=parallel.vpp,
             context_parallel_size=parallel.cp,
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return _context(parallel, rank, world_size, local_rank, device)
+    return _context(parallel, rank, world_size, local_rank, device, timeout)
 
 
 def _context(
-    parallel: ParallelConfig, rank: int, world_size: int, local_rank: int, device: torch.device
+    parallel: ParallelConfig,
+    rank: int,
+    world_size: int,
+    local_rank: int,
+    device: torch.device,
+    timeout: datetime.timedelta,
 ) -> ParallelContext:
     from megatron.core import parallel_state as ps
 
     world = dist.group.WORLD
     assert world is not None, "init_process_group has run"
-    cpu_group = world if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    cpu_group = (
+        world if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    )
     return ParallelContext(
         rank=rank,
         world_size=world_size,
@@ -145,6 +160,15 @@ def broadcast_from_driver(ctx: ParallelContext, obj: T) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=ctx.cpu_group)
     return box[0]
+
+
+def _store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, its keys prefixed by torchrun's restart count: the agent's store
+    outlives a restart, and without the prefix the restarted ranks would read the addresses of
+    the ranks they replace and fail to connect."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"hpt/attempt_{attempt}/", store)
 
 
 def _free_port() -> int:

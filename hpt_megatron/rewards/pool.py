@@ -47,12 +47,13 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
         if task is None:
             return
         index, spec, response, ground_truth = task
+        raised = False
         try:
             fn = cache.get(spec) or cache.setdefault(spec, resolve_reward(spec))
             score = float(fn(response, ground_truth))
         except Exception:  # a failing grader costs this answer only
-            score = 0.0
-        conn.send((index, score))
+            score, raised = 0.0, True
+        conn.send((index, score, raised))
 
 
 @dataclass
@@ -66,10 +67,12 @@ class _Worker:
 
 @dataclass
 class PoolStats:
-    """Counts of answers that timed out or crashed their worker, since the pool started."""
+    """Counts of answers that timed out, crashed their worker or raised in the reward function,
+    since the pool started (each scored 0)."""
 
     timeouts: int = 0
     crashes: int = 0
+    errors: int = 0
 
 
 class RewardPool:
@@ -183,7 +186,7 @@ class RewardPool:
         for worker in busy:
             if worker.conn in ready:
                 try:
-                    index, score = worker.conn.recv()
+                    index, score, raised = worker.conn.recv()
                 except (EOFError, OSError):
                     self._record_crash(worker)
                     self._replace(worker, pending)
@@ -191,6 +194,7 @@ class RewardPool:
                 assert index == worker.inflight[0], "worker answered out of order"
                 worker.inflight.popleft()
                 scores[index] = score
+                self.stats.errors += raised
                 worker.deadline = time.monotonic() + self.timeout_s  # the next task starts now
                 self._crash_streak = 0
             elif time.monotonic() >= worker.deadline:

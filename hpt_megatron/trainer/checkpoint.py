@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import random
 import re
 import shutil
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+_SHARD = re.compile(r"^__(\d+)_\d+\.distcp$")
+_MANIFEST = re.compile(r"^\.?manifest(_\d+)?\.json(\.tmp)?$")
 BEST = "best"
 COMPLETE = "COMPLETE"
 STATE_FILE = "hpt_state.json"
@@ -58,15 +62,157 @@ def _flat(model_sd: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def save_checkpoint(
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message says where and why."""
+
+
+class PendingSave:
+    """A checkpoint whose shards are being written (in a thread, or already written inline).
+
+    :meth:`finish` is collective: it waits for every rank's writes, runs Megatron's finalisation
+    (the global ``.metadata``), has every rank checksum the files it wrote into
+    ``manifest_<rank>.json`` (in parallel), and only then writes ``COMPLETE`` and renames the
+    ``.tmp`` directory into place.
+    """
+
+    def __init__(
+        self,
+        tmp: Path,
+        final: Path,
+        request: Any,
+        state: dict[str, Any] | None,
+        group: dist.ProcessGroup | None,
+    ) -> None:
+        self.tmp, self.final, self.request, self.state, self.group = (
+            tmp,
+            final,
+            request,
+            state,
+            group,
+        )
+        self.error: str | None = None
+        self.thread: threading.Thread | None = None
+        self.checksums: dict[str, list[int]] = {}  # of the files written, computed by the writer
+
+    def start(self, background: bool) -> PendingSave:
+        write = self._snapshot_writes(copy=background)
+        if write is None:
+            return self
+        if background:
+            self.thread = threading.Thread(target=self._write, args=(write,), daemon=True)
+            self.thread.start()
+        else:
+            self._write(write)
+        return self
+
+    def _snapshot_writes(self, copy: bool) -> Any:
+        """Stage the tensors this rank writes: device tensors are copied to host by Megatron's
+        preload; with ``copy``, host tensors that are live training state are cloned, so that
+        training may go on while they are written."""
+        req = self.request
+        if req is None or req.async_fn is None:
+            return None
+        transform_list, use_msc = req.async_fn.args[:2]
+        _, originals, results_queue = req.async_fn_args
+        staged = req.preload_fn() if req.preload_fn is not None else originals
+        live = {t.data_ptr() for _, _, (_, tensors) in originals for _, t in tensors}
+        buckets = []
+        for file_name, key, (bytes_data, tensors) in staged:
+            copied = [(i, t.clone() if copy and t.data_ptr() in live else t) for i, t in tensors]
+            buckets.append((file_name, key, (bytes_data, copied)))
+        return transform_list, use_msc, buckets, results_queue
+
+    def _write(self, write: Any) -> None:
+        """This rank's shard files, one thread per file (Megatron's own writer forks processes;
+        threads leave no helper behind and cannot hang in fork)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        transform_list, use_msc, buckets, results_queue = write
+        try:
+            with ThreadPoolExecutor(len(buckets)) as pool:
+                done = list(
+                    pool.map(
+                        lambda ib: self._write_bucket(transform_list, use_msc, *ib),
+                        enumerate(buckets),
+                    )
+                )
+        except Exception as err:  # reported collectively by finish()
+            self.error = f"{type(err).__name__}: {err}"
+            return
+        for name, entry, _ in done:
+            self.checksums[name] = entry
+        results_queue.put({idx: result for idx, (_, _, result) in enumerate(done)})
+
+    def _write_bucket(
+        self, transform_list: Any, use_msc: bool, idx: int, bucket: Any
+    ) -> tuple[str, list[int], Any]:
+        """Write one file; its name, [size, CRC32] and Megatron's write results."""
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+            FileSystemWriterAsync,
+        )
+
+        out: queue.Queue = queue.Queue()
+        count: queue.Queue = queue.Queue()
+        count.put(idx)
+        FileSystemWriterAsync.write_preloaded_data(
+            transform_list, idx, bucket, out, count, True, use_msc=use_msc
+        )
+        _, result = out.get()
+        if isinstance(result, Exception):
+            raise result
+        file = Path(bucket[0])
+        return str(file.relative_to(self.tmp)), [file.stat().st_size, _crc(file)], result
+
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+    def finish(self) -> Path:
+        """Collective: wait for the writes, finalise, write the manifests and ``COMPLETE``."""
+        if self.thread is not None:
+            self.thread.join()
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        errors = _gather((rank, self.error), self.group)
+        failed = [(r, e) for r, e in errors if e]
+        if failed:
+            if rank == 0:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            where = "; ".join(f"rank {r}: {e}" for r, e in failed)
+            raise CheckpointError(
+                f"checkpoint {self.final.name} could not be written to {self.tmp} ({where}); "
+                "its partial files were removed; the newest loadable checkpoint is unchanged"
+            )
+        if self.request is not None:
+            for fn in self.request.finalize_fns:  # Megatron's: global metadata, collective
+                fn()
+        _barrier(self.group)
+        if rank == 0:
+            (self.tmp / STATE_FILE).write_text(json.dumps(self.state or {}, indent=1))
+        write_rank_manifest(self.tmp, rank, known=self.checksums)  # every rank, its own files
+        _barrier(self.group)
+        if rank == 0:
+            write_rank_manifest(self.tmp, 0, rest=True)  # files nobody else claimed
+            (self.tmp / COMPLETE).write_text("ok\n")
+            _fsync_dir(self.tmp)
+            if self.final.exists():
+                shutil.rmtree(self.final)
+            os.replace(self.tmp, self.final)
+            _fsync_dir(self.final.parent)
+        _barrier(self.group)
+        return self.final
+
+
+def begin_save(
     path: str | Path,
     chunks: list[torch.nn.Module],
     optimizer: Any | None = None,
     state: dict[str, Any] | None = None,
     group: dist.ProcessGroup | None = None,
-) -> Path:
-    """Collective: every rank calls it. Writes ``path`` atomically; returns it."""
+    background: bool = False,
+) -> PendingSave:
+    """Collective: plan the checkpoint ``path`` and start writing this rank's shards (in a
+    thread with ``background``); :meth:`PendingSave.finish` completes it."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
@@ -79,19 +225,35 @@ def save_checkpoint(
     sharded: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(_flat(model_sd))
-    dist_checkpointing.save(sharded, str(tmp))
-    _barrier(group)
-    if rank == 0:
-        (tmp / STATE_FILE).write_text(json.dumps(state or {}, indent=1))
-        write_manifest(tmp)
-        (tmp / COMPLETE).write_text("ok\n")
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    _barrier(group)
-    return final
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=2)  # 2 files a rank
+    try:
+        request = dist_checkpointing.save(
+            sharded, str(tmp), sharded_strategy=strategy, async_sharded_save=True
+        )
+    except OSError as err:  # the common part (rank 0) failed, e.g. a full disk
+        raise CheckpointError(
+            f"checkpoint {final.name} could not be written to {tmp}: {err}"
+        ) from err
+    return PendingSave(tmp, final, request, state, group).start(background)
+
+
+def save_checkpoint(
+    path: str | Path,
+    chunks: list[torch.nn.Module],
+    optimizer: Any | None = None,
+    state: dict[str, Any] | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> Path:
+    """Collective: every rank calls it. Writes ``path`` atomically; returns it."""
+    return begin_save(path, chunks, optimizer, state, group).finish()
+
+
+def _gather(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def load_checkpoint(
@@ -119,29 +281,69 @@ def load_checkpoint(
     return json.loads(state_file.read_text()) if state_file.is_file() else {}
 
 
+def _owner(name: str) -> int | None:
+    """The rank that wrote a shard file (Megatron names them ``__<rank>_<n>.distcp``)."""
+    match = _SHARD.match(name)
+    return int(match.group(1)) if match else None
+
+
+def write_rank_manifest(
+    path: Path, rank: int, rest: bool = False, known: dict[str, list[int]] | None = None
+) -> None:
+    """Size and CRC32 of the files ``rank`` wrote, into ``manifest_<rank>.json``; with ``rest``
+    (rank 0, after the others) also every file no manifest lists yet. ``known`` holds entries
+    the writer already computed (the files are not read again)."""
+    files = [p for p in path.rglob("*") if p.is_file() and not _MANIFEST.match(p.name)]
+    if rest:
+        claimed: set[str] = set()
+        for other in path.glob("manifest_*.json"):
+            claimed.update(json.loads(other.read_text()))
+        mine = [f for f in files if str(f.relative_to(path)) not in claimed]
+        target = path / f"manifest_{rank}.json"
+        entries = json.loads(target.read_text()) if target.is_file() else {}
+    else:
+        mine = [f for f in files if _owner(f.name) == rank]
+        entries = {}
+    known = known or {}
+    for file in sorted(mine):
+        name = str(file.relative_to(path))
+        entries[name] = known.get(name) or [file.stat().st_size, _crc(file)]
+    tmp = path / f".manifest_{rank}.json.tmp"
+    tmp.write_text(json.dumps(entries))
+    os.replace(tmp, path / f"manifest_{rank}.json")
+
+
 def write_manifest(path: Path) -> None:
-    """Size and CRC32 of every file, so a damaged checkpoint is detected before loading."""
-    entries = {}
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
-        entries[str(file.relative_to(path))] = [file.stat().st_size, _crc(file)]
-    (path / MANIFEST).write_text(json.dumps(entries))
+    """One manifest of every file, by one process (checkpoints written without ranks)."""
+    write_rank_manifest(path, 0, rest=True)
 
 
-def verify_checkpoint(path: Path) -> str | None:
-    """None when ``path`` is intact, else why not."""
+def manifests(path: Path) -> list[Path]:
+    """The manifest files of a checkpoint (per rank; ``manifest.json`` in older checkpoints)."""
+    found = sorted(path.glob("manifest_*.json"), key=lambda p: p.name)
+    return found or ([path / MANIFEST] if (path / MANIFEST).is_file() else [])
+
+
+def verify_checkpoint(path: Path, part: int = 0, parts: int = 1) -> str | None:
+    """None when ``path`` is intact, else why not. With ``parts`` > 1 only every ``parts``-th
+    manifest from ``part`` is read back, so ``parts`` processes verify a checkpoint together."""
     if not (path / COMPLETE).is_file():
         return "no COMPLETE marker"
+    listed = manifests(path)
+    if not listed:
+        return "no manifest"
     try:
-        entries = json.loads((path / MANIFEST).read_text())
         json.loads((path / STATE_FILE).read_text())
+        chosen = [json.loads(m.read_text()) for m in listed[part::parts]]
     except (OSError, ValueError) as err:
         return f"unreadable manifest or state: {err}"
-    for name, (size, crc) in entries.items():
-        file = path / name
-        if not file.is_file():
-            return f"missing file {name}"
-        if file.stat().st_size != size or _crc(file) != crc:
-            return f"file {name} is damaged (size or checksum differs)"
+    for entries in chosen:
+        for name, (size, crc) in entries.items():
+            file = path / name
+            if not file.is_file():
+                return f"missing file {name}"
+            if file.stat().st_size != size or _crc(file) != crc:
+                return f"file {name} is damaged (size or checksum differs)"
     return None
 
 
@@ -211,7 +413,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def choose_resume(root: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: ``never``, a path, or ``auto`` (newest intact one)."""
+    """The checkpoint to resume from: ``never``, a path, or ``auto`` (newest intact one), checked
+    by this process alone (:meth:`Checkpointer.resume` shares the reading among the ranks)."""
     if resume == "never":
         return None
     if resume != "auto":
@@ -235,8 +438,12 @@ class Checkpointer:
 
     Every rank holds one and calls its methods together (they are collective). The saved state
     holds the step, the best score, the RNG, the LR schedule and ``extra`` (the driver's data
-    position). ``describe`` (driver only) adds files that make a folder self-contained, such as
-    the HF config and tokenizer.
+    position), all taken when the save starts, with the weights. ``describe`` (driver only) adds
+    files that make a folder self-contained, such as the HF config and tokenizer.
+
+    With ``background`` the shards of a periodic save are written in a thread while training
+    goes on; :meth:`poll` (every step) completes a save whose writes have finished on every rank,
+    and the next save, a best-score save and :meth:`close` wait for it.
     """
 
     def __init__(
@@ -248,6 +455,7 @@ class Checkpointer:
         keep_last: int,
         last_step: int,
         describe: Callable[[Path], None] | None = None,
+        background: bool = False,
     ) -> None:
         self.root = root
         self.ctx = ctx
@@ -255,39 +463,77 @@ class Checkpointer:
         self.keep_last = keep_last
         self.last_step = last_step
         self.describe = describe
+        self.background = background
         self.best_val = float("-inf")
+        self.pending: PendingSave | None = None
+        self.last_complete: Path | None = None  # the newest checkpoint known complete
+
+    def _verify(self, path: Path) -> str | None:
+        """Collective: every rank reads back its share of the manifests."""
+        ctx = self.ctx
+        path = broadcast_from_driver(ctx, path)
+        problem = verify_checkpoint(path, ctx.rank, ctx.world_size)
+        problems = _gather(problem, self.ctx.cpu_group)
+        return next((p for p in problems if p), None)
 
     def resume(self, resume: str, engine: TrainEngine) -> dict[str, Any] | None:
-        """Load the checkpoint chosen on the driver into ``engine``; its state, or None."""
-        path = choose_resume(self.root, resume) if self.ctx.is_driver else None
-        path = broadcast_from_driver(self.ctx, path)
+        """Load the checkpoint chosen (and verified by all ranks) into ``engine``; its state."""
+        if resume == "never":
+            return None
+        path: Path | None = None
+        if resume != "auto":
+            problem = self._verify(Path(resume))
+            if problem:
+                raise ValueError(f"run.resume: {resume} cannot be resumed from: {problem}")
+            path = Path(resume)
+        else:  # the driver's listing, newest first, each verified by all ranks together
+            found = list_checkpoints(self.root) if self.ctx.is_driver else []
+            for candidate in reversed(broadcast_from_driver(self.ctx, found)):
+                problem = self._verify(candidate)
+                if problem is None:
+                    path = candidate
+                    break
+                if self.ctx.is_driver:
+                    log.warning(
+                        "checkpoint %s is unusable (%s); falling back to an older one",
+                        candidate,
+                        problem,
+                    )
         if path is None:
             return None
         state = load_checkpoint(path, engine.model_chunks, engine.optimizer)
         engine.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state.get("rng", {}))
         self.best_val = float(state.get("best_val", float("-inf")))
+        self.last_complete = Path(path)
         log.info("resumed from %s at step %d", path, state["step"])
         return state
 
-    def will_save(self, step: int, val: float | None) -> bool:
-        """Whether :meth:`maybe_save` saves ``step`` (so companions can save first)."""
+    def due(self, step: int, val: float | None) -> bool:
+        """Whether :meth:`maybe_save` would save after ``step``."""
+        is_best = val is not None and val > self.best_val
         due = bool(self.save_every) and step % self.save_every == 0
-        return due or step == self.last_step or (val is not None and val > self.best_val)
+        return due or step == self.last_step or is_best
 
     def maybe_save(
-        self, step: int, engine: TrainEngine, val: float | None, extra: dict[str, Any]
+        self,
+        step: int,
+        engine: TrainEngine,
+        val: float | None,
+        extra: dict[str, Any],
+        force: bool = False,
     ) -> bool:
-        """Save after ``step`` when it is due or ``val`` is a new best; returns whether it saved.
+        """Save after ``step`` when it is due, ``val`` is a new best or ``force``; returns
+        whether it saved (or started saving).
 
         ``val`` must be the same on every rank (they all decide whether to save).
         """
         is_best = val is not None and val > self.best_val
+        if not (force or self.due(step, val)):
+            return False
         if is_best:
             self.best_val = float(val)  # type: ignore[arg-type]
-        due = bool(self.save_every) and step % self.save_every == 0
-        if not (due or step == self.last_step or is_best):
-            return False
+        self.wait()  # one save at a time
         state = {
             "step": step,
             "best_val": self.best_val,
@@ -296,18 +542,47 @@ class Checkpointer:
             **extra,
         }
         group = self.ctx.cpu_group
-        paths = [
-            save_checkpoint(
-                step_dir(self.root, step), engine.model_chunks, engine.optimizer, state, group=group
-            )
-        ]
+        background = self.background and not is_best and not force and step != self.last_step
+        self.pending = begin_save(
+            step_dir(self.root, step),
+            engine.model_chunks,
+            engine.optimizer,
+            state,
+            group=group,
+            background=background,
+        )
+        if not background:
+            self.wait()
         if is_best:
-            paths.append(
-                save_checkpoint(self.root / BEST, engine.model_chunks, None, state, group=group)
-            )
-        if self.ctx.is_driver:
-            for path in paths:
-                if self.describe is not None:
-                    self.describe(path)
-            prune_checkpoints(self.root, self.keep_last)
+            best = save_checkpoint(self.root / BEST, engine.model_chunks, None, state, group=group)
+            if self.ctx.is_driver and self.describe is not None:
+                self.describe(best)
         return True
+
+    def poll(self) -> None:
+        """Collective, cheap: complete the pending save if every rank has written its shards."""
+        if self.pending is None:
+            return
+        flag = torch.tensor([0 if self.pending.done() else 1], dtype=torch.int32)
+        if dist.is_initialized() and self.ctx.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctx.cpu_group)
+        if not flag.item():
+            self.wait()
+
+    def wait(self) -> None:
+        """Collective: complete the pending save (waiting for its writes)."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        try:
+            path = pending.finish()
+        except CheckpointError as err:
+            newest = self.last_complete or "none (no checkpoint has completed yet)"
+            raise CheckpointError(f"{err}: {newest}. Free space and resume") from None
+        self.last_complete = path
+        if self.ctx.is_driver:
+            if self.describe is not None:
+                self.describe(path)
+            prune_checkpoints(self.root, self.keep_last)
+
+    close = wait

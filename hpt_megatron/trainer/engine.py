@@ -12,8 +12,9 @@ cancel and the gradient is exactly that of the summed shares.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,6 +65,8 @@ class TrainEngine:
         self.scheduler = scheduler
         self.ctx = ctx
         self.cfg = cfg
+        # The hang watchdog's phase marker (orchestration/watchdog.py), set by the loop.
+        self.phase: Callable[[str], contextlib.AbstractContextManager] = _no_phase
 
     # ---------------------------------------------------------------- forward / backward
     def _run(
@@ -136,7 +139,10 @@ class TrainEngine:
         self.optimizer.zero_grad()
         per_mb = self._run(microbatches, loss_fn, forward_only=False)
         metrics = self._reduce_metrics(per_mb if self.ctx.is_last_stage else [])
-        grad_norm, skipped = self._optimizer_step()
+        # The same summed metrics on every rank: all skip a non-finite loss together.
+        loss_ok = math.isfinite(metrics.get("loss", 0.0))
+        with self.phase("optimizer"):
+            grad_norm, skipped = self._optimizer_step(skip=not loss_ok)
         lr = self.optimizer.param_groups[0]["lr"]
         if not skipped:
             self.scheduler.step(increment=1)
@@ -158,14 +164,15 @@ class TrainEngine:
                 total[key] = _combine(key, total.get(key), value)
         return total
 
-    def _optimizer_step(self) -> tuple[float, bool]:
+    def _optimizer_step(self, skip: bool = False) -> tuple[float, bool]:
         from megatron.core.optimizer import clip_grads
 
         opt = self.optimizer
         found_inf = opt.prepare_grads()
         grad_norm = float(opt.get_grad_norm()) if not found_inf else float("inf")
         limit = self.cfg.skip_update_grad_norm
-        if found_inf or not math.isfinite(grad_norm) or (limit is not None and grad_norm > limit):
+        too_big = limit is not None and grad_norm > limit
+        if skip or found_inf or not math.isfinite(grad_norm) or too_big:
             opt.zero_grad()
             return grad_norm, True
         if self.cfg.grad_clip > 0:
@@ -187,3 +194,7 @@ def _combine(key: str, acc: float | None, value: float) -> float:
     if acc is None:
         return value
     return max(acc, value) if key.endswith("_max") else acc + value
+
+
+def _no_phase(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()

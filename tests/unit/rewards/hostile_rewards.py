@@ -19,3 +19,17 @@ def raises(response: str, ground_truth: str) -> float:
 
 def length_reward(response: str, ground_truth: str) -> float:
     return float(len(response) == int(ground_truth))
+
+
+def nan_reward(response: str, ground_truth: str) -> float:
+    return float("nan")
+
+
+def flaky(response: str, ground_truth: str) -> float:
+    """Raises on a quarter of the answers, hangs on another quarter (by response length), grades
+    the rest (the fault-injection run)."""
+    if len(response) % 4 == 0:
+        raise RuntimeError("grader bug")
+    if len(response) % 4 == 1:
+        time.sleep(3600)
+    return float(response.strip() == ground_truth.strip())

@@ -19,7 +19,7 @@ def test_hang_and_crash_cost_one_answer_and_the_pool_recovers():
         scores = pool.grade(responses, ["1"] * n, specs)
         elapsed = time.monotonic() - start
         assert scores == [0.0 if i in (3, 10, 11) else 1.0 for i in range(n)]
-        assert pool.stats.timeouts == 1 and pool.stats.crashes == 1
+        assert pool.stats.timeouts == 1 and pool.stats.crashes == 1 and pool.stats.errors == 1
         assert elapsed < 1.0 + 3.0  # one timeout, not one per remaining answer
         assert pool.grade(["\\boxed{2}"], ["2"]) == [1.0]  # still usable
 
