@@ -1,6 +1,6 @@
 """Score token sequences with a Megatron checkpoint: per-token log-probabilities, on CPU or GPU.
 
-    torchrun --nproc_per_node N -m hpt_megatron.score --load MEGATRON_DIR --tp T --pp P \
+    torchrun --nproc_per_node N -m hpt_megatron.score --load MEGATRON_DIR --tp T --pp P --ep E \
         --input IN.jsonl --output OUT.jsonl
 
 Each input line is ``{"input_ids": [...]}``; each output line is ``{"logprobs": [...]}``, the
@@ -150,6 +150,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hf-config", help="HF config folder (default: the checkpoint's)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1, help="expert parallel (MoE models)")
+    parser.add_argument("--etp", type=int, help="expert tensor parallel (default: --tp)")
     parser.add_argument("--vpp", type=int, help="virtual pipeline stages per PP rank")
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
@@ -168,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     args = _parse(argv)
     hf = load_hf_config(args.hf_config or args.load)
-    parallel = ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp)
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp)
     parallel.validate()
     seqs = read_sequences(args.input)
     ctx = init_distributed(parallel)
