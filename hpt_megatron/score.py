@@ -178,15 +178,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank, init_weights=False)
     load_model_checkpoint(chunks, args.load)
     mine = list(range(ctx.dp_rank, len(seqs), ctx.dp))
+    # Expert parallelism spans data-parallel ranks and every forward pass exchanges tokens over
+    # them: each rank scores as many sequences (a copy of the first one pads, and is dropped).
+    count = -(-len(seqs) // ctx.dp) if parallel.ep > 1 else len(mine)
+    padded = [seqs[i] for i in mine] + [seqs[0]] * (count - len(mine))
     scored = score_sequences(
         chunks,
-        [seqs[i] for i in mine],
+        padded,
         vocab_size=hf.vocab_size,
         tp_rank=ctx.tp_rank,
         seq_multiple=ctx.tp if parallel.sequence_parallel else 1,
         batch_size=args.batch_size,
         device=ctx.device,
     )
+    scored = scored[: len(mine)] if scored is not None else None
     keep = scored is not None and ctx.tp_rank == 0
     gathered: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(gathered, (mine, scored) if keep else None, group=ctx.cpu_group)

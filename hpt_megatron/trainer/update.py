@@ -88,6 +88,10 @@ class UpdateLayout:
     pad_to_multiple: int = 1  # the tensor-parallel size (sequence lengths divisible by it)
     mini_batches: int = 1
     epochs: int = 1
+    # Every data-parallel rank runs as many micro-batches as the busiest one (padding with
+    # zero-weight copies): expert parallelism spans data-parallel ranks, and each micro-batch's
+    # token dispatch is a collective over them.
+    equal_microbatch_counts: bool = False
 
 
 def split_groups(samples: list[Sample], parts: int) -> list[list[Sample]]:
@@ -126,15 +130,17 @@ def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[Micr
     """This data-parallel rank's micro-batches of ``samples`` (``sample_index_b`` indexes them).
 
     A rank left without rows (fewer rows than ranks) trains on a copy of row 0 with zero loss
-    weights, so it still joins the collective step and adds nothing to the gradient.
+    weights, so it still joins the collective step and adds nothing to the gradient. With
+    ``layout.equal_microbatch_counts`` such idle micro-batches also bring every rank up to the
+    largest rank's count (every rank computes every rank's count from the same samples).
     """
-    mine = dp_shards(samples, layout.dp)[layout.dp_rank]
-    rows = samples
-    if not mine:
-        rows = [dataclasses.replace(samples[0], rl_weight=0.0, sft_weight=0.0, advantage=0.0)]
-        mine = [0]
+    shards = dp_shards(samples, layout.dp)
+    mine = shards[layout.dp_rank]
+    idle = [dataclasses.replace(samples[0], rl_weight=0.0, sft_weight=0.0, advantage=0.0)]
+    rows = samples if mine else idle
+    mine = mine or [0]
     lengths = [rows[i].num_tokens for i in mine]
-    return [
+    batches = [
         collate(
             rows,
             [mine[j] for j in group],
@@ -143,6 +149,16 @@ def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[Micr
         )
         for group in token_budget_microbatches(lengths, layout.max_tokens)
     ]
+    if layout.equal_microbatch_counts:
+        counts = [
+            len(token_budget_microbatches([samples[i].num_tokens for i in s], layout.max_tokens))
+            for s in shards
+        ]
+        for _ in range(max(counts) - len(batches)):
+            batches.append(
+                collate(idle, [0], pad_id=layout.pad_id, pad_to_multiple=layout.pad_to_multiple)
+            )
+    return batches
 
 
 class PolicyUpdate:
