@@ -172,3 +172,25 @@ def test_checkpoint_experts_unlike_the_config_are_a_clear_error(moe, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model.layers.0.mlp.experts holds 8 experts, config.json has 4" in proc.stderr
     assert not out.exists()
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(abs(x - y) / max(abs(x), 1e-6) for k in a for x, y in zip(a[k], b[k], strict=True))
+
+
+@pytest.mark.slow
+def test_training_step_at_ep2_equals_ep1(tmp_path):
+    """One NLL step of the MoE model (Megatron DDP + optimizer, expert grads reduced over the
+    expert-data-parallel group): EP=2 on two ranks equals one process."""
+    worker, ckpt = WORKERS / "train_parity.py", tmp_path / "ckpt"
+    ref_out, got_out = tmp_path / "ref.json", tmp_path / "ep2.json"
+    common = ["--arch", "qwen3_moe", "--ckpt", str(ckpt)]
+    torchrun(worker, *common, "--out", str(ref_out), "--save", nproc=1)
+    torchrun(worker, *common, "--out", str(got_out), "--ep", "2", nproc=2)
+    ref, got = json.loads(ref_out.read_text()), json.loads(got_out.read_text())
+    assert _max_rel(ref["before"], got["before"]) < 1e-5
+    assert abs(ref["loss"] - got["loss"]) / ref["loss"] < 1e-5
+    assert abs(ref["grad_norm"] - got["grad_norm"]) / ref["grad_norm"] < 1e-5
+    assert _max_rel(ref["after"], got["after"]) < 1e-5
+    assert _max_rel(ref["before"], ref["after"]) > 1e-3  # the update moved the model
