@@ -39,6 +39,26 @@ _PER_EXPERT = re.compile(
 )
 
 
+def fused_expert_slot(name: str) -> tuple[str, int, str] | None:
+    """``(fused tensor name, expert, part)`` of a per-expert HF name (``part``: ``gate``, ``up``
+    or ``down``), ``None`` for other names. ``gate`` / ``up`` are the first / second half of
+    ``gate_up_proj[expert]``'s rows; ``down`` is ``down_proj[expert]``."""
+    match = _PER_EXPERT.match(name)
+    if match is None:
+        return None
+    part = match["part"]
+    fused = match["base"] + ("down_proj" if part == "down" else "gate_up_proj")
+    return fused, int(match["e"]), part
+
+
+def fused_expert_view(fused: torch.Tensor, expert: int, part: str) -> torch.Tensor:
+    """The per-expert tensor inside a fused expert tensor (a view)."""
+    if part == "down":
+        return fused[expert]
+    rows = fused.shape[1] // 2
+    return fused[expert, :rows] if part == "gate" else fused[expert, rows:]
+
+
 class HFCheckpointReader:
     """Lazily read tensors from ``model.safetensors`` or a sharded folder with an index.
 
@@ -68,19 +88,12 @@ class HFCheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map or self._fused(name) is not None
 
-    def _fused(self, name: str) -> tuple[str, int, slice | None] | None:
-        """``(fused tensor, expert, rows)`` for a per-expert name stored fused, else ``None``."""
-        match = _PER_EXPERT.match(name)
-        if match is None or name in self.weight_map:
+    def _fused(self, name: str) -> tuple[str, int, str] | None:
+        """``(fused tensor, expert, part)`` for a per-expert name stored fused, else ``None``."""
+        slot = fused_expert_slot(name)
+        if slot is None or name in self.weight_map or slot[0] not in self.weight_map:
             return None
-        part, expert = match["part"], int(match["e"])
-        fused = match["base"] + ("down_proj" if part == "down" else "gate_up_proj")
-        if fused not in self.weight_map:
-            return None
-        if part == "down":
-            return fused, expert, None
-        rows = self._stored_meta(fused).shape[1] // 2
-        return fused, expert, slice(0, rows) if part == "gate" else slice(rows, 2 * rows)
+        return slot
 
     def _check_expert(self, name: str, fused: str, expert: int) -> torch.Tensor:
         meta = self._stored_meta(fused)
@@ -95,8 +108,8 @@ class HFCheckpointReader:
         """An empty ``meta`` tensor with the stored shape and dtype (reads only the headers)."""
         fused = self._fused(name)
         if fused is not None:
-            meta = self._check_expert(name, fused[0], fused[1])[fused[1]]
-            return meta if fused[2] is None else meta[fused[2]]
+            meta = self._check_expert(name, fused[0], fused[1])
+            return fused_expert_view(meta, fused[1], fused[2])
         return self._stored_meta(name)
 
     def expert_counts(self) -> dict[int, int]:
@@ -130,12 +143,16 @@ class HFCheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         fused = self._fused(name)
         if fused is not None:
-            fused_name, expert, rows = fused
-            self._check_expert(name, fused_name, expert)
+            fused_name, expert, part = fused
+            meta = self._check_expert(name, fused_name, expert)
             shard = self.weight_map[fused_name]
             with safe_open(self.folder / shard, framework="pt") as f:
                 view = f.get_slice(fused_name)
-                data = view[expert] if rows is None else view[expert, rows.start : rows.stop]
+                if part == "down":
+                    data = view[expert]
+                else:
+                    rows = meta.shape[1] // 2
+                    data = view[expert, :rows] if part == "gate" else view[expert, rows:]
             return data.contiguous()
         shard = self.weight_map.get(name)
         if shard is None:

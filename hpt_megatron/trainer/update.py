@@ -28,6 +28,7 @@ import torch
 
 from hpt_megatron.algorithms import AlgorithmSpec, loss_totals, policy_loss, unpack_totals
 from hpt_megatron.data.sample import Sample
+from hpt_megatron.models.moe import RouterStats
 from hpt_megatron.trainer.batching import MicroBatch, collate, token_budget_microbatches
 from hpt_megatron.trainer.engine import MicroBatchLoss, StepResult
 
@@ -168,6 +169,9 @@ class PolicyUpdate:
     def __init__(self, engine: PolicyEngine, layout: UpdateLayout) -> None:
         self.engine = engine
         self.layout = layout
+        # Mixture-of-experts models: expert-load metrics of the training forwards.
+        chunks = getattr(engine, "model_chunks", None)
+        self.router_stats = RouterStats.attach(chunks) if chunks else None
 
     def update(self, samples: list[Sample], spec: AlgorithmSpec) -> dict[str, float]:
         """Train on ``samples`` with ``spec``; returns the last update's metrics and timings."""
@@ -196,6 +200,11 @@ class PolicyUpdate:
                     "lr": result.lr,
                     "train/skipped_update": float(result.skipped),
                 }
+        if self.router_stats is not None:
+            ctx = self.engine.ctx  # type: ignore[attr-defined]
+            group = ctx.cpu_group if ctx.world_size > 1 else None
+            counts = ctx.tp_rank == 0 or ctx.sequence_parallel
+            metrics.update(self.router_stats.collect(group, counts=counts))
         metrics["train/rows"] = float(len(samples))
         metrics["train/tokens"] = float(sum(len(s.response_ids) for s in samples))
         return {**metrics, **timings}
