@@ -91,7 +91,11 @@ def test_scores_like_hf_at_ep1(moe):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [["--tp", "2"], ["--pp", "2"], ["--etp", "2"], ["--tp", "2", "--etp", "1"]],
+    ids=["tp2", "pp2", "etp2", "tp2-etp1"],
+)
 def test_scores_like_hf_at_tp2_pp2(moe, layout):
     out = torchrun(WORKERS / "score_layouts.py", *layout, "--input", str(moe["in"]), str(moe["mg"]))
     _check(moe, json.loads(out.strip().splitlines()[-1])[str(moe["mg"])])
