@@ -118,15 +118,17 @@ def test_hf_megatron_hf_is_bit_exact(moe, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_at_ep2_and_ep2_checkpoint_are_bit_exact(moe, tmp_path):
-    """The run's HF export at EP=2 (each expert-parallel rank writes its own experts), and the
-    converter reading a checkpoint Megatron itself wrote at EP=2, give back every tensor."""
+@pytest.mark.parametrize("layout", [["--ep", "2"], ["--tp", "2"]], ids=["ep2", "tp2"])
+def test_export_and_megatron_checkpoint_at_a_layout_are_bit_exact(moe, tmp_path, layout):
+    """The run's HF export at EP=2 (each expert-parallel rank writes its own experts) or TP=2
+    (experts split over the expert TP group, gathered), and the converter reading a checkpoint
+    Megatron itself wrote at that layout, give back every tensor."""
     exported, resaved, back = tmp_path / "export", tmp_path / "resaved", tmp_path / "back"
     args = ["--load", str(moe["mg"]), "--hf-out", str(exported), "--megatron-out", str(resaved)]
-    torchrun(WORKERS / "export_layouts.py", *args, "--ep", "2")
+    torchrun(WORKERS / "export_layouts.py", *args, *layout)
     index = json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"]
     files = {index[f"model.layers.0.mlp.experts.{e}.up_proj.weight"] for e in range(8)}
-    assert len(files) == 2  # experts 0-3 and 4-7 written by their own ranks
+    assert len(files) == (2 if "--ep" in layout else 1)  # EP: experts 0-3, 4-7 by their ranks
     shutil.copy(moe["mg"] / "config.json", resaved / "config.json")
     proc = _convert("megatron-to-hf", "--load", str(resaved), "--out", str(back))
     assert proc.returncode == 0, proc.stderr[-4000:]
