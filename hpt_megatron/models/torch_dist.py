@@ -69,6 +69,7 @@ MEGATRON_CONFIG = {
 }
 _LAYERS = "decoder.layers."
 _EXPERTS = ".mlp.experts.experts."  # Megatron's checkpoint key of the experts (global index axis)
+_EXPERT_READ_BYTES = 64 * 1024**2
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 
@@ -481,12 +482,19 @@ def iter_checkpoint_hf_tensors(
             else:
                 yield from convert(name, ckpt.read(key, meta=meta))
             return
-        n = len(lead)
-        for expert in range(shape[n]):
-            start = lead + (expert,) + (0,) * (len(shape) - n - 1)
-            region = ckpt.read(key, start, (1,) * (n + 1) + shape[n + 1 :], meta=meta)
-            expert_name = name.replace(_EXPERTS, f".mlp.experts.local_experts.{expert}.")
-            yield from convert(expert_name, region.reshape(shape[n + 1 :]))
+        # Experts are read a group at a time (one DCP read per ~64 MiB, not one per expert: an
+        # expert's fc1 is two stored chunks, and a read has a fixed cost) and split in memory.
+        n, inner = len(lead), shape[len(lead) + 1 :]
+        itemsize = torch.empty((), dtype=tensors[key].properties.dtype).element_size()
+        group = max(1, _EXPERT_READ_BYTES // max(1, torch.Size(inner).numel() * itemsize))
+        for first in range(0, shape[n], group):
+            count = min(group, shape[n] - first)
+            start = lead + (first,) + (0,) * len(inner)
+            region = ckpt.read(key, start, (1,) * n + (count,) + inner, meta=meta)
+            region = region.reshape((count,) + inner)
+            for i in range(count):
+                expert_name = name.replace(_EXPERTS, f".mlp.experts.local_experts.{first + i}.")
+                yield from convert(expert_name, region[i])
 
     head = [k for k in ("embedding.word_embeddings.weight",) if k in tensors]
     per_layer = set(stacked).union(*indexed.values()) if indexed else set(stacked)
