@@ -62,6 +62,7 @@ def test_moe_example_dry_runs_at_ep2(capsys):
             "no layer has experts (mlp_only_layers=[0, 1, 2, 3]",
         ),
         ("2", ["model.moe_aux_loss_coeff=-1"], "moe_aux_loss_coeff: must be >= 0"),
+        ("2", ["rollout.engine=sglang"], "rollout.engine: sglang serving of mixture-of-experts"),
     ],
 )
 def test_bad_moe_settings_name_the_key(capsys, world, overrides, message):
