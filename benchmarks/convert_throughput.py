@@ -1,8 +1,11 @@
-"""Converter throughput and peak memory on a random model of Qwen2.5-0.5B's shape.
+"""Converter throughput and peak memory on a random model of Qwen2.5-0.5B's shape, or a random
+Qwen3-MoE of about 1 GB (``--model qwen3-moe``: 12 layers of 32 experts, per-expert tensors).
 
-    python benchmarks/convert_throughput.py [--dtype bf16|fp32] [--rounds 3] [--workdir DIR]
+    python benchmarks/convert_throughput.py [--model qwen2.5-0.5b|qwen3-moe] [--dtype bf16|fp32]
+        [--rounds 3] [--workdir DIR]
 
-Writes a random HF folder (safetensors shards, tied embeddings, vocab 151,936), then times, each
+Writes a random HF folder (safetensors shards; Qwen2.5-0.5B: tied embeddings, vocab 151,936;
+the MoE: untied, vocab 32,000, 2,304 expert tensors of 0.75 MiB in bf16), then times, each
 in its own process: a plain safetensors read-and-write of the same files (the baseline),
 ``hf-to-megatron`` and ``megatron-to-hf``. The three run in turn for ``--rounds`` rounds, each
 writing new files after an ``os.sync()`` (so one run's dirty pages do not slow the next); the
@@ -48,6 +51,30 @@ QWEN25_05B = {
     "hidden_act": "silu",
     "use_sliding_window": False,
 }
+# A Qwen3-30B-A3B-like layout scaled to ~1.1 GB in bf16: most bytes are in small expert tensors.
+QWEN3_MOE_1G = {
+    "model_type": "qwen3_moe",
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "hidden_size": 1024,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "vocab_size": 32000,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "num_experts": 32,
+    "num_experts_per_tok": 4,
+    "moe_intermediate_size": 384,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+}
+MODELS = {"qwen2.5-0.5b": QWEN25_05B, "qwen3-moe": QWEN3_MOE_1G}
 BUCKET = 512 * 1024**2
 
 # Runs in a child process: import first, then measure only the work.
@@ -80,7 +107,41 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak": rss("VmHWM"), "ba
 """
 
 
+def moe_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
+    h, v, d = hf["hidden_size"], hf["vocab_size"], hf["head_dim"]
+    q, kv = hf["num_attention_heads"] * d, hf["num_key_value_heads"] * d
+    f = hf["moe_intermediate_size"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (v, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (v, h),
+    }
+    for i in range(hf["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "self_attn.q_norm.weight": (d,),
+            p + "self_attn.k_norm.weight": (d,),
+            p + "mlp.gate.weight": (hf["num_experts"], h),
+        }
+        for e in range(hf["num_experts"]):
+            x = f"{p}mlp.experts.{e}."
+            shapes |= {
+                x + "gate_proj.weight": (f, h),
+                x + "up_proj.weight": (f, h),
+                x + "down_proj.weight": (h, f),
+            }
+    return shapes
+
+
 def hf_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
+    if hf.get("num_experts"):
+        return moe_shapes(hf)
     h, f, v = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
     d = h // hf["num_attention_heads"]
     kv = hf["num_key_value_heads"] * d
@@ -107,12 +168,12 @@ def hf_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_random_hf(folder: Path, dtype: torch.dtype) -> tuple[int, int]:
+def write_random_hf(folder: Path, dtype: torch.dtype, config: dict) -> tuple[int, int]:
     """Random weights in ~1 GB safetensors shards; returns (total bytes, largest tensor bytes)."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     weight_map, shard, size, n, total, largest = {}, {}, 0, 0, 0, 0
-    items = list(hf_shapes(QWEN25_05B).items())
+    items = list(hf_shapes(config).items())
     for i, (name, shape) in enumerate(items):
         shard[name] = (torch.randn(shape) * 0.02).to(dtype)
         nbytes = shard[name].numel() * shard[name].element_size()
@@ -125,7 +186,7 @@ def write_random_hf(folder: Path, dtype: torch.dtype) -> tuple[int, int]:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     dtype_name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
-    (folder / "config.json").write_text(json.dumps({**QWEN25_05B, "torch_dtype": dtype_name}))
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype_name}))
     return total, largest
 
 
@@ -143,13 +204,14 @@ def run(mode: str, *args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="qwen2.5-0.5b")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", help="default: a temporary folder")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="convert-bench-"))
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    total, largest = write_random_hf(work / "hf", dtype)
+    total, largest = write_random_hf(work / "hf", dtype, MODELS[args.model])
     hf_dir = str(work / "hf")
     results: dict[str, list[dict]] = {"baseline": [], "hf-to-megatron": [], "megatron-to-hf": []}
     mg_dir, back, copy = str(work / "mg"), str(work / "back"), str(work / "copy")
@@ -167,7 +229,7 @@ def main() -> None:
             results[name].append(run(*command, *flags))
     bound = largest + BUCKET
     print(
-        f"model bytes {total / 2**20:.0f} MiB ({args.dtype}); largest tensor "
+        f"{args.model}: model bytes {total / 2**20:.0f} MiB ({args.dtype}); largest tensor "
         f"{largest / 2**20:.0f} MiB; largest + bucket {bound / 2**20:.0f} MiB; "
         f"{args.rounds} rounds"
     )

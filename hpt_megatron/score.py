@@ -1,6 +1,6 @@
 """Score token sequences with a Megatron checkpoint: per-token log-probabilities, on CPU or GPU.
 
-    torchrun --nproc_per_node N -m hpt_megatron.score --load MEGATRON_DIR --tp T --pp P \
+    torchrun --nproc_per_node N -m hpt_megatron.score --load MEGATRON_DIR --tp T --pp P --ep E \
         --input IN.jsonl --output OUT.jsonl
 
 Each input line is ``{"input_ids": [...]}``; each output line is ``{"logprobs": [...]}``, the
@@ -135,6 +135,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hf-config", help="HF config folder (default: the checkpoint's)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1, help="expert parallel (MoE models)")
+    parser.add_argument("--etp", type=int, help="expert tensor parallel (default: --tp)")
     parser.add_argument("--vpp", type=int, help="virtual pipeline stages per PP rank")
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
@@ -153,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     args = _parse(argv)
     hf = load_hf_config(args.hf_config or args.load)
-    parallel = ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp)
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp)
     parallel.validate()
     seqs = read_sequences(args.input)
     ctx = init_distributed(parallel)
@@ -161,15 +163,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank, init_weights=False)
     load_model_checkpoint(chunks, args.load)
     mine = list(range(ctx.dp_rank, len(seqs), ctx.dp))
+    # Expert parallelism spans data-parallel ranks and every forward pass exchanges tokens over
+    # them: each rank scores as many sequences (a copy of the first one pads, and is dropped).
+    count = -(-len(seqs) // ctx.dp) if parallel.ep > 1 else len(mine)
+    padded = [seqs[i] for i in mine] + [seqs[0]] * (count - len(mine))
     scored = score_sequences(
         chunks,
-        [seqs[i] for i in mine],
+        padded,
         vocab_size=hf.vocab_size,
         tp_group=ctx.tp_group if ctx.tp > 1 else None,
         seq_multiple=ctx.tp if parallel.sequence_parallel else 1,
         batch_size=args.batch_size,
         device=ctx.device,
     )
+    scored = scored[: len(mine)] if scored is not None else None
     keep = scored is not None and ctx.tp_rank == 0
     gathered: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(gathered, (mine, scored) if keep else None, group=ctx.cpu_group)

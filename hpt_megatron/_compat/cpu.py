@@ -11,7 +11,9 @@ How:
 - a ``TorchFunctionMode`` rewrites any CUDA ``device=`` argument (and ``Tensor.cuda()``) to CPU;
 - ``torch.cuda.current_device``/``synchronize``/streams/RNG functions become CPU equivalents;
 - Megatron's RNG state helpers use the CPU generator;
-- gradient clipping uses a CPU implementation with the same semantics.
+- gradient clipping uses a CPU implementation with the same semantics;
+- the MoE router's gating GEMM takes its torch path (a TE-only name is defined as ``None``), and
+  the alltoall dispatcher's split sizes become the numpy arrays it makes of CUDA tensors.
 """
 
 from __future__ import annotations
@@ -56,13 +58,24 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _NullEvent:
+    """Stands in for a ``torch.cuda.Event`` (the MoE dispatcher waits on one)."""
+
+    def synchronize(self) -> None: ...
+    def wait(self, *_: Any) -> None: ...
+    def record(self, *_: Any) -> None: ...
+    def query(self) -> bool:
+        return True
+
+
 class _NullStream:
     """Stands in for ``torch.cuda.Stream`` (a class, so annotations like ``Stream | None`` work)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
     def wait_stream(self, *_: Any) -> None: ...
     def synchronize(self) -> None: ...
-    def record_event(self, *_: Any) -> None: ...
+    def record_event(self, *_: Any) -> _NullEvent:
+        return _NullEvent()
 
 
 def _check_version() -> None:
@@ -119,6 +132,25 @@ def _patch_megatron() -> None:
 
     clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+
+    # The MoE router's gating GEMM tests ``te_general_gemm is not None``, a name moe_utils only
+    # defines when Transformer Engine imports: without TE it is a NameError, not the torch path.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    # The alltoall dispatcher moves its split sizes "to the CPU as numpy" only for CUDA tensors;
+    # on the CPU they stay tensors, which all_to_all_single refuses as split sizes.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def move_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.detach().cpu().numpy()
+        return tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = move_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
 
 
 def enable_cpu_mode() -> None:

@@ -62,6 +62,10 @@ class ModelConfig:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     make_vocab_size_divisible_by: int = 128
+    # Mixture-of-experts router losses (Megatron's load-balancing aux loss and z-loss); off by
+    # default, as RL peers run them. Read only for MoE models.
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float = 0.0
 
     @property
     def tokenizer_source(self) -> str | None:
@@ -75,6 +79,9 @@ class ModelConfig:
             raise ValueError("fp8: FP8 training needs params_dtype bf16 or fp16")
         if self.recompute_granularity == "full" and self.recompute_method is None:
             raise ValueError("recompute_method: full recomputation needs 'uniform' or 'block'")
+        for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)
@@ -87,9 +94,15 @@ class ParallelConfig:
     cp: int = 1
     sequence_parallel: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    ep: int = 1  # expert parallel (mixture-of-experts models): experts split over ep ranks
+    etp: int | None = None  # expert tensor parallel; None: tp (Megatron's default)
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
 
     def validate(self) -> None:
-        for name in ("tp", "pp", "cp"):
+        for name in ("tp", "pp", "cp", "ep", "expert_tp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.sequence_parallel and self.tp == 1:

@@ -12,6 +12,11 @@ Who receives what:
   ``dp_rank == 0`` only (all TP ranks of that replica must iterate, they take part in gathers).
 - TP ranks other than 0 iterate the generator to the end and receive no buckets.
 
+- **Experts** (mixture-of-experts models) are split over expert-parallel ranks, which are
+  data-parallel ranks of the dense layout: each expert-parallel rank exports *its own* experts
+  (gathered over the expert TP group onto its rank 0, from expert-data-parallel replica 0), so no
+  rank holds the experts of another. :func:`export_roles` says which parameters a rank exports.
+
 Tied embeddings are exported once, as ``model.embed_tokens.weight``; vocabulary padding is
 stripped.
 """
@@ -48,22 +53,34 @@ def _gather_tp(local: torch.Tensor, group: dist.ProcessGroup | None) -> list[tor
     return shards
 
 
+def export_roles(ctx: ParallelContext) -> tuple[bool, bool]:
+    """``(dense, experts)``: whether this rank takes part in exporting the non-expert
+    parameters (data-parallel replica 0) and the expert parameters (expert-data-parallel
+    replica 0). Every rank of a TP (expert TP) group gets the same answer."""
+    return ctx.dp_rank == 0, ctx.expert_dp_rank == 0
+
+
 def iter_hf_tensors(
     chunks: Sequence[torch.nn.Module],
     hf: HFModelConfig,
     *,
     tp_group: dist.ProcessGroup | None = None,
+    etp_group: dist.ProcessGroup | None = None,
     dtype: torch.dtype | None = None,
+    dense: bool = True,
+    experts: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(hf_name, full_tensor)`` for this stage's parameters, on TP rank 0 (see module doc)."""
+    """``(hf_name, full_tensor)`` for this stage's parameters, on TP rank 0 (expert parameters:
+    on expert TP rank 0, over ``etp_group``); ``dense`` / ``experts`` choose which (see
+    :func:`export_roles`)."""
     dims = Dims.from_hf(hf)
     for chunk in chunks:
         names = global_param_names(chunk)
         for local_name, param in chunk.named_parameters():
             rule = rule_for(names[local_name], hf)
-            if not rule.exported:
+            if not rule.exported or not (experts if rule.expert else dense):
                 continue
-            shards = _gather_tp(param.detach(), tp_group)
+            shards = _gather_tp(param.detach(), etp_group if rule.expert else tp_group)
             if shards is None:
                 continue
             for name, tensor in zip(rule.hf_names, rule.layout.to_hf(shards, dims)):
@@ -75,8 +92,11 @@ def export_hf_weights(
     hf: HFModelConfig,
     *,
     tp_group: dist.ProcessGroup | None = None,
+    etp_group: dist.ProcessGroup | None = None,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     dtype: torch.dtype | None = None,
+    dense: bool = True,
+    experts: bool = True,
 ) -> Iterator[Bucket]:
     """Buckets of ``(hf_name, full_tensor)`` of at most ``bucket_bytes`` (a larger tensor goes
     alone in its bucket).
@@ -85,14 +105,24 @@ def export_hf_weights(
         chunks: this rank's model chunks (one per virtual pipeline stage).
         hf: the HF config the model was built from.
         tp_group: the tensor-parallel group (``None`` for TP=1).
+        etp_group: the expert tensor-parallel group (``None`` for ETP=1).
         bucket_bytes: the bucket size bound, 512 MiB by default.
         dtype: cast exported tensors to this dtype (e.g. bf16 for the rollout servers).
+        dense / experts: export the non-expert / the expert parameters (:func:`export_roles`).
 
     Yields:
         On TP rank 0 of each pipeline stage: that stage's tensors, in parameter order. Every rank
         of the TP group must exhaust the generator.
     """
-    tensors = iter_hf_tensors(chunks, hf, tp_group=tp_group, dtype=dtype)
+    tensors = iter_hf_tensors(
+        chunks,
+        hf,
+        tp_group=tp_group,
+        etp_group=etp_group,
+        dtype=dtype,
+        dense=dense,
+        experts=experts,
+    )
     return bucketed(tensors, bucket_bytes)
 
 
@@ -127,7 +157,9 @@ def save_hf_folder(
     """Collective: write the model as an HF folder (safetensors shards + index + config.json).
 
     Streams bucket by bucket: TP rank 0 of replica 0 of each pipeline stage writes its own shards
-    (``model-ppK-*`` when PP > 1), the driver merges the index. Tokenizer files are the caller's.
+    (``model-ppK-*`` when PP > 1), and with expert parallelism each expert-parallel rank writes its
+    own experts (``model-ppK-rankR-*``); the driver merges the index. Tokenizer files are the
+    caller's.
 
     Args:
         chunks: this rank's (unwrapped) model chunks.
@@ -137,13 +169,24 @@ def save_hf_folder(
 
     from hpt_megatron.models.hf_io import HFCheckpointWriter, write_config
 
+    dense, experts = export_roles(ctx)
+    writes = (dense and ctx.tp_rank == 0) or (experts and ctx.etp_rank == 0)
     writer = None
-    if ctx.dp_rank == 0:  # other replicas hold the same weights
-        if ctx.tp_rank == 0:
-            prefix = "model" if ctx.pp == 1 else f"model-pp{ctx.pp_rank}"
-            writer = HFCheckpointWriter(out, prefix=prefix)
-        tp_group = ctx.tp_group if ctx.tp > 1 else None
-        buckets = export_hf_weights(chunks, hf, tp_group=tp_group, bucket_bytes=bucket_bytes)
+    if writes:
+        prefix = "model" if ctx.pp == 1 else f"model-pp{ctx.pp_rank}"
+        if ctx.ep > 1:  # several writers per stage: one per expert-parallel rank
+            prefix = f"model-pp{ctx.pp_rank}-rank{ctx.rank}"
+        writer = HFCheckpointWriter(out, prefix=prefix)
+    if dense or experts:
+        buckets = export_hf_weights(
+            chunks,
+            hf,
+            tp_group=ctx.tp_group if ctx.tp > 1 else None,
+            etp_group=ctx.etp_group if ctx.etp > 1 else None,
+            bucket_bytes=bucket_bytes,
+            dense=dense,
+            experts=experts,
+        )
         for bucket in tqdm(buckets, desc="export", unit="shard", disable=not progress):
             if writer is not None:
                 writer.write(bucket)

@@ -51,6 +51,13 @@ class HFModelConfig:
         attention_bias: whether the q/k/v projections carry a bias (the file's
             ``attention_bias``, or the family's fixed choice: Qwen2 always has one).
         torch_dtype: ``torch_dtype`` (transformers 4) or ``dtype`` (transformers 5), if given.
+        num_experts: routed experts per sparse layer (``num_experts``, or transformers 5's
+            ``num_local_experts``); 0 for dense families.
+        num_experts_per_tok: the router's top-k (0 for dense families).
+        moe_intermediate_size: each expert's FFN size (0 for dense families).
+        norm_topk_prob: whether the top-k router probabilities are renormalised to sum to 1.
+        decoder_sparse_step / mlp_only_layers: HF's rule for which layers are sparse
+            (:attr:`moe_layers`).
         raw: every field of the file, read-only; :meth:`to_dict` gives a mutable copy.
     """
 
@@ -75,6 +82,12 @@ class HFModelConfig:
     use_sliding_window: bool
     initializer_range: float
     torch_dtype: str | None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     raw: Mapping[str, Any] = field(repr=False)
 
     @property
@@ -85,6 +98,21 @@ class HFModelConfig:
     def qk_norm(self) -> bool:
         """RMSNorm on queries and keys per head: fixed by the family (Qwen3), no config key."""
         return self.architecture.qk_norm
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def moe_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it have experts (HF's rule: not in ``mlp_only_layers`` and every
+        ``decoder_sparse_step``-th layer)?"""
+        return tuple(
+            self.is_moe
+            and i not in self.mlp_only_layers
+            and (i + 1) % self.decoder_sparse_step == 0
+            for i in range(self.num_hidden_layers)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A mutable deep copy of the file's fields (what ``config.json`` would hold)."""
@@ -123,6 +151,7 @@ class HFModelConfig:
             qkv_bias = get.flag(arch.qkv_bias_key, arch.qkv_bias_default)
         dtype = get.text("torch_dtype", None) or get.text("dtype", None)
         architectures = get.value("architectures", [], (list,))
+        moe = _moe_fields(get, arch, get.integer("num_hidden_layers")) if arch.moe else {}
         return cls(
             source=source,
             model_type=arch.name,
@@ -148,6 +177,7 @@ class HFModelConfig:
             initializer_range=get.number("initializer_range", 0.02),
             torch_dtype=dtype,
             raw=MappingProxyType(fields),
+            **moe,
         )
 
     @classmethod
@@ -200,6 +230,44 @@ class _Reader:
 
     def text(self, key: str, default: Any = _REQUIRED) -> Any:
         return self.value(key, default, (str,))
+
+
+def _moe_fields(get: _Reader, arch: Architecture, layers: int) -> dict[str, Any]:
+    """The expert fields of a mixture-of-experts family; ``ConfigError`` naming the key for
+    variants not built (:attr:`MoEFamily.unsupported`) and for sizes that do not fit."""
+    family = arch.moe
+    assert family is not None
+    for key, accepted, feature in family.unsupported:
+        if key in get.raw and get.raw[key] not in accepted:
+            raise ConfigError(
+                f"{get.source}: {key}={get.raw[key]!r} asks for {feature}, which {arch.name} "
+                f"models here do not support"
+            )
+    key = next((k for k in family.num_experts_keys if get.raw.get(k) is not None), None)
+    experts = get.integer(key) if key else family.num_experts
+    top_k = get.integer("num_experts_per_tok", family.top_k)
+    step = get.integer("decoder_sparse_step", 1)
+    dense = get.value("mlp_only_layers", [], (list,))
+    if experts < 1:
+        raise ConfigError(f"{get.source}: {key or 'num_experts'}={experts} must be >= 1")
+    if not 1 <= top_k <= experts:
+        raise ConfigError(
+            f"{get.source}: num_experts_per_tok={top_k} must be in [1, {experts}] (num_experts)"
+        )
+    if step < 1:
+        raise ConfigError(f"{get.source}: decoder_sparse_step={step} must be >= 1")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in dense):
+        raise ConfigError(
+            f"{get.source}: mlp_only_layers={dense!r} must list layer indices in [0, {layers})"
+        )
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": get.integer("moe_intermediate_size", family.moe_intermediate_size),
+        "norm_topk_prob": get.flag("norm_topk_prob", family.norm_topk_prob),
+        "decoder_sparse_step": step,
+        "mlp_only_layers": tuple(sorted(dense)),
+    }
 
 
 def _kv_default(fields: dict[str, Any], arch: Architecture, heads: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,8 +32,40 @@ TOKENIZER_FILES = (
 )
 
 
+# A per-expert HF tensor, and where its data sits in the fused form transformers 5 keeps in
+# memory (``experts.gate_up_proj`` ``[E, 2F, hidden]``: gate rows then up rows; ``down_proj``).
+_PER_EXPERT = re.compile(
+    r"(?P<base>.*\.mlp\.experts\.)(?P<e>\d+)\.(?P<part>gate|up|down)_proj\.weight$"
+)
+
+
+def fused_expert_slot(name: str) -> tuple[str, int, str] | None:
+    """``(fused tensor name, expert, part)`` of a per-expert HF name (``part``: ``gate``, ``up``
+    or ``down``), ``None`` for other names. ``gate`` / ``up`` are the first / second half of
+    ``gate_up_proj[expert]``'s rows; ``down`` is ``down_proj[expert]``."""
+    match = _PER_EXPERT.match(name)
+    if match is None:
+        return None
+    part = match["part"]
+    fused = match["base"] + ("down_proj" if part == "down" else "gate_up_proj")
+    return fused, int(match["e"]), part
+
+
+def fused_expert_view(fused: torch.Tensor, expert: int, part: str) -> torch.Tensor:
+    """The per-expert tensor inside a fused expert tensor (a view)."""
+    if part == "down":
+        return fused[expert]
+    rows = fused.shape[1] // 2
+    return fused[expert, :rows] if part == "gate" else fused[expert, rows:]
+
+
 class HFCheckpointReader:
     """Lazily read tensors from ``model.safetensors`` or a sharded folder with an index.
+
+    Experts are read per expert (``mlp.experts.{e}.gate_proj.weight``, what ``save_pretrained``
+    writes) or, when the folder holds the fused form (``mlp.experts.gate_up_proj`` /
+    ``mlp.experts.down_proj``, a transformers 5 state dict saved as is), cut from it under the
+    per-expert names.
 
     Raises ``ValueError`` naming the folder and file for a missing index entry or shard.
     """
@@ -53,10 +86,48 @@ class HFCheckpointReader:
         self._headers: dict[str, tuple[list[int], str]] | None = None  # see get_meta
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.weight_map or self._fused(name) is not None
+
+    def _fused(self, name: str) -> tuple[str, int, str] | None:
+        """``(fused tensor, expert, part)`` for a per-expert name stored fused, else ``None``."""
+        slot = fused_expert_slot(name)
+        if slot is None or name in self.weight_map or slot[0] not in self.weight_map:
+            return None
+        return slot
+
+    def _check_expert(self, name: str, fused: str, expert: int) -> torch.Tensor:
+        meta = self._stored_meta(fused)
+        if meta.dim() != 3 or expert >= meta.shape[0]:
+            raise ValueError(
+                f"{self.folder}: {name!r} is not stored: the fused {fused} is "
+                f"{list(meta.shape)} (experts first)"
+            )
+        return meta
 
     def get_meta(self, name: str) -> torch.Tensor:
         """An empty ``meta`` tensor with the stored shape and dtype (reads only the headers)."""
+        fused = self._fused(name)
+        if fused is not None:
+            meta = self._check_expert(name, fused[0], fused[1])
+            return fused_expert_view(meta, fused[1], fused[2])
+        return self._stored_meta(name)
+
+    def expert_counts(self) -> dict[int, int]:
+        """Layer index -> how many experts the checkpoint stores for it (per-expert names, or
+        the first dimension of the fused form)."""
+        counts: dict[int, set[int] | int] = {}
+        for name in self.weight_map:
+            match = re.match(r".*layers\.(\d+)\.mlp\.experts\.(\d+)\.", name)
+            if match:
+                found = counts.setdefault(int(match[1]), set())
+                assert isinstance(found, set)
+                found.add(int(match[2]))
+            match = re.match(r".*layers\.(\d+)\.mlp\.experts\.gate_up_proj$", name)
+            if match:
+                counts[int(match[1])] = int(self._stored_meta(name).shape[0])
+        return {k: len(v) if isinstance(v, set) else v for k, v in counts.items()}
+
+    def _stored_meta(self, name: str) -> torch.Tensor:
         if self._headers is None:
             self._headers = {}
             for shard in sorted(set(self.weight_map.values())):
@@ -70,6 +141,19 @@ class HFCheckpointReader:
         return torch.empty(shape, dtype=_TORCH_DTYPES[dtype], device="meta")
 
     def get(self, name: str) -> torch.Tensor:
+        fused = self._fused(name)
+        if fused is not None:
+            fused_name, expert, part = fused
+            meta = self._check_expert(name, fused_name, expert)
+            shard = self.weight_map[fused_name]
+            with safe_open(self.folder / shard, framework="pt") as f:
+                view = f.get_slice(fused_name)
+                if part == "down":
+                    data = view[expert]
+                else:
+                    rows = meta.shape[1] // 2
+                    data = view[expert, :rows] if part == "gate" else view[expert, rows:]
+            return data.contiguous()
         shard = self.weight_map.get(name)
         if shard is None:
             raise ValueError(f"{self.folder}: tensor {name!r} is not in the checkpoint")

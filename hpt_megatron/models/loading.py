@@ -23,6 +23,27 @@ def _describe(dims: Dims) -> str:
     return f"heads={dims.heads}, kv_heads={dims.groups}, head_dim={dims.head_dim}"
 
 
+def check_expert_tensors(reader: HFCheckpointReader, hf: HFModelConfig) -> None:
+    """Raise ``ValueError`` naming the layer and tensor when the checkpoint's experts are not the
+    config's (a layer with more or fewer experts, experts on a dense layer)."""
+    stored = reader.expert_counts()
+    expected = [hf.num_experts if sparse else 0 for sparse in hf.moe_layers]
+    for layer, count in sorted(stored.items()):
+        want = expected[layer] if layer < len(expected) else 0
+        if count != want:
+            raise ValueError(
+                f"{reader.folder}: model.layers.{layer}.mlp.experts holds {count} experts, "
+                f"config.json has {want} for that layer (num_experts={hf.num_experts}, "
+                f"mlp_only_layers={list(hf.mlp_only_layers)})"
+            )
+    for layer, want in enumerate(expected):
+        if want and layer not in stored:
+            raise ValueError(
+                f"{reader.folder}: model.layers.{layer}.mlp.experts: no expert tensors, "
+                f"config.json has num_experts={want} there"
+            )
+
+
 def local_tensor(
     reader: HFCheckpointReader,
     name: str,
@@ -57,6 +78,8 @@ def load_hf_weights(
     *,
     tp_rank: int = 0,
     tp_size: int = 1,
+    etp_rank: int = 0,
+    etp_size: int = 1,
     progress: bool = False,
 ) -> int:
     """Copy the HF checkpoint in ``folder`` into this rank's model chunks.
@@ -67,6 +90,8 @@ def load_hf_weights(
         folder: HF folder with ``model.safetensors`` or a sharded index.
         tp_rank: this rank's tensor-parallel rank.
         tp_size: the tensor-parallel size.
+        etp_rank / etp_size: the expert tensor-parallel rank and size (experts; each rank's
+            own experts are found from the model's expert-parallel group).
         progress: show a progress bar.
 
     Returns:
@@ -80,6 +105,7 @@ def load_hf_weights(
     # tqdm's monitor thread breaks the forked writer processes of dist_checkpointing.save.
     tqdm.monitor_interval = 0
     reader = HFCheckpointReader(folder)
+    check_expert_tensors(reader, hf)
     named = [
         (global_name, param)
         for chunk in chunks
@@ -88,7 +114,9 @@ def load_hf_weights(
         )
     ]
     for name, param in tqdm(named, desc="load HF", disable=not progress, unit="tensor"):
-        local = local_tensor(reader, name, param, hf, tp_rank, tp_size)
+        expert = rule_for(name, hf).expert
+        rank, size = (etp_rank, etp_size) if expert else (tp_rank, tp_size)
+        local = local_tensor(reader, name, param, hf, rank, size)
         with torch.no_grad():
             param.copy_(local)
     return len(named)

@@ -10,9 +10,15 @@ docs/architecture.md (Contracts):
 - ``linear_fc1``: ``[gate; up]`` on the full tensor, ``[gate_r; up_r]`` on TP rank r.
 - embedding / output layer: vocabulary padded (with zeros) to the model's size, stripped on export.
 
-Mixture-of-experts is an addition: rules for ``mlp.router.weight`` (replicated) and
-``mlp.experts.local_experts.{e}.linear_fc{1,2}.weight`` (the fc1 / row layouts below, with the
-expert index offset by the expert-parallel rank), and an :class:`Architecture` switch.
+Mixture-of-experts layers (models whose config has experts) add ``mlp.router.weight`` (HF's
+``mlp.gate.weight``, replicated) and ``mlp.experts.local_experts.{e}.linear_fc{1,2}.weight``
+(HF's per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight``, the fc1 / row layouts below split
+over the *expert* tensor-parallel group). In the names this module takes, ``e`` is the *global*
+expert index (:func:`global_param_names` adds the expert-parallel rank's offset); such rules are
+marked ``expert`` so that callers split and gather them over the expert TP group. transformers 5
+keeps experts fused in memory (``mlp.experts.gate_up_proj`` ``[E, 2F, hidden]``,
+``mlp.experts.down_proj`` ``[E, hidden, F]``) but saves them per expert; the fused form is read by
+:class:`~hpt_megatron.models.hf_io.HFCheckpointReader`.
 
 Shape legend: H query heads, G KV groups, d head dim, V vocab, Vp padded vocab, F ffn hidden.
 """
@@ -186,6 +192,7 @@ class Rule:
     hf_names: tuple[str, ...]
     layout: Layout
     exported: bool = True  # False for the tied output layer: HF stores no lm_head then
+    expert: bool = False  # split over the expert tensor-parallel group, one expert per rule
 
 
 _L = r"decoder\.layers\.(?P<i>\d+)\."
@@ -223,7 +230,18 @@ _TABLE: list[tuple[str, tuple[str, ...], Layout]] = [
     ),
     (_L + r"mlp\.linear_fc2\.weight", (_H + "mlp.down_proj.weight",), _ROW),
 ]
+_E = _L + r"mlp\.experts\.local_experts\.(?P<e>\d+)\."
+_HE = _H + "mlp.experts.{e}."
+# Mixture-of-experts layers: the router and the routed experts (global expert index e).
+_MOE_TABLE: list[tuple[str, tuple[str, ...], Layout]] = [
+    (_L + r"mlp\.router\.weight", (_H + "mlp.gate.weight",), _REPL),
+    (_E + r"linear_fc1\.weight", (_HE + "gate_proj.weight", _HE + "up_proj.weight"), GateUp()),
+    (_E + r"linear_fc2\.weight", (_HE + "down_proj.weight",), _ROW),
+]
 _COMPILED = [(re.compile(pattern + "$"), names, layout) for pattern, names, layout in _TABLE]
+_MOE_COMPILED = [
+    (re.compile(pattern + "$"), names, layout) for pattern, names, layout in _MOE_TABLE
+]
 
 
 def rule_for(name: str, hf: HFModelConfig) -> Rule:
@@ -243,21 +261,43 @@ def rule_for(name: str, hf: HFModelConfig) -> Rule:
         if match:
             fields = match.groupdict()
             return Rule(tuple(n.format(**fields) for n in names), layout)
+    for pattern, names, layout in _MOE_COMPILED if hf.is_moe else ():
+        match = pattern.match(name)
+        if match:
+            fields = match.groupdict()
+            expert = "e" in fields
+            if expert and int(fields["e"]) >= hf.num_experts:
+                raise KeyError(f"{name!r}: expert index past num_experts={hf.num_experts}")
+            return Rule(tuple(n.format(**fields) for n in names), layout, expert=expert)
     raise KeyError(f"no HF mapping for Megatron parameter {name!r}")
 
 
 def global_param_names(chunk: torch.nn.Module) -> dict[str, str]:
-    """Map a model chunk's parameter names to names with global layer indices.
+    """Map a model chunk's parameter names to names with global layer and expert indices.
 
     Within a pipeline stage (or virtual chunk) ``decoder.layers.{j}`` counts from zero; each
-    layer knows its global 1-based ``layer_number``.
+    layer knows its global 1-based ``layer_number``. Within an expert-parallel rank
+    ``local_experts.{k}`` counts from zero; the experts module's rank in its expert-parallel
+    group gives the offset (as its own ``sharded_state_dict`` does).
     """
     decoder = getattr(chunk, "decoder", None)
     offsets = {}
     if decoder is not None:
         offsets = {str(j): str(layer.layer_number - 1) for j, layer in enumerate(decoder.layers)}
+    expert_offsets = {}
+    for module_name, module in chunk.named_modules():
+        group = getattr(module, "ep_group", None)
+        if hasattr(module, "local_experts") and group is not None:
+            expert_offsets[module_name + ".local_experts."] = group.rank() * len(
+                module.local_experts
+            )
     out = {}
     for name, _ in chunk.named_parameters():
-        match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
-        out[name] = f"decoder.layers.{offsets[match[1]]}.{match[2]}" if match else name
+        global_name = name
+        for prefix, offset in expert_offsets.items():
+            if name.startswith(prefix):
+                index, rest = name[len(prefix) :].split(".", 1)
+                global_name = f"{prefix}{int(index) + offset}.{rest}"
+        match = re.match(r"decoder\.layers\.(\d+)\.(.*)", global_name)
+        out[name] = f"decoder.layers.{offsets[match[1]]}.{match[2]}" if match else global_name
     return out

@@ -1,7 +1,11 @@
 """Hugging Face ``config.json`` -> Megatron ``TransformerConfig`` and ``GPTModel``.
 
-Dense decoders only (Llama 3.x, Qwen2/2.5, Qwen3): RMSNorm, SwiGLU, RoPE (default or ``llama3``
-scaling), grouped-query attention, optional q/k/v bias and QK norm, tied or untied embeddings.
+Llama 3.x, Qwen2/2.5, Qwen3 and Qwen3-MoE: RMSNorm, SwiGLU, RoPE (default or ``llama3``
+scaling), grouped-query attention, optional q/k/v bias and QK norm, tied or untied embeddings;
+mixture-of-experts layers (top-k softmax router in fp32, alltoall token dispatcher, experts split
+over ``parallel.ep`` ranks and ``parallel.etp`` ranks) where HF's ``mlp_only_layers`` /
+``decoder_sparse_step`` put them. Experts are Megatron's SequentialMLP of local layers on CPU and
+grouped-GEMM TE experts on GPU (the GPU spec is Megatron's; not exercised by this package's tests).
 Local (pure torch) layers on CPU or when ``model.transformer_impl == "local"``; Transformer Engine
 layers otherwise. The input is Hugging Face's view of the model (:class:`HFModelConfig`, HF
 names); the output is Megatron's (``TransformerConfig``, padded vocabulary, ``GPTModel``).
@@ -117,6 +121,11 @@ def check_hf_supported(hf: HFModelConfig) -> None:
         raise ConfigError(f"{hf.source}: mlp_bias=true is not supported")
     if hf.use_sliding_window:
         raise ConfigError(f"{hf.source}: use_sliding_window=true is not supported")
+    if hf.is_moe and not any(hf.moe_layers):
+        raise ConfigError(
+            f"{hf.source}: no layer has experts (mlp_only_layers={list(hf.mlp_only_layers)}, "
+            f"decoder_sparse_step={hf.decoder_sparse_step}); use the dense family instead"
+        )
     rope_settings(hf)
 
 
@@ -136,12 +145,63 @@ def check_parallel_against_model(hf: HFModelConfig, parallel: ParallelConfig) ->
         raise ConfigError(
             f"parallel.tp={parallel.tp} does not divide intermediate_size={hf.intermediate_size}"
         )
+    check_experts_against_model(hf, parallel)
     layers, stages = hf.num_hidden_layers, parallel.pp * (parallel.vpp or 1)
     if layers % stages:
         raise ConfigError(
             f"parallel.pp={parallel.pp} (x vpp={parallel.vpp or 1}) does not divide "
             f"num_hidden_layers={layers}"
         )
+
+
+def check_experts_against_model(hf: HFModelConfig, parallel: ParallelConfig) -> None:
+    """Raise ``ConfigError`` when the expert layout (``parallel.ep`` / ``parallel.etp``) cannot
+    split this model: EP ranks hold whole experts, ETP ranks whole slices of each."""
+    if not hf.is_moe:
+        if parallel.ep > 1 or parallel.expert_tp != parallel.tp:
+            raise ConfigError(
+                f"parallel.ep={parallel.ep} / parallel.etp={parallel.etp}: {hf.source} is a dense "
+                f"model ({hf.model_type}) without experts"
+            )
+        return
+    if hf.num_experts % parallel.ep:
+        raise ConfigError(
+            f"parallel.ep={parallel.ep} does not divide num_experts={hf.num_experts}: each "
+            f"expert-parallel rank must hold whole experts"
+        )
+    if hf.moe_intermediate_size % parallel.expert_tp:
+        raise ConfigError(
+            f"parallel.etp={parallel.expert_tp} does not divide "
+            f"moe_intermediate_size={hf.moe_intermediate_size}"
+        )
+
+
+def _experts(hf: HFModelConfig, model: ModelConfig, parallel: ParallelConfig, use_te: bool):
+    """The ``TransformerConfig`` fields of the expert layers (none for dense models).
+
+    HF's Qwen3-MoE router: softmax over all experts, top-k, then (``norm_topk_prob``) the k
+    probabilities renormalised, which is a softmax over the k top logits: Megatron's router
+    without ``moe_router_pre_softmax``; without renormalisation it is the pre-softmax router.
+    """
+    if not hf.is_moe:
+        return {}
+    aux, z = model.moe_aux_loss_coeff, model.moe_z_loss_coeff
+    return {
+        "num_moe_experts": hf.num_experts,
+        "moe_ffn_hidden_size": hf.moe_intermediate_size,
+        "moe_router_topk": hf.num_experts_per_tok,
+        "moe_router_pre_softmax": not hf.norm_topk_prob,
+        "moe_layer_freq": [int(sparse) for sparse in hf.moe_layers],
+        "moe_token_dispatcher_type": "alltoall",
+        "moe_router_dtype": "fp32",
+        "moe_router_load_balancing_type": "aux_loss" if aux > 0 else "none",
+        "moe_aux_loss_coeff": aux,
+        "moe_z_loss_coeff": z if z > 0 else None,
+        "moe_grouped_gemm": use_te,
+        "moe_permute_fusion": False,
+        "expert_model_parallel_size": parallel.ep,
+        "expert_tensor_parallel_size": parallel.expert_tp,
+    }
 
 
 def _fusions(use_te: bool) -> dict[str, bool]:
@@ -235,6 +295,7 @@ def transformer_config_from_hf(
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=cpu_initialization,
         **_precision(model, parallel),
+        **_experts(hf, model, parallel, use_te),
         **_recompute(model),
         **_fusions(use_te),
     )
@@ -249,10 +310,15 @@ def use_transformer_engine(model: ModelConfig) -> bool:
     return torch.cuda.is_available()
 
 
-def layer_spec(config: TransformerConfig, *, use_te: bool) -> Any:
-    """The GPT layer ``ModuleSpec``: TE-fused norms+linears, or Megatron's local modules."""
+def layer_spec(config: TransformerConfig, *, use_te: bool, vp_stage: int | None = None) -> Any:
+    """The GPT layer ``ModuleSpec``: TE-fused norms+linears, or Megatron's local modules; for
+    mixture-of-experts models the block spec of this stage's dense and expert layers."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    if config.num_moe_experts:
+        return gpt_layer_specs.get_gpt_decoder_block_spec(
+            config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
+        )
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=config.qk_layernorm
@@ -301,7 +367,7 @@ def build_model(
     with torch.device("meta") if meta else contextlib.nullcontext():
         gpt = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(config, use_te=use_te),
+            transformer_layer_spec=layer_spec(config, use_te=use_te, vp_stage=vp_stage),
             vocab_size=padded_vocab_size(
                 hf.vocab_size, parallel.tp, model.make_vocab_size_divisible_by
             ),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import threading
 import warnings
@@ -53,7 +54,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.utils.serialization import config as serialization_config
 
-from hpt_megatron.models.loading import local_tensor
+from hpt_megatron.models.loading import check_expert_tensors, local_tensor
 from hpt_megatron.models.mapping import Dims, rule_for, tp1_region
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ MEGATRON_CONFIG = {
     "common_backend_version": 1,
 }
 _LAYERS = "decoder.layers."
+_EXPERTS = ".mlp.experts.experts."  # Megatron's checkpoint key of the experts (global index axis)
+_EXPERT_READ_BYTES = 64 * 1024**2
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 
@@ -203,6 +206,7 @@ def write_checkpoint_from_hf(
     schema = schema or megatron_schema(hf, dtype)
     bar = tqdm(total=len(schema.pieces), desc="hf-to-megatron", unit="tensor", disable=not progress)
     dims = Dims.from_hf(hf)
+    check_expert_tensors(reader, hf)
     shapes_only = _HeaderReader(reader)
     for piece in schema.pieces:  # every HF tensor present and of the right shape, before writing
         _piece_tensor(shapes_only, piece, schema, hf, dims)
@@ -417,24 +421,46 @@ def iter_checkpoint_hf_tensors(
     dtype: torch.dtype | None = None,
     meta: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(hf_name, tensor)`` for every model weight in ``ckpt``, one layer of one key at a time.
+    """``(hf_name, tensor)`` for every model weight in ``ckpt``, one layer of one key (one
+    expert of an expert key) at a time.
 
+    Per-layer keys are either stacked (``decoder.layers.<name>``, a leading layer axis: dense
+    models) or per layer (``decoder.layers.<i>.<name>``: Megatron's layout for models mixing
+    dense and expert layers); expert keys (``mlp.experts.experts.*``) have an expert axis next.
     Keys outside the model (optimizer state, RNG objects of a training checkpoint) are skipped.
     With ``meta`` the same sequence of names, shapes and dtypes, on the meta device, reading
     nothing: a writer can plan its files before the data arrives.
 
     Raises:
-        ValueError: a model key without an HF mapping, or a layer count that is not the config's.
+        ValueError: a model key without an HF mapping, or a layer (expert) count that is not
+            the config's.
     """
     dims = Dims.from_hf(hf)
     layers = hf.num_hidden_layers
     tensors = {k: md for k, md in ckpt.tensors().items() if k.startswith(_MODEL_PREFIXES)}
-    per_layer = [k for k in tensors if k.startswith(_LAYERS)]
-    for key in per_layer:
+    stacked = [k for k in tensors if k.startswith(_LAYERS) and not k[len(_LAYERS)].isdigit()]
+    indexed: dict[int, list[str]] = {}
+    for key in tensors:
+        match = re.match(r"decoder\.layers\.(\d+)\.", key)
+        if match:
+            indexed.setdefault(int(match[1]), []).append(key)
+    for key in stacked:
         if tensors[key].size[0] != layers:
             raise ValueError(
                 f"{ckpt.folder}: {key} has {tensors[key].size[0]} layers, config.json has {layers}"
             )
+    if indexed and max(indexed) >= layers:
+        raise ValueError(
+            f"{ckpt.folder}: layer {max(indexed)} is stored, config.json has {layers} layers"
+        )
+    for key in tensors:
+        if _EXPERTS in key:
+            experts = tensors[key].size[1 if key in stacked else 0]
+            if experts != hf.num_experts:
+                raise ValueError(
+                    f"{ckpt.folder}: {key} holds {experts} experts, config.json has "
+                    f"num_experts={hf.num_experts}"
+                )
 
     def convert(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         try:
@@ -446,16 +472,40 @@ def iter_checkpoint_hf_tensors(
         for hf_name, out in zip(rule.hf_names, rule.layout.to_hf([tensor], dims)):
             yield hf_name, out if dtype is None else out.to(dtype)
 
+    def layer_key(key: str, name: str, lead: tuple[int, ...]) -> Iterator[tuple[str, torch.Tensor]]:
+        """One layer's tensor(s) of ``key`` (``lead``: the layer index in a stacked key)."""
+        shape = tuple(tensors[key].size)
+        if _EXPERTS not in key:
+            if lead:
+                region = ckpt.read(key, lead + (0,) * (len(shape) - 1), (1,) + shape[1:], meta=meta)
+                yield from convert(name, region[0])
+            else:
+                yield from convert(name, ckpt.read(key, meta=meta))
+            return
+        # Experts are read a group at a time (one DCP read per ~64 MiB, not one per expert: an
+        # expert's fc1 is two stored chunks, and a read has a fixed cost) and split in memory.
+        n, inner = len(lead), shape[len(lead) + 1 :]
+        itemsize = torch.empty((), dtype=tensors[key].properties.dtype).element_size()
+        group = max(1, _EXPERT_READ_BYTES // max(1, torch.Size(inner).numel() * itemsize))
+        for first in range(0, shape[n], group):
+            count = min(group, shape[n] - first)
+            start = lead + (first,) + (0,) * len(inner)
+            region = ckpt.read(key, start, (1,) * n + (count,) + inner, meta=meta)
+            region = region.reshape((count,) + inner)
+            for i in range(count):
+                expert_name = name.replace(_EXPERTS, f".mlp.experts.local_experts.{first + i}.")
+                yield from convert(expert_name, region[i])
+
     head = [k for k in ("embedding.word_embeddings.weight",) if k in tensors]
+    per_layer = set(stacked).union(*indexed.values()) if indexed else set(stacked)
     tail = [k for k in tensors if k not in per_layer and k not in head]
     for key in head:
         yield from convert(key, ckpt.read(key, meta=meta))
     for layer in range(layers):
-        for key in per_layer:
-            shape = tuple(tensors[key].size)
-            start = (layer,) + (0,) * (len(shape) - 1)
-            region = ckpt.read(key, start, (1,) + shape[1:], meta=meta)
+        for key in stacked:
             name = f"{_LAYERS}{layer}.{key[len(_LAYERS) :]}"
-            yield from convert(name, region[0])
+            yield from layer_key(key, name, (layer,))
+        for key in indexed.get(layer, []):
+            yield from layer_key(key, key, ())
     for key in tail:
         yield from convert(key, ckpt.read(key, meta=meta))

@@ -131,6 +131,7 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
         pad_to_multiple=ctx.tp,
         mini_batches=cfg.trainer.mini_batches_per_step,
         epochs=cfg.trainer.epochs_per_step,
+        equal_microbatch_counts=ctx.ep > 1,
     )
 
     def describe(path: Path) -> None:  # checkpoints are self-contained for hpt eval / convert

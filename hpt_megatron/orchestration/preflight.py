@@ -70,6 +70,11 @@ def _check_model(cfg: HPTConfig) -> None:
     hf = hf_config_with_overrides(hf, model)
     check_hf_supported(hf)
     check_parallel_against_model(hf, cfg.parallel)
+    if hf.is_moe and cfg.rollout.engine == "sglang":
+        raise ConfigError(
+            f"rollout.engine: sglang serving of mixture-of-experts models ({hf.model_type}) has "
+            "not been tried here (weight sync of expert tensors untested); use rollout.engine=cpu"
+        )
     for key in ("hf_weights", "load"):
         path = getattr(model, key)
         if path is not None and not Path(path).is_dir():

@@ -41,6 +41,14 @@ class ParallelContext:
     tp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup  # data parallel (with context parallel folded in for grads)
     cpu_group: dist.ProcessGroup  # gloo group over all ranks, for small CPU-side collectives
+    # Experts (mixture-of-experts models): ep ranks split the experts, etp ranks split each one,
+    # expert_dp_rank counts the copies of this rank's experts (Megatron's expert layout).
+    ep: int = 1
+    ep_rank: int = 0
+    etp: int = 1
+    etp_rank: int = 0
+    expert_dp_rank: int = 0
+    etp_group: dist.ProcessGroup | None = None
 
     @property
     def is_last_stage(self) -> bool:
@@ -53,13 +61,24 @@ class ParallelContext:
 
 
 def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
-    """Return the data-parallel size, or raise naming the parallel keys."""
+    """Return the data-parallel size, or raise naming the parallel keys.
+
+    Experts have their own layout (Megatron's): ``etp x ep x pp`` ranks hold one copy of every
+    expert, so that product must divide the world too.
+    """
     model_parallel = parallel.tp * parallel.pp * parallel.cp
     if world_size % model_parallel:
         raise ConfigError(
             f"parallel.tp * parallel.pp * parallel.cp = {parallel.tp} * {parallel.pp} * "
             f"{parallel.cp} = {model_parallel} does not divide the world size {world_size} "
             f"(launch with torchrun --nproc_per_node N, or change parallel.*)"
+        )
+    expert_parallel = parallel.expert_tp * parallel.ep * parallel.pp
+    if world_size % expert_parallel:
+        raise ConfigError(
+            f"parallel.etp * parallel.ep * parallel.pp = {parallel.expert_tp} * {parallel.ep} * "
+            f"{parallel.pp} = {expert_parallel} does not divide the world size {world_size} "
+            f"(etp defaults to tp)"
         )
     return world_size // model_parallel
 
@@ -113,6 +132,8 @@ def init_distributed(
             pipeline_model_parallel_size=parallel.pp,
             virtual_pipeline_model_parallel_size=parallel.vpp,
             context_parallel_size=parallel.cp,
+            expert_model_parallel_size=parallel.ep,
+            expert_tensor_parallel_size=parallel.expert_tp,
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return _context(parallel, rank, world_size, local_rank, device, timeout)
@@ -150,6 +171,12 @@ def _context(
         tp_group=ps.get_tensor_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
         cpu_group=cpu_group,
+        ep=parallel.ep,
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        etp=parallel.expert_tp,
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        expert_dp_rank=ps.get_expert_data_parallel_rank(),
+        etp_group=ps.get_expert_tensor_parallel_group(),
     )
 
 

@@ -24,6 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
 
 from hpt_megatron.models.hf_config import HFModelConfig
+from hpt_megatron.models.hf_io import fused_expert_slot, fused_expert_view
 from hpt_megatron.rollout.base import Generation, SamplingParams, WeightBucket
 from hpt_megatron.rollout.sampling import sample_tokens, validate_sampling
 from hpt_megatron.rollout.stop import StopStringMatcher
@@ -267,7 +268,7 @@ class HFCpuEngine:
         count = 0
         for bucket in buckets:
             for name, tensor in bucket:
-                target = self._params.get(name)
+                target = self._target(name)
                 if target is None:
                     known = ", ".join(sorted(self._params)[:5])
                     raise ValueError(
@@ -282,6 +283,17 @@ class HFCpuEngine:
                 count += 1
         self.weight_version = version
         logger.debug("cpu engine: %d tensors updated, weight version %d", count, version)
+
+    def _target(self, name: str) -> torch.Tensor | None:
+        """The model tensor an HF-named weight goes into: its own parameter, or (experts) the
+        expert's slice of transformers 5's fused expert tensors."""
+        target = self._params.get(name)
+        slot = fused_expert_slot(name) if target is None else None
+        if slot is not None and slot[0] in self._params:
+            fused = self._params[slot[0]]
+            if slot[1] < fused.shape[0]:
+                return fused_expert_view(fused, slot[1], slot[2])
+        return target
 
     def update_weights_from_disk(self, path: str | Path, version: int) -> None:
         """Load every ``*.safetensors`` file of an HF folder into the model in place."""

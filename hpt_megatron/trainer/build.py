@@ -138,6 +138,8 @@ def init_policy_weights(engine: TrainEngine, hf: HFModelConfig, model: ModelConf
             model.hf_weights,
             tp_rank=ctx.tp_rank,
             tp_size=ctx.tp,
+            etp_rank=ctx.etp_rank,
+            etp_size=ctx.etp,
             progress=ctx.is_driver,
         )
         log.info("initial weights from the HF folder %s", model.hf_weights)

@@ -41,6 +41,7 @@ from hpt_megatron.algorithms import (
     zero_gradient_rows,
 )
 from hpt_megatron.data.sample import Sample
+from hpt_megatron.models.moe import RouterStats
 from hpt_megatron.trainer.batching import MicroBatch, collate, token_budget_microbatches
 from hpt_megatron.trainer.critic import Critic, critic_phase
 from hpt_megatron.trainer.engine import MicroBatchLoss, StepResult
@@ -105,6 +106,10 @@ class UpdateLayout:
     pad_to_multiple: int = 1  # the tensor-parallel size (sequence lengths divisible by it)
     mini_batches: int = 1
     epochs: int = 1
+    # Every data-parallel rank runs as many micro-batches as the busiest one (padding with
+    # zero-weight copies): expert parallelism spans data-parallel ranks, and each micro-batch's
+    # token dispatch is a collective over them.
+    equal_microbatch_counts: bool = False
 
 
 def split_groups(samples: list[Sample], parts: int) -> list[list[Sample]]:
@@ -162,15 +167,17 @@ def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[Micr
     """This data-parallel rank's micro-batches of ``samples`` (``sample_index_b`` indexes them).
 
     A rank left without rows (fewer rows than ranks) trains on a copy of row 0 with zero loss
-    weights, so it still joins the collective step and adds nothing to the gradient.
+    weights, so it still joins the collective step and adds nothing to the gradient. With
+    ``layout.equal_microbatch_counts`` such idle micro-batches also bring every rank up to the
+    largest rank's count (every rank computes every rank's count from the same samples).
     """
-    mine = dp_shards(samples, layout.dp)[layout.dp_rank]
-    rows = samples
-    if not mine:
-        rows = [dataclasses.replace(samples[0], rl_weight=0.0, sft_weight=0.0, advantage=0.0)]
-        mine = [0]
+    shards = dp_shards(samples, layout.dp)
+    mine = shards[layout.dp_rank]
+    idle = [dataclasses.replace(samples[0], rl_weight=0.0, sft_weight=0.0, advantage=0.0)]
+    rows = samples if mine else idle
+    mine = mine or [0]
     lengths = [rows[i].num_tokens for i in mine]
-    return [
+    batches = [
         collate(
             rows,
             [mine[j] for j in group],
@@ -179,6 +186,16 @@ def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[Micr
         )
         for group in token_budget_microbatches(lengths, layout.max_tokens)
     ]
+    if layout.equal_microbatch_counts:
+        counts = [
+            len(token_budget_microbatches([samples[i].num_tokens for i in s], layout.max_tokens))
+            for s in shards
+        ]
+        for _ in range(max(counts) - len(batches)):
+            batches.append(
+                collate(idle, [0], pad_id=layout.pad_id, pad_to_multiple=layout.pad_to_multiple)
+            )
+    return batches
 
 
 class PolicyUpdate:
@@ -196,6 +213,9 @@ class PolicyUpdate:
         self.layout = layout
         self.reference = reference  # built when a KL term is on
         self.critic = critic  # built for advantage gae
+        # Mixture-of-experts models: expert-load metrics of the training forwards.
+        chunks = getattr(engine, "model_chunks", None)
+        self.router_stats = RouterStats.attach(chunks) if chunks else None
 
     def update(self, samples: list[Sample], spec: AlgorithmSpec, step: int = 0) -> dict[str, float]:
         """Train on ``samples`` with ``spec`` at ``step`` (0-based; the critic's warm-up); returns
@@ -246,6 +266,11 @@ class PolicyUpdate:
                     "train/skipped_update": float(result.skipped),
                 }
         metrics.update(extra)
+        if self.router_stats is not None:
+            ctx = self.engine.ctx  # type: ignore[attr-defined]
+            group = ctx.cpu_group if ctx.world_size > 1 else None
+            counts = ctx.tp_rank == 0 or ctx.sequence_parallel
+            metrics.update(self.router_stats.collect(group, counts=counts))
         metrics["train/rows"] = float(len(samples))
         metrics["train/rows_elided_frac"] = elided / len(samples)
         metrics["train/tokens"] = float(sum(len(s.response_ids) for s in samples))

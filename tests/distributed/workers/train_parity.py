@@ -48,6 +48,27 @@ ARCHS = {
         max_position_embeddings=128,
         tie_word_embeddings=True,
     ),
+    # 8 experts, top-2, the second of four layers dense; QK norm, GQA.
+    "qwen3_moe": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        vocab_size=250,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+    ),
 }
 
 
@@ -78,13 +99,14 @@ def main() -> None:
     ap.add_argument("--arch", default="llama")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--max-tokens", type=int, default=4096)
     args = ap.parse_args()
 
-    parallel = ParallelConfig(tp=args.tp, pp=args.pp, backend="gloo")
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, backend="gloo")
     ctx = init_distributed(parallel, seed=1)
     model_cfg = ModelConfig(inline=ARCHS[args.arch])
     trainer_cfg = TrainerConfig(lr=1e-3, grad_clip=0.0, max_tokens_per_microbatch=args.max_tokens)

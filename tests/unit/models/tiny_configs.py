@@ -68,6 +68,22 @@ def qwen3(tied: bool = False) -> dict[str, Any]:
     }
 
 
+def qwen3_moe(tied: bool = False) -> dict[str, Any]:
+    """8 experts, top-2, four layers of which the second is dense (``mlp_only_layers``)."""
+    return {
+        **qwen3(tied),
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "num_hidden_layers": 4,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [1],
+    }
+
+
 ALL = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}
 
 

@@ -1,0 +1,75 @@
+"""Mixture-of-experts settings: the tiny Qwen3-MoE example dry-runs, and bad expert layouts or
+unsupported MoE variants are config errors naming the key before any process starts."""
+
+import pathlib
+
+import pytest
+
+from hpt_megatron.cli import main
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[3] / "examples"
+MOE = str(EXAMPLES / "tiny_moe_cpu.yaml")
+TINY = str(EXAMPLES / "tiny_cpu.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _no_torchrun(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _dry_run(capsys, *args: str) -> tuple[int, str]:
+    code = main(["train", *args, "--dry-run"])
+    return code, capsys.readouterr().err
+
+
+def test_moe_example_dry_runs_at_ep2(capsys):
+    code, err = _dry_run(capsys, MOE, "--world-size", "2")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("world", "overrides", "message"),
+    [
+        ("3", ["parallel.ep=3"], "parallel.ep=3 does not divide num_experts=8"),
+        (
+            "2",
+            ["parallel.ep=4"],
+            "parallel.etp * parallel.ep * parallel.pp = 1 * 4 * 1 = 4 does not divide the world "
+            "size 2",
+        ),
+        ("4", ["parallel.etp=3", "parallel.ep=1"], "does not divide the world size 4"),
+        (
+            "3",
+            ["parallel.etp=3", "parallel.ep=1"],
+            "parallel.etp=3 does not divide moe_intermediate_size=64",
+        ),
+        (
+            "2",
+            ["model.inline.shared_expert_intermediate_size=64"],
+            "shared_expert_intermediate_size=64 asks for shared experts",
+        ),
+        (
+            "2",
+            ["model.inline.scoring_func=sigmoid"],
+            "scoring_func='sigmoid' asks for a non-softmax (e.g. sigmoid) router",
+        ),
+        ("2", ["model.inline.n_group=8"], "n_group=8 asks for grouped top-k routing"),
+        ("2", ["model.inline.num_experts_per_tok=9"], "num_experts_per_tok=9 must be in [1, 8]"),
+        (
+            "2",
+            ["model.inline.mlp_only_layers=[0,1,2,3]"],
+            "no layer has experts (mlp_only_layers=[0, 1, 2, 3]",
+        ),
+        ("2", ["model.moe_aux_loss_coeff=-1"], "moe_aux_loss_coeff: must be >= 0"),
+        ("2", ["rollout.engine=sglang"], "rollout.engine: sglang serving of mixture-of-experts"),
+    ],
+)
+def test_bad_moe_settings_name_the_key(capsys, world, overrides, message):
+    code, err = _dry_run(capsys, MOE, "--world-size", world, *overrides)
+    assert code == 2 and message in err, err
+
+
+def test_expert_parallel_on_a_dense_model_is_an_error(capsys):
+    code, err = _dry_run(capsys, TINY, "--world-size", "4", "parallel.ep=2")
+    assert code == 2 and "parallel.ep=2" in err and "dense model" in err, err
