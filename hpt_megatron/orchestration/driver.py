@@ -186,6 +186,7 @@ class Driver:
             "reward/crashes_total": float(stats.crashes),
             "reward/errors_total": float(stats.errors),
             "data/bad_rows": float(data.stats.bad_rows if isinstance(data, PromptDataset) else 0),
+            "rollout/server_restarts_total": float(self.engine.restarts),
         }
 
     # ---------------------------------------------------------------------------- state

@@ -63,4 +63,9 @@ class RolloutEngine(Protocol):
 
     def health(self) -> bool: ...
 
+    @property
+    def restarts(self) -> int:
+        """Servers restarted after a crash so far (0 for an in-process engine)."""
+        ...
+
     def shutdown(self) -> None: ...

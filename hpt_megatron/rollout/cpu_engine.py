@@ -313,6 +313,10 @@ class HFCpuEngine:
     def health(self) -> bool:
         return not self._closed
 
+    @property
+    def restarts(self) -> int:
+        return 0  # in process: nothing to restart
+
     def shutdown(self) -> None:
         self._closed = True
 

@@ -65,3 +65,82 @@ def test_hpt_train_with_sglang_rollouts(tmp_path):
     for name, tensor in final.items():
         assert synced[name].float().equal(tensor.float()), name
     assert (out / "sglang_logs").is_dir()
+
+
+def _sglang_servers_under(root_pid: int) -> list[int]:
+    """PIDs of ``sglang.launch_server`` processes descending from ``root_pid`` (from /proc)."""
+    parents, commands = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            if pid == root_pid:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return [p for p, cmd in commands.items() if b"sglang.launch_server" in cmd and descends(p)]
+
+
+def test_run_goes_on_when_the_server_is_killed_during_the_run(tmp_path):
+    """SIGKILL the SGLang server once step 1 is logged: the client re-sends its requests, the
+    server is restarted with the current weights, every step is trained, and the restart is
+    counted in ``rollout/server_restarts_total``."""
+    import os
+    import signal
+    import time
+
+    python = SGLangConfig(device="cpu").python_executable()
+    if not Path(python).exists():
+        pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "hpt_megatron.cli",
+        "train",
+        str(ROOT / "examples" / "tiny_cpu.yaml"),
+        f"run.output_dir={out}",
+        "parallel.tp=1",
+        "run.steps=4",
+        "run.val_every=0",
+        "checkpoint.export_hf=false",
+        "data.prompts_per_step=4",
+        "rollout.n=4",
+        "logging.progress_bar=false",
+        "rollout.engine=sglang",
+        "rollout.sglang.device=cpu",
+        "rollout.sglang.max_total_tokens=4096",
+        "rollout.sglang.extra_args=[--skip-server-warmup]",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-5000:] if proc.stderr else ""
+        time.sleep(0.2)
+    servers = _sglang_servers_under(proc.pid)
+    assert len(servers) == 1, servers
+    os.killpg(servers[0], signal.SIGKILL)  # the server and its scheduler processes
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-5000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["rollout/server_restarts_total"] == 0.0
+    assert rows[-1]["rollout/server_restarts_total"] == 1.0
+    assert all(r["response/length_mean"] > 0 for r in rows)

@@ -197,6 +197,11 @@ class SGLangEngine:
     def health(self) -> bool:
         return not self._closed and all(server.health() for server in self.servers)
 
+    @property
+    def restarts(self) -> int:
+        """Servers restarted after they died (the client re-sent their lost requests)."""
+        return sum(server.restarts for server in self.servers)
+
     def shutdown(self) -> None:
         """Stop every server and the event loop (idempotent)."""
         if self._closed:

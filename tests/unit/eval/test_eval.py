@@ -49,6 +49,10 @@ class HFGenerateEngine:
     def health(self):
         return True
 
+    @property
+    def restarts(self):
+        return 0
+
     def shutdown(self):
         pass
 
