@@ -38,7 +38,14 @@ from hpt_megatron.algorithms import (
     zero_gradient_rows,
 )
 from hpt_megatron.data.sample import Sample
-from hpt_megatron.trainer.batching import MicroBatch, collate, token_budget_microbatches
+from hpt_megatron.trainer.batching import (
+    MicroBatch,
+    collate,
+    collate_packed,
+    packed_microbatches,
+    split_to_multiple,
+    token_budget_microbatches,
+)
 from hpt_megatron.trainer.engine import MicroBatchLoss, StepResult
 
 
@@ -95,7 +102,9 @@ class UpdateLayout:
     dp_rank: int = 0
     max_tokens: int = 4096  # padded tokens of one micro-batch
     pad_id: int = 0
-    pad_to_multiple: int = 1  # the tensor-parallel size (sequence lengths divisible by it)
+    pad_to_multiple: int = 1  # sequence lengths divisible by it (batching.token_multiple)
+    microbatch_multiple: int = 1  # micro-batch count divisible by it (PP under a virtual pipeline)
+    packing: bool = False  # several sequences per row (batching.packed_microbatches)
     mini_batches: int = 1
     epochs: int = 1
 
@@ -155,7 +164,9 @@ def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[Micr
     """This data-parallel rank's micro-batches of ``samples`` (``sample_index_b`` indexes them).
 
     A rank left without rows (fewer rows than ranks) trains on a copy of row 0 with zero loss
-    weights, so it still joins the collective step and adds nothing to the gradient.
+    weights, so it still joins the collective step and adds nothing to the gradient. Micro-batches
+    are split until their count is a multiple of ``layout.microbatch_multiple``; when no
+    micro-batch can be split further, zero-weight copies of a row make up the count.
     """
     mine = dp_shards(samples, layout.dp)[layout.dp_rank]
     rows = samples
@@ -163,15 +174,18 @@ def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[Micr
         rows = [dataclasses.replace(samples[0], rl_weight=0.0, sft_weight=0.0, advantage=0.0)]
         mine = [0]
     lengths = [rows[i].num_tokens for i in mine]
-    return [
-        collate(
-            rows,
-            [mine[j] for j in group],
-            pad_id=layout.pad_id,
-            pad_to_multiple=layout.pad_to_multiple,
-        )
-        for group in token_budget_microbatches(lengths, layout.max_tokens)
-    ]
+    pad = {"pad_id": layout.pad_id, "pad_to_multiple": layout.pad_to_multiple}
+    multiple = layout.microbatch_multiple
+    if layout.packing:
+        packed = split_to_multiple(packed_microbatches(lengths, layout.max_tokens), multiple)
+        out = [collate_packed(rows, [[mine[j] for j in r] for r in g], **pad) for g in packed]
+    else:
+        groups = split_to_multiple(token_budget_microbatches(lengths, layout.max_tokens), multiple)
+        out = [collate(rows, [mine[j] for j in group], **pad) for group in groups]
+    filler = [dataclasses.replace(rows[mine[0]], rl_weight=0.0, sft_weight=0.0, advantage=0.0)]
+    while len(out) % multiple:
+        out.append(collate(filler, [0], **pad))
+    return out
 
 
 class PolicyUpdate:

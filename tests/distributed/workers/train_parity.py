@@ -15,7 +15,12 @@ from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerCon
 from hpt_megatron.data.sample import Sample
 from hpt_megatron.models.provider import build_model_chunks, load_hf_config
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
-from hpt_megatron.trainer.batching import collate, token_budget_microbatches
+from hpt_megatron.trainer.batching import (
+    collate,
+    collate_packed,
+    packed_microbatches,
+    token_budget_microbatches,
+)
 from hpt_megatron.trainer.build import build_engine
 from hpt_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
 
@@ -82,6 +87,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--packing", action="store_true", help="several sequences per row")
     args = ap.parse_args()
 
     parallel = ParallelConfig(tp=args.tp, pp=args.pp, backend="gloo")
@@ -102,10 +108,16 @@ def main() -> None:
     # DP shard: round-robin by index; every rank of a model-parallel group sees the same shard.
     mine = [i for i in range(len(samples)) if i % ctx.dp == ctx.dp_rank]
     lengths = [samples[i].num_tokens for i in mine]
-    batches = [
-        collate(samples, [mine[j] for j in group], pad_to_multiple=args.tp)
-        for group in token_budget_microbatches(lengths, args.max_tokens)
-    ]
+    if args.packing:
+        batches = [
+            collate_packed(samples, [[mine[j] for j in r] for r in rows], pad_to_multiple=args.tp)
+            for rows in packed_microbatches(lengths, args.max_tokens)
+        ]
+    else:
+        batches = [
+            collate(samples, [mine[j] for j in group], pad_to_multiple=args.tp)
+            for group in token_budget_microbatches(lengths, args.max_tokens)
+        ]
     before = per_sample_logprobs(engine, samples, mine, batches)
     result = engine.train_step(batches, TokenMeanNLL(total_tokens))
     after = per_sample_logprobs(engine, samples, mine, batches)
@@ -126,6 +138,7 @@ def main() -> None:
                     "tokens": result.metrics["tokens"],
                     "grad_norm": result.grad_norm,
                     "num_microbatches": len(batches),
+                    "model_rows": sum(mb.model_shape[0] for mb in batches),
                 },
                 fh,
             )
