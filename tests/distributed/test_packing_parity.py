@@ -1,5 +1,6 @@
-"""Sequence packing changes nothing but the layout: the log-probs before a step, its loss and
-gradient norm and the log-probs after it equal the padded path's at the same TP/PP layout."""
+"""Sequence packing changes nothing but the layout: the log-probs before a step, its loss, every
+entry of its gradient and the log-probs after it equal the padded path's at the same TP/PP
+layout (fp32)."""
 
 import json
 import pathlib
@@ -21,13 +22,13 @@ def _max_abs(a: dict, b: dict) -> float:
 def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("packing")
     ckpt, out = tmp / "ckpt", tmp / "ref.json"
-    torchrun(WORKER, "--ckpt", str(ckpt), "--out", str(out), "--save", nproc=1)
+    torchrun(WORKER, "--ckpt", str(ckpt), "--out", str(out), "--save", "--grads", nproc=1)
     return ckpt, json.loads(out.read_text())
 
 
 def _run(ckpt, tmp_path, name, *args, nproc):
     out = tmp_path / f"{name}.json"
-    torchrun(WORKER, "--ckpt", str(ckpt), "--out", str(out), *args, nproc=nproc)
+    torchrun(WORKER, "--ckpt", str(ckpt), "--out", str(out), "--grads", *args, nproc=nproc)
     return json.loads(out.read_text())
 
 
@@ -46,6 +47,11 @@ def test_packed_equals_padded(checkpoint, layout, tmp_path):
     assert _max_abs(padded["before"], packed["before"]) < 1e-6
     assert abs(padded["loss"] - packed["loss"]) < 1e-6
     assert abs(padded["grad_norm"] - packed["grad_norm"]) / padded["grad_norm"] < 1e-6
+    # Every gradient entry, rank by rank (each rank's shard of the same layout).
+    for grad_padded, grad_packed in zip(padded["grads"], packed["grads"], strict=True):
+        assert len(grad_padded) == len(grad_packed) > 1000
+        scale = max(abs(g) for g in grad_padded)
+        assert max(abs(x - y) for x, y in zip(grad_padded, grad_packed)) < 1e-6 * scale
     # After one update the log-probs depend on every gradient entry, not just its norm.
     assert _max_abs(padded["after"], packed["after"]) < 1e-5
     assert _max_abs(padded["before"], padded["after"]) > 1e-3  # the step moved the model

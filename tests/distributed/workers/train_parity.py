@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--packing", action="store_true", help="several sequences per row")
+    ap.add_argument("--grads", action="store_true", help="write each rank's gradient of the step")
     args = ap.parse_args()
 
     parallel = ParallelConfig(tp=args.tp, pp=args.pp, backend="gloo")
@@ -120,13 +121,16 @@ def main() -> None:
         ]
     before = per_sample_logprobs(engine, samples, mine, batches)
     result = engine.train_step(batches, TokenMeanNLL(total_tokens))
+    # The step's gradient stays in DDP's buffers until the next step zeroes them.
+    grads = [p.main_grad.reshape(-1) for chunk in engine.model_chunks for p in chunk.parameters()]
+    grad = torch.cat(grads).tolist() if args.grads else []
     after = per_sample_logprobs(engine, samples, mine, batches)
 
     gathered = [None] * ctx.world_size
-    torch.distributed.all_gather_object(gathered, (before, after), group=ctx.cpu_group)
+    torch.distributed.all_gather_object(gathered, (before, after, grad), group=ctx.cpu_group)
     if ctx.rank == 0:
         merged_before, merged_after = {}, {}
-        for b, a in gathered:
+        for b, a, _ in gathered:
             merged_before.update(b or {})
             merged_after.update(a or {})
         with open(args.out, "w") as fh:
@@ -139,6 +143,7 @@ def main() -> None:
                     "grad_norm": result.grad_norm,
                     "num_microbatches": len(batches),
                     "model_rows": sum(mb.model_shape[0] for mb in batches),
+                    "grads": [g for _, _, g in gathered],  # per rank (with --grads)
                 },
                 fh,
             )
