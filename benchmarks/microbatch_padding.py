@@ -1,5 +1,7 @@
 """Padding efficiency (real tokens / computed tokens) of token-budget micro-batching versus
-fixed-count micro-batches, on a long-tailed (lognormal) length distribution, in the same run.
+fixed-count micro-batches, and of sequence packing (``trainer.packing``: several sequences per
+row, rows grouped by the same budget), on a long-tailed (lognormal) length distribution, in the
+same run.
 
 The fixed-count baseline gets the same number of micro-batches as the token budget produced (so
 the same number of forward/backward calls), taking sequences in their arrival order.
@@ -17,6 +19,8 @@ import statistics
 
 from hpt_megatron.trainer.batching import (
     fixed_count_microbatches,
+    packed_efficiency,
+    packed_microbatches,
     padding_efficiency,
     token_budget_microbatches,
 )
@@ -46,7 +50,8 @@ def main() -> None:
     )
     header = (
         f"{'budget':>7} {'#mb':>6} {'real Mtok':>10} {'budget Mtok':>12} {'budget eff':>10} "
-        f"{'fixed size':>10} {'fixed Mtok':>11} {'fixed eff':>9}"
+        f"{'fixed size':>10} {'fixed Mtok':>11} {'fixed eff':>9} {'#mb packed':>10} "
+        f"{'packed eff':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -59,12 +64,18 @@ def main() -> None:
             fixed = fixed_count_microbatches(args.num, size)
             eff_b = padding_efficiency(lengths, by_budget, args.multiple)
             eff_f = padding_efficiency(lengths, fixed, args.multiple)
+            packed = packed_microbatches(lengths, budget)
+            eff_p = packed_efficiency(lengths, packed, args.multiple)
             real = sum(lengths)
-            rows.append((len(by_budget), real, real / eff_b, eff_b, size, real / eff_f, eff_f))
+            rows.append(
+                (len(by_budget), real, real / eff_b, eff_b, size, real / eff_f, eff_f)
+                + (len(packed), eff_p)
+            )
         mean = [statistics.fmean(col) for col in zip(*rows)]
         print(
             f"{budget:7d} {mean[0]:6.1f} {mean[1] / 1e6:10.3f} {mean[2] / 1e6:12.3f} "
-            f"{mean[3]:10.3f} {mean[4]:10.1f} {mean[5] / 1e6:11.3f} {mean[6]:9.3f}"
+            f"{mean[3]:10.3f} {mean[4]:10.1f} {mean[5] / 1e6:11.3f} {mean[6]:9.3f} "
+            f"{mean[7]:10.1f} {mean[8]:10.4f}"
         )
     lengths = lognormal_lengths(args.num, args.median, args.sigma, args.max_len, 0)
     capped = sum(x >= args.max_len for x in lengths)

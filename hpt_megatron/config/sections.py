@@ -130,6 +130,10 @@ class TrainerConfig:
     grad_clip: float = 1.0  # 0 disables
     skip_update_grad_norm: float | None = None  # skip the update when the norm exceeds this
     max_tokens_per_microbatch: int = 4096  # token budget of one micro-batch (dynamic batching)
+    # Several sequences per row of a micro-batch (block-diagonal causal mask, positions restarting
+    # per sequence), up to the token budget; runs on Megatron's local attention layers only,
+    # which still compute the masked-out scores of a row (benchmarks/packing_step.py).
+    packing: bool = False
     use_distributed_optimizer: bool = False
     # Tokens per fp32 chunk of the log-prob/entropy computation; None sizes it so that one chunk
     # of the local vocabulary shard is about 2**25 elements (128 MiB in fp32).

@@ -41,6 +41,7 @@ from hpt_megatron.parallel.runtime import (
     init_distributed,
     shutdown_distributed,
 )
+from hpt_megatron.trainer.batching import microbatch_count_multiple, token_multiple
 from hpt_megatron.trainer.build import build_policy, init_policy_weights
 from hpt_megatron.trainer.checkpoint import Checkpointer, step_dir
 from hpt_megatron.trainer.critic import Critic, CriticCheckpoint, build_critic, init_critic_weights
@@ -128,7 +129,9 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
         dp_rank=ctx.dp_rank,
         max_tokens=cfg.trainer.max_tokens_per_microbatch,
         pad_id=tokenizer.pad_token_id or 0,
-        pad_to_multiple=ctx.tp,
+        pad_to_multiple=token_multiple(ctx.tp, fp8=cfg.model.fp8 is not None),
+        microbatch_multiple=microbatch_count_multiple(cfg.parallel.pp, cfg.parallel.vpp),
+        packing=cfg.trainer.packing,
         mini_batches=cfg.trainer.mini_batches_per_step,
         epochs=cfg.trainer.epochs_per_step,
         equal_microbatch_counts=ctx.ep > 1,

@@ -104,6 +104,12 @@ def _check_devices(cfg: HPTConfig) -> None:
         raise ConfigError(
             f"model.fp8: {model.fp8}: FP8 training needs transformer_engine layers on a GPU"
         )
+    if cfg.trainer.packing and gpu and model.transformer_impl != "local":
+        raise ConfigError(
+            "trainer.packing: packed rows run on Megatron's local attention (a block-diagonal "
+            "mask); Transformer Engine's THD format is not wired in; set model.transformer_impl: "
+            "local, or packing: false"
+        )
     if model.params_dtype != "fp32" and not gpu:
         raise ConfigError(
             f"model.params_dtype: {model.params_dtype} training needs a GPU (Megatron's "

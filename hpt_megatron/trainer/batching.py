@@ -1,11 +1,21 @@
-"""Micro-batches formed by a token budget, and their collation into padded tensors.
+"""Micro-batches formed by a token budget, and their collation into padded or packed tensors.
 
-Shape legend: B sequences in a micro-batch, S padded sequence length.
+Shape legend: B sequences in a micro-batch, S padded sequence length; P packed rows of T tokens.
 
 Sequences are sorted by length and cut into micro-batches whose padded size (count x longest)
 stays within ``max_tokens``, so the padding inside a micro-batch is small (dynamic batch size).
 Right padding with a causal mask never lets a real token see a pad token, so no attention mask is
 needed; the loss masks pads out.
+
+With packing (:func:`packed_microbatches`), several sequences share one row of T tokens (first-fit
+decreasing into rows as long as the longest sequence), and rows are grouped into micro-batches by
+the same token budget. The model sees the :class:`PackedRows` (positions restart per sequence, a
+block-diagonal causal mask); the loss still sees one row per sample: the log-probs are gathered
+back to ``[B, S]`` by :meth:`PackedRows.unpack`.
+
+:func:`microbatch_count_multiple` and :func:`token_multiple` are what Megatron needs of the
+micro-batching beyond the budget: a count divisible by PP under a virtual pipeline (the
+interleaved schedule refuses fewer, or a remainder), and token counts divisible by 16 under FP8.
 """
 
 from __future__ import annotations
@@ -39,6 +49,72 @@ def token_budget_microbatches(lengths: list[int], max_tokens: int) -> list[list[
     return batches
 
 
+def packed_microbatches(lengths: list[int], max_tokens: int) -> list[list[list[int]]]:
+    """Micro-batches -> packed rows -> sequence indices, for packing.
+
+    Rows hold at most ``min(max_tokens, longest)`` tokens, filled first-fit by decreasing length
+    (a sequence longer than the budget gets a row of its own); the rows are then grouped into
+    micro-batches of at most ``max_tokens`` padded tokens by :func:`token_budget_microbatches`.
+    Deterministic, like it.
+    """
+    capacity = min(max_tokens, max(lengths))
+    rows: list[list[int]] = []
+    loads: list[int] = []
+    for idx in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, load in enumerate(loads):
+            if load + lengths[idx] <= capacity:
+                rows[r].append(idx)
+                loads[r] += lengths[idx]
+                break
+        else:
+            rows.append([idx])
+            loads.append(lengths[idx])
+    return [[rows[r] for r in group] for group in token_budget_microbatches(loads, max_tokens)]
+
+
+def split_to_multiple(groups: list[list], multiple: int) -> list[list]:
+    """Split the largest groups in two until their count is a multiple of ``multiple``.
+
+    Returns fewer than a multiple only when every group is down to one element; the caller
+    then adds filler micro-batches (see ``trainer.update.local_microbatches``).
+    """
+    groups = [list(g) for g in groups]
+    while len(groups) % multiple:
+        widest = max(range(len(groups)), key=lambda i: (len(groups[i]), -i))
+        if len(groups[widest]) < 2:
+            break
+        group = groups.pop(widest)
+        half = len(group) // 2
+        groups[widest:widest] = [group[:half], group[half:]]
+    return groups
+
+
+def microbatch_count_multiple(pp: int, vpp: int | None) -> int:
+    """Micro-batches per step must be a multiple of this: PP under a virtual pipeline.
+
+    Megatron's interleaved schedule takes micro-batches in groups of PP per virtual stage and
+    refuses a count below PP or one leaving a remainder group smaller than PP.
+    """
+    return pp if vpp is not None else 1
+
+
+def token_multiple(tp: int, fp8: bool) -> int:
+    """Sequence lengths are padded to a multiple of this: TP (sequence-parallel shards), and with
+    FP8 16 tokens per TP rank (Transformer Engine's FP8 GEMMs need dimensions divisible by 16)."""
+    return 16 * tp if fp8 else tp
+
+
+def packed_efficiency(
+    lengths: list[int], batches: list[list[list[int]]], multiple: int = 1
+) -> float:
+    """Real tokens / computed tokens of a packed micro-batching (rows padded to the longest)."""
+    computed = 0
+    for rows in batches:
+        longest = max(sum(lengths[i] for i in row) for row in rows)
+        computed += len(rows) * _round_up(longest, multiple)
+    return sum(lengths) / computed
+
+
 def fixed_count_microbatches(num: int, micro_batch_size: int) -> list[list[int]]:
     """The baseline: consecutive groups of ``micro_batch_size`` sequences."""
     return [list(range(i, min(i + micro_batch_size, num))) for i in range(0, num, micro_batch_size)]
@@ -56,6 +132,30 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 @dataclass
+class PackedRows:
+    """The model's input of a packed micro-batch, and the map back to the loss's rows.
+
+    ``attention_mask_p1tt`` is True where attention is masked (Megatron's convention): a token
+    sees the earlier tokens of its own sequence only. ``source_bs`` is the flat index
+    ``p * T + t`` of row b's position s in the packed tensors; ``valid_bs`` marks the positions
+    that hold a token of row b (the rest unpack to 0, as the loss mask covers none of them).
+    """
+
+    input_ids_pt: torch.Tensor
+    position_ids_pt: torch.Tensor
+    targets_pt: torch.Tensor
+    attention_mask_p1tt: torch.Tensor
+    source_bs: torch.Tensor
+    valid_bs: torch.Tensor
+
+    def unpack(self, values_pt: torch.Tensor) -> torch.Tensor:
+        """``[P, T]`` per-token values -> ``[B, S]`` aligned with the micro-batch's rows."""
+        source = self.source_bs.to(values_pt.device)
+        gathered = values_pt.reshape(-1)[source.reshape(-1)].view(source.shape)
+        return torch.where(self.valid_bs.to(values_pt.device), gathered, 0.0)
+
+
+@dataclass
 class MicroBatch:
     """Padded tensors of one micro-batch; per-token fields are aligned with ``targets_bs``.
 
@@ -63,7 +163,9 @@ class MicroBatch:
     ``<= t``; ``loss_mask_bs`` is 1 where that token is a response token. The loss inputs come from
     the samples: ``advantages_bs`` (each row's advantage on its response tokens),
     ``rollout_logprobs_bs`` (when every row has the engine's log-probs or is a demonstration), and
-    ``old_logprobs_bs`` / ``ref_logprobs_bs``, set by the update when it computes them.
+    ``old_logprobs_bs`` / ``ref_logprobs_bs``, set by the update when it computes them. ``packed``,
+    when set, is what the model runs on instead of ``input_ids_bs``/``position_ids_bs`` (see
+    :func:`collate_packed`).
     """
 
     input_ids_bs: torch.Tensor
@@ -80,10 +182,17 @@ class MicroBatch:
     ref_logprobs_bs: torch.Tensor | None = None  # set by the update when a KL term is on
     old_values_bs: torch.Tensor | None = None  # the critic's values before its update (gae)
     returns_bs: torch.Tensor | None = None  # GAE returns, the critic's targets
+    packed: PackedRows | None = None
 
     @property
     def num_rows(self) -> int:
         return self.input_ids_bs.shape[0]
+
+    @property
+    def model_shape(self) -> tuple[int, int]:
+        """``(rows, tokens per row)`` of what the model runs on."""
+        ids = self.input_ids_bs if self.packed is None else self.packed.input_ids_pt
+        return ids.shape[0], ids.shape[1]
 
 
 def collate(
@@ -121,3 +230,50 @@ def collate(
         sft_weight_b=torch.tensor([s.sft_weight for s in rows], dtype=torch.float32),
         rollout_logprobs_bs=rollout,
     )
+
+
+def collate_packed(
+    samples: list[Sample], rows: list[list[int]], *, pad_id: int = 0, pad_to_multiple: int = 1
+) -> MicroBatch:
+    """:func:`collate` of the sequences of ``rows`` (packed rows of sample indices), with the
+    packed layout the model runs on: each row's sequences back to back, positions restarting at
+    each, a block-diagonal causal mask, and each sequence's last target a pad (as padded)."""
+    indices = [i for row in rows for i in row]
+    mb = collate(samples, indices, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
+    seq_len = mb.input_ids_bs.shape[1]
+    width = _round_up(max(sum(samples[i].num_tokens for i in row) for row in rows), pad_to_multiple)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    targets = torch.full(shape, pad_id, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    segment = torch.full(shape, -1, dtype=torch.long)  # trailing pads: a segment of their own
+    source = torch.zeros((len(indices), seq_len), dtype=torch.long)
+    valid = torch.zeros((len(indices), seq_len), dtype=torch.bool)
+    b = 0
+    for p, row in enumerate(rows):
+        offset = 0
+        for idx in row:
+            sample = samples[idx]
+            n = sample.num_tokens
+            ids = torch.tensor(sample.prompt_ids + sample.response_ids, dtype=torch.long)
+            input_ids[p, offset : offset + n] = ids
+            targets[p, offset : offset + n - 1] = ids[1:]
+            positions[p, offset : offset + n] = torch.arange(n)
+            segment[p, offset : offset + n] = b
+            source[b, :n] = p * width + offset + torch.arange(n)
+            valid[b, :n] = True
+            offset += n
+            b += 1
+    pad = segment < 0
+    positions[pad] = (torch.arange(width).expand(shape) - (width - pad.sum(1, keepdim=True)))[pad]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segment.unsqueeze(2) == segment.unsqueeze(1)
+    mb.packed = PackedRows(
+        input_ids_pt=input_ids,
+        position_ids_pt=positions,
+        targets_pt=targets,
+        attention_mask_p1tt=~(same & causal).unsqueeze(1),
+        source_bs=source,
+        valid_bs=valid,
+    )
+    return mb

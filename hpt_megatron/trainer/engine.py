@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from hpt_megatron.config.sections import TrainerConfig
-from hpt_megatron.parallel.logprobs import final_hidden_states, output_logprobs_entropy
+from hpt_megatron.parallel.logprobs import _unwrap, final_hidden_states, output_logprobs_entropy
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.trainer.batching import MicroBatch
 
@@ -45,6 +46,28 @@ class StepResult:
     skipped: bool
     lr: float
     metrics: dict[str, float] = field(default_factory=dict)  # summed over the mini-batch
+
+
+@contextmanager
+def _rope_positions(model: torch.nn.Module, position_ids_bs: torch.Tensor | None) -> Iterator[None]:
+    """Within it, ``model``'s rotary embedding rotates token (b, s) by ``position_ids_bs[b, s]``
+    (GPTModel's own RoPE uses 0..S-1 for every row and ignores its position ids); None: as is."""
+    rope = getattr(_unwrap(model), "rotary_pos_emb", None)
+    if position_ids_bs is None:
+        yield
+        return
+    if rope is None or not hasattr(rope, "get_emb"):
+        raise ValueError("trainer.packing needs a model with rotary position embeddings")
+
+    def per_token(*args, **kwargs) -> torch.Tensor:
+        table_l11d = rope.get_emb(int(position_ids_bs.max()) + 1)
+        return table_l11d[:, 0, 0, :][position_ids_bs.t()].unsqueeze(2)  # [S, B, 1, D]
+
+    rope.forward = per_token
+    try:
+        yield
+    finally:
+        del rope.forward
 
 
 class TrainEngine:
@@ -82,12 +105,19 @@ class TrainEngine:
 
         def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
             mb = next(data_iterator)
-            ids, pos = mb.input_ids_bs.to(device), mb.position_ids_bs.to(device)
-            with final_hidden_states(model):  # the output layer runs fused with the log-probs
-                hidden_sbh = model(ids, pos, None)
+            packed = mb.packed
+            if packed is None:
+                ids, pos, mask = mb.input_ids_bs, mb.position_ids_bs, None
+            else:  # several sequences per row: per-token RoPE positions, block-diagonal mask
+                ids, pos = packed.input_ids_pt, packed.position_ids_pt
+                mask = packed.attention_mask_p1tt.to(device)
+            ids, pos = ids.to(device), pos.to(device)
+            rope_pos = None if packed is None else pos
+            with final_hidden_states(model), _rope_positions(model, rope_pos):
+                hidden_sbh = model(ids, pos, mask)  # the output layer runs fused with the log-probs
 
             def loss_func(output_sbh: torch.Tensor, non_loss_data: bool = False):
-                targets = mb.targets_bs.to(device)
+                targets = (mb.targets_bs if packed is None else packed.targets_pt).to(device)
                 logprobs_bs, entropy_bs = output_logprobs_entropy(
                     model,
                     output_sbh,
@@ -96,6 +126,8 @@ class TrainEngine:
                     chunk_tokens=chunk,
                     vocab_size=self.vocab_size,
                 )
+                if packed is not None:  # back to one row per sample for the loss
+                    logprobs_bs, entropy_bs = packed.unpack(logprobs_bs), packed.unpack(entropy_bs)
                 if non_loss_data:
                     return logprobs_bs.detach().cpu(), entropy_bs.detach().cpu()
                 assert loss_fn is not None  # only forward-only passes go without a loss
@@ -111,8 +143,8 @@ class TrainEngine:
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model_chunks,
             num_microbatches=num_mb,
-            seq_length=max(mb.input_ids_bs.shape[1] for mb in microbatches),
-            micro_batch_size=max(mb.num_rows for mb in microbatches),
+            seq_length=max(mb.model_shape[1] for mb in microbatches),
+            micro_batch_size=max(mb.model_shape[0] for mb in microbatches),
             forward_only=forward_only,
             collect_non_loss_data=forward_only,
         )

@@ -42,7 +42,14 @@ from hpt_megatron.algorithms import (
 )
 from hpt_megatron.data.sample import Sample
 from hpt_megatron.models.moe import RouterStats
-from hpt_megatron.trainer.batching import MicroBatch, collate, token_budget_microbatches
+from hpt_megatron.trainer.batching import (
+    MicroBatch,
+    collate,
+    collate_packed,
+    packed_microbatches,
+    split_to_multiple,
+    token_budget_microbatches,
+)
 from hpt_megatron.trainer.critic import Critic, critic_phase
 from hpt_megatron.trainer.engine import MicroBatchLoss, StepResult
 from hpt_megatron.trainer.reference import ReferencePolicy, attach_reference
@@ -103,7 +110,9 @@ class UpdateLayout:
     dp_rank: int = 0
     max_tokens: int = 4096  # padded tokens of one micro-batch
     pad_id: int = 0
-    pad_to_multiple: int = 1  # the tensor-parallel size (sequence lengths divisible by it)
+    pad_to_multiple: int = 1  # sequence lengths divisible by it (batching.token_multiple)
+    microbatch_multiple: int = 1  # micro-batch count divisible by it (PP under a virtual pipeline)
+    packing: bool = False  # several sequences per row (batching.packed_microbatches)
     mini_batches: int = 1
     epochs: int = 1
     # Every data-parallel rank runs as many micro-batches as the busiest one (padding with
@@ -167,7 +176,9 @@ def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[Micr
     """This data-parallel rank's micro-batches of ``samples`` (``sample_index_b`` indexes them).
 
     A rank left without rows (fewer rows than ranks) trains on a copy of row 0 with zero loss
-    weights, so it still joins the collective step and adds nothing to the gradient. With
+    weights, so it still joins the collective step and adds nothing to the gradient. Micro-batches
+    are split until their count is a multiple of ``layout.microbatch_multiple``; when no
+    micro-batch can be split further, zero-weight copies of a row make up the count. With
     ``layout.equal_microbatch_counts`` such idle micro-batches also bring every rank up to the
     largest rank's count (every rank computes every rank's count from the same samples).
     """
@@ -176,26 +187,36 @@ def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[Micr
     idle = [dataclasses.replace(samples[0], rl_weight=0.0, sft_weight=0.0, advantage=0.0)]
     rows = samples if mine else idle
     mine = mine or [0]
-    lengths = [rows[i].num_tokens for i in mine]
-    batches = [
-        collate(
-            rows,
-            [mine[j] for j in group],
-            pad_id=layout.pad_id,
-            pad_to_multiple=layout.pad_to_multiple,
-        )
-        for group in token_budget_microbatches(lengths, layout.max_tokens)
-    ]
+    pad = {"pad_id": layout.pad_id, "pad_to_multiple": layout.pad_to_multiple}
+    groups = _microbatch_groups([rows[i].num_tokens for i in mine], layout)
+    if layout.packing:
+        out = [collate_packed(rows, [[mine[j] for j in r] for r in g], **pad) for g in groups]
+    else:
+        out = [collate(rows, [mine[j] for j in group], **pad) for group in groups]
+    target = _round_up(len(out), layout.microbatch_multiple)
     if layout.equal_microbatch_counts:
-        counts = [
-            len(token_budget_microbatches([samples[i].num_tokens for i in s], layout.max_tokens))
-            for s in shards
-        ]
-        for _ in range(max(counts) - len(batches)):
-            batches.append(
-                collate(idle, [0], pad_id=layout.pad_id, pad_to_multiple=layout.pad_to_multiple)
-            )
-    return batches
+        for shard in shards:  # an empty shard trains one idle micro-batch
+            lengths = [samples[i].num_tokens for i in shard]
+            count = len(_microbatch_groups(lengths, layout)) if shard else 1
+            target = max(target, _round_up(count, layout.microbatch_multiple))
+    filler = [dataclasses.replace(rows[mine[0]], rl_weight=0.0, sft_weight=0.0, advantage=0.0)]
+    while len(out) < target:
+        out.append(collate(filler, [0], **pad))
+    return out
+
+
+def _microbatch_groups(lengths: list[int], layout: UpdateLayout) -> list:
+    """Row groups of one rank's micro-batches (packed rows of sequences with ``packing``), split
+    until their count is a multiple of ``layout.microbatch_multiple`` where rows allow."""
+    if layout.packing:
+        packed = packed_microbatches(lengths, layout.max_tokens)
+        return split_to_multiple(packed, layout.microbatch_multiple)
+    groups = token_budget_microbatches(lengths, layout.max_tokens)
+    return split_to_multiple(groups, layout.microbatch_multiple)
+
+
+def _round_up(count: int, multiple: int) -> int:
+    return -(-count // multiple) * multiple
 
 
 class PolicyUpdate:

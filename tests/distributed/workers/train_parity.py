@@ -15,7 +15,12 @@ from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerCon
 from hpt_megatron.data.sample import Sample
 from hpt_megatron.models.provider import build_model_chunks, load_hf_config
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
-from hpt_megatron.trainer.batching import collate, token_budget_microbatches
+from hpt_megatron.trainer.batching import (
+    collate,
+    collate_packed,
+    packed_microbatches,
+    token_budget_microbatches,
+)
 from hpt_megatron.trainer.build import build_engine
 from hpt_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
 
@@ -104,6 +109,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--packing", action="store_true", help="several sequences per row")
+    ap.add_argument("--grads", action="store_true", help="write each rank's gradient of the step")
     args = ap.parse_args()
 
     parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, backend="gloo")
@@ -124,19 +131,28 @@ def main() -> None:
     # DP shard: round-robin by index; every rank of a model-parallel group sees the same shard.
     mine = [i for i in range(len(samples)) if i % ctx.dp == ctx.dp_rank]
     lengths = [samples[i].num_tokens for i in mine]
-    batches = [
-        collate(samples, [mine[j] for j in group], pad_to_multiple=args.tp)
-        for group in token_budget_microbatches(lengths, args.max_tokens)
-    ]
+    if args.packing:
+        batches = [
+            collate_packed(samples, [[mine[j] for j in r] for r in rows], pad_to_multiple=args.tp)
+            for rows in packed_microbatches(lengths, args.max_tokens)
+        ]
+    else:
+        batches = [
+            collate(samples, [mine[j] for j in group], pad_to_multiple=args.tp)
+            for group in token_budget_microbatches(lengths, args.max_tokens)
+        ]
     before = per_sample_logprobs(engine, samples, mine, batches)
     result = engine.train_step(batches, TokenMeanNLL(total_tokens))
+    # The step's gradient stays in DDP's buffers until the next step zeroes them.
+    grads = [p.main_grad.reshape(-1) for chunk in engine.model_chunks for p in chunk.parameters()]
+    grad = torch.cat(grads).tolist() if args.grads else []
     after = per_sample_logprobs(engine, samples, mine, batches)
 
     gathered = [None] * ctx.world_size
-    torch.distributed.all_gather_object(gathered, (before, after), group=ctx.cpu_group)
+    torch.distributed.all_gather_object(gathered, (before, after, grad), group=ctx.cpu_group)
     if ctx.rank == 0:
         merged_before, merged_after = {}, {}
-        for b, a in gathered:
+        for b, a, _ in gathered:
             merged_before.update(b or {})
             merged_after.update(a or {})
         with open(args.out, "w") as fh:
@@ -148,6 +164,8 @@ def main() -> None:
                     "tokens": result.metrics["tokens"],
                     "grad_norm": result.grad_norm,
                     "num_microbatches": len(batches),
+                    "model_rows": sum(mb.model_shape[0] for mb in batches),
+                    "grads": [g for _, _, g in gathered],  # per rank (with --grads)
                 },
                 fh,
             )

@@ -144,3 +144,14 @@ def test_data_files_are_read(capsys, tmp_path):
     assert _dry_run(capsys, *args, f"data.train={good}")[0] == 0
     code, _, err = _dry_run(capsys, *args, f"data.train={good}", f"data.val={bad}")
     assert code == 2 and "data.val: " in err
+
+
+def test_packing_with_transformer_engine_layers_is_rejected(capsys, monkeypatch):
+    # Error path only: pretend a GPU is visible, where auto picks Transformer Engine layers,
+    # whose THD packed format the trainer does not wire in.
+    from hpt_megatron.orchestration import preflight
+
+    monkeypatch.setattr(preflight.torch.cuda, "is_available", lambda: True)
+    code, out, err = _dry_run(capsys, TINY, "--dry-run", "parallel.tp=1", "trainer.packing=true")
+    assert code == 2 and out == ""
+    assert "trainer.packing: packed rows run on Megatron's local attention" in err, err
