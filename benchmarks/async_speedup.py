@@ -2,10 +2,12 @@
 ``run.max_staleness=k``) versus colocated, with rollouts on a real SGLang server on CPU (its own
 process, so generation and training can overlap).
 
-    python benchmarks/async_speedup.py --steps 12 --k 2
+    python benchmarks/async_speedup.py --steps 8 --k 2 --rounds 2
 
-Both runs train the embedded default (``examples/tiny_cpu.yaml``, HPT) for the same number of
-steps, one trainer process (tp=1) beside the SGLang server, no validation or checkpoints. The
+Both runs train the embedded default (``examples/tiny_cpu.yaml``) with ``--preset`` (LUFFY by
+default: every group trains its generated rollouts and a demonstration, so both generation and
+training do real work from a random start) for the same number of steps, one trainer process
+(tp=1) beside the SGLang server, no validation or checkpoints, interleaved over ``--rounds``. The
 figure is the run's wall time from its first step to its last over the rows it trained, as a
 ratio colocated / async; with it, the share of step time the trainer waited for a batch
 (``time/rollout_wait_s``) and, for the async run, the share of the producer's time it waited for
@@ -46,8 +48,8 @@ def run(out: Path, steps: int, extra: list[str]) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def summarise(name: str, rows: list[dict]) -> float:
-    rows = rows[1:]  # step 1 includes the server's first requests
+def summarise(name: str, runs: list[list[dict]]) -> float:
+    rows = [r for run_rows in runs for r in run_rows[1:]]  # step 1: the server's first requests
     wall = sum(r["time/step_s"] for r in rows)
     trained = sum(r["train/rows"] for r in rows)
     wait = sum(r.get("time/rollout_wait_s", 0.0) for r in rows) / wall
@@ -68,12 +70,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--preset", default="luffy")
     args = ap.parse_args()
+    preset = [f"algorithm.preset={args.preset}"]
+    stale = [f"run.max_staleness={args.k}", "run.placement=disaggregated"]
+    colocated: list[list[dict]] = []
+    async_rows: list[list[dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        colocated = run(Path(tmp) / "colocated", args.steps, [])
-        stale = [f"run.max_staleness={args.k}", "run.placement=disaggregated"]
-        async_rows = run(Path(tmp) / "async", args.steps, stale)
-    print(f"{args.steps} steps (first not counted), SGLang CPU server + 1 trainer process:")
+        for r in range(args.rounds):
+            colocated.append(run(Path(tmp) / f"colocated{r}", args.steps, preset))
+            async_rows.append(run(Path(tmp) / f"async{r}", args.steps, preset + stale))
+    print(
+        f"{args.preset}, {args.rounds} rounds x {args.steps} steps (first of each not counted), "
+        "SGLang CPU server + 1 trainer process:"
+    )
     base = summarise("colocated", colocated)
     fast = summarise(f"async k={args.k}", async_rows)
     print(f"async speed-up per trained sample: {base / fast:.2f}x")
