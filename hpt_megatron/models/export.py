@@ -144,6 +144,28 @@ def bucketed(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> 
         yield bucket
 
 
+def rank_export_buckets(
+    chunks: Sequence[torch.nn.Module], hf: HFModelConfig, ctx: ParallelContext, bucket_bytes: int
+) -> Iterator[Bucket]:
+    """Collective over TP (and expert TP): this rank's share of the HF export, as buckets.
+
+    Empty unless the rank exports (``export_roles``): TP rank 0 of replica 0 for the dense
+    weights, expert TP rank 0 of expert replica 0 for its own experts.
+    """
+    dense, experts = export_roles(ctx)
+    if not (dense or experts):
+        return iter(())
+    return export_hf_weights(
+        chunks,
+        hf,
+        tp_group=ctx.tp_group if ctx.tp > 1 else None,
+        etp_group=ctx.etp_group if ctx.etp > 1 else None,
+        bucket_bytes=bucket_bytes,
+        dense=dense,
+        experts=experts,
+    )
+
+
 def save_hf_folder(
     chunks: Sequence[torch.nn.Module],
     hf: HFModelConfig,
@@ -177,19 +199,10 @@ def save_hf_folder(
         if ctx.ep > 1:  # several writers per stage: one per expert-parallel rank
             prefix = f"model-pp{ctx.pp_rank}-rank{ctx.rank}"
         writer = HFCheckpointWriter(out, prefix=prefix)
-    if dense or experts:
-        buckets = export_hf_weights(
-            chunks,
-            hf,
-            tp_group=ctx.tp_group if ctx.tp > 1 else None,
-            etp_group=ctx.etp_group if ctx.etp > 1 else None,
-            bucket_bytes=bucket_bytes,
-            dense=dense,
-            experts=experts,
-        )
-        for bucket in tqdm(buckets, desc="export", unit="shard", disable=not progress):
-            if writer is not None:
-                writer.write(bucket)
+    buckets = rank_export_buckets(chunks, hf, ctx, bucket_bytes)
+    for bucket in tqdm(buckets, desc="export", unit="shard", disable=not progress):
+        if writer is not None:
+            writer.write(bucket)
     mine = (writer.weight_map, writer.total_bytes) if writer is not None else None
     parts: list[Any] = [mine]
     if ctx.world_size > 1:

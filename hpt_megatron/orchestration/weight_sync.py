@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from hpt_megatron.models.export import export_hf_weights, export_roles
+from hpt_megatron.models.export import rank_export_buckets
 from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.rollout.base import WeightBucket
@@ -29,22 +29,9 @@ class WeightSink(Protocol):
 def local_buckets(
     chunks: list[torch.nn.Module], hf: HFModelConfig, ctx: ParallelContext, bucket_bytes: int
 ) -> list:
-    """This rank's export buckets (empty unless it is TP rank 0 of replica 0, or, for experts,
-    expert TP rank 0 of expert replica 0: each expert-parallel rank sends its own experts)."""
-    dense, experts = export_roles(ctx)
-    if not (dense or experts):
-        return []
+    """This rank's export buckets (``models.export.rank_export_buckets``), materialised."""
     modules = [getattr(c, "module", c) for c in chunks]
-    buckets = export_hf_weights(
-        modules,
-        hf,
-        tp_group=ctx.tp_group if ctx.tp > 1 else None,
-        etp_group=ctx.etp_group if ctx.etp > 1 else None,
-        bucket_bytes=bucket_bytes,
-        dense=dense,
-        experts=experts,
-    )
-    return list(buckets)
+    return list(rank_export_buckets(modules, hf, ctx, bucket_bytes))
 
 
 def sync_weights(
