@@ -39,7 +39,7 @@ class Sample:
     response_text: str | None = None
     finish_reason: str = "stop"  # "stop" | "length" | "abort"
     weight_version: int = 0  # the weights the response started with
-    token_versions: list[int] | None = None  # per response token, when the engine reports them
+    token_versions: list[int] | None = None  # per token, when a push landed mid-response
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -29,8 +29,8 @@ class Generation:
     the quantity the trainer recomputes as pi_old. ``sampling_logprobs``, when an engine reports
     them, are under the distribution the tokens were drawn from (after temperature, top-k, top-p);
     they equal ``logprobs`` at temperature 1 without truncation. ``weight_version`` is the
-    version the response started with; ``token_versions``, when an engine reports them, the
-    version each token was sampled with (they differ after a partial rollout's weight push).
+    version the response started with; ``token_versions``, the version each token was sampled
+    with, are reported only when they differ (a partial rollout's weight push landed mid-response).
     """
 
     prompt_index: int

@@ -242,6 +242,7 @@ class HFCpuEngine:
         for b, (length, stopped) in enumerate(
             zip(chunk.length_b.tolist(), chunk.stopped_b.tolist())
         ):
+            row_versions = versions[b][:length]
             out.append(
                 Generation(
                     prompt_index=first_prompt + b // n,
@@ -249,8 +250,10 @@ class HFCpuEngine:
                     logprobs=raw[b][:length],
                     sampling_logprobs=sampled_list[b][:length],
                     finish_reason="stop" if stopped else "length",
-                    weight_version=versions[b][0] if length else self.weight_version,
-                    token_versions=versions[b][:length],
+                    weight_version=row_versions[0] if length else self.weight_version,
+                    # Per token only when a push landed mid-response (else weight_version says
+                    # it all, and the batch every rank receives stays small).
+                    token_versions=row_versions if len(set(row_versions)) > 1 else None,
                 )
             )
         return out
