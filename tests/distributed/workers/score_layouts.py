@@ -2,7 +2,7 @@
 
     torchrun ... score_layouts.py --tp 2 --pp 1 --input IN.jsonl CKPT_DIR [CKPT_DIR ...]
 
-Prints ``{CKPT_DIR: [[logprobs...], ...]}`` on the last stage's TP rank 0.
+Prints ``{CKPT_DIR: [[logprobs...], ...]}`` once, on the last stage's TP rank 0 of DP rank 0.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
             tp_group=ctx.tp_group if ctx.tp > 1 else None,
             batch_size=2,
         )
-    if ctx.is_last_stage and ctx.tp_rank == 0:
+    if ctx.is_last_stage and ctx.tp_rank == 0 and ctx.dp_rank == 0:
         print(json.dumps(results))
     shutdown_distributed()
 
