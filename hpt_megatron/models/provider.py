@@ -241,6 +241,21 @@ def _recompute(model: ModelConfig) -> dict[str, Any]:
     return out
 
 
+def _pipeline(parallel: ParallelConfig) -> dict[str, Any]:
+    """Pipeline point-to-point settings.
+
+    Micro-batches are token-budgeted, so their shapes differ and each transfer first exchanges
+    its shape (``variable_seq_lengths``). Under a virtual pipeline with PP=2 a rank's previous and
+    next stage are the same peer, and Megatron's batched exchange posts the sends and receives of
+    both directions to it in one fixed order: the two directions cross (Megatron-LM issues #1450
+    and #5100). Overlapped, unbatched p2p sends forward and backward traffic in separate calls, as
+    verl configures it.
+    """
+    if parallel.vpp is None:
+        return {}
+    return {"overlap_p2p_comm": True, "batch_p2p_comm": False}
+
+
 def transformer_config_from_hf(
     hf: HFModelConfig,
     model: ModelConfig,
@@ -270,7 +285,7 @@ def transformer_config_from_hf(
         raise ConfigError("model.fp8: FP8 needs Transformer Engine layers (a GPU)")
     if cpu_initialization is None:
         cpu_initialization = not torch.cuda.is_available()
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=hf.num_hidden_layers,
         hidden_size=hf.hidden_size,
         ffn_hidden_size=hf.intermediate_size,
@@ -298,7 +313,12 @@ def transformer_config_from_hf(
         **_experts(hf, model, parallel, use_te),
         **_recompute(model),
         **_fusions(use_te),
+        **_pipeline(parallel),
     )
+    # Set after construction: the check in TransformerConfig's __post_init__ refuses it with the
+    # allgather dispatcher of its dense default, which no dense layer uses (MoE uses alltoall).
+    config.variable_seq_lengths = True
+    return config
 
 
 def use_transformer_engine(model: ModelConfig) -> bool:

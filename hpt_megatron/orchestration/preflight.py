@@ -49,12 +49,6 @@ def preflight(cfg: HPTConfig, world_size: int) -> None:
 
 
 def _check_schedule(cfg: HPTConfig) -> None:
-    if cfg.parallel.vpp is not None:
-        raise ConfigError(
-            f"parallel.vpp: {cfg.parallel.vpp}: hpt train does not run the interleaved pipeline "
-            "schedule yet (a step at pp=2, vpp=2 deadlocks in Megatron's pipeline shape exchange); "
-            "leave it unset (the scoring command takes --vpp)"
-        )
     if cfg.rollout.partial and cfg.run.placement != "disaggregated":
         raise ConfigError(
             "rollout.partial: partial rollouts continue generations across weight pushes, which "

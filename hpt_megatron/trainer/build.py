@@ -43,7 +43,6 @@ def wrap_ddp(chunks: list[MegatronModule], cfg: TrainerConfig) -> list[MegatronM
     config = chunks[0].config
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
-    config.variable_seq_lengths = True  # token-budget micro-batches differ in shape
     return wrapped
 
 

@@ -55,11 +55,9 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
 
 
 def _flat(model_sd: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer maps its state onto the model's tensors through one flat dict."""
-    flat: dict[str, Any] = {}
-    for chunk_sd in model_sd.values():
-        flat.update(chunk_sd)
-    return flat
+    """The optimizer maps its state onto the model's tensors through one flat dict. Keys are
+    prefixed by the chunk: virtual stages' state dicts share local names (``decoder.layers.0``)."""
+    return {f"{chunk}.{key}": value for chunk, sd in model_sd.items() for key, value in sd.items()}
 
 
 def _space_note(path: Path) -> str:

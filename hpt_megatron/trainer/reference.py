@@ -67,7 +67,6 @@ class ReferencePolicy:
         for chunk in chunks:
             chunk.requires_grad_(False)
             chunk.eval()
-        chunks[0].config.variable_seq_lengths = True  # token-budget micro-batches differ in shape
         engine = TrainEngine(chunks, None, None, ctx, trainer, vocab_size=hf.vocab_size)
         return cls(engine, offload)
 

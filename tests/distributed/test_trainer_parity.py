@@ -1,4 +1,5 @@
-"""Log-probs, loss and gradient norm are layout-invariant: TP=2, PP=2 and DP=2 equal TP=PP=DP=1,
+"""Log-probs, loss and gradient norm are layout-invariant: TP=2, PP=2 (also with two virtual
+stages per rank) and DP=2 equal TP=PP=DP=1,
 and one step is split-invariant over micro-batching (1 x 4 versus 4 x 1)."""
 
 import json
@@ -32,7 +33,11 @@ def reference(request, tmp_path_factory):
     return request.param, ckpt, json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"], []], ids=["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [["--tp", "2"], ["--pp", "2"], ["--pp", "2", "--vpp", "2"], []],
+    ids=["tp2", "pp2", "pp2-vpp2", "dp2"],
+)
 def test_layout_matches_single_process(reference, layout, tmp_path):
     arch, ckpt, ref = reference
     out = tmp_path / "got.json"

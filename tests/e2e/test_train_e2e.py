@@ -464,3 +464,24 @@ def test_a_model_the_preset_needs_but_the_run_lacks_is_a_config_error(tmp_path):
     assert "config error: algorithm.critic.load:" in proc.stderr
     assert "is not a directory" in proc.stderr
     assert not (tmp_path / "ppo" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_virtual_pipeline_trains_checkpoints_resumes_and_exports(tmp_path):
+    """PP=2 with two virtual stages per rank: the interleaved schedule trains, the checkpoint of
+    both chunks resumes step for step after a SIGKILL, and the HF export holds every layer."""
+    from transformers import AutoModelForCausalLM
+
+    vpp = ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=2", "model.inline.num_hidden_layers=4"]
+    vpp += ["run.val_every=0"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _run(full, 2, 4, *vpp)
+    _kill_after(killed, 4, *vpp, kill_at=3)
+    _run(killed, 2, 4, *vpp)
+    want, got = _metrics(full), _metrics(killed)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        for key in EXACT:
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-9), (step, key)
+    model = AutoModelForCausalLM.from_pretrained(full / "hf")
+    assert len(model.model.layers) == 4

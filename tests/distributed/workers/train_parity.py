@@ -18,7 +18,9 @@ from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.trainer.batching import (
     collate,
     collate_packed,
+    microbatch_count_multiple,
     packed_microbatches,
+    split_to_multiple,
     token_budget_microbatches,
 )
 from hpt_megatron.trainer.build import build_engine
@@ -105,6 +107,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--vpp", type=int, help="virtual pipeline stages per rank")
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--save", action="store_true")
@@ -113,7 +116,7 @@ def main() -> None:
     ap.add_argument("--grads", action="store_true", help="write each rank's gradient of the step")
     args = ap.parse_args()
 
-    parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, backend="gloo")
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, backend="gloo")
     ctx = init_distributed(parallel, seed=1)
     model_cfg = ModelConfig(inline=ARCHS[args.arch])
     trainer_cfg = TrainerConfig(lr=1e-3, grad_clip=0.0, max_tokens_per_microbatch=args.max_tokens)
@@ -137,9 +140,10 @@ def main() -> None:
             for rows in packed_microbatches(lengths, args.max_tokens)
         ]
     else:
+        groups = token_budget_microbatches(lengths, args.max_tokens)
+        groups = split_to_multiple(groups, microbatch_count_multiple(args.pp, args.vpp))
         batches = [
-            collate(samples, [mine[j] for j in group], pad_to_multiple=args.tp)
-            for group in token_budget_microbatches(lengths, args.max_tokens)
+            collate(samples, [mine[j] for j in group], pad_to_multiple=args.tp) for group in groups
         ]
     before = per_sample_logprobs(engine, samples, mine, batches)
     result = engine.train_step(batches, TokenMeanNLL(total_tokens))

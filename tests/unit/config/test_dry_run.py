@@ -128,15 +128,6 @@ def test_bad_flags(capsys, args, message):
             "rollout.partial: only the CPU engine",
         ),
         (["run.max_staleness=-1"], "run.max_staleness: must be >= 0"),
-        (
-            [
-                "parallel.tp=1",
-                "parallel.pp=2",
-                "parallel.vpp=2",
-                "model.inline.num_hidden_layers=4",
-            ],
-            "parallel.vpp: 2: hpt train does not run the interleaved pipeline schedule yet",
-        ),
     ],
 )
 def test_preflight_names_the_key(capsys, overrides, message):
