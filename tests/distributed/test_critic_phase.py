@@ -6,7 +6,8 @@
   state before the token is emitted; the log-probs' shift), from a plain forward of the row alone;
 - with gamma = lambda = 1, the returns are the outcome reward on every response token and 0
   elsewhere; the advantages are R - V_old whitened over the step's response tokens;
-- ``critic/explained_variance`` is 1 - Var(R - V_old) / Var(R) over the response tokens;
+- ``critic/explained_variance`` is 1 - Var(R - V_old) / Var(R) over the response tokens, and
+  ``critic/explained_variance_prompt_bound`` 1 when the prompt determines the reward;
 - when the reward is a function of the prompt, the critic alone (its warm-up) learns it: the
   explained variance rises above 0.5 and both the trunk and the head move.
 """
@@ -56,6 +57,8 @@ def test_returns_are_the_outcome_and_advantages_whitened_r_minus_v(phase):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     ev = 1 - (returns - values).var(unbiased=False) / returns.var(unbiased=False)
     assert phase["metrics"]["critic/explained_variance"] == pytest.approx(float(ev), rel=1e-6)
+    # The reward is a function of the prompt: a critic that sees only the prompt can explain all.
+    assert phase["metrics"]["critic/explained_variance_prompt_bound"] == pytest.approx(1.0)
 
 
 def test_the_critic_learns_a_value_the_prompt_determines(phase):

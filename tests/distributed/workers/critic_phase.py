@@ -17,23 +17,20 @@ head), gives the head random weights so that the values vary, and records (JSON 
 import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
 import torch
+from train_parity import ARCHS
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_parity import ARCHS  # noqa: E402
-
-from hpt_megatron.algorithms import get_preset  # noqa: E402
-from hpt_megatron.config.algorithm import CriticConfig  # noqa: E402
-from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig  # noqa: E402
-from hpt_megatron.data.sample import Sample  # noqa: E402
-from hpt_megatron.models.provider import load_hf_config  # noqa: E402
-from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed  # noqa: E402
-from hpt_megatron.trainer.build import build_policy  # noqa: E402
-from hpt_megatron.trainer.critic import Critic, build_critic, critic_phase, init_critic_weights  # noqa: E402
-from hpt_megatron.trainer.update import (  # noqa: E402
+from hpt_megatron.algorithms import get_preset
+from hpt_megatron.config.algorithm import CriticConfig
+from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
+from hpt_megatron.data.sample import Sample
+from hpt_megatron.models.provider import load_hf_config
+from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
+from hpt_megatron.trainer.build import build_policy
+from hpt_megatron.trainer.critic import Critic, build_critic, critic_phase, init_critic_weights
+from hpt_megatron.trainer.update import (
     PolicyUpdate,
     UpdateLayout,
     dp_shards,
