@@ -26,7 +26,11 @@ from hpt_megatron.algorithms.loss import (
 from hpt_megatron.algorithms.parts import kl_estimate
 from hpt_megatron.algorithms.presets import PRESETS, get_preset
 from hpt_megatron.algorithms.spec import AlgorithmSpec, OptionError
-from hpt_megatron.algorithms.value import explained_variance, value_loss
+from hpt_megatron.algorithms.value import (
+    explained_variance,
+    prompt_explained_variance_bound,
+    value_loss,
+)
 
 __all__ = [
     "PRESETS",
@@ -49,6 +53,7 @@ __all__ = [
     "overlong_penalty",
     "pack_totals",
     "policy_loss",
+    "prompt_explained_variance_bound",
     "resolve_spec",
     "row_weights",
     "zero_gradient_rows",

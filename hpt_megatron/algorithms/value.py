@@ -1,4 +1,5 @@
-"""The critic's loss (PPO's clipped value loss) and explained variance.
+"""The critic's loss (PPO's clipped value loss), explained variance, and the ceiling on the
+explained variance of a critic that sees only the prompt.
 
 Shapes: B rows, T response positions; ``mask_bt`` is 1 on response tokens.
 
@@ -13,7 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from hpt_megatron.algorithms._checks import check_bt, check_mask
+from hpt_megatron.algorithms._checks import (
+    Vector,
+    as_vector,
+    check_bt,
+    check_mask,
+    check_rewards,
+    group_index,
+)
 
 
 def value_loss(
@@ -59,3 +67,42 @@ def explained_variance(
     if r_n.numel() < 2 or var_r == 0:
         return 0.0
     return float(1 - (r_n - v_n).var(unbiased=False) / var_r)
+
+
+def prompt_explained_variance_bound(
+    rewards: Vector, group_ids: Vector, lengths: Vector | None = None
+) -> float | None:
+    """The explained variance the best critic that sees only the prompt could reach, estimated
+    from the rows' outcome rewards and their prompt groups (None: no group has 2 members).
+
+    Its values are each prompt's success rate p_g, so its residual is the reward's variance
+    within the prompt: ``1 - E[Var(R | prompt)] / Var(R)``, with each group's unbiased sample
+    variance for Var(R | prompt). ``lengths`` (response tokens per row) weight the rows as
+    :func:`explained_variance` weights them: over tokens, with the return the outcome on each
+    token (gamma = 1, no token rewards). Rows of groups with one member are left out. What a
+    critic can explain beyond it comes from the response prefix (a mistake already made).
+    """
+    rewards_b = check_rewards(rewards)
+    batch = rewards_b.numel()
+    group_ids_b = as_vector("group_ids", group_ids, torch.int64, batch)
+    weight_b = torch.ones(batch, dtype=torch.float64)
+    if lengths is not None:
+        weight_b = as_vector("lengths", lengths, torch.float64, batch)
+    _, inverse_b, counts_g = group_index(group_ids_b)
+    num_g = counts_g.numel()
+    sum_g = torch.zeros(num_g, dtype=torch.float64).index_add_(0, inverse_b, rewards_b)
+    mean_b = (sum_g / counts_g)[inverse_b]
+    sq_b = (rewards_b - mean_b) ** 2
+    sq_g = torch.zeros(num_g, dtype=torch.float64).index_add_(0, inverse_b, sq_b)
+    counts_b = counts_g[inverse_b]
+    keep_b = counts_b >= 2
+    if not keep_b.any():
+        return None
+    within_b = sq_g[inverse_b][keep_b] / (counts_b[keep_b] - 1)
+    w_b, r_b = weight_b[keep_b], rewards_b[keep_b]
+    total = w_b.sum()
+    mean = (w_b * r_b).sum() / total
+    var_r = (w_b * (r_b - mean) ** 2).sum() / total
+    if var_r == 0:
+        return 0.0
+    return float(1 - (w_b * within_b).sum() / total / var_r)

@@ -29,7 +29,13 @@ from pathlib import Path
 
 import torch
 
-from hpt_megatron.algorithms import AlgorithmSpec, compute_advantages, explained_variance, gae
+from hpt_megatron.algorithms import (
+    AlgorithmSpec,
+    compute_advantages,
+    explained_variance,
+    gae,
+    prompt_explained_variance_bound,
+)
 from hpt_megatron.algorithms import value_loss as clipped_value_loss
 from hpt_megatron.config.algorithm import CriticConfig
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
@@ -233,6 +239,10 @@ def critic_phase(
         for mb in microbatches:
             _write(mb, k, by_key if owned[k] else {})
     metrics["critic/explained_variance"] = explained_variance(values_bt, returns_bt, mask_bt)
+    if kl_rows is None and spec.gae_gamma == 1.0:  # the return is the outcome on every token
+        bound = _prompt_bound(minis, keys)
+        if bound is not None:
+            metrics["critic/explained_variance_prompt_bound"] = bound
     metrics["critic/returns_mean"] = float(returns_bt[mask_bt.bool()].mean())
     rl_tokens = [sum(len(s.response_ids) for s in mini if s.rl_weight != 0) for mini in minis]
     for _ in range(epochs):
@@ -265,6 +275,19 @@ def _gae(
     options.pop("whiten", None)
     _, returns_bt = gae(rewards=rewards_b, response_mask=mask_bt, values=values_bt, **options)
     return adv_bt, returns_bt
+
+
+def _prompt_bound(minis: list[list[Sample]], keys: list[RowKey]) -> float | None:
+    """The explained variance a critic that sees only the prompt could reach on these rows
+    (``algorithms.prompt_explained_variance_bound``; groups are per mini-batch)."""
+    rows = [minis[k][i] for k, i in keys]
+    groups = [(k, minis[k][i].group_id) for k, i in keys]
+    dense = {g: n for n, g in enumerate(dict.fromkeys(groups))}
+    return prompt_explained_variance_bound(
+        [float(s.reward or 0.0) for s in rows],
+        [dense[g] for g in groups],
+        lengths=[len(s.response_ids) for s in rows],
+    )
 
 
 def _write(mb: MicroBatch, k: int, by_key: dict) -> None:
