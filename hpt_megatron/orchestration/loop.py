@@ -34,7 +34,7 @@ from hpt_megatron.orchestration.faults import NonFiniteGuard, Preemption
 from hpt_megatron.orchestration.metrics import MetricsLogger, derived_metrics
 from hpt_megatron.orchestration.rollouts import make_rollouts
 from hpt_megatron.orchestration.watchdog import Watchdog
-from hpt_megatron.orchestration.weight_sync import sync_weights
+from hpt_megatron.orchestration.weight_sync import disk_sync_for, sync_weights
 from hpt_megatron.parallel.runtime import (
     ParallelContext,
     broadcast_from_driver,
@@ -201,8 +201,9 @@ def _train_steps(
         start_step=start,
     )
     engine = driver.engine if driver is not None else None
+    disk = disk_sync_for(cfg, run.tokenizer)  # None: the buckets go to the driver's engine
     with phase("weight_sync", start):
-        sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=start)
+        sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=start, disk=disk)
     colocated = cfg.run.placement == "colocated"
     rollouts = make_rollouts(
         driver,
@@ -240,7 +241,9 @@ def _train_steps(
             guard.check(step + 1, train_metrics, run.checkpointer.last_complete)
             t_sync = time.perf_counter()
             with phase("weight_sync"):  # async: queued for the producer, not loaded here
-                sync_weights(rollouts.weight_sink, run.policy.model_chunks, run.hf, ctx, step + 1)
+                sync_weights(
+                    rollouts.weight_sink, run.policy.model_chunks, run.hf, ctx, step + 1, disk=disk
+                )
             metrics = {
                 **batch.metrics,
                 **train_metrics,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from hpt_megatron.algorithms import AlgorithmSpec
@@ -105,7 +106,8 @@ class AsyncRollouts:
         self._cond = threading.Condition()
         self._engine_lock = threading.Lock()  # one user of the engine at a time
         self._version = start  # the engine holds the run's starting weights (see the loop)
-        self._pending: tuple[list[WeightBucket], int] | None = None
+        # Queued weights: buckets (CPU engine) or a written folder (disk sync), and the version.
+        self._pending: tuple[list[WeightBucket] | Path, int] | None = None
         self._ready: dict[int, RolloutBatch] = {}
         self._drawn_from: dict[int, dict[str, Any]] = {}  # sampler state before step s's draw
         self._error: BaseException | None = None
@@ -153,10 +155,11 @@ class AsyncRollouts:
             self._cond.notify_all()
         self._thread.join()
 
-    def push(self, buckets: list[WeightBucket], version: int) -> None:
-        """Queue new weights; the producer loads them before its next batch."""
+    def push(self, weights: list[WeightBucket] | Path, version: int) -> None:
+        """Queue new weights (buckets, or a folder to load); the producer loads them before its
+        next batch."""
         with self._cond:
-            self._pending = (buckets, version)
+            self._pending = (weights, version)
             self._cond.notify_all()
 
     # -- producer side --------------------------------------------------------------------------
@@ -198,9 +201,12 @@ class AsyncRollouts:
             pending, self._pending = self._pending, None
         if pending is None:
             return
-        buckets, version = pending
+        weights, version = pending
         t0 = time.perf_counter()
-        self.driver.engine.update_weights(buckets, version)
+        if isinstance(weights, Path):
+            self.driver.engine.update_weights_from_disk(weights, version)
+        else:
+            self.driver.engine.update_weights(weights, version)
         self._load_s += time.perf_counter() - t0
         with self._cond:
             self._version = version
@@ -217,6 +223,10 @@ class _QueuedWeights:
         # update changes before the producer loads them.
         owned = [[(name, t.detach().clone()) for name, t in bucket] for bucket in buckets]
         self.rollouts.push(owned, version)
+
+    def update_weights_from_disk(self, path: str | Path, version: int) -> None:
+        # The folder stays until the engine has loaded a newer one (its disk transport).
+        self.rollouts.push(Path(path), version)
 
 
 def make_rollouts(
