@@ -229,6 +229,53 @@ class _QueuedWeights:
         self.rollouts.push(Path(path), version)
 
 
+def replay_file(folder: Path, step: int) -> Path:
+    """The recorded batch of 0-based step ``step`` (``logging.save_rollouts`` writes it)."""
+    return folder / f"step_{step + 1:06d}.jsonl"
+
+
+def recorded_steps(folder: Path) -> set[int]:
+    """The 1-based steps whose batch ``folder`` holds (``step_N.jsonl``)."""
+    found = set()
+    for path in folder.glob("step_*.jsonl"):
+        number = path.stem.removeprefix("step_")
+        if number.isdigit():
+            found.add(int(number))
+    return found
+
+
+class ReplayRollouts:
+    """``run.replay_rollouts``: step ``s`` trains the batch recorded for it, as it was recorded
+    (prompts, responses, rollout log-probs, rewards, advantages, loss weights, weight versions);
+    no engine is built and no weights are synced. The batch metrics of the recorded run (rewards,
+    lengths, timings) are not recorded, so a replay logs the training metrics only."""
+
+    weight_sink = None
+
+    def __init__(self, folder: Path, is_driver: bool) -> None:
+        self.folder = folder
+        self.is_driver = is_driver
+
+    def batch(self, step: int, spec: AlgorithmSpec) -> RolloutBatch | None:
+        if not self.is_driver:
+            return None
+        path = replay_file(self.folder, step)
+        if not path.is_file():
+            raise ValueError(f"run.replay_rollouts: {path} is missing (step {step + 1})")
+        batch = RolloutBatch.load_jsonl(path)
+        batch.metrics.update(staleness_metrics(batch, step))
+        return batch
+
+    def validate(self) -> dict[str, float]:
+        return {}  # the config rejects validation in a replay
+
+    def next_sampler_state(self, step: int) -> dict[str, Any] | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
 def make_rollouts(
     driver: Driver | None,
     spec: AlgorithmSpec,
