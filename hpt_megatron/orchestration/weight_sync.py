@@ -80,7 +80,7 @@ def disk_sync_for(cfg: HPTConfig, tokenizer: Any = None) -> DiskSync | None:
     if cfg.rollout.engine != "sglang":
         return None
     root = cfg.rollout.sglang.weight_sync_dir or Path(cfg.run.run_dir) / "rollout_weights"
-    return DiskSync(Path(root), tokenizer)
+    return DiskSync(Path(root).absolute(), tokenizer)  # the servers' working dir is not ours
 
 
 def sync_weights(
