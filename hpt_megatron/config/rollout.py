@@ -68,9 +68,10 @@ class SGLangConfig:
     max_retries: int = 3  # per request, across servers
     max_restarts: int = 2  # per server, after a crash
     max_concurrency: int = 64  # in-flight requests per server
-    # How new weights reach the servers: through safetensors files on disk (the only transport
-    # hpt train wires; "auto" picks it).
-    weight_sync: Literal["auto", "disk"] = "auto"
+    # How new weights reach the servers: "disk" (every pipeline stage writes its own safetensors
+    # shards, the servers load the folder; "auto" picks it). "tensor" (CUDA IPC) and
+    # "distributed" (NCCL) need GPUs and are not wired into hpt train: both are config errors.
+    weight_sync: Literal["auto", "disk", "tensor", "distributed"] = "auto"
     weight_sync_dir: str | None = None  # disk transport; None: <run_dir>/rollout_weights
     log_dir: str | None = None  # None: <run_dir>/sglang_logs
 
@@ -94,6 +95,17 @@ class SGLangConfig:
         for key in ("startup_timeout_s", "request_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
+        if self.weight_sync in ("tensor", "distributed"):
+            how = "CUDA IPC" if self.weight_sync == "tensor" else "NCCL"
+            if self.device == "cpu":
+                raise ValueError(
+                    f"weight_sync: {self.weight_sync} ({how}) needs GPU servers (device: cuda); "
+                    "on CPU use auto or disk"
+                )
+            raise ValueError(
+                f"weight_sync: {self.weight_sync} ({how}) is not wired into hpt train yet; use "
+                "auto or disk (every pipeline stage writes its own shards)"
+            )
         reserved = {"--model-path", "--port", "--host", "--api-key", "--tp-size", "--base-gpu-id"}
         clash = sorted(reserved.intersection(a.split("=")[0] for a in self.extra_args))
         if clash:

@@ -20,12 +20,22 @@ class RunConfig:
     max_staleness: int = 0
     val_every: int = 0  # steps between validations on data.val (0: never)
     val_max_prompts: int | None = None
+    # A folder of recorded batches (a run's rollouts/ with logging.save_rollouts): train on them
+    # in order, step_000001.jsonl first, without a rollout engine or weight sync.
+    replay_rollouts: str | None = None
 
     def validate(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps: must be >= 1, got {self.steps}")
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness: must be >= 0, got {self.max_staleness}")
+        if self.replay_rollouts is not None and not self.replay_rollouts:
+            raise ValueError("replay_rollouts: must be a folder of step_N.jsonl files, got ''")
+        if self.replay_rollouts and self.val_every:
+            raise ValueError(
+                "val_every: validation generates with the rollout engine, which a replay "
+                "(run.replay_rollouts) does not build; set run.val_every=0"
+            )
         if self.placement == "colocated" and self.max_staleness:
             raise ValueError(
                 "max_staleness: colocated runs are synchronous; set placement: disaggregated"

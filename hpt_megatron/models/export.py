@@ -166,30 +166,26 @@ def rank_export_buckets(
     )
 
 
-def save_hf_folder(
+def write_rank_shards(
     chunks: Sequence[torch.nn.Module],
     hf: HFModelConfig,
     out: str | Path,
     ctx: ParallelContext,
     *,
-    torch_dtype: str,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     progress: bool = False,
-) -> None:
-    """Collective: write the model as an HF folder (safetensors shards + index + config.json).
+) -> tuple[dict[str, str], int] | None:
+    """Collective over TP (and expert TP): this rank's share of the export written straight into
+    ``out`` as safetensors shards, one bucket at a time (no rank holds more than one bucket).
 
-    Streams bucket by bucket: TP rank 0 of replica 0 of each pipeline stage writes its own shards
-    (``model-ppK-*`` when PP > 1), and with expert parallelism each expert-parallel rank writes its
-    own experts (``model-ppK-rankR-*``); the driver merges the index. Tokenizer files are the
-    caller's.
-
-    Args:
-        chunks: this rank's (unwrapped) model chunks.
-        torch_dtype: the ``torch_dtype`` recorded in config.json (``"float32"``, ``"bfloat16"``).
+    TP rank 0 of replica 0 of each pipeline stage writes its own shards (``model-ppK-*`` when
+    PP > 1), and with expert parallelism each expert-parallel rank writes its own experts
+    (``model-ppK-rankR-*``). Returns ``(weight_map, total_bytes)`` of what this rank wrote, or
+    ``None`` on a rank that writes nothing; :func:`merge_shard_index` joins them.
     """
     from tqdm import tqdm
 
-    from hpt_megatron.models.hf_io import HFCheckpointWriter, write_config
+    from hpt_megatron.models.hf_io import HFCheckpointWriter
 
     dense, experts = export_roles(ctx)
     writes = (dense and ctx.tp_rank == 0) or (experts and ctx.etp_rank == 0)
@@ -203,12 +199,51 @@ def save_hf_folder(
     for bucket in tqdm(buckets, desc="export", unit="shard", disable=not progress):
         if writer is not None:
             writer.write(bucket)
-    mine = (writer.weight_map, writer.total_bytes) if writer is not None else None
+    return (writer.weight_map, writer.total_bytes) if writer is not None else None
+
+
+def merge_shard_index(
+    out: str | Path, ctx: ParallelContext, mine: tuple[dict[str, str], int] | None
+) -> int:
+    """Collective over all ranks (a barrier: every rank's shards are written when it returns):
+    the driver writes ``model.safetensors.index.json`` from every rank's ``(weight_map, bytes)``
+    (small metadata, gathered as objects). Returns the tensor bytes of the folder (every rank)."""
+    from hpt_megatron.models.hf_io import write_index
+
     parts: list[Any] = [mine]
     if ctx.world_size > 1:
         parts = [None] * ctx.world_size
         dist.all_gather_object(parts, mine, group=ctx.cpu_group)
     if ctx.is_driver:
-        assert writer is not None  # rank 0 is TP, PP and DP rank 0
-        writer.finish(p for i, p in enumerate(parts) if p is not None and i != ctx.rank)
+        if all(p is None for p in parts):
+            raise ValueError(f"{out}: no rank exported any tensor")
+        write_index(out, (p for p in parts if p is not None))
+    return sum(p[1] for p in parts if p is not None)
+
+
+def save_hf_folder(
+    chunks: Sequence[torch.nn.Module],
+    hf: HFModelConfig,
+    out: str | Path,
+    ctx: ParallelContext,
+    *,
+    torch_dtype: str,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    progress: bool = False,
+) -> None:
+    """Collective: write the model as an HF folder (safetensors shards + index + config.json).
+
+    Streams bucket by bucket: every exporting rank writes its own shards
+    (:func:`write_rank_shards`); the driver merges the index and writes config.json. Tokenizer
+    files are the caller's.
+
+    Args:
+        chunks: this rank's (unwrapped) model chunks.
+        torch_dtype: the ``torch_dtype`` recorded in config.json (``"float32"``, ``"bfloat16"``).
+    """
+    from hpt_megatron.models.hf_io import write_config
+
+    mine = write_rank_shards(chunks, hf, out, ctx, bucket_bytes=bucket_bytes, progress=progress)
+    merge_shard_index(out, ctx, mine)
+    if ctx.is_driver:
         write_config(hf, out, torch_dtype=torch_dtype)

@@ -196,12 +196,19 @@ class HFCheckpointWriter:
     def finish(self, others: Iterable[tuple[dict[str, str], int]] = ()) -> None:
         """Write the index, merging ``(weight_map, total_bytes)`` of other writers (pipeline
         stages that wrote their own shards into the same folder)."""
-        weight_map, total = dict(self.weight_map), self.total_bytes
-        for other_map, other_bytes in others:
-            weight_map.update(other_map)
-            total += other_bytes
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_index(self.folder, [(self.weight_map, self.total_bytes), *others])
+
+
+def write_index(folder: str | Path, parts: Iterable[tuple[dict[str, str], int]]) -> None:
+    """Write ``folder/model.safetensors.index.json`` from the ``(weight_map, total_bytes)`` of
+    every writer whose shards are in ``folder``."""
+    weight_map: dict[str, str] = {}
+    total = 0
+    for part_map, part_bytes in parts:
+        weight_map.update(part_map)
+        total += part_bytes
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(folder) / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 # safetensors' dtype names (its format spec).

@@ -32,9 +32,14 @@ from hpt_megatron.models.provider import (
 from hpt_megatron.orchestration.driver import Driver
 from hpt_megatron.orchestration.faults import NonFiniteGuard, Preemption
 from hpt_megatron.orchestration.metrics import MetricsLogger, derived_metrics
-from hpt_megatron.orchestration.rollouts import make_rollouts
+from hpt_megatron.orchestration.rollouts import (
+    AsyncRollouts,
+    InlineRollouts,
+    ReplayRollouts,
+    make_rollouts,
+)
 from hpt_megatron.orchestration.watchdog import Watchdog
-from hpt_megatron.orchestration.weight_sync import sync_weights
+from hpt_megatron.orchestration.weight_sync import disk_sync_for, sync_weights
 from hpt_megatron.parallel.runtime import (
     ParallelContext,
     broadcast_from_driver,
@@ -86,7 +91,9 @@ def train(cfg: HPTConfig) -> dict[str, float]:
     driver = None
     try:
         run = _build_run(cfg, ctx, hf, spec)
-        driver = Driver.build(cfg, hf, run.tokenizer, run.run_dir) if ctx.is_driver else None
+        replay = cfg.run.replay_rollouts  # trains recorded batches: no driver, no engine
+        build = ctx.is_driver and not replay
+        driver = Driver.build(cfg, hf, run.tokenizer, run.run_dir) if build else None
         return _train(run, driver)
     finally:
         if driver is not None:
@@ -201,18 +208,25 @@ def _train_steps(
         start_step=start,
     )
     engine = driver.engine if driver is not None else None
-    with phase("weight_sync", start):
-        sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=start)
+    disk = disk_sync_for(cfg, run.tokenizer)  # None: the buckets go to the driver's engine
+    syncing = not cfg.run.replay_rollouts
+    if syncing:
+        with phase("weight_sync", start):
+            sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=start, disk=disk)
     colocated = cfg.run.placement == "colocated"
-    rollouts = make_rollouts(
-        driver,
-        run.spec,
-        start,
-        cfg.run.steps,
-        cfg.run.placement,
-        cfg.run.max_staleness,
-        cfg.rollout.partial,
-    )
+    rollouts: InlineRollouts | AsyncRollouts | ReplayRollouts
+    if cfg.run.replay_rollouts:
+        rollouts = ReplayRollouts(Path(cfg.run.replay_rollouts), ctx.is_driver)
+    else:
+        rollouts = make_rollouts(
+            driver,
+            run.spec,
+            start,
+            cfg.run.steps,
+            cfg.run.placement,
+            cfg.run.max_staleness,
+            cfg.rollout.partial,
+        )
     guard = NonFiniteGuard(cfg.fault.max_nonfinite_steps)
     run.policy.phase = phase
     metrics: dict[str, float] = {}
@@ -240,7 +254,9 @@ def _train_steps(
             guard.check(step + 1, train_metrics, run.checkpointer.last_complete)
             t_sync = time.perf_counter()
             with phase("weight_sync"):  # async: queued for the producer, not loaded here
-                sync_weights(rollouts.weight_sink, run.policy.model_chunks, run.hf, ctx, step + 1)
+                if syncing:
+                    sink = rollouts.weight_sink
+                    sync_weights(sink, run.policy.model_chunks, run.hf, ctx, step + 1, disk=disk)
             metrics = {
                 **batch.metrics,
                 **train_metrics,

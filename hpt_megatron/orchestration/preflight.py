@@ -42,10 +42,35 @@ def preflight(cfg: HPTConfig, world_size: int) -> None:
     _check_devices(cfg)
     _check_data(cfg)
     _check_rewards(cfg)
-    _check_sglang(cfg)
+    if cfg.run.replay_rollouts:
+        _check_replay(cfg)
+    else:  # a replay builds no rollout engine
+        _check_sglang(cfg)
     _check_schedule(cfg)
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir():
         raise ConfigError(f"run.resume: {cfg.run.resume} is not a checkpoint directory")
+
+
+def _check_replay(cfg: HPTConfig) -> None:
+    """``run.replay_rollouts``: a folder holding the batch of every step the run trains."""
+    from hpt_megatron.orchestration.rollouts import recorded_steps
+
+    folder = Path(cfg.run.replay_rollouts or "")
+    if not folder.is_dir():
+        raise ConfigError(f"run.replay_rollouts: {folder} is not a directory")
+    steps = recorded_steps(folder)
+    if not steps:
+        raise ConfigError(
+            f"run.replay_rollouts: {folder} holds no step_N.jsonl files (a run's rollouts/ "
+            "folder, written with logging.save_rollouts=true)"
+        )
+    missing = [s for s in range(1, cfg.run.steps + 1) if s not in steps]
+    if missing:
+        raise ConfigError(
+            f"run.replay_rollouts: {folder} has no batch for step {missing[0]} "
+            f"(it records steps {min(steps)}..{max(steps)}, {len(steps)} files); "
+            f"run.steps={cfg.run.steps} trains steps 1..{cfg.run.steps}: lower run.steps"
+        )
 
 
 def _check_schedule(cfg: HPTConfig) -> None:

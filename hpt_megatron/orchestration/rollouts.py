@@ -31,6 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from hpt_megatron.algorithms import AlgorithmSpec
@@ -105,7 +106,8 @@ class AsyncRollouts:
         self._cond = threading.Condition()
         self._engine_lock = threading.Lock()  # one user of the engine at a time
         self._version = start  # the engine holds the run's starting weights (see the loop)
-        self._pending: tuple[list[WeightBucket], int] | None = None
+        # Queued weights: buckets (CPU engine) or a written folder (disk sync), and the version.
+        self._pending: tuple[list[WeightBucket] | Path, int] | None = None
         self._ready: dict[int, RolloutBatch] = {}
         self._drawn_from: dict[int, dict[str, Any]] = {}  # sampler state before step s's draw
         self._error: BaseException | None = None
@@ -153,10 +155,11 @@ class AsyncRollouts:
             self._cond.notify_all()
         self._thread.join()
 
-    def push(self, buckets: list[WeightBucket], version: int) -> None:
-        """Queue new weights; the producer loads them before its next batch."""
+    def push(self, weights: list[WeightBucket] | Path, version: int) -> None:
+        """Queue new weights (buckets, or a folder to load); the producer loads them before its
+        next batch."""
         with self._cond:
-            self._pending = (buckets, version)
+            self._pending = (weights, version)
             self._cond.notify_all()
 
     # -- producer side --------------------------------------------------------------------------
@@ -198,9 +201,12 @@ class AsyncRollouts:
             pending, self._pending = self._pending, None
         if pending is None:
             return
-        buckets, version = pending
+        weights, version = pending
         t0 = time.perf_counter()
-        self.driver.engine.update_weights(buckets, version)
+        if isinstance(weights, Path):
+            self.driver.engine.update_weights_from_disk(weights, version)
+        else:
+            self.driver.engine.update_weights(weights, version)
         self._load_s += time.perf_counter() - t0
         with self._cond:
             self._version = version
@@ -217,6 +223,57 @@ class _QueuedWeights:
         # update changes before the producer loads them.
         owned = [[(name, t.detach().clone()) for name, t in bucket] for bucket in buckets]
         self.rollouts.push(owned, version)
+
+    def update_weights_from_disk(self, path: str | Path, version: int) -> None:
+        # The folder stays until the engine has loaded a newer one (its disk transport).
+        self.rollouts.push(Path(path), version)
+
+
+def replay_file(folder: Path, step: int) -> Path:
+    """The recorded batch of 0-based step ``step`` (``logging.save_rollouts`` writes it)."""
+    return folder / f"step_{step + 1:06d}.jsonl"
+
+
+def recorded_steps(folder: Path) -> set[int]:
+    """The 1-based steps whose batch ``folder`` holds (``step_N.jsonl``)."""
+    found = set()
+    for path in folder.glob("step_*.jsonl"):
+        number = path.stem.removeprefix("step_")
+        if number.isdigit():
+            found.add(int(number))
+    return found
+
+
+class ReplayRollouts:
+    """``run.replay_rollouts``: step ``s`` trains the batch recorded for it, as it was recorded
+    (prompts, responses, rollout log-probs, rewards, advantages, loss weights, weight versions);
+    no engine is built and no weights are synced. The batch metrics of the recorded run (rewards,
+    lengths, timings) are not recorded, so a replay logs the training metrics only."""
+
+    weight_sink = None
+
+    def __init__(self, folder: Path, is_driver: bool) -> None:
+        self.folder = folder
+        self.is_driver = is_driver
+
+    def batch(self, step: int, spec: AlgorithmSpec) -> RolloutBatch | None:
+        if not self.is_driver:
+            return None
+        path = replay_file(self.folder, step)
+        if not path.is_file():
+            raise ValueError(f"run.replay_rollouts: {path} is missing (step {step + 1})")
+        batch = RolloutBatch.load_jsonl(path)
+        batch.metrics.update(staleness_metrics(batch, step))
+        return batch
+
+    def validate(self) -> dict[str, float]:
+        return {}  # the config rejects validation in a replay
+
+    def next_sampler_state(self, step: int) -> dict[str, Any] | None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 def make_rollouts(

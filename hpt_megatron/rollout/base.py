@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -55,6 +56,10 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
         """Load new policy weights, given as buckets of HF-named full tensors."""
+        ...
+
+    def update_weights_from_disk(self, path: str | Path, version: int) -> None:
+        """Load new policy weights from an HF safetensors folder (disk weight sync)."""
         ...
 
     def release_memory(self) -> None: ...

@@ -265,11 +265,25 @@ def test_invalid_yaml_is_named(tmp_path):
     ("override", "message"),
     [
         ("parallel.cp=2", r"^parallel.cp: 2: context parallel is not wired"),
-        ("rollout.sglang.weight_sync=tensor", r"^rollout.sglang.weight_sync: 'tensor' is not one"),
-        ("rollout.sglang.weight_sync=distributed", r"^rollout.sglang.weight_sync: 'distributed'"),
+        (
+            "rollout.sglang.weight_sync=tensor",
+            r"^rollout.sglang.weight_sync: tensor \(CUDA IPC\) is not wired into hpt train",
+        ),
+        (
+            "rollout.sglang.weight_sync=distributed",
+            r"^rollout.sglang.weight_sync: distributed \(NCCL\) is not wired",
+        ),
+        (
+            "rollout.sglang.weight_sync=distributed rollout.sglang.device=cpu",
+            r"^rollout.sglang.weight_sync: distributed \(NCCL\) needs GPU servers",
+        ),
+        (
+            "rollout.sglang.weight_sync=tensor rollout.sglang.device=cpu",
+            r"^rollout.sglang.weight_sync: tensor \(CUDA IPC\) needs GPU servers",
+        ),
         ("logging.log_every=10", r"^unknown key 'logging.log_every'"),
     ],
 )
 def test_settings_hpt_train_cannot_carry_out_are_rejected(config_file, override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(config_file, [override])
+        load_config(config_file, override.split())

@@ -40,6 +40,9 @@ class HFGenerateEngine:
     def update_weights(self, buckets, version):  # pragma: no cover - protocol filler
         raise NotImplementedError
 
+    def update_weights_from_disk(self, path, version):  # pragma: no cover - protocol filler
+        raise NotImplementedError
+
     def release_memory(self):
         pass
 

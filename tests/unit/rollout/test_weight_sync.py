@@ -43,3 +43,33 @@ def test_snapshot_is_complete_or_absent(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no tensors"):
         write_snapshot([], tmp_path, version=8)
     assert not (tmp_path / "v8").exists()
+
+
+def test_loading_a_version_removes_only_older_folders(tmp_path: Path) -> None:
+    """Against the fake server: once ``v2`` is loaded on every server, ``v1`` (and a crashed
+    ``v0.tmp``) are deleted, while ``v3.tmp`` (the trainer writing the next version) stays; a
+    folder outside the sync directory is never touched."""
+    import sys
+
+    from hpt_megatron.config.rollout import SGLangConfig
+    from hpt_megatron.rollout.sglang import SGLangEngine
+
+    fake = Path(__file__).parent / "fake_sglang"
+    cfg = SGLangConfig(
+        python=sys.executable, device="cpu", env={"PYTHONPATH": str(fake)}, startup_timeout_s=30
+    )
+    cfg.num_servers = 2
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    root = tmp_path / "run" / "rollout_weights"
+    for name in ("v0.tmp", "v1", "v2", "v3.tmp", "vendor"):
+        (root / name).mkdir(parents=True)
+    outside = tmp_path / "v0"
+    outside.mkdir()
+    with SGLangEngine.launch(cfg, model_path=model, run_dir=tmp_path / "run") as engine:
+        engine.update_weights_from_disk(root / "v2", version=2)
+        assert engine.weight_version == 2
+        assert sorted(p.name for p in root.iterdir()) == ["v2", "v3.tmp", "vendor"]
+        engine.update_weights_from_disk(outside, version=5)  # any folder loads
+    assert outside.is_dir() and (root / "v2").is_dir()

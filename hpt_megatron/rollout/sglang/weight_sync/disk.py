@@ -1,9 +1,14 @@
-"""Weight sync through the file system: write HF safetensors, then ``/update_weights_from_disk``.
+"""Weight sync through the file system: HF safetensors folders, then ``/update_weights_from_disk``.
 
 Works for every placement (CPU, colocated, disaggregated on a shared file system). Each version
-is written to ``<dir>/v<version>.tmp`` (one safetensors file per bucket), renamed to
-``<dir>/v<version>`` when complete, loaded by every server, and older snapshots are deleted. The
-newest snapshot stays on disk so that a restarted server can be brought to the current weights.
+is a folder ``<dir>/v<version>``, loaded by every server; once it is loaded, older versions in
+``<dir>`` are deleted. The newest stays on disk so that a restarted server can be brought to the
+current weights.
+
+``hpt train`` writes the folders from every pipeline stage at once, each exporting rank its own
+shards (``orchestration/weight_sync.py``), and calls :meth:`DiskTransport.load`;
+:meth:`DiskTransport.push` (``SGLangEngine.update_weights`` with buckets in hand) writes one
+file per bucket from this process (``<dir>/v<version>.tmp``, renamed when complete).
 """
 
 from __future__ import annotations
@@ -58,7 +63,6 @@ class DiskTransport:
         await self.load(client, path, version)
         t2 = time.perf_counter()
         self.last_timing = {"write_s": t1 - t0, "load_s": t2 - t1}
-        self._forget_older_than(path)
 
     async def load(
         self, client: SGLangClient, path: str | Path, version: int, index: int | None = None
@@ -73,13 +77,18 @@ class DiskTransport:
             if not (isinstance(answer, dict) and answer.get("success")):
                 raise RuntimeError(f"update_weights_from_disk({path}) failed: {answer}")
         self.latest, self.latest_version = Path(path), version
+        if index is None and Path(path).parent.resolve() == self.directory.resolve():
+            self._forget_older_than(version)  # one of this transport's own version folders
 
     async def resync(self, client: SGLangClient, index: int) -> None:
         """Bring a restarted server ``index`` to the newest pushed weights (if any)."""
         if self.latest is not None and self.latest_version is not None:
             await self.load(client, self.latest, self.latest_version, index=index)
 
-    def _forget_older_than(self, keep: Path) -> None:
+    def _forget_older_than(self, version: int) -> None:
+        """Delete this transport's folders of versions below ``version`` (``v<N>``, and the
+        partial ``v<N>.tmp`` of a crash); newer ones may still be being written."""
         for old in self.directory.glob("v*"):
-            if old != keep and old.is_dir():
+            number = old.name.removeprefix("v").removesuffix(".tmp")
+            if number.isdigit() and int(number) < version and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)

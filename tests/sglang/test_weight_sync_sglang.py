@@ -1,0 +1,78 @@
+"""Disk weight sync into a real SGLang server on CPU from a PP=2 run, disaggregated: each pipeline
+stage writes its own shards, the producer thread has the server load the folder, and older
+versions are removed once a newer one is loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpt_megatron.config.rollout import SGLangConfig
+from tests.distributed.launch import free_port
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.sglang, pytest.mark.slow]
+
+
+@pytest.mark.timeout(1800)  # a CPU server's start-up alone can take minutes on a busy host
+def test_pp2_disaggregated_run_syncs_every_stage_into_the_server(tmp_path):
+    python = SGLangConfig(device="cpu").python_executable()
+    if not Path(python).exists():
+        pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "hpt_megatron.cli",
+        "train",
+        str(ROOT / "examples" / "tiny_cpu.yaml"),
+        f"run.output_dir={out}",
+        "parallel.tp=1",
+        "parallel.pp=2",
+        "run.placement=disaggregated",
+        "run.max_staleness=1",
+        "run.steps=3",
+        "run.val_every=0",
+        "data.prompts_per_step=4",
+        "rollout.n=4",
+        "logging.progress_bar=false",
+        "rollout.engine=sglang",
+        "rollout.sglang.device=cpu",
+        "rollout.sglang.max_total_tokens=4096",
+        "rollout.sglang.extra_args=[--skip-server-warmup]",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["response/length_mean"] > 0 for r in rows)
+    sync = out / "rollout_weights"
+    # The producer loads the newest queued push before each batch; the trainer's last one
+    # (version 3) comes after the last batch and stays queued. Each load removed the older
+    # folders: v0 always goes (v1 or v2 was loaded), v1 too when v2 was.
+    versions = sorted(p.name for p in sync.iterdir() if p.name.startswith("v"))
+    assert versions in (["v1", "v2", "v3"], ["v2", "v3"]), versions
+    v3 = sync / "v3"
+    shards = sorted(p.name for p in v3.glob("*.safetensors"))
+    assert {s.rsplit("-", 1)[0] for s in shards} == {"model-pp0", "model-pp1"}  # both stages
+    assert {"config.json", "model.safetensors.index.json", "tokenizer_config.json"} <= {
+        p.name for p in v3.iterdir()
+    }
+    from hpt_megatron.models.hf_io import HFCheckpointReader
+
+    synced, final = HFCheckpointReader(v3), HFCheckpointReader(out / "hf")
+    assert sorted(synced.weight_map) == sorted(final.weight_map)
+    for name in final.weight_map:
+        assert synced.get(name).float().equal(final.get(name).float()), name
