@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -119,6 +119,9 @@ class UpdateLayout:
     # zero-weight copies): expert parallelism spans data-parallel ranks, and each micro-batch's
     # token dispatch is a collective over them.
     equal_microbatch_counts: bool = False
+    # Routing replay: micro-batches carry the rollout engine's experts (MicroBatch's
+    # routed_experts_bsmk), which the engine's RoutingReplay makes the routers use.
+    routing_replay: bool = False
 
 
 def split_groups(samples: list[Sample], parts: int) -> list[list[Sample]]:
@@ -187,7 +190,11 @@ def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[Micr
     idle = [dataclasses.replace(samples[0], rl_weight=0.0, sft_weight=0.0, advantage=0.0)]
     rows = samples if mine else idle
     mine = mine or [0]
-    pad = {"pad_id": layout.pad_id, "pad_to_multiple": layout.pad_to_multiple}
+    pad: dict[str, Any] = {
+        "pad_id": layout.pad_id,
+        "pad_to_multiple": layout.pad_to_multiple,
+        "routed_experts": layout.routing_replay,
+    }
     groups = _microbatch_groups([rows[i].num_tokens for i in mine], layout)
     if layout.packing:
         out = [collate_packed(rows, [[mine[j] for j in r] for r in g], **pad) for g in groups]

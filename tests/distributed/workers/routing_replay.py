@@ -1,0 +1,113 @@
+"""Worker: score saved rollouts of a Qwen3-MoE folder with and without routing replay.
+
+Loads the HF folder ``--hf`` at the given TP/PP/EP, reads the samples (with the rollout engine's
+``routed_experts``) from ``--samples`` and writes JSON (rank 0): each sample's response log-probs
+with the routers replaying the recorded experts (``replay``) and routing themselves (``own``),
+and the router weights' gradient norm of one NLL step under replay (it must still flow).
+The micro-batches are the policy update's (``trainer.update.local_microbatches``).
+"""
+
+import argparse
+import json
+import math
+
+import torch
+from nll_loss import TokenMeanNLL
+
+from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
+from hpt_megatron.data.sample import RolloutBatch
+from hpt_megatron.models.loading import load_hf_weights
+from hpt_megatron.models.moe import RoutingReplay
+from hpt_megatron.models.provider import build_model_chunks, load_hf_config
+from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
+from hpt_megatron.trainer.build import build_engine
+from hpt_megatron.trainer.update import UpdateLayout, local_microbatches
+
+
+def response_logprobs(engine, samples, batches) -> dict[int, list[float]]:
+    out = engine.forward_logprobs(batches)
+    result: dict[int, list[float]] = {}
+    for mb, (lp, _) in zip(batches, out or []):
+        for row, idx in enumerate(mb.sample_index_b):
+            if samples[idx].rl_weight > 0:  # not an idle filler row
+                result[idx] = lp[row][mb.loss_mask_bs[row].bool()].tolist()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hf", required=True)
+    ap.add_argument("--samples", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--packing", action="store_true")
+    args = ap.parse_args()
+
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, backend="gloo")
+    ctx = init_distributed(parallel, seed=1)
+    hf = load_hf_config(f"{args.hf}/config.json")
+    model_cfg = ModelConfig(hf_config=f"{args.hf}/config.json")
+    chunks = build_model_chunks(hf, model_cfg, parallel, pp_rank=ctx.pp_rank, init_weights=False)
+    trainer_cfg = TrainerConfig(lr=1e-3, grad_clip=0.0, max_tokens_per_microbatch=64)
+    engine = build_engine(chunks, ctx, trainer_cfg, total_steps=1, vocab_size=hf.vocab_size)
+    modules = [getattr(c, "module", c) for c in engine.model_chunks]
+    load_hf_weights(
+        modules,
+        hf,
+        args.hf,
+        tp_rank=ctx.tp_rank,
+        tp_size=ctx.tp,
+        etp_rank=ctx.etp_rank,
+        etp_size=ctx.etp,
+    )
+    engine.routing_replay = RoutingReplay.attach(engine.model_chunks, ctx.tp_rank, ctx.tp)
+
+    samples = RolloutBatch.load_jsonl(args.samples).samples
+    common = dict(
+        dp=ctx.dp,
+        dp_rank=ctx.dp_rank,
+        max_tokens=64,  # several micro-batches (PP runs them through its schedule)
+        pad_to_multiple=ctx.tp,
+        packing=args.packing,
+        equal_microbatch_counts=ctx.ep > 1,
+    )
+    replayed = local_microbatches(samples, UpdateLayout(**common, routing_replay=True))
+    routed = local_microbatches(samples, UpdateLayout(**common))
+    replay = response_logprobs(engine, samples, replayed)
+    own = response_logprobs(engine, samples, routed)
+
+    total = sum(len(s.response_ids) for s in samples)
+    engine.train_step(replayed, TokenMeanNLL(total))
+    sq = 0.0  # this rank's share of the router gradient (routers are replicated over TP)
+    if ctx.tp_rank == 0:
+        for chunk in engine.model_chunks:
+            for name, param in chunk.named_parameters():
+                if name.endswith("router.weight"):
+                    sq += float(param.main_grad.double().pow(2).sum())
+    gathered = [None] * ctx.world_size
+    torch.distributed.all_gather_object(
+        gathered, (replay, own, sq, ctx.dp_rank), group=ctx.cpu_group
+    )
+    if ctx.rank == 0:
+        merged_replay, merged_own = {}, {}
+        router_sq = {}
+        for r, o, s, dp_rank in gathered:
+            merged_replay.update(r)
+            merged_own.update(o)
+            router_sq[dp_rank] = router_sq.get(dp_rank, 0.0) + s
+        with open(args.out, "w") as fh:
+            json.dump(
+                {
+                    "replay": {str(k): v for k, v in sorted(merged_replay.items())},
+                    "own": {str(k): v for k, v in sorted(merged_own.items())},
+                    "router_grad_norm": math.sqrt(router_sq[0]),
+                },
+                fh,
+            )
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
