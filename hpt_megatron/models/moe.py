@@ -128,6 +128,7 @@ def _token_replay_class() -> type:
 
         def __init__(self) -> None:
             super().__init__()
+            self.counts: torch.Tensor | None = None  # [replayed tokens, changed tokens]
             # Megatron keeps every instance in a process-wide list for its global setters;
             # this replay is driven per chunk by RoutingReplay, so it stays out of that list.
             RouterReplay.global_router_replay_instances.remove(self)
@@ -147,6 +148,11 @@ def _token_replay_class() -> type:
                     f"that routes {tuple(own[1].shape)} (tokens x top-k)"
                 )
             index = torch.where(target >= 0, target, own[1])
+            with torch.no_grad():  # tokens whose replayed experts are not the router's own
+                known = target[:, 0] >= 0
+                changed = (index.sort(-1).values != own[1].sort(-1).values).any(-1) & known
+                counts = torch.stack([known.sum(), changed.sum()]).double()
+                self.counts = counts if self.counts is None else self.counts + counts
             return scores.gather(1, index), index
 
     return TokenReplay
@@ -177,8 +183,10 @@ class RoutingReplay:
         routers = _routers(chunks)
         if not routers:
             raise ValueError("routing replay: the model has no mixture-of-experts layer")
-        sequence_parallel = bool(next(iter(routers.values())).config.sequence_parallel)
-        return cls(routers, sequence_parallel, tp_rank, tp)
+        config = next(iter(routers.values())).config
+        if config.moe_router_fusion:  # TE's fused top-k never asks router_replay
+            raise ValueError("routing replay: Megatron's fused router (moe_router_fusion) skips it")
+        return cls(routers, bool(config.sequence_parallel), tp_rank, tp)
 
     def load(self, chunk: torch.nn.Module, experts_bsmk: torch.Tensor | None) -> None:
         """The experts ``[B, S, MoE layers, k]`` (-1: the router's own) of the micro-batch
@@ -195,6 +203,22 @@ class RoutingReplay:
                 part = experts_sbk.shape[0] // self.tp
                 experts_sbk = experts_sbk[self.tp_rank * part : (self.tp_rank + 1) * part]
             replay.target_topk_idx = experts_sbk.reshape(-1, experts_sbk.shape[-1]).long()
+
+    def collect(self, group: dist.ProcessGroup | None, counts: bool = True) -> dict[str, float]:
+        """Collective over ``group`` (``None``: this rank alone), as ``RouterStats.collect``:
+        ``moe/replay_changed_frac``, the share of replayed (token, MoE layer) pairs whose
+        recorded experts are not the ones the trainer's router would pick, since the last call
+        (every forward pass counts: pi_old's and the training ones)."""
+        total = torch.zeros(2, dtype=torch.float64)
+        for replay in self.replays.values():
+            if replay.counts is not None and counts:
+                total += replay.counts.cpu()
+            replay.counts = None
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(total, group=group)
+        if total[0] == 0:
+            return {}
+        return {"moe/replay_changed_frac": float(total[1] / total[0])}
 
     def _layers_of(self, chunk: torch.nn.Module) -> list[int]:
         if id(chunk) not in self._chunk_layers:

@@ -223,6 +223,7 @@ def build_rollout_engine(
             max_batch_rows=cfg.rollout.cpu.max_batch_rows,
             threads=generation_threads(cfg),
             seed=cfg.run.seed,
+            dtype=cfg.rollout.cpu.dtype,
             tokenizer=tokenizer,
             eos_token_ids=[tokenizer.eos_token_id],
             pad_token_id=tokenizer.pad_token_id,

@@ -141,16 +141,20 @@ class HFCpuEngine:
         config: HFModelConfig | PretrainedConfig | str | Path,
         *,
         seed: int = 0,
+        dtype: str = "float32",
         **kwargs: object,
     ) -> HFCpuEngine:
         """A randomly initialised model from an HF config (ours or transformers', a folder or a
-        config.json)."""
+        config.json), its weights in ``dtype``."""
+        if dtype not in _DTYPES:
+            raise ValueError(f"rollout dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
         if isinstance(config, HFModelConfig):
             config = config.to_transformers()
         elif not isinstance(config, PretrainedConfig):
             config = AutoConfig.from_pretrained(config)
         torch.manual_seed(seed)
-        return cls(AutoModelForCausalLM.from_config(config), **kwargs)  # type: ignore[arg-type]
+        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
+        return cls(model, **kwargs)  # type: ignore[arg-type]
 
     # -- routing ------------------------------------------------------------------------------
 

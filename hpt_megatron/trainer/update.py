@@ -299,6 +299,9 @@ class PolicyUpdate:
             group = ctx.cpu_group if ctx.world_size > 1 else None
             counts = ctx.tp_rank == 0 or ctx.sequence_parallel
             metrics.update(self.router_stats.collect(group, counts=counts))
+            replay = getattr(self.engine, "routing_replay", None)
+            if replay is not None:
+                metrics.update(replay.collect(group, counts=counts))
         metrics["train/rows"] = float(len(samples))
         metrics["train/rows_elided_frac"] = elided / len(samples)
         metrics["train/tokens"] = float(sum(len(s.response_ids) for s in samples))

@@ -154,7 +154,9 @@ def _check(rollouts: dict, got: dict) -> None:
             own_gap += float((own - engine).abs().sum())
     assert moved > 1e-2  # the replayed experts are not the trainer's own
     assert replay_gap < 0.5 * own_gap  # replay removes most of the mismatch
-    assert got["router_grad_norm"] > 0  # gradients still reach the router under replay
+    assert abs(got["replay_changed_frac"] - rollouts["differ_share"]) < 0.02
+    if got["router_grad_norm"] is not None:  # trained at TP=1 (see the worker)
+        assert got["router_grad_norm"] > 0  # gradients still reach the router under replay
 
 
 def test_recorded_experts_differ_from_the_trainers_own(rollouts):

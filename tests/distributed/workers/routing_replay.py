@@ -3,7 +3,8 @@
 Loads the HF folder ``--hf`` at the given TP/PP/EP, reads the samples (with the rollout engine's
 ``routed_experts``) from ``--samples`` and writes JSON (rank 0): each sample's response log-probs
 with the routers replaying the recorded experts (``replay``) and routing themselves (``own``),
-and the router weights' gradient norm of one NLL step under replay (it must still flow).
+and the router weights' gradient norm of one NLL step under replay (it must still flow; at
+TP=1, see below).
 The micro-batches are the policy update's (``trainer.update.local_microbatches``).
 """
 
@@ -29,7 +30,7 @@ def response_logprobs(engine, samples, batches) -> dict[int, list[float]]:
     result: dict[int, list[float]] = {}
     for mb, (lp, _) in zip(batches, out or []):
         for row, idx in enumerate(mb.sample_index_b):
-            if samples[idx].rl_weight > 0:  # not an idle filler row
+            if mb.rl_weight_b[row] > 0:  # not an idle filler row (a zero-weight copy)
                 result[idx] = lp[row][mb.loss_mask_bs[row].bool()].tolist()
     return result
 
@@ -78,14 +79,18 @@ def main() -> None:
     replay = response_logprobs(engine, samples, replayed)
     own = response_logprobs(engine, samples, routed)
 
-    total = sum(len(s.response_ids) for s in samples)
-    engine.train_step(replayed, TokenMeanNLL(total))
-    sq = 0.0  # this rank's share of the router gradient (routers are replicated over TP)
-    if ctx.tp_rank == 0:
+    # Megatron trains MoE layers under TP only with sequence parallelism, which its local (CPU)
+    # layers lack: the gradient check runs at TP=1.
+    sq = 0.0  # this rank's share of the router gradient
+    if ctx.tp == 1:
+        total = sum(len(s.response_ids) for s in samples)
+        engine.train_step(replayed, TokenMeanNLL(total))
         for chunk in engine.model_chunks:
             for name, param in chunk.named_parameters():
                 if name.endswith("router.weight"):
                     sq += float(param.main_grad.double().pow(2).sum())
+    group = ctx.cpu_group if ctx.world_size > 1 else None
+    changed = engine.routing_replay.collect(group, counts=ctx.tp_rank == 0)
     gathered = [None] * ctx.world_size
     torch.distributed.all_gather_object(
         gathered, (replay, own, sq, ctx.dp_rank), group=ctx.cpu_group
@@ -102,7 +107,8 @@ def main() -> None:
                 {
                     "replay": {str(k): v for k, v in sorted(merged_replay.items())},
                     "own": {str(k): v for k, v in sorted(merged_own.items())},
-                    "router_grad_norm": math.sqrt(router_sq[0]),
+                    "replay_changed_frac": changed["moe/replay_changed_frac"],
+                    "router_grad_norm": math.sqrt(router_sq[0]) if ctx.tp == 1 else None,
                 },
                 fh,
             )
