@@ -171,6 +171,9 @@ class RoutingReplay:
             layer: (sparse.index(layer) if sparse is not None else layer // int(freq))
             for layer in routers
         }
+        config = next(iter(routers.values())).config
+        self.num_moe_layers = len(sparse) if sparse is not None else -(-config.num_layers // freq)
+        self.num_experts = config.num_moe_experts
         self.replays: dict[int, Any] = {}
         self._chunk_layers: dict[int, list[int]] = {}
         for layer, router in routers.items():
@@ -191,6 +194,14 @@ class RoutingReplay:
     def load(self, chunk: torch.nn.Module, experts_bsmk: torch.Tensor | None) -> None:
         """The experts ``[B, S, MoE layers, k]`` (-1: the router's own) of the micro-batch
         ``chunk`` runs next, on its routers; None: its routers route themselves."""
+        if experts_bsmk is not None:
+            layers, top = experts_bsmk.shape[2], int(experts_bsmk.max())
+            if layers != self.num_moe_layers or top >= self.num_experts:
+                raise ValueError(
+                    f"routing replay: recorded experts for {layers} MoE layers with ids up to "
+                    f"{top}; the model has {self.num_moe_layers} MoE layers of "
+                    f"{self.num_experts} experts"
+                )
         for layer in self._layers_of(chunk):
             replay = self.replays[layer]
             if experts_bsmk is None:

@@ -96,3 +96,24 @@ def test_ep2_run_metrics_resume_and_export(tmp_path):
     assert sorted(resumed) == [1, 2, 3]
     assert all(key in resumed[3] for key in MOE)
     assert (out / "checkpoints" / "step_000003").is_dir()
+
+
+@pytest.mark.slow
+def test_ep2_run_with_routing_replay_of_bf16_rollouts(tmp_path):
+    """``algorithm.options.routing_replay: rollout`` through the whole loop at EP=2: the CPU
+    engine (bfloat16, so its routers pick other experts than the fp32 trainer's for some tokens)
+    records the experts, the saved batch carries them, and the trainer's routers replay them."""
+    from hpt_megatron.data.sample import RolloutBatch
+
+    out = tmp_path / "replay"
+    extra = ["algorithm.options.routing_replay=rollout", "rollout.cpu.dtype=bfloat16"]
+    _run(out, 1, *extra, "logging.save_rollouts=true", "checkpoint.export_hf=false")
+    row = _metrics(out)[1]
+    assert 0 < row["moe/replay_changed_frac"] < 0.5, row  # bf16 flips a few top-k choices
+    batch = RolloutBatch.load_jsonl(next((out / "rollouts").glob("step_*.jsonl")))
+    generated = [s for s in batch.samples if not s.is_demo]
+    assert generated
+    for sample in generated:  # three MoE layers (the second of four is dense), top-2 of 8
+        assert sample.routed_experts is not None
+        assert tuple(sample.routed_experts.shape) == (sample.num_tokens - 1, 3, 2)
+        assert int(sample.routed_experts.max()) < 8
