@@ -79,8 +79,9 @@ def _check_model(cfg: HPTConfig) -> None:
     _check_routing_replay(cfg, hf.is_moe, hf.model_type)
     if hf.is_moe and cfg.rollout.engine == "sglang":
         raise ConfigError(
-            f"rollout.engine: sglang serving of mixture-of-experts models ({hf.model_type}) has "
-            "not been tried here (weight sync of expert tensors untested); use rollout.engine=cpu"
+            f"rollout.engine: sglang serving of mixture-of-experts models ({hf.model_type}) is "
+            "not built: on CPU SGLang's MoE top-k fails (docs/architecture.md), on GPU it is "
+            "untried (weight sync of expert tensors untested); use rollout.engine=cpu"
         )
     for key in ("hf_weights", "load"):
         path = getattr(model, key)
