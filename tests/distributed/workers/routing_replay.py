@@ -9,6 +9,7 @@ The micro-batches are the policy update's (``trainer.update.local_microbatches``
 """
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -23,6 +24,16 @@ from hpt_megatron.models.provider import build_model_chunks, load_hf_config
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.trainer.build import build_engine
 from hpt_megatron.trainer.update import UpdateLayout, local_microbatches
+
+
+class WeightedNLL(TokenMeanNLL):
+    """Token-mean NLL of the rows with weight (the update's zero-weight filler rows add none)."""
+
+    def __call__(self, logprobs_bs, entropy_bs, mb):
+        keep_bs = mb.loss_mask_bs * (mb.rl_weight_b > 0).float()[:, None]
+        return super().__call__(
+            logprobs_bs, entropy_bs, dataclasses.replace(mb, loss_mask_bs=keep_bs)
+        )
 
 
 def response_logprobs(engine, samples, batches) -> dict[int, list[float]]:
@@ -84,7 +95,7 @@ def main() -> None:
     sq = 0.0  # this rank's share of the router gradient
     if ctx.tp == 1:
         total = sum(len(s.response_ids) for s in samples)
-        engine.train_step(replayed, TokenMeanNLL(total))
+        engine.train_step(replayed, WeightedNLL(total))
         for chunk in engine.model_chunks:
             for name, param in chunk.named_parameters():
                 if name.endswith("router.weight"):
