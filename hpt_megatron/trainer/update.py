@@ -207,8 +207,8 @@ def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[Micr
             count = len(_microbatch_groups(lengths, layout)) if shard else 1
             target = max(target, _round_up(count, layout.microbatch_multiple))
     filler = [dataclasses.replace(rows[mine[0]], rl_weight=0.0, sft_weight=0.0, advantage=0.0)]
-    while len(out) < target:
-        out.append(collate(filler, [0], **pad))
+    while len(out) < target:  # (not replayed: they would count in moe/replay_changed_frac)
+        out.append(collate(filler, [0], **{**pad, "routed_experts": False}))
     return out
 
 
