@@ -27,6 +27,7 @@ Normalization = Literal["global", "microbatch"]
 BatchRule = Literal["none", "hpt_gate", "demo_in_group", "dynamic_sampling", "sft_then_rl"]
 DemoTerm = Literal["rl", "sft"]
 GateMode = Literal["hard", "linear", "sigmoid"]
+RoutingReplayMode = Literal["none", "rollout"]
 
 # verl's spellings of the aggregation modes, accepted as options (``loss_agg_mode``).
 AGGREGATION_ALIASES = {
@@ -99,6 +100,8 @@ class AlgorithmSpec:
     overlong_max_len: int | None = None  # None: the rollout's max new tokens
     overlong_penalty: float = 1.0
     switch_step: int | None = None  # sft_then_rl: first step trained with RL
+    # --- mixture of experts ------------------------------------------------------------------
+    routing_replay: RoutingReplayMode = "none"  # rollout: train with the engine's chosen experts
 
     # ---- derived -------------------------------------------------------------------------------
     @property

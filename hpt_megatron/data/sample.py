@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 @dataclass(kw_only=True)
 class Sample:
@@ -22,7 +24,10 @@ class Sample:
     ``rollout_logprobs`` are the engine's per-token log-probs of ``response_ids`` when it returns
     them. ``advantage`` is the row's outcome advantage (the same for each of its tokens; set by the
     batch rule for rows of the RL term, 0 elsewhere). ``rl_weight`` and ``sft_weight`` are the
-    alpha and beta of the unified loss.
+    alpha and beta of the unified loss. ``routed_experts`` (routing replay of mixture-of-experts
+    models) are the experts the engine's routers chose, ``[num_tokens - 1, MoE layers, top-k]``
+    integer ids: one row per token it ran (the prompt, then every response token but the last,
+    which no forward pass saw), MoE layers in model order.
     """
 
     prompt_id: str
@@ -40,6 +45,7 @@ class Sample:
     finish_reason: str = "stop"  # "stop" | "length" | "abort"
     weight_version: int = 0  # the weights the response started with
     token_versions: list[int] | None = None  # per token, when a push landed mid-response
+    routed_experts: torch.Tensor | None = None  # [num_tokens - 1, MoE layers, k], routing replay
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -50,13 +56,23 @@ class Sample:
                 f"sample {self.prompt_id}: {len(self.rollout_logprobs)} rollout log-probs for "
                 f"{len(self.response_ids)} response tokens"
             )
+        experts = self.routed_experts
+        if experts is not None and (experts.dim() != 3 or experts.shape[0] != self.num_tokens - 1):
+            raise ValueError(
+                f"sample {self.prompt_id}: routed_experts of shape {tuple(experts.shape)}, "
+                f"expected [{self.num_tokens - 1} tokens (all but the last), MoE layers, top-k]"
+            )
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values (the routed experts as nested lists): JSON-serialisable."""
+        data = dataclasses.asdict(self)
+        if self.routed_experts is not None:
+            data["routed_experts"] = self.routed_experts.tolist()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Sample:
@@ -64,7 +80,20 @@ class Sample:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown Sample fields: {sorted(unknown)}")
+        experts = data.get("routed_experts")
+        if experts is not None and not isinstance(experts, torch.Tensor):
+            data = {**data, "routed_experts": compact_expert_ids(torch.tensor(experts))}
         return cls(**data)
+
+
+def compact_expert_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Expert ids in the smallest integer type that holds them (uint8 up to 255 experts)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > 32767):
+        raise ValueError(
+            f"expert ids must be in [0, 32767], got {int(ids.min())}..{int(ids.max())}"
+        )
+    small = ids.numel() == 0 or int(ids.max()) <= 255
+    return ids.to(torch.uint8 if small else torch.int16)
 
 
 @dataclass

@@ -173,6 +173,7 @@ class Driver:
                     finish_reason=gen.finish_reason,
                     weight_version=gen.weight_version,
                     token_versions=gen.token_versions,
+                    routed_experts=gen.routed_experts,
                     metadata={"data_source": prompt.data_source},
                 )
             )
@@ -222,9 +223,11 @@ def build_rollout_engine(
             max_batch_rows=cfg.rollout.cpu.max_batch_rows,
             threads=generation_threads(cfg),
             seed=cfg.run.seed,
+            dtype=cfg.rollout.cpu.dtype,
             tokenizer=tokenizer,
             eos_token_ids=[tokenizer.eos_token_id],
             pad_token_id=tokenizer.pad_token_id,
+            record_routing=cfg.algorithm.spec().routing_replay == "rollout",
         )
     from hpt_megatron.rollout.sglang import build_sglang_engine
 

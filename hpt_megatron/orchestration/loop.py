@@ -23,6 +23,7 @@ from hpt_megatron.data.tokenizer import load_tokenizer
 from hpt_megatron.models.export import save_hf_folder
 from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.models.hf_io import write_config
+from hpt_megatron.models.moe import RoutingReplay
 from hpt_megatron.models.provider import (
     check_hf_supported,
     check_parallel_against_model,
@@ -114,6 +115,9 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
             f"model vocab_size {hf.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
         )
     policy = build_policy(hf, cfg.model, cfg.parallel, cfg.trainer, ctx, total_steps=cfg.run.steps)
+    replay = spec.routing_replay == "rollout"
+    if replay:  # the routers take the experts the rollout engine chose
+        policy.routing_replay = RoutingReplay.attach(policy.model_chunks, ctx.tp_rank, ctx.tp)
     reference = None
     if spec.needs_ref_logprobs:
         offload = cfg.algorithm.reference.offload
@@ -142,6 +146,7 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
         mini_batches=cfg.trainer.mini_batches_per_step,
         epochs=cfg.trainer.epochs_per_step,
         equal_microbatch_counts=ctx.ep > 1,
+        routing_replay=replay,
     )
 
     def describe(path: Path) -> None:  # checkpoints are self-contained for hpt eval / convert

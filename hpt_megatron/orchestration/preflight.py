@@ -95,10 +95,12 @@ def _check_model(cfg: HPTConfig) -> None:
     hf = hf_config_with_overrides(hf, model)
     check_hf_supported(hf)
     check_parallel_against_model(hf, cfg.parallel)
+    _check_routing_replay(cfg, hf.is_moe, hf.model_type)
     if hf.is_moe and cfg.rollout.engine == "sglang":
         raise ConfigError(
-            f"rollout.engine: sglang serving of mixture-of-experts models ({hf.model_type}) has "
-            "not been tried here (weight sync of expert tensors untested); use rollout.engine=cpu"
+            f"rollout.engine: sglang serving of mixture-of-experts models ({hf.model_type}) is "
+            "not built: on CPU SGLang's MoE top-k fails (docs/architecture.md), on GPU it is "
+            "untried (weight sync of expert tensors untested); use rollout.engine=cpu"
         )
     for key in ("hf_weights", "load"):
         path = getattr(model, key)
@@ -189,6 +191,27 @@ def _check_rewards(cfg: HPTConfig) -> None:
             resolve_reward(spec)
         except ValueError as err:
             raise ConfigError(f"reward.{key}: {err}") from None
+
+
+def _check_routing_replay(cfg: HPTConfig, is_moe: bool, model_type: str) -> None:
+    if cfg.algorithm.spec().routing_replay != "rollout":
+        return
+    key = "algorithm.options.routing_replay: rollout"
+    if not is_moe:
+        raise ConfigError(
+            f"{key} replays the experts of a mixture-of-experts model; {model_type} has no "
+            "MoE layers (set none)"
+        )
+    if cfg.rollout.engine != "cpu":
+        raise ConfigError(
+            f"{key}: only the CPU engine records the experts it routed each token to; with "
+            f"rollout.engine {cfg.rollout.engine} it is not built (use rollout.engine=cpu)"
+        )
+    if cfg.model.recompute_granularity is not None:
+        raise ConfigError(
+            f"{key}: activation recomputation reruns the routers in backward, which the replay "
+            "does not feed; leave model.recompute_granularity null"
+        )
 
 
 def _check_sglang(cfg: HPTConfig) -> None:

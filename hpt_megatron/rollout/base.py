@@ -32,6 +32,8 @@ class Generation:
     they equal ``logprobs`` at temperature 1 without truncation. ``weight_version`` is the
     version the response started with; ``token_versions``, the version each token was sampled
     with, are reported only when they differ (a partial rollout's weight push landed mid-response).
+    ``routed_experts`` (engines that record routing, for routing replay): the experts each MoE
+    router chose, ``[prompt + response tokens - 1, MoE layers, top-k]`` (``Sample``'s layout).
     """
 
     prompt_index: int
@@ -41,6 +43,7 @@ class Generation:
     weight_version: int = 0
     sampling_logprobs: list[float] | None = None
     token_versions: list[int] | None = None
+    routed_experts: torch.Tensor | None = None
 
 
 WeightBucket = list[tuple[str, torch.Tensor]]  # (Hugging Face name, full tensor)

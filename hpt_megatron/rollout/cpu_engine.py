@@ -7,6 +7,11 @@ accumulate. Per step it samples with temperature / top-k / top-p from a seeded g
 records two log-probs per token (see ``hpt_megatron.rollout.sampling``):
 ``Generation.logprobs`` (raw model, temperature 1) and ``Generation.sampling_logprobs``.
 
+With ``record_routing`` (routing replay of mixture-of-experts models) forward hooks on the HF
+routers (``mlp.gate`` of each sparse layer) record the top-k expert ids HF chose for every token
+the model ran: the prompt's in the prefill, each response token's in the decode step that feeds
+it (the last response token is never run). ``Generation.routed_experts`` carries them.
+
 Shape legend: B = rows (prompt x sample) in a chunk, L = padded prompt length, T = new tokens.
 """
 
@@ -23,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
 
+from hpt_megatron.data.sample import compact_expert_ids
 from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.models.hf_io import fused_expert_slot, fused_expert_view
 from hpt_megatron.rollout.base import Generation, SamplingParams, WeightBucket
@@ -47,6 +53,11 @@ class _Chunk:
     length_b: torch.Tensor  # tokens kept per row
     stopped_b: torch.Tensor  # True: EOS / stop token / stop string; False: hit max_new_tokens
     version_bt: torch.Tensor  # the weight version each token was sampled with
+    # Routing replay: expert ids [prompts, L, MoE layers, k] of the prefill (left padded) and
+    # [B, T, MoE layers, k] of the decode steps (token t's, when it was fed back); else None.
+    prompt_experts_plmk: torch.Tensor | None = None
+    experts_btmk: torch.Tensor | None = None
+    prompt_lengths: list[int] | None = None
 
 
 class HFCpuEngine:
@@ -59,6 +70,8 @@ class HFCpuEngine:
         threads: torch intra-op threads while generating (restored after); None: leave as set.
         eos_token_ids: always stop on these; default: the model's generation/config EOS ids.
         pad_token_id: filler for left padding and finished rows; default: the first EOS id.
+        record_routing: record the experts every MoE router chose per token (routing replay);
+            a model without MoE layers is an error.
     """
 
     def __init__(
@@ -70,6 +83,7 @@ class HFCpuEngine:
         eos_token_ids: Iterable[int] | None = None,
         pad_token_id: int | None = None,
         threads: int | None = None,
+        record_routing: bool = False,
     ) -> None:
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
@@ -92,6 +106,12 @@ class HFCpuEngine:
         # transformers >= 5.2x names the cache argument ``cache``; older ones ``past_key_values``.
         forward_args = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_args else "past_key_values"
+        self._routers = _moe_routers(model) if record_routing else []
+        if record_routing and not self._routers:
+            raise ValueError("record_routing: the model has no mixture-of-experts layer")
+        self._routed: list[torch.Tensor] = []  # per router, the last forward's [tokens, k]
+        for router in self._routers:
+            router.register_forward_hook(self._record_hook)
 
     @classmethod
     def from_pretrained(
@@ -121,16 +141,35 @@ class HFCpuEngine:
         config: HFModelConfig | PretrainedConfig | str | Path,
         *,
         seed: int = 0,
+        dtype: str = "float32",
         **kwargs: object,
     ) -> HFCpuEngine:
         """A randomly initialised model from an HF config (ours or transformers', a folder or a
-        config.json)."""
+        config.json), its weights in ``dtype``."""
+        if dtype not in _DTYPES:
+            raise ValueError(f"rollout dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
         if isinstance(config, HFModelConfig):
             config = config.to_transformers()
         elif not isinstance(config, PretrainedConfig):
             config = AutoConfig.from_pretrained(config)
         torch.manual_seed(seed)
-        return cls(AutoModelForCausalLM.from_config(config), **kwargs)  # type: ignore[arg-type]
+        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
+        return cls(model, **kwargs)  # type: ignore[arg-type]
+
+    # -- routing ------------------------------------------------------------------------------
+
+    def _record_hook(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        # Routers run in layer order within a forward; ``_routed`` is reset before each.
+        self._routed.append(_topk_indices(output, module))
+
+    def _take_routing(self, rows: int, seq: int) -> torch.Tensor | None:
+        """The last forward's expert ids as ``[rows, seq, MoE layers, k]`` (None: not recording)."""
+        if not self._routers:
+            return None
+        routed, self._routed = self._routed, []
+        if len(routed) != len(self._routers):
+            raise RuntimeError(f"{len(routed)} routers ran, the model has {len(self._routers)}")
+        return torch.stack(routed, dim=1).reshape(rows, seq, len(routed), -1)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -166,6 +205,7 @@ class HFCpuEngine:
         ids_bl, mask_bl = self._left_pad(prompts)
         pos_bl = (mask_bl.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
+        self._routed = []
         logits = self.model(
             input_ids=ids_bl,
             attention_mask=mask_bl,
@@ -174,6 +214,7 @@ class HFCpuEngine:
             logits_to_keep=1,
             **{self._cache_kwarg: cache},
         ).logits[:, -1]
+        prompt_experts = self._take_routing(*ids_bl.shape)
         if n > 1:  # the n samples of a prompt share its prefill
             cache.batch_repeat_interleave(n)
             logits = logits.repeat_interleave(n, dim=0)
@@ -188,6 +229,10 @@ class HFCpuEngine:
             stopped_b=torch.zeros(B, dtype=torch.bool),
             version_bt=torch.zeros(B, T, dtype=torch.long),
         )
+        if prompt_experts is not None:
+            res.prompt_experts_plmk = prompt_experts
+            res.experts_btmk = torch.zeros((B, T, *prompt_experts.shape[2:]), dtype=torch.long)
+            res.prompt_lengths = [len(p) for p in prompts]
         rows_a = torch.arange(B)  # active rows (A <= B): indices into the chunk
         next_pos_a = pos_bl[:, -1] + 1
         mask_a = mask_bl
@@ -223,6 +268,9 @@ class HFCpuEngine:
                 use_cache=True,
                 **{self._cache_kwarg: cache},
             ).logits[:, -1]
+            routed = self._take_routing(len(rows_a), 1)
+            if res.experts_btmk is not None and routed is not None:  # token t's, just fed in
+                res.experts_btmk[rows_a, t] = routed[:, 0]
             next_pos_a = next_pos_a + 1
         return res
 
@@ -254,6 +302,7 @@ class HFCpuEngine:
                     # Per token only when a push landed mid-response (else weight_version says
                     # it all, and the batch every rank receives stays small).
                     token_versions=row_versions if len(set(row_versions)) > 1 else None,
+                    routed_experts=_row_experts(chunk, b, n, length),
                 )
             )
         return out
@@ -326,6 +375,44 @@ class HFCpuEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the CPU rollout engine was shut down")
+
+
+def _moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The routers (``mlp.gate`` beside ``mlp.experts``) of an HF causal LM, in layer order."""
+    routers = []
+    for module in model.modules():
+        mlp = getattr(module, "mlp", None)
+        gate = getattr(mlp, "gate", None)
+        if isinstance(gate, torch.nn.Module) and hasattr(mlp, "experts"):
+            routers.append(gate)
+    return routers
+
+
+def _topk_indices(output: object, router: torch.nn.Module) -> torch.Tensor:
+    """The top-k expert ids ``[tokens, k]`` of an HF router's output: transformers 5's
+    ``TopKRouter`` returns ``(logits, scores, indices)``; a plain linear gate returns logits,
+    ranked as HF's MoE blocks rank them (softmax, top-k)."""
+    if isinstance(output, tuple):
+        return output[2].detach().reshape(-1, output[2].shape[-1])
+    assert isinstance(output, torch.Tensor)
+    top_k = int(getattr(router, "top_k", 0) or 0)
+    if top_k < 1:
+        raise ValueError(f"record_routing: router {type(router).__name__} has no top_k")
+    probs = torch.softmax(output.detach().reshape(-1, output.shape[-1]).float(), dim=-1)
+    return torch.topk(probs, top_k, dim=-1).indices
+
+
+def _row_experts(chunk: _Chunk, b: int, n: int, length: int) -> torch.Tensor | None:
+    """Row ``b``'s expert ids: its prompt's (from the shared prefill), then its response
+    tokens but the last, ``[prompt + length - 1, MoE layers, k]``."""
+    if chunk.prompt_experts_plmk is None or chunk.experts_btmk is None:
+        return None
+    assert chunk.prompt_lengths is not None
+    p = b // n
+    prompt = chunk.prompt_experts_plmk[
+        p, chunk.prompt_experts_plmk.shape[1] - chunk.prompt_lengths[p] :
+    ]
+    return compact_expert_ids(torch.cat([prompt, chunk.experts_btmk[b, : length - 1]]))
 
 
 @contextlib.contextmanager

@@ -147,6 +147,7 @@ class PackedRows:
     attention_mask_p1tt: torch.Tensor
     source_bs: torch.Tensor
     valid_bs: torch.Tensor
+    routed_experts_ptmk: torch.Tensor | None = None  # routing replay, as MicroBatch's
 
     def unpack(self, values_pt: torch.Tensor) -> torch.Tensor:
         """``[P, T]`` per-token values -> ``[B, S]`` aligned with the micro-batch's rows."""
@@ -165,7 +166,9 @@ class MicroBatch:
     ``rollout_logprobs_bs`` (when every row has the engine's log-probs or is a demonstration), and
     ``old_logprobs_bs`` / ``ref_logprobs_bs``, set by the update when it computes them. ``packed``,
     when set, is what the model runs on instead of ``input_ids_bs``/``position_ids_bs`` (see
-    :func:`collate_packed`).
+    :func:`collate_packed`). ``routed_experts_bsmk`` (routing replay): the rollout engine's
+    experts of each input token ``[B, S, MoE layers, k]``, -1 where there are none (demonstrations,
+    each sequence's last token, padding: the router's own choice there).
     """
 
     input_ids_bs: torch.Tensor
@@ -183,6 +186,7 @@ class MicroBatch:
     old_values_bs: torch.Tensor | None = None  # the critic's values before its update (gae)
     returns_bs: torch.Tensor | None = None  # GAE returns, the critic's targets
     packed: PackedRows | None = None
+    routed_experts_bsmk: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -194,11 +198,43 @@ class MicroBatch:
         ids = self.input_ids_bs if self.packed is None else self.packed.input_ids_pt
         return ids.shape[0], ids.shape[1]
 
+    @property
+    def model_routed_experts(self) -> torch.Tensor | None:
+        """The replayed experts in the layout the model runs on (packed rows when packed)."""
+        return self.routed_experts_bsmk if self.packed is None else self.packed.routed_experts_ptmk
+
+
+def routed_experts_tensor(rows: list[Sample], seq_len: int) -> torch.Tensor | None:
+    """``[len(rows), seq_len, MoE layers, k]`` expert ids of the rows, -1 where not recorded;
+    None when no row has any."""
+    recorded = [s.routed_experts for s in rows if s.routed_experts is not None]
+    if not recorded:
+        return None
+    shape = tuple(recorded[0].shape[1:])
+    out = torch.full((len(rows), seq_len, *shape), -1, dtype=torch.long)
+    for row, sample in enumerate(rows):
+        experts = sample.routed_experts
+        if experts is None:
+            continue
+        if tuple(experts.shape[1:]) != shape:
+            raise ValueError(
+                f"sample {sample.prompt_id}: routed_experts for {tuple(experts.shape[1:])} "
+                f"(MoE layers, top-k), other rows have {shape}"
+            )
+        out[row, : experts.shape[0]] = experts.long()
+    return out
+
 
 def collate(
-    samples: list[Sample], indices: list[int], *, pad_id: int = 0, pad_to_multiple: int = 1
+    samples: list[Sample],
+    indices: list[int],
+    *,
+    pad_id: int = 0,
+    pad_to_multiple: int = 1,
+    routed_experts: bool = False,
 ) -> MicroBatch:
-    """Pad ``samples[indices]`` into a :class:`MicroBatch`, with each sample's loss inputs."""
+    """Pad ``samples[indices]`` into a :class:`MicroBatch`, with each sample's loss inputs
+    (and, with ``routed_experts``, the experts the rollout engine chose, for routing replay)."""
     rows = [samples[i] for i in indices]
     seq_len = _round_up(max(s.num_tokens for s in rows), pad_to_multiple)
     shape = (len(rows), seq_len)
@@ -229,17 +265,29 @@ def collate(
         rl_weight_b=torch.tensor([s.rl_weight for s in rows], dtype=torch.float32),
         sft_weight_b=torch.tensor([s.sft_weight for s in rows], dtype=torch.float32),
         rollout_logprobs_bs=rollout,
+        routed_experts_bsmk=routed_experts_tensor(rows, seq_len) if routed_experts else None,
     )
 
 
 def collate_packed(
-    samples: list[Sample], rows: list[list[int]], *, pad_id: int = 0, pad_to_multiple: int = 1
+    samples: list[Sample],
+    rows: list[list[int]],
+    *,
+    pad_id: int = 0,
+    pad_to_multiple: int = 1,
+    routed_experts: bool = False,
 ) -> MicroBatch:
     """:func:`collate` of the sequences of ``rows`` (packed rows of sample indices), with the
     packed layout the model runs on: each row's sequences back to back, positions restarting at
     each, a block-diagonal causal mask, and each sequence's last target a pad (as padded)."""
     indices = [i for row in rows for i in row]
-    mb = collate(samples, indices, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
+    mb = collate(
+        samples,
+        indices,
+        pad_id=pad_id,
+        pad_to_multiple=pad_to_multiple,
+        routed_experts=routed_experts,
+    )
     seq_len = mb.input_ids_bs.shape[1]
     width = _round_up(max(sum(samples[i].num_tokens for i in row) for row in rows), pad_to_multiple)
     shape = (len(rows), width)
@@ -276,4 +324,9 @@ def collate_packed(
         source_bs=source,
         valid_bs=valid,
     )
+    if mb.routed_experts_bsmk is not None:  # each sequence's tokens to their packed places
+        experts = mb.routed_experts_bsmk
+        packed = torch.full((len(rows) * width, *experts.shape[2:]), -1, dtype=torch.long)
+        packed[source[valid]] = experts[valid]
+        mb.packed.routed_experts_ptmk = packed.view(len(rows), width, *experts.shape[2:])
     return mb

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from hpt_megatron.config.sections import TrainerConfig
+from hpt_megatron.models.moe import RoutingReplay
 from hpt_megatron.parallel.logprobs import _unwrap, final_hidden_states, output_logprobs_entropy
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.trainer.batching import MicroBatch
@@ -90,6 +91,8 @@ class TrainEngine:
         self.cfg = cfg
         # The hang watchdog's phase marker (orchestration/watchdog.py), set by the loop.
         self.phase: Callable[[str], contextlib.AbstractContextManager] = _no_phase
+        # Routing replay (models/moe.py): set, each micro-batch's recorded experts are routed.
+        self.routing_replay: RoutingReplay | None = None
 
     # ---------------------------------------------------------------- forward / backward
     def _run(
@@ -113,6 +116,8 @@ class TrainEngine:
                 mask = packed.attention_mask_p1tt.to(device)
             ids, pos = ids.to(device), pos.to(device)
             rope_pos = None if packed is None else pos
+            if self.routing_replay is not None:
+                self.routing_replay.load(model, mb.model_routed_experts)
             with final_hidden_states(model), _rope_positions(model, rope_pos):
                 hidden_sbh = model(ids, pos, mask)  # the output layer runs fused with the log-probs
 

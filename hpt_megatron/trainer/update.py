@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -119,6 +119,9 @@ class UpdateLayout:
     # zero-weight copies): expert parallelism spans data-parallel ranks, and each micro-batch's
     # token dispatch is a collective over them.
     equal_microbatch_counts: bool = False
+    # Routing replay: micro-batches carry the rollout engine's experts (MicroBatch's
+    # routed_experts_bsmk), which the engine's RoutingReplay makes the routers use.
+    routing_replay: bool = False
 
 
 def split_groups(samples: list[Sample], parts: int) -> list[list[Sample]]:
@@ -187,7 +190,11 @@ def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[Micr
     idle = [dataclasses.replace(samples[0], rl_weight=0.0, sft_weight=0.0, advantage=0.0)]
     rows = samples if mine else idle
     mine = mine or [0]
-    pad = {"pad_id": layout.pad_id, "pad_to_multiple": layout.pad_to_multiple}
+    pad: dict[str, Any] = {
+        "pad_id": layout.pad_id,
+        "pad_to_multiple": layout.pad_to_multiple,
+        "routed_experts": layout.routing_replay,
+    }
     groups = _microbatch_groups([rows[i].num_tokens for i in mine], layout)
     if layout.packing:
         out = [collate_packed(rows, [[mine[j] for j in r] for r in g], **pad) for g in groups]
@@ -200,8 +207,8 @@ def local_microbatches(samples: list[Sample], layout: UpdateLayout) -> list[Micr
             count = len(_microbatch_groups(lengths, layout)) if shard else 1
             target = max(target, _round_up(count, layout.microbatch_multiple))
     filler = [dataclasses.replace(rows[mine[0]], rl_weight=0.0, sft_weight=0.0, advantage=0.0)]
-    while len(out) < target:
-        out.append(collate(filler, [0], **pad))
+    while len(out) < target:  # (not replayed: they would count in moe/replay_changed_frac)
+        out.append(collate(filler, [0], **{**pad, "routed_experts": False}))
     return out
 
 
@@ -292,6 +299,9 @@ class PolicyUpdate:
             group = ctx.cpu_group if ctx.world_size > 1 else None
             counts = ctx.tp_rank == 0 or ctx.sequence_parallel
             metrics.update(self.router_stats.collect(group, counts=counts))
+            replay = getattr(self.engine, "routing_replay", None)
+            if replay is not None:
+                metrics.update(replay.collect(group, counts=counts))
         metrics["train/rows"] = float(len(samples))
         metrics["train/rows_elided_frac"] = elided / len(samples)
         metrics["train/tokens"] = float(sum(len(s.response_ids) for s in samples))

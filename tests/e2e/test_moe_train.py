@@ -96,3 +96,27 @@ def test_ep2_run_metrics_resume_and_export(tmp_path):
     assert sorted(resumed) == [1, 2, 3]
     assert all(key in resumed[3] for key in MOE)
     assert (out / "checkpoints" / "step_000003").is_dir()
+
+
+@pytest.mark.slow
+def test_ep2_run_with_routing_replay_of_bf16_rollouts(tmp_path):
+    """``algorithm.options.routing_replay: rollout`` through the whole loop at EP=2: the CPU
+    engine (bfloat16, so its routers pick other experts than the fp32 trainer's for some tokens)
+    records the experts, the saved batch carries them, and the trainer's routers replay them."""
+    from hpt_megatron.data.sample import RolloutBatch
+
+    out = tmp_path / "replay"
+    extra = ["algorithm.options.routing_replay=rollout", "rollout.cpu.dtype=bfloat16"]
+    # GRPO with an entropy bonus trains every generated row (HPT's gate would send a random
+    # policy's prompts to their demonstrations, which have no recorded experts).
+    extra += ["algorithm.preset=grpo", "algorithm.options.entropy_coef=1e-6"]
+    _run(out, 1, *extra, "logging.save_rollouts=true", "checkpoint.export_hf=false")
+    row = _metrics(out)[1]
+    assert 0 < row.get("moe/replay_changed_frac", -1) < 0.5, row  # bf16 flips a few choices
+    batch = RolloutBatch.load_jsonl(next((out / "rollouts").glob("step_*.jsonl")))
+    generated = [s for s in batch.samples if not s.is_demo]
+    assert generated
+    for sample in generated:  # three MoE layers (the second of four is dense), top-2 of 8
+        assert sample.routed_experts is not None
+        assert tuple(sample.routed_experts.shape) == (sample.num_tokens - 1, 3, 2)
+        assert int(sample.routed_experts.max()) < 8

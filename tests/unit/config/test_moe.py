@@ -73,3 +73,27 @@ def test_bad_moe_settings_name_the_key(capsys, world, overrides, message):
 def test_expert_parallel_on_a_dense_model_is_an_error(capsys):
     code, err = _dry_run(capsys, TINY, "--world-size", "4", "parallel.ep=2")
     assert code == 2 and "parallel.ep=2" in err and "dense model" in err, err
+
+
+REPLAY = "algorithm.options.routing_replay=rollout"
+
+
+def test_routing_replay_dry_runs_on_the_moe_example(capsys):
+    code, err = _dry_run(capsys, MOE, "--world-size", "2", REPLAY)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "message"),
+    [
+        (TINY, [], "routing_replay: rollout replays the experts of a mixture-of-experts model"),
+        (MOE, ["rollout.engine=sglang"], "only the CPU engine records the experts"),
+        (MOE, ["model.recompute_granularity=selective"], "activation recomputation reruns"),
+        (MOE, ["algorithm.options.routing_replay=sglang"], "algorithm.options.routing_replay"),
+    ],
+    ids=["dense", "sglang", "recompute", "bad-value"],
+)
+def test_routing_replay_it_cannot_carry_out_is_an_error(capsys, config, overrides, message):
+    replay = [] if overrides and "routing_replay" in overrides[0] else [REPLAY]
+    code, err = _dry_run(capsys, config, "--world-size", "2", *replay, *overrides)
+    assert code == 2 and message in err, err

@@ -262,3 +262,43 @@ def test_partial_rollout_continues_with_new_weights_and_keeps_each_tokens_logpro
         .tolist(),
         abs=1e-3,
     )
+
+
+def test_recorded_routing_is_the_routing_of_a_full_forward() -> None:
+    """Routing replay: each generation's experts (prompt from the shared prefill, response
+    tokens from the decode steps, rows finishing at different steps) are what HF's routers pick
+    in one unpadded forward of prompt + response, all but the last token."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.unit.models import tiny_configs
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**tiny_configs.qwen3_moe())
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    engine = HFCpuEngine(model, record_routing=True, eos_token_ids=range(0, 300, 5))
+    gens = engine.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8, seed=1))
+    assert len({len(g.token_ids) for g in gens}) > 1  # rows left the batch at different steps
+    routers = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    assert len(routers) == 3  # the second of four layers is dense
+    for gen in gens:
+        ids = PROMPTS[gen.prompt_index] + gen.token_ids
+        seen: list[torch.Tensor] = []
+        hooks = [
+            r.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out[2]))
+            for r in routers
+        ]
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+        for hook in hooks:
+            hook.remove()
+        want = torch.stack(seen, dim=1)[:-1]
+        assert gen.routed_experts is not None and gen.routed_experts.dtype == torch.uint8
+        assert torch.equal(gen.routed_experts.long().sort(-1).values, want.sort(-1).values)
+
+
+def test_record_routing_on_a_dense_model_is_an_error(model: torch.nn.Module) -> None:
+    with pytest.raises(ValueError, match="no mixture-of-experts layer"):
+        HFCpuEngine(model, record_routing=True)

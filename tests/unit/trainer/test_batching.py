@@ -5,9 +5,10 @@ import random
 import pytest
 import torch
 
-from hpt_megatron.data.sample import Sample
+from hpt_megatron.data.sample import RolloutBatch, Sample
 from hpt_megatron.trainer.batching import (
     collate,
+    collate_packed,
     fixed_count_microbatches,
     padding_efficiency,
     token_budget_microbatches,
@@ -151,3 +152,56 @@ def test_collate_without_padding_multiple_uses_the_longest():
 def test_collate_without_rollout_logprobs_on_an_on_policy_row_leaves_them_out():
     samples = [Sample(prompt_id="x", group_id=0, prompt_ids=[1], response_ids=[2, 3])]
     assert collate(samples, [0]).rollout_logprobs_bs is None
+
+
+def _with_experts() -> list[Sample]:
+    """_samples() with recorded experts (2 MoE layers, top-2) on the generated rows; the
+    demonstration has none."""
+    out = _samples()
+    for k, sample in enumerate(out[:2]):
+        n = sample.num_tokens - 1
+        ids = (torch.arange(n * 4).view(n, 2, 2) + 10 * k) % 8
+        sample.routed_experts = ids.to(torch.uint8)
+    return out
+
+
+def test_collate_places_the_recorded_experts_at_input_positions():
+    samples = _with_experts()
+    mb = collate(samples, [0, 1, 2], pad_to_multiple=8, routed_experts=True)
+    experts = mb.routed_experts_bsmk
+    assert experts is not None and experts.shape == (3, 8, 2, 2)
+    for row, sample in enumerate(samples[:2]):
+        n = sample.num_tokens - 1
+        assert torch.equal(experts[row, :n], sample.routed_experts.long())
+        assert (experts[row, n:] == -1).all()  # the last token and padding: routed as usual
+    assert (experts[2] == -1).all()  # no record: the router's own choice
+    assert collate(samples, [0, 1], routed_experts=False).routed_experts_bsmk is None
+    assert collate(_samples(), [0, 1], routed_experts=True).routed_experts_bsmk is None
+
+
+def test_packed_rows_carry_each_sequences_experts_to_its_tokens():
+    samples = _with_experts()
+    mb = collate_packed(samples, [[0, 2], [1]], routed_experts=True)
+    assert mb.packed is not None and mb.model_routed_experts is mb.packed.routed_experts_ptmk
+    packed = mb.packed.routed_experts_ptmk.flatten(0, 1)
+    padded = mb.routed_experts_bsmk
+    source, valid = mb.packed.source_bs, mb.packed.valid_bs
+    assert torch.equal(packed[source[valid]], padded[valid])
+    assert int((packed >= 0).all(-1).all(-1).sum()) == sum(s.num_tokens - 1 for s in samples[:2])
+
+
+def test_routed_experts_survive_json_and_check_their_shape(tmp_path):
+    samples = _with_experts()
+    path = tmp_path / "batch.jsonl"
+    RolloutBatch(samples, step=3).save_jsonl(path)
+    back = RolloutBatch.load_jsonl(path).samples
+    assert torch.equal(back[0].routed_experts, samples[0].routed_experts)
+    assert back[0].routed_experts.dtype == torch.uint8 and back[2].routed_experts is None
+    with pytest.raises(ValueError, match="routed_experts of shape"):
+        Sample(
+            prompt_id="x",
+            group_id=0,
+            prompt_ids=[1, 2],
+            response_ids=[3],
+            routed_experts=torch.zeros(3, 2, 2, dtype=torch.uint8),
+        )
