@@ -402,9 +402,39 @@ def build_model(
             rope_scaling_factor=rope.scaling_factor,
             vp_stage=vp_stage,
         )
+    if not init_weights:
+        mark_tensor_parallel_weights(gpt)
     if torch.cuda.is_available() and not meta:
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def mark_tensor_parallel_weights(module: torch.nn.Module) -> int:
+    """Give the weights of Megatron's tensor-parallel layers their TP attributes; returns how
+    many were missing them.
+
+    Megatron sets ``tensor_model_parallel`` / ``partition_dim`` inside its weight initialisers,
+    so with ``perform_initialization=False`` (weights about to be loaded) a sharded weight looks
+    like a TP duplicate: the gradient norm, and with it clipping, counts it on TP rank 0 only.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    dims = ((RowParallelLinear, 1), (ColumnParallelLinear, 0), (VocabParallelEmbedding, 0))
+    marked = 0
+    for sub in module.modules():
+        dim = next((d for cls, d in dims if isinstance(sub, cls)), None)
+        weight = getattr(sub, "weight", None)
+        if dim is None or not isinstance(weight, torch.nn.Parameter):
+            continue
+        if not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
+            marked += 1
+    return marked
 
 
 def build_model_chunks(

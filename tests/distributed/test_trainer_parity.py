@@ -73,3 +73,19 @@ def test_microbatch_split_invariance(reference, tmp_path):
     assert abs(ref["loss"] - got["loss"]) / ref["loss"] < 1e-6
     assert abs(ref["grad_norm"] - got["grad_norm"]) / ref["grad_norm"] < 1e-5
     assert _max_rel(ref["after"], got["after"]) < 1e-5
+
+
+def test_a_start_from_hf_weights_matches_at_tp2(tmp_path):
+    """Weights loaded without a random initialisation first keep their tensor-parallel marks: at
+    TP=2 the gradient norm counts every shard (it once counted TP rank 0's only)."""
+    folder = tmp_path / "hf"
+    torchrun(WORKER, "--arch", "qwen2", "--write-hf", str(folder), "--ckpt", "-", "--out", "-")
+    got = {}
+    for tp in (1, 2):
+        out = tmp_path / f"tp{tp}.json"
+        args = ["--arch", "qwen2", "--hf-weights", str(folder), "--ckpt", "-", "--out", str(out)]
+        torchrun(WORKER, *args, "--tp", str(tp), nproc=tp)
+        got[tp] = json.loads(out.read_text())
+    assert abs(got[1]["loss"] - got[2]["loss"]) / got[1]["loss"] < 1e-5
+    assert abs(got[1]["grad_norm"] - got[2]["grad_norm"]) / got[1]["grad_norm"] < 1e-5
+    assert _max_rel(got[1]["after"], got[2]["after"]) < 1e-5

@@ -87,19 +87,12 @@ def recorded(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     return init, out
 
 
-TP2_GRAD_NORM = (
-    "the trainer's gradient norm at TP=2 on this model differs from TP=1 with an equal loss "
-    "(here 0.00251 vs 0.00304; on HPT's SFT rows 5.31 vs 6.53, and 4.80 when the vocabulary is "
-    "not padded): a trainer matter, not the replay, whose TP=1 and PP=2 runs match"
-)
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [
-        pytest.param(["parallel.tp=2"], marks=pytest.mark.xfail(strict=True, reason=TP2_GRAD_NORM)),
+        ["parallel.tp=2"],
         ["parallel.tp=1", "parallel.pp=2"],
     ],
     ids=["tp2", "pp2"],

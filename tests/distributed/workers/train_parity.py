@@ -13,6 +13,7 @@ from nll_loss import TokenMeanNLL
 
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
 from hpt_megatron.data.sample import Sample
+from hpt_megatron.models.loading import load_hf_weights
 from hpt_megatron.models.provider import build_model_chunks, load_hf_config
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.trainer.batching import (
@@ -108,6 +109,8 @@ def main() -> None:
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--vpp", type=int, help="virtual pipeline stages per rank")
+    ap.add_argument("--hf-weights", help="start from this HF folder (no random initialisation)")
+    ap.add_argument("--write-hf", help="only write a random HF model of --arch to this folder")
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--save", action="store_true")
@@ -115,6 +118,15 @@ def main() -> None:
     ap.add_argument("--packing", action="store_true", help="several sequences per row")
     ap.add_argument("--grads", action="store_true", help="write each rank's gradient of the step")
     args = ap.parse_args()
+    if args.write_hf:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        arch = {k: v for k, v in ARCHS[args.arch].items() if k != "architectures"}
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(**arch)).save_pretrained(
+            args.write_hf
+        )
+        return
 
     parallel = ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, backend="gloo")
     ctx = init_distributed(parallel, seed=1)
@@ -122,9 +134,13 @@ def main() -> None:
     trainer_cfg = TrainerConfig(lr=1e-3, grad_clip=0.0, max_tokens_per_microbatch=args.max_tokens)
 
     hf = load_hf_config(ARCHS[args.arch])
-    chunks = build_model_chunks(hf, model_cfg, parallel, pp_rank=ctx.pp_rank)
+    init = args.hf_weights is None
+    chunks = build_model_chunks(hf, model_cfg, parallel, pp_rank=ctx.pp_rank, init_weights=init)
     engine = build_engine(chunks, ctx, trainer_cfg, total_steps=10, vocab_size=hf.vocab_size)
-    if args.save:
+    if args.hf_weights:
+        modules = [getattr(c, "module", c) for c in engine.model_chunks]
+        load_hf_weights(modules, hf, args.hf_weights, tp_rank=ctx.tp_rank, tp_size=ctx.tp)
+    elif args.save:
         save_checkpoint(args.ckpt, engine.model_chunks)
     else:
         load_checkpoint(args.ckpt, engine.model_chunks)
