@@ -190,6 +190,11 @@ class SGLangClient:
     ) -> list[Generation]:
         """``params.n`` generations per prompt, grouped by prompt in prompt order."""
         sampling = sampling_payload(params)
+        if self.router is not None:
+            # The router fails over to other workers by itself, so a dead worker may never fail
+            # one of our requests: look for dead workers before each batch.
+            for index in range(len(self.pool.servers)):
+                await self.pool.report_failure(index)
         results = await asyncio.gather(
             *(self._generate_one(i, p, params, sampling) for i, p in enumerate(prompts))
         )
