@@ -56,6 +56,7 @@ class ServerPool:
         max_concurrency: int,
         max_restarts: int,
         on_restart: OnRestart | None = None,
+        on_down: OnRestart | None = None,
     ) -> None:
         self.servers = servers
         self.state = ["up"] * len(servers)
@@ -67,6 +68,7 @@ class ServerPool:
         self.max_concurrency = max_concurrency
         self.max_restarts = max_restarts
         self.on_restart = on_restart
+        self.on_down = on_down  # called with the index of a server found dead (being restarted)
         self._changed: asyncio.Condition | None = None
         self._restart_tasks: dict[int, asyncio.Task[None]] = {}
 
@@ -117,6 +119,11 @@ class ServerPool:
         async with self._cond():
             self.state[index] = "restarting"
         self._restart_tasks[index] = asyncio.ensure_future(self._restart(index))
+        if self.on_down is not None:
+            try:
+                await self.on_down(index)
+            except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as err:
+                logger.warning("after sglang server %s went down: %r", self.servers[index].url, err)
 
     async def _restart(self, index: int) -> None:
         server = self.servers[index]

@@ -28,6 +28,7 @@ from hpt_megatron.rollout.sglang.client import Endpoint, ServerPool, SGLangClien
 from hpt_megatron.rollout.sglang.router import (
     launch_router,
     router_workers,
+    tell_router_down,
     tell_router_restarted,
     use_router,
 )
@@ -135,6 +136,7 @@ class SGLangEngine:
             max_concurrency=cfg.max_concurrency,
             max_restarts=cfg.max_restarts,
             on_restart=self._after_restart,
+            on_down=self._after_down if router is not None else None,
         )
         self.client = SGLangClient(
             self.pool,
@@ -307,6 +309,10 @@ class SGLangEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+    async def _after_down(self, index: int) -> None:
+        if self.router is not None and self.router.is_alive():
+            await tell_router_down(self.client.session(), self.router, self.servers[index].url)
 
     async def _after_restart(self, index: int) -> None:
         await self.transport.resync(self.client, index)

@@ -12,6 +12,7 @@ worker's state and routes to it again.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import subprocess
@@ -142,10 +143,7 @@ async def tell_router_restarted(
                 raise RuntimeError(f"sglang-router {method} {path}: {response.status} {text}")
             return await response.json(content_type=None)
 
-    listed = await call("GET", "/workers")
-    for worker in listed.get("workers", []):
-        if worker.get("url", "").rstrip("/") == worker_url:
-            await call("DELETE", f"/workers/{worker['id']}")
+    await tell_router_down(session, router, worker_url)
     body: dict[str, Any] = {"url": worker_url}
     if api_key:
         body["api_key"] = api_key
@@ -153,6 +151,33 @@ async def tell_router_restarted(
     logger.info(
         "sglang-router %s: worker %s re-registered after its restart", router.url, worker_url
     )
+
+
+async def tell_router_down(
+    session: aiohttp.ClientSession, router: Endpoint, worker_url: str
+) -> None:
+    """Take a dead worker out of the router's rotation (``DELETE /workers/<id>``; the router
+    removes it in the background: wait until it is no longer listed)."""
+    headers = router.auth_headers()
+    timeout = aiohttp.ClientTimeout(total=60)
+
+    async def listed() -> list[dict[str, Any]]:
+        async with session.get(f"{router.url}/workers", headers=headers, timeout=timeout) as r:
+            body = await r.json(content_type=None)
+        workers = body.get("workers", []) if isinstance(body, dict) else []
+        return [w for w in workers if str(w.get("url", "")).rstrip("/") == worker_url]
+
+    for worker in await listed():
+        async with session.delete(
+            f"{router.url}/workers/{worker['id']}", headers=headers, timeout=timeout
+        ) as response:
+            if response.status >= 300:
+                text = (await response.text())[:500]
+                raise RuntimeError(f"sglang-router DELETE /workers: {response.status} {text}")
+    for _ in range(40):
+        if not await listed():
+            return
+        await asyncio.sleep(0.25)
 
 
 def router_workers(
