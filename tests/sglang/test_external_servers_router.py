@@ -26,7 +26,8 @@ from hpt_megatron.rollout.sglang.engine import server_counters
 from hpt_megatron.rollout.sglang.server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.sglang
+# Two CPU servers start in about a minute on an idle machine, much longer on a loaded one.
+pytestmark = [pytest.mark.sglang, pytest.mark.timeout(1800)]
 
 # Arithmetic-tokenizer ids (vocab 128): distinct prompts, 12 tokens each.
 PROMPTS = [[1, *[(7 * i + j) % 100 + 10 for j in range(11)]] for i in range(8)]
@@ -178,6 +179,7 @@ def test_hpt_train_on_external_servers(launched: SGLangEngine, tmp_path: Path) -
     cmd += [f"run.output_dir={out}", "parallel.tp=1", "run.steps=2", "run.val_every=0"]
     cmd += ["data.prompts_per_step=4", "rollout.n=2", "logging.progress_bar=false"]
     cmd += ["rollout.engine=sglang", f"rollout.sglang.urls=[{urls}]", "rollout.sglang.router=false"]
+    cmd += ["rollout.sglang.device=cpu"]  # where the servers run: no GPU memory to release
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-5000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
