@@ -223,10 +223,13 @@ def test_router_is_told_when_a_worker_restarts(launched: SGLangEngine) -> None:
     assert not victim.is_alive()
     params = SamplingParams(n=2, temperature=1.0, max_new_tokens=4, seed=5)
     deadline = time.monotonic() + 600
-    while victim.restarts == 0 or not victim.is_alive():  # requests fail over, then it is back
+    # Requests fail over to the other server meanwhile; "up" once restarted, re-synced and
+    # re-registered with the router.
+    while launched.pool.state[1] != "up" or victim.restarts == 0:
         launched.generate(PROMPTS[:2], params)
         assert time.monotonic() < deadline
         time.sleep(2)
+    assert victim.is_alive()
     for _ in range(60):  # the engine re-registers it with the router after the restart
         with urllib.request.urlopen(f"{launched.router.url}/workers", timeout=10) as response:
             workers = json.loads(response.read())["workers"]
