@@ -12,6 +12,11 @@ each, the ratio router / client, and how the requests split over the two servers
 Usage, from the repository root:
 
     python -m benchmarks.router_vs_client [--prompts 64] [--n 8] [--tokens 32] [--repeats 2]
+
+Measured 2026-12-01 on the 2 shared CPU cores (other jobs running, so noisy: the client's two
+passes were 314.6 and 176.4 tokens/s): client 245.5, router 207.1 tokens/s (medians of 2),
+router / client 0.84; both split the 64 requests 32/32 and found the same cached prefix tokens
+(~9.3k per server), since one batched request carries all n samples of a prompt either way.
 """
 
 from __future__ import annotations
