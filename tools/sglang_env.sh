@@ -2,7 +2,8 @@
 # Build (once) the separate virtual environment that runs SGLang servers.
 #
 # SGLang pins its own (CUDA) build of torch, so it cannot share the trainer's environment. This
-# script creates a venv with sglang==$HPT_SGLANG_VERSION and replaces SGLang's compiled kernel
+# script creates a venv with sglang==$HPT_SGLANG_VERSION (plus sglang-router, the load balancer
+# that rollout.sglang.router starts in front of several servers) and replaces SGLang's compiled kernel
 # package (sgl_kernel) with the pure-torch stand-in shipped in
 # hpt_megatron/rollout/sglang/kernel_standin/, which is what lets the server run on CPU
 # (docs/architecture.md (What runs where)). The heavy install is cached: a stamp file records what was installed, so
@@ -11,11 +12,14 @@
 # Usage:  bash tools/sglang_env.sh            # prints the venv's python on the last line
 # Env:    HPT_SGLANG_VENV     venv path (default /opt/hpt-sglang-venv)
 #         HPT_SGLANG_VERSION  sglang version (default 0.5.23)
+#         HPT_SGLANG_ROUTER_VERSION  sglang-router version (default 0.3.2, the newest on PyPI
+#                             that installs next to sglang 0.5.23; added to a cached venv)
 #         HPT_SGLANG_FORCE=1  reinstall even when the stamp matches
 set -euo pipefail
 
 VENV="${HPT_SGLANG_VENV:-/opt/hpt-sglang-venv}"
 SGLANG_VERSION="${HPT_SGLANG_VERSION:-0.5.23}"
+ROUTER_VERSION="${HPT_SGLANG_ROUTER_VERSION:-0.3.2}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STANDIN_SRC="$REPO_ROOT/hpt_megatron/rollout/sglang/kernel_standin"
 INSTALL_STAMP="$VENV/.hpt-install-stamp"
@@ -43,6 +47,18 @@ heavy_install() {
     rm -f "$STANDIN_STAMP"
 }
 
+router_install() {
+    # Its own step (not in the heavy install's stamp): a venv built before it gets only this.
+    local have
+    have="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("sglang-router"))' \
+        2>/dev/null || true)"
+    if [[ "$have" == "$ROUTER_VERSION" ]]; then
+        return 1
+    fi
+    log "installing sglang-router==$ROUTER_VERSION into $VENV"
+    "$VENV/bin/uv" pip install --python "$VENV/bin/python" "sglang-router==$ROUTER_VERSION"
+}
+
 install_standin() {
     local sp
     sp="$(site_packages)"
@@ -66,14 +82,19 @@ main() {
     else
         log "cached install found ($WANT_INSTALL)"
     fi
+    if router_install; then
+        changed=1
+    fi
     if [[ "$(cat "$STANDIN_STAMP" 2>/dev/null)" != "$(standin_hash)" ]]; then
         install_standin
         changed=1
     fi
     # A full import of sglang takes ~10 s: do it only after a change; otherwise a quick check.
     local check='import importlib.metadata as m; assert m.version("sglang") == "'"$SGLANG_VERSION"'"'
+    check="$check; assert m.version(\"sglang-router\") == \"$ROUTER_VERSION\""
     if [[ $changed == 1 ]]; then
         check="$check; import sgl_kernel, sglang.srt.entrypoints.http_server, sglang.srt.models.qwen2"
+        check="$check; import sglang_router.router"
     fi
     SGLANG_USE_CPU_ENGINE=1 "$VENV/bin/python" -c "$check" ||
         { log "import check failed in $VENV (rerun with HPT_SGLANG_FORCE=1)"; exit 1; }

@@ -59,6 +59,14 @@ class SGLangConfig:
     host: str = "127.0.0.1"
     base_port: int = 0  # 0: free ports; otherwise server i listens on base_port + i
     api_key_env: str | None = None  # name of an environment variable holding the API key
+    # Servers (or one sglang-router) that the user started: nothing is launched or stopped, the
+    # run checks they answer /health before step 1 and loads weights into them (disk transport:
+    # weight_sync_dir must be a path every one of them can read).
+    urls: list[str] = field(default_factory=list)
+    # sglang-router in front of the servers (started by the driver with the workers' URLs):
+    # auto = with two servers or more, when sglang-router is installed; else the client balances.
+    router: bool | Literal["auto"] = "auto"
+    router_policy: Literal["cache_aware", "round_robin", "power_of_two", "random"] = "cache_aware"
     extra_args: list[str] = field(default_factory=list)  # passed through to launch_server
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the servers
     return_original_logprob: bool = True  # raw-model log-probs (temperature 1), as the trainer
@@ -106,6 +114,17 @@ class SGLangConfig:
                 f"weight_sync: {self.weight_sync} ({how}) is not wired into hpt train yet; use "
                 "auto or disk (every pipeline stage writes its own shards)"
             )
+        for i, url in enumerate(self.urls):
+            problem = _url_problem(url)
+            if problem:
+                raise ValueError(f"urls[{i}]: {url!r} {problem}")
+        if len(set(u.rstrip("/") for u in self.urls)) != len(self.urls):
+            raise ValueError(f"urls: the same server is listed twice in {self.urls}")
+        if self.urls and self.num_servers != 1:
+            raise ValueError(
+                "num_servers: servers are launched only without urls; with urls, list every "
+                "server there"
+            )
         reserved = {"--model-path", "--port", "--host", "--api-key", "--tp-size", "--base-gpu-id"}
         clash = sorted(reserved.intersection(a.split("=")[0] for a in self.extra_args))
         if clash:
@@ -149,6 +168,24 @@ class RolloutConfig:
             raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop: empty stop strings are not allowed")
+
+
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` is not a server base URL (``http[s]://host:port``), or ``None``."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as err:
+        return f"is not a URL ({err})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be http://host:port or https://host:port"
+    if port is None:
+        return "has no port"
+    if parts.path.strip("/") or parts.query:
+        return "must be a server's base URL, without a path"
+    return None
 
 
 def sglang_server_args(

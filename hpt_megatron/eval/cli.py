@@ -7,8 +7,9 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.data.templates import QWEN_MATH_SYSTEM_PROMPT, PromptTemplate
 from hpt_megatron.eval.benchmarks import BENCHMARKS, MATH_BENCHMARKS
 from hpt_megatron.eval.runner import EvalOptions, format_table, run_eval
@@ -49,6 +50,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grade-workers", type=int, default=2)
     parser.add_argument("--grade-timeout", type=float, default=5.0)
+    sgl = parser.add_argument_group("SGLang (--engine sglang)")
+    parser.add_argument(
+        "--engine",
+        choices=["cpu", "sglang"],
+        default="cpu",
+        help="cpu: the in-process engine; sglang: SGLang servers (launched, or --urls)",
+    )
+    sgl.add_argument(
+        "--urls",
+        nargs="+",
+        help="servers (or one sglang-router) already serving the model; --model then only "
+        "gives the tokenizer. Without it, servers are launched on --model",
+    )
+    sgl.add_argument(
+        "--num-servers",
+        type=int,
+        help="servers to launch (default: every GPU of the node / --tp-size; 1 on CPU)",
+    )
+    sgl.add_argument("--tp-size", type=int, default=1, help="GPUs per launched server")
+    sgl.add_argument(
+        "--sglang-device", choices=["cuda", "cpu"], help="default: cuda when a GPU is visible"
+    )
+    sgl.add_argument("--api-key-env", help="environment variable holding the servers' API key")
+    sgl.add_argument(
+        "--max-total-tokens",
+        type=int,
+        help="KV-cache tokens per launched server (bounds RAM on CPU)",
+    )
     return parser
 
 
@@ -91,6 +120,67 @@ def load_engine(model_dir: str) -> tuple[Any, Any]:
     return HFCpuEngine.from_pretrained(model_dir, load_tokenizer=False), tokenizer
 
 
+def sglang_config(args: argparse.Namespace) -> SGLangConfig:
+    """The ``rollout.sglang`` settings of ``hpt eval --engine sglang`` (checked)."""
+    if args.engine != "sglang":
+        given = [
+            k for k in ("urls", "num_servers", "sglang_device", "api_key_env") if getattr(args, k)
+        ]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --engine sglang")
+        return SGLangConfig()
+    import torch
+
+    device: Literal["cuda", "cpu"] = args.sglang_device or (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    num_servers = 1
+    if args.urls:
+        if args.num_servers:
+            raise ValueError("--num-servers: servers are launched only without --urls")
+    elif args.num_servers:
+        num_servers = args.num_servers
+    elif device == "cuda":  # data-parallel over every GPU of the node
+        num_servers = max(1, torch.cuda.device_count() // args.tp_size)
+    cfg = SGLangConfig(
+        device=device,
+        num_servers=num_servers,
+        tp_size=args.tp_size,
+        urls=list(args.urls or []),
+        api_key_env=args.api_key_env,
+        max_total_tokens=args.max_total_tokens,
+        request_timeout_s=3600.0,
+    )
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise ValueError(f"--engine sglang: {err}") from None
+    return cfg
+
+
+def load_sglang_engine(model_dir: str, cfg: SGLangConfig, output_dir: str) -> tuple[Any, Any]:
+    """SGLang servers on ``model_dir`` (or the ``cfg.urls`` ones) and the folder's tokenizer;
+    server logs go to ``<output_dir>/sglang_logs``."""
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"--model: '{model_dir}' is not a folder")
+    python = cfg.python_executable()
+    if not cfg.urls and not Path(python).exists():
+        raise ValueError(
+            f"--engine sglang: SGLang's python {python} is not there (tools/sglang_env.sh "
+            "builds it; or set HPT_SGLANG_VENV)"
+        )
+    from transformers import AutoTokenizer
+
+    from hpt_megatron.rollout.sglang import ServerStartError, SGLangEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        engine = SGLangEngine.launch(cfg, model_path=model_dir, run_dir=output_dir)
+    except ServerStartError as err:
+        raise ValueError(str(err)) from None
+    return engine, tokenizer
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hpt eval``; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -124,7 +214,11 @@ def _convert(checkpoint: str, hf_config: str | None, tmp: str) -> str:
 
 def _evaluate(args: argparse.Namespace) -> int:
     options = options_from_args(args)
-    engine, tokenizer = load_engine(args.model)
+    sglang = sglang_config(args)
+    if args.engine == "sglang":
+        engine, tokenizer = load_sglang_engine(args.model, sglang, args.output_dir)
+    else:
+        engine, tokenizer = load_engine(args.model)
     benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     try:
         results = run_eval(

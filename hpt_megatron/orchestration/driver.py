@@ -188,6 +188,7 @@ class Driver:
             "reward/errors_total": float(stats.errors),
             "data/bad_rows": float(data.stats.bad_rows if isinstance(data, PromptDataset) else 0),
             "rollout/server_restarts_total": float(self.engine.restarts),
+            **_request_counts(self.engine),
         }
 
     # ---------------------------------------------------------------------------- state
@@ -260,6 +261,12 @@ def generation_threads(cfg: HPTConfig) -> int:
         return own
     node_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(node_ranks * own, len(os.sched_getaffinity(0))))
+
+
+def _request_counts(engine: RolloutEngine) -> dict[str, float]:
+    """Per-server request counts of an SGLang engine (``rollout/requests/server_<i>``)."""
+    counts = getattr(engine, "request_counts", None)
+    return counts() if callable(counts) else {}
 
 
 def _success_rates(rollouts: list[Sample]) -> list[float]:

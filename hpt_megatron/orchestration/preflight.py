@@ -219,11 +219,27 @@ def _check_sglang(cfg: HPTConfig) -> None:
         return
     sglang = cfg.rollout.sglang
     python = sglang.python_executable()
-    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+    # With urls nothing is launched, except a router asked for by name.
+    launches = not sglang.urls or sglang.router is True
+    if launches and not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise ConfigError(
             f"rollout.engine: sglang needs SGLang's python, {python} is not there (set "
             "rollout.sglang.python or HPT_SGLANG_VENV; tools/sglang_env.sh builds it)"
         )
+    if sglang.router is True:
+        from hpt_megatron.rollout.sglang.router import router_installed
+
+        if not router_installed(python):
+            raise ConfigError(
+                f"rollout.sglang.router: true needs sglang-router in {python}'s environment "
+                "(tools/sglang_env.sh installs it), or router=auto to balance in the client"
+            )
+    if sglang.api_key_env and not os.environ.get(sglang.api_key_env):
+        raise ConfigError(
+            f"rollout.sglang.api_key_env: environment variable {sglang.api_key_env} is unset"
+        )
+    if sglang.urls:
+        return  # the user's servers run wherever they run
     if sglang.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "rollout.sglang.device: cuda needs a GPU for rollout.engine sglang; none are visible "

@@ -11,17 +11,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 import aiohttp
 
 from hpt_megatron.rollout.base import Generation, SamplingParams
-from hpt_megatron.rollout.sglang.server import ServerStartError, SGLangServer
+from hpt_megatron.rollout.sglang.server import ServerStartError
 
 logger = logging.getLogger(__name__)
 
 OnRestart = Callable[[int], Awaitable[None]]  # called with the server index once it is back
+
+
+class Endpoint(Protocol):
+    """What the client needs of a server or router: ``SGLangServer`` or ``ExternalServer``."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def restarts(self) -> int: ...
+
+    def auth_headers(self) -> dict[str, str]: ...
+
+    def is_alive(self) -> bool: ...
+
+    def health(self, timeout_s: float = 5.0) -> bool: ...
+
+    def stop(self, grace_s: float = 10.0) -> None: ...
+
+    def restart(self, args: list[str] | None = None) -> None: ...
+
+    def log_tail(self, lines: int = 40) -> str: ...
 
 
 class ServerPool:
@@ -29,18 +51,24 @@ class ServerPool:
 
     def __init__(
         self,
-        servers: list[SGLangServer],
+        servers: Sequence[Endpoint],
         *,
         max_concurrency: int,
         max_restarts: int,
         on_restart: OnRestart | None = None,
+        on_down: OnRestart | None = None,
     ) -> None:
         self.servers = servers
         self.state = ["up"] * len(servers)
         self.inflight = [0] * len(servers)
+        # Answered ``/generate`` requests and the prompt tokens they found in the prefix cache,
+        # per server (requests that went through a router are counted on the router's side).
+        self.requests = [0] * len(servers)
+        self.cached_tokens = [0] * len(servers)
         self.max_concurrency = max_concurrency
         self.max_restarts = max_restarts
         self.on_restart = on_restart
+        self.on_down = on_down  # called with the index of a server found dead (being restarted)
         self._changed: asyncio.Condition | None = None
         self._restart_tasks: dict[int, asyncio.Task[None]] = {}
 
@@ -66,6 +94,14 @@ class ServerPool:
                     return index
                 await self._cond().wait()
 
+    async def wait_any_up(self) -> None:
+        """Wait until at least one server is up (raise when every one has failed)."""
+        async with self._cond():
+            while "up" not in self.state:
+                if all(s == "failed" for s in self.state):
+                    raise RuntimeError(self._all_failed_message())
+                await self._cond().wait()
+
     async def release(self, index: int) -> None:
         async with self._cond():
             self.inflight[index] -= 1
@@ -73,11 +109,21 @@ class ServerPool:
 
     async def report_failure(self, index: int) -> None:
         """After a failed request: restart the server in the background if its process died."""
-        if self.state[index] != "up" or self.servers[index].is_alive():
+        if self.state[index] != "up":
+            return
+        # (an external server's liveness is an HTTP health check: off the event loop)
+        if await asyncio.to_thread(self.servers[index].is_alive):
+            return
+        if self.state[index] != "up":
             return
         async with self._cond():
             self.state[index] = "restarting"
         self._restart_tasks[index] = asyncio.ensure_future(self._restart(index))
+        if self.on_down is not None:
+            try:
+                await self.on_down(index)
+            except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as err:
+                logger.warning("after sglang server %s went down: %r", self.servers[index].url, err)
 
     async def _restart(self, index: int) -> None:
         server = self.servers[index]
@@ -112,6 +158,9 @@ class SGLangClient:
         request_timeout_s: whole-request timeout for ``/generate``.
         max_retries: further attempts of a failed request (on any server).
         seeded_sampling: send a per-sample ``sampling_seed`` when ``params.seed`` is set.
+        router: an sglang-router in front of the pool's servers: ``/generate`` goes through it
+            (its cache-aware policy keeps a prompt's samples where its prefix is cached); admin
+            calls (weights, caches) still go to every server directly.
     """
 
     def __init__(
@@ -121,8 +170,12 @@ class SGLangClient:
         request_timeout_s: float = 1800.0,
         max_retries: int = 3,
         seeded_sampling: bool = False,
+        router: Endpoint | None = None,
     ) -> None:
         self.pool = pool
+        self.router = router
+        self.routed_requests = 0  # /generate requests answered through the router
+        self.routed_cached_tokens = 0
         self.request_timeout_s = request_timeout_s
         self.max_retries = max_retries
         self.seeded_sampling = seeded_sampling
@@ -144,6 +197,11 @@ class SGLangClient:
     ) -> list[Generation]:
         """``params.n`` generations per prompt, grouped by prompt in prompt order."""
         sampling = sampling_payload(params)
+        if self.router is not None:
+            # The router fails over to other workers by itself, so a dead worker may never fail
+            # one of our requests: look for dead workers before each batch.
+            for index in range(len(self.pool.servers)):
+                await self.pool.report_failure(index)
         results = await asyncio.gather(
             *(self._generate_one(i, p, params, sampling) for i, p in enumerate(prompts))
         )
@@ -163,6 +221,20 @@ class SGLangClient:
                 {**sampling, "sampling_seed": (params.seed * 1_000_003 + index * n + j) % 2**31}
                 for j in range(n)
             ]
+        if self.router is not None and isinstance(per_sample, list) and n > 1:
+            # sglang-router takes one sampling_params per request: one request per seeded
+            # sample, which its cache-aware policy sends where the prompt's prefix is cached.
+            singles = await asyncio.gather(
+                *(
+                    self.request(
+                        "/generate",
+                        {"input_ids": prompt, "sampling_params": p, "return_logprob": True},
+                        timeout_s=self.request_timeout_s,
+                    )
+                    for p in per_sample
+                )
+            )
+            return [s for out in singles for s in (out if isinstance(out, list) else [out])]
         payload = {
             "input_ids": [prompt] * n if n > 1 else prompt,
             "sampling_params": per_sample
@@ -179,12 +251,19 @@ class SGLangClient:
     async def request(
         self, path: str, payload: dict[str, Any], *, timeout_s: float | None = None
     ) -> Any:
-        """POST to one server (least loaded), retrying on others after a failure."""
+        """POST to one server (least loaded, or the router's pick for ``/generate``), retrying
+        after a failure."""
+        if self.router is not None and path == "/generate":
+            return await self._request_via_router(path, payload, timeout_s)
         last_error: BaseException | None = None
         for attempt in range(self.max_retries + 1):
             index = await self.pool.acquire()
             try:
-                return await self.post(index, path, payload, timeout_s=timeout_s)
+                out = await self.post(index, path, payload, timeout_s=timeout_s)
+                if path == "/generate":
+                    self.pool.requests[index] += 1
+                    self.pool.cached_tokens[index] += cached_tokens(out)
+                return out
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as err:
                 last_error = err
                 logger.warning(
@@ -200,12 +279,55 @@ class SGLangClient:
                 await self.pool.release(index)
         raise RuntimeError(f"{path} failed after {self.max_retries + 1} attempts: {last_error!r}")
 
+    async def _request_via_router(
+        self, path: str, payload: dict[str, Any], timeout_s: float | None
+    ) -> Any:
+        """POST through the router; after a failure, restart dead workers (in the background)
+        and re-send once a worker is up again."""
+        assert self.router is not None
+        last_error: BaseException | None = None
+        for attempt in range(self.max_retries + 1):
+            await self.pool.wait_any_up()
+            try:
+                out = await self.post_to(self.router, path, payload, timeout_s=timeout_s)
+                self.routed_requests += 1
+                self.routed_cached_tokens += cached_tokens(out)
+                return out
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as err:
+                last_error = err
+                logger.warning(
+                    "%s through the router %s failed (attempt %d): %r",
+                    path,
+                    self.router.url,
+                    attempt + 1,
+                    err,
+                )
+                for index in range(len(self.pool.servers)):
+                    await self.pool.report_failure(index)
+                if not self.router.is_alive():
+                    await asyncio.to_thread(self.router.restart)
+                await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+        raise RuntimeError(
+            f"{path} through the router failed after {self.max_retries + 1} attempts: "
+            f"{last_error!r}"
+        )
+
     async def post(
         self, index: int, path: str, payload: dict[str, Any], *, timeout_s: float | None = None
     ) -> Any:
-        """POST ``payload`` to server ``index``; raise ``aiohttp.ClientResponseError`` on 5xx and
+        """POST ``payload`` to server ``index`` (see ``post_to``)."""
+        return await self.post_to(self.pool.servers[index], path, payload, timeout_s=timeout_s)
+
+    async def post_to(
+        self,
+        server: Endpoint,
+        path: str,
+        payload: dict[str, Any],
+        *,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """POST ``payload`` to ``server``; raise ``aiohttp.ClientResponseError`` on 5xx and
         ``RuntimeError`` (with the server's message) on other non-200 answers."""
-        server = self.pool.servers[index]
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s)
         async with self.session().post(
             server.url + path, json=payload, headers=server.auth_headers(), timeout=timeout
@@ -247,6 +369,17 @@ def sampling_payload(params: SamplingParams) -> dict[str, Any]:
     if params.stop_token_ids:
         out["stop_token_ids"] = list(params.stop_token_ids)
     return out
+
+
+def cached_tokens(out: Any) -> int:
+    """Prompt tokens a ``/generate`` answer found in the server's prefix cache (``cached_tokens``
+    of each item's ``meta_info``)."""
+    items = out if isinstance(out, list) else [out]
+    return sum(
+        int((item.get("meta_info") or {}).get("cached_tokens") or 0)
+        for item in items
+        if isinstance(item, dict)
+    )
 
 
 def parse_generation(item: dict[str, Any], prompt_index: int, weight_version: int) -> Generation:

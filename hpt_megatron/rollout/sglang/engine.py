@@ -7,10 +7,11 @@ and weight transports are asynchronous; the protocol is synchronous), and one we
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,8 +24,21 @@ from hpt_megatron.config.rollout import (
 )
 from hpt_megatron.rollout.base import Generation, SamplingParams, WeightBucket
 from hpt_megatron.rollout.sampling import validate_sampling
-from hpt_megatron.rollout.sglang.client import ServerPool, SGLangClient
-from hpt_megatron.rollout.sglang.server import ServerLaunch, SGLangServer, free_port
+from hpt_megatron.rollout.sglang.client import Endpoint, ServerPool, SGLangClient
+from hpt_megatron.rollout.sglang.router import (
+    launch_router,
+    router_workers,
+    tell_router_down,
+    tell_router_restarted,
+    use_router,
+)
+from hpt_megatron.rollout.sglang.server import (
+    ExternalServer,
+    ServerLaunch,
+    ServerStartError,
+    SGLangServer,
+    free_port,
+)
 from hpt_megatron.rollout.sglang.weight_sync import WeightTransport
 from hpt_megatron.rollout.sglang.weight_sync.disk import DiskTransport
 
@@ -102,28 +116,34 @@ class SGLangEngine:
 
     def __init__(
         self,
-        servers: list[SGLangServer],
+        servers: Sequence[Endpoint],
         *,
         transport: WeightTransport | None = None,
         cfg: SGLangConfig | None = None,
+        router: Endpoint | None = None,
+        api_key: str | None = None,
     ) -> None:
         cfg = cfg or SGLangConfig()
         self.cfg = cfg
-        self.servers = servers
+        self.servers = list(servers)
+        self.router = router
+        self._api_key = api_key  # the servers' (told to the router when a worker restarts)
         self.transport = transport or DiskTransport(Path.cwd() / "rollout_weights")
         self.weight_version = 0
         self._loop = _LoopThread()
         self.pool = ServerPool(
-            servers,
+            self.servers,
             max_concurrency=cfg.max_concurrency,
             max_restarts=cfg.max_restarts,
             on_restart=self._after_restart,
+            on_down=self._after_down if router is not None else None,
         )
         self.client = SGLangClient(
             self.pool,
             request_timeout_s=cfg.request_timeout_s,
             max_retries=cfg.max_retries,
             seeded_sampling=cfg.seeded_sampling or cfg.device == "cpu",
+            router=router,
         )
         self._closed = False
 
@@ -136,20 +156,65 @@ class SGLangEngine:
         run_dir: str | Path,
         transport: WeightTransport | None = None,
     ) -> SGLangEngine:
-        """Start the configured servers on ``model_path``; logs and weights go under ``run_dir``."""
-        api_key = None
-        if cfg.api_key_env:
-            api_key = os.environ.get(cfg.api_key_env)
-            if not api_key:
-                raise ValueError(
-                    f"rollout.sglang.api_key_env: environment variable {cfg.api_key_env} is unset"
-                )
-        log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(run_dir) / "sglang_logs"
+        """Start the configured servers on ``model_path`` (and the router, when it is on); or,
+        with ``cfg.urls``, connect to the user's servers. Logs and weights go under ``run_dir``."""
+        if cfg.urls:
+            return cls.connect(cfg, run_dir=run_dir, transport=transport)
+        api_key = resolve_api_key(cfg)
+        log_dir = _log_dir(cfg, run_dir)
+        routed = use_router(cfg, cfg.num_servers)
+        if routed and "--enable-metrics" not in cfg.extra_args:
+            # Behind the router, each server's own /metrics is what counts its requests.
+            cfg = dataclasses.replace(cfg, extra_args=[*cfg.extra_args, "--enable-metrics"])
         servers = launch_servers(cfg, model_path=model_path, log_dir=log_dir, api_key=api_key)
-        if transport is None:  # weight_sync is auto or disk: the config allows nothing else
-            sync_dir = cfg.weight_sync_dir or Path(run_dir) / "rollout_weights"
-            transport = DiskTransport(sync_dir)
-        return cls(servers, transport=transport, cfg=cfg)
+        try:
+            router = None
+            if routed:
+                urls = [s.url for s in servers]
+                router = launch_router(cfg, worker_urls=urls, log_dir=log_dir, api_key=api_key)
+        except BaseException:
+            for server in servers:
+                server.stop()
+            raise
+        transport = transport or _transport(cfg, run_dir)
+        return cls(servers, transport=transport, cfg=cfg, router=router, api_key=api_key)
+
+    @classmethod
+    def connect(
+        cls, cfg: SGLangConfig, *, run_dir: str | Path, transport: WeightTransport | None = None
+    ) -> SGLangEngine:
+        """Use the servers of ``cfg.urls``, started by the user: each must answer ``/health``
+        now (``ServerStartError`` naming the URL otherwise); they are never started or stopped
+        from here. A single URL may be the user's sglang-router: generation then goes through
+        it and weights to each of its workers. A router we start (``cfg.router``) is ours."""
+        api_key = resolve_api_key(cfg)
+        timeout = cfg.startup_timeout_s
+        given = [ExternalServer(url, api_key=api_key, timeout_s=timeout) for url in cfg.urls]
+        with ThreadPoolExecutor(len(given)) as pool:
+            list(pool.map(lambda s: s.check(), given))
+        router: Endpoint | None = None
+        servers = given
+        workers = router_workers(given[0].url, given[0].auth_headers()) if len(given) == 1 else None
+        if workers is not None:  # the one URL is a router: its workers get the weights
+            if not workers:
+                raise ServerStartError(
+                    f"rollout.sglang.urls: the router {given[0].url} has no workers"
+                )
+            router = given[0]
+            servers = [ExternalServer(url, api_key=api_key, timeout_s=timeout) for url in workers]
+            for server in servers:
+                server.check()
+            logger.info("using the sglang-router at %s over %s", router.url, workers)
+        elif use_router(cfg, len(servers)):
+            router = launch_router(
+                cfg,
+                worker_urls=[s.url for s in servers],
+                log_dir=_log_dir(cfg, run_dir),
+                api_key=api_key,
+            )
+        logger.info("using %d external SGLang servers: %s", len(servers), [s.url for s in servers])
+        transport = transport or _transport(cfg, run_dir)
+        return cls(servers, transport=transport, cfg=cfg, router=router, api_key=api_key)
 
     # -- protocol -----------------------------------------------------------------------------
 
@@ -202,8 +267,31 @@ class SGLangEngine:
         """Servers restarted after they died (the client re-sent their lost requests)."""
         return sum(server.restarts for server in self.servers)
 
+    def request_counts(self) -> dict[str, float]:
+        """Per-server ``/generate`` requests and prefix-cache hits so far, as metrics.
+
+        Through the router the client cannot see which worker answered: each worker's count is
+        then its own ``/metrics`` (present when it runs with ``--enable-metrics``, which servers
+        launched behind the router get).
+        """
+        out: dict[str, float] = {}
+        pool = self.pool
+        if self.router is None:
+            for i in range(len(self.servers)):
+                out[f"rollout/requests/server_{i}"] = float(pool.requests[i])
+            out["rollout/cached_prompt_tokens"] = float(sum(pool.cached_tokens))
+            return out
+        out["rollout/requests/router"] = float(self.client.routed_requests)
+        out["rollout/cached_prompt_tokens"] = float(self.client.routed_cached_tokens)
+        for i, server in enumerate(self.servers):
+            counters = server_counters(server)
+            if counters is not None:
+                out[f"rollout/requests/server_{i}"] = counters[0]
+        return out
+
     def shutdown(self) -> None:
-        """Stop every server and the event loop (idempotent)."""
+        """Stop every server we started, the router and the event loop (idempotent); servers
+        of ``rollout.sglang.urls`` keep running."""
         if self._closed:
             return
         self._closed = True
@@ -211,6 +299,8 @@ class SGLangEngine:
             self._loop.run(self.client.close())
         finally:
             self._loop.close()
+            if self.router is not None:
+                self.router.stop()
             for server in self.servers:
                 server.stop()
 
@@ -220,12 +310,64 @@ class SGLangEngine:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
+    async def _after_down(self, index: int) -> None:
+        if self.router is not None and self.router.is_alive():
+            await tell_router_down(self.client.session(), self.router, self.servers[index].url)
+
     async def _after_restart(self, index: int) -> None:
         await self.transport.resync(self.client, index)
+        if self.router is not None:
+            await tell_router_restarted(
+                self.client.session(), self.router, self.servers[index].url, self._api_key
+            )
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the SGLang rollout engine was shut down")
+
+
+def resolve_api_key(cfg: SGLangConfig) -> str | None:
+    """The API key of ``cfg.api_key_env`` (``None`` when no variable is named)."""
+    if not cfg.api_key_env:
+        return None
+    api_key = os.environ.get(cfg.api_key_env)
+    if not api_key:
+        raise ValueError(
+            f"rollout.sglang.api_key_env: environment variable {cfg.api_key_env} is unset"
+        )
+    return api_key
+
+
+def server_counters(server: Endpoint, timeout_s: float = 5.0) -> tuple[float, float] | None:
+    """(``/generate`` requests answered, prompt tokens found in the prefix cache) of a server,
+    from its Prometheus ``/metrics``; ``None`` when it exports none (no ``--enable-metrics``)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{server.url}/metrics", headers=server.auth_headers())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            text = response.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError):
+        return None
+    requests = cached = 0.0
+    seen = False
+    for line in text.splitlines():
+        if line.startswith("sglang:http_requests_total{") and 'endpoint="/generate"' in line:
+            requests += float(line.rsplit(" ", 1)[1])
+            seen = True
+        elif line.startswith("sglang:cached_tokens_total"):
+            cached += float(line.rsplit(" ", 1)[1])
+    return (requests, cached) if seen or "sglang:" in text else None
+
+
+def _log_dir(cfg: SGLangConfig, run_dir: str | Path) -> Path:
+    return Path(cfg.log_dir) if cfg.log_dir else Path(run_dir) / "sglang_logs"
+
+
+def _transport(cfg: SGLangConfig, run_dir: str | Path) -> WeightTransport:
+    # weight_sync is auto or disk: the config allows nothing else
+    return DiskTransport(cfg.weight_sync_dir or Path(run_dir) / "rollout_weights")
 
 
 def build_sglang_engine(
@@ -243,6 +385,8 @@ def build_sglang_engine(
     trainer then overwriting the weights at step 0 (fine for small models; for large ones pass
     the checkpoint folder).
     """
+    if cfg.sglang.urls:  # the user's servers serve their own model; the trainer's weights follow
+        return SGLangEngine.connect(cfg.sglang, run_dir=run_dir)
     if model_path is None:
         model_path = Path(run_dir) / "sglang_init_model"
         if not (model_path / "config.json").is_file():

@@ -27,20 +27,33 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-# ``python -c _LAUNCHER <parent pid> <launch_server args...>``: runs sglang.launch_server with a
-# watchdog that takes the server's whole process group down if the parent process goes away.
+# ``python -c _LAUNCHER <parent pid> <module> <args...>``: runs ``module`` (sglang.launch_server, or
+# sglang_router.launch_router) with a watchdog that takes the process's whole group down if the
+# parent process goes away.
 # (PR_SET_PDEATHSIG would fire when the *thread* that started the child exits, which the engine's
 # worker threads do.)
 _LAUNCHER = """
 import os, runpy, signal, sys, threading, time
-parent = int(sys.argv[1])
-sys.argv = ["sglang.launch_server", *sys.argv[2:]]
+parent, module = int(sys.argv[1]), sys.argv[2]
+sys.argv = [module, *sys.argv[3:]]
 def _watch():
     while os.getppid() == parent:
         time.sleep(1.0)
     os.killpg(0, signal.SIGTERM)
 threading.Thread(target=_watch, daemon=True, name="hpt-parent-watchdog").start()
-runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
+if module == "sglang_router.launch_router":
+    # launch_router's own main imports the Python mini load balancer, which pulls in all of
+    # sglang and torch (a minute of CPU) for nothing: start the Rust router directly.
+    import argparse
+    from sglang_router.router import Router
+    from sglang_router.router_args import RouterArgs
+    parser = argparse.ArgumentParser(prog=module)
+    RouterArgs.add_cli_args(parser, use_router_prefix=False)
+    args = RouterArgs.from_cli_args(parser.parse_args(sys.argv[1:]), use_router_prefix=False)
+    args._validate_router_args()
+    Router.from_args(args).start()
+else:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 _LIVE: set[SGLangServer] = set()
@@ -57,13 +70,14 @@ class ServerLaunch:
     """Everything needed to (re)start one server."""
 
     python: str
-    args: list[str]  # after ``-m sglang.launch_server``
+    args: list[str]  # after ``-m <module>``
     host: str
     port: int
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)  # added to the parent's environment
     api_key: str | None = None
     startup_timeout_s: float = 900.0
+    module: str = "sglang.launch_server"  # or "sglang_router.launch_router"
 
     @property
     def url(self) -> str:
@@ -102,7 +116,8 @@ class SGLangServer:
             )
         _install_exit_hooks()
         self.launch.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [self.launch.python, "-c", _LAUNCHER, str(os.getpid()), *self.launch.args]
+        cmd = [self.launch.python, "-c", _LAUNCHER, str(os.getpid()), self.launch.module]
+        cmd += self.launch.args
         env = {**os.environ, **self.launch.env}
         with open(self.launch.log_path, "ab") as log:
             log.write(f"\n==== {time.strftime('%F %T')} starting: {' '.join(cmd)}\n".encode())
@@ -193,6 +208,78 @@ class SGLangServer:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
+
+
+class ExternalServer:
+    """A server (or sglang-router) that the user started (``rollout.sglang.urls``).
+
+    Same interface as ``SGLangServer`` to the pool and the client, but never started, stopped or
+    killed from here: ``restart`` only waits for it to answer ``/health`` again.
+
+    Args:
+        url: its base URL, ``http://host:port``.
+        api_key: the key it was started with, if any.
+        timeout_s: how long ``restart`` waits for it to come back.
+    """
+
+    def __init__(self, url: str, *, api_key: str | None = None, timeout_s: float = 900.0) -> None:
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.restarts = 0
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def health(self, timeout_s: float = 5.0) -> bool:
+        return http_health(self.url, self.auth_headers(), timeout_s) is None
+
+    def is_alive(self) -> bool:
+        return self.health()
+
+    def check(self, timeout_s: float = 10.0) -> None:
+        """Raise ``ServerStartError`` naming the URL unless ``/health`` answers 200."""
+        why = http_health(self.url, self.auth_headers(), timeout_s)
+        if why is not None:
+            raise ServerStartError(
+                f"rollout.sglang.urls: the SGLang server at {self.url} is not usable: {why}"
+            )
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Nothing: a server the user started is the user's to stop."""
+
+    def restart(self, args: list[str] | None = None) -> None:
+        """Wait (up to ``timeout_s``) for the server to answer again; it is not ours to start."""
+        self.restarts += 1
+        logger.warning("external sglang server %s is down; waiting for it to come back", self.url)
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if self.health():
+                return
+            time.sleep(1.0)
+        raise ServerStartError(
+            f"external SGLang server {self.url} did not come back within {self.timeout_s:.0f} s "
+            "(servers listed in rollout.sglang.urls are never restarted from here)"
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "(started outside this run: its log is wherever it was started)"
+
+
+def http_health(url: str, headers: dict[str, str], timeout_s: float) -> str | None:
+    """``None`` when ``<url>/health`` answers 200, else why not (for error messages)."""
+    request = urllib.request.Request(f"{url}/health", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            if response.status == 200:
+                return None
+            return f"/health answered {response.status}"
+    except urllib.error.HTTPError as err:
+        hint = " (wrong or missing API key: rollout.sglang.api_key_env)" if err.code == 401 else ""
+        return f"/health answered {err.code}{hint}"
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        return f"cannot connect ({reason})"
 
 
 def stop_all_servers() -> None:

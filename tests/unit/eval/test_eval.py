@@ -183,6 +183,11 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "could not convert" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--urls", "http://127.0.0.1:1"]) == 2
+    assert "--urls needs --engine sglang" in capsys.readouterr().err
+    argv = ["--model", str(tmp_path), "--engine", "sglang", "--urls", "localhost"]
+    assert main(argv) == 2
+    assert "urls[0]: 'localhost' must be http" in capsys.readouterr().err
 
 
 def test_cli_end_to_end_with_the_cpu_engine(tmp_path, tok, capsys):

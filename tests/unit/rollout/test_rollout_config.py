@@ -60,6 +60,13 @@ def test_cpu_server_args_env_and_passthrough() -> None:
         ({"sglang": {"device": "cpu", "weight_sync": "tensor"}}, "rollout.sglang.weight_sync"),
         ({"sglang": {"extra_args": ["--port", "1"]}}, "rollout.sglang.extra_args"),
         ({"sglang": {"max_restarts": -1}}, "rollout.sglang.max_restarts"),
+        ({"sglang": {"urls": ["localhost:30000"]}}, "rollout.sglang.urls"),
+        ({"sglang": {"urls": ["http://h"]}}, "rollout.sglang.urls"),
+        ({"sglang": {"urls": ["http://h:1/generate"]}}, "rollout.sglang.urls"),
+        ({"sglang": {"urls": ["http://h:1", "http://h:1/"]}}, "rollout.sglang.urls"),
+        ({"sglang": {"urls": ["http://h:1"], "num_servers": 2}}, "rollout.sglang.num_servers"),
+        ({"sglang": {"router": "sometimes"}}, "rollout.sglang.router"),
+        ({"sglang": {"router_policy": "least_load"}}, "rollout.sglang.router_policy"),
     ],
 )
 def test_validation_names_the_key(section: dict, key: str) -> None:
@@ -84,3 +91,27 @@ def test_python_executable_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HPT_SGLANG_VENV", "/x/venv")
     assert SGLangConfig().python_executable() == "/x/venv/bin/python"
     assert SGLangConfig(python="/p").python_executable() == "/p"
+
+
+def test_preflight_of_external_servers_and_the_router(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With urls nothing is launched: no SGLang python needed, unless the router is asked for;
+    a named API-key variable must be set."""
+    from hpt_megatron.orchestration.preflight import _check_sglang
+
+    missing = str(tmp_path / "nope" / "python")
+
+    def cfg(**sglang: object) -> HPTConfig:
+        section = {"engine": "sglang", "sglang": {"python": missing, **sglang}}
+        return from_dict(HPTConfig, {"rollout": section})
+
+    _check_sglang(cfg(urls=["http://10.0.0.1:30000"], router=False))
+    _check_sglang(cfg(urls=["http://10.0.0.1:30000", "http://10.0.0.2:30000"]))  # auto: client
+    with pytest.raises(ConfigError, match="needs SGLang's python"):
+        _check_sglang(cfg(urls=["http://10.0.0.1:30000"], router=True))
+    with pytest.raises(ConfigError, match="needs SGLang's python"):
+        _check_sglang(cfg(device="cpu"))
+    monkeypatch.delenv("HPT_TEST_KEY", raising=False)
+    with pytest.raises(ConfigError, match="HPT_TEST_KEY is unset"):
+        _check_sglang(cfg(urls=["http://10.0.0.1:30000"], router=False, api_key_env="HPT_TEST_KEY"))

@@ -234,3 +234,34 @@ def test_build_sglang_engine_writes_an_init_model(tmp_path: Path) -> None:
         init = tmp_path / "sglang_init_model"
         assert (init / "config.json").is_file() and (init / "tokenizer.json").is_file()
         assert engine.servers[0].launch.args[1] == str(init)
+
+
+def test_external_server_errors_name_the_url(tmp_path: Path) -> None:
+    """``rollout.sglang.urls``: an unreachable server, or one that refuses the API key, is an
+    error naming the URL when the engine is built (before step 1); nothing is launched."""
+    import http.server
+    import threading
+
+    from hpt_megatron.rollout.sglang.server import ExternalServer, free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = SGLangConfig(device="cpu", urls=[dead], router=False)
+    with pytest.raises(ServerStartError, match=f"rollout.sglang.urls: .*{dead}.*cannot connect"):
+        SGLangEngine.connect(cfg, run_dir=tmp_path)
+
+    class Refuses(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Refuses)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        with pytest.raises(ServerStartError, match=f"{url}.*401.*api_key_env"):
+            ExternalServer(url, api_key="wrong").check()
+    finally:
+        httpd.shutdown()
