@@ -92,8 +92,8 @@ def train(cfg: HPTConfig) -> dict[str, float]:
     driver = None
     try:
         run = _build_run(cfg, ctx, hf, spec)
-        replay = cfg.run.replay_rollouts  # trains recorded batches: no driver, no engine
-        build = ctx.is_driver and not replay
+        # A replay of recorded batches (run.replay_rollouts) has no driver and no engine.
+        build = ctx.is_driver and not cfg.run.replay_rollouts
         driver = Driver.build(cfg, hf, run.tokenizer, run.run_dir) if build else None
         return _train(run, driver)
     finally:
@@ -115,8 +115,8 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
             f"model vocab_size {hf.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
         )
     policy = build_policy(hf, cfg.model, cfg.parallel, cfg.trainer, ctx, total_steps=cfg.run.steps)
-    replay = spec.routing_replay == "rollout"
-    if replay:  # the routers take the experts the rollout engine chose
+    routing_replay = spec.routing_replay == "rollout"
+    if routing_replay:  # the routers take the experts the rollout engine chose
         policy.routing_replay = RoutingReplay.attach(policy.model_chunks, ctx.tp_rank, ctx.tp)
     reference = None
     if spec.needs_ref_logprobs:
@@ -146,7 +146,7 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
         mini_batches=cfg.trainer.mini_batches_per_step,
         epochs=cfg.trainer.epochs_per_step,
         equal_microbatch_counts=ctx.ep > 1,
-        routing_replay=replay,
+        routing_replay=routing_replay,
     )
 
     def describe(path: Path) -> None:  # checkpoints are self-contained for hpt eval / convert
@@ -213,8 +213,8 @@ def _train_steps(
         start_step=start,
     )
     engine = driver.engine if driver is not None else None
-    disk = disk_sync_for(cfg, run.tokenizer)  # None: the buckets go to the driver's engine
-    syncing = not cfg.run.replay_rollouts
+    syncing = not cfg.run.replay_rollouts  # a replay trains recorded batches: nothing to sync
+    disk = disk_sync_for(cfg, run.tokenizer) if syncing else None  # None: to the driver's engine
     if syncing:
         with phase("weight_sync", start):
             sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=start, disk=disk)
