@@ -18,11 +18,10 @@ from nll_loss import TokenMeanNLL
 
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
 from hpt_megatron.data.sample import RolloutBatch
-from hpt_megatron.models.loading import load_hf_weights
 from hpt_megatron.models.moe import RoutingReplay
-from hpt_megatron.models.provider import build_model_chunks, load_hf_config
+from hpt_megatron.models.provider import load_hf_config
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
-from hpt_megatron.trainer.build import build_engine
+from hpt_megatron.trainer.build import build_policy, init_policy_weights
 from hpt_megatron.trainer.update import UpdateLayout, local_microbatches
 
 
@@ -60,20 +59,10 @@ def main() -> None:
     parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, backend="gloo")
     ctx = init_distributed(parallel, seed=1)
     hf = load_hf_config(f"{args.hf}/config.json")
-    model_cfg = ModelConfig(hf_config=f"{args.hf}/config.json")
-    chunks = build_model_chunks(hf, model_cfg, parallel, pp_rank=ctx.pp_rank, init_weights=False)
+    model_cfg = ModelConfig(hf_config=f"{args.hf}/config.json", hf_weights=args.hf)
     trainer_cfg = TrainerConfig(lr=1e-3, grad_clip=0.0, max_tokens_per_microbatch=64)
-    engine = build_engine(chunks, ctx, trainer_cfg, total_steps=1, vocab_size=hf.vocab_size)
-    modules = [getattr(c, "module", c) for c in engine.model_chunks]
-    load_hf_weights(
-        modules,
-        hf,
-        args.hf,
-        tp_rank=ctx.tp_rank,
-        tp_size=ctx.tp,
-        etp_rank=ctx.etp_rank,
-        etp_size=ctx.etp,
-    )
+    engine = build_policy(hf, model_cfg, parallel, trainer_cfg, ctx, total_steps=1)
+    init_policy_weights(engine, hf, model_cfg)
     engine.routing_replay = RoutingReplay.attach(engine.model_chunks, ctx.tp_rank, ctx.tp)
 
     samples = RolloutBatch.load_jsonl(args.samples).samples

@@ -5,6 +5,7 @@ norm and the log-probs after the step. Run with ``--save`` (one process) to crea
 """
 
 import argparse
+import dataclasses
 import json
 import random
 
@@ -13,7 +14,6 @@ from nll_loss import TokenMeanNLL
 
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
 from hpt_megatron.data.sample import Sample
-from hpt_megatron.models.loading import load_hf_weights
 from hpt_megatron.models.provider import build_model_chunks, load_hf_config
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.trainer.batching import (
@@ -24,7 +24,7 @@ from hpt_megatron.trainer.batching import (
     split_to_multiple,
     token_budget_microbatches,
 )
-from hpt_megatron.trainer.build import build_engine
+from hpt_megatron.trainer.build import build_engine, init_policy_weights
 from hpt_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
 
 ARCHS = {
@@ -138,8 +138,7 @@ def main() -> None:
     chunks = build_model_chunks(hf, model_cfg, parallel, pp_rank=ctx.pp_rank, init_weights=init)
     engine = build_engine(chunks, ctx, trainer_cfg, total_steps=10, vocab_size=hf.vocab_size)
     if args.hf_weights:
-        modules = [getattr(c, "module", c) for c in engine.model_chunks]
-        load_hf_weights(modules, hf, args.hf_weights, tp_rank=ctx.tp_rank, tp_size=ctx.tp)
+        init_policy_weights(engine, hf, dataclasses.replace(model_cfg, hf_weights=args.hf_weights))
     elif args.save:
         save_checkpoint(args.ckpt, engine.model_chunks)
     else:
