@@ -76,6 +76,34 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written; the message says where and why."""
 
 
+class SnapshotBuffers:
+    """Host memory for the snapshot of a background save, kept from one save to the next (as
+    ``torch.distributed.checkpoint``'s stager keeps its staged state dict): the first save
+    allocates a copy of this rank's share of the state; later ones copy into it, which is about
+    as fast as the memory bandwidth, where allocating and first touching gigabytes is not.
+
+    One save at a time uses it (:class:`Checkpointer` waits for a save before the next)."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        self._used: list[tuple[tuple[Any, ...], torch.Tensor]] = []
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of ``tensor`` in a free buffer of its shape (a new buffer if there is none)."""
+        key = (tuple(tensor.shape), tensor.dtype, tensor.device)
+        free = self._free.setdefault(key, [])
+        buffer = free.pop() if free else torch.empty_like(tensor)
+        buffer.copy_(tensor)
+        self._used.append((key, buffer))
+        return buffer
+
+    def release(self) -> None:
+        """The save that used the buffers is written: they are free for the next one."""
+        for key, buffer in self._used:
+            self._free[key].append(buffer)
+        self._used = []
+
+
 class PendingSave:
     """A checkpoint whose shards are being written (in a thread, or already written inline).
 
@@ -92,6 +120,7 @@ class PendingSave:
         request: Any,
         state: dict[str, Any] | None,
         group: dist.ProcessGroup | None,
+        buffers: SnapshotBuffers | None = None,
     ) -> None:
         self.tmp, self.final, self.request, self.state, self.group = (
             tmp,
@@ -100,6 +129,7 @@ class PendingSave:
             state,
             group,
         )
+        self.buffers = buffers
         self.error: str | None = None
         self.thread: threading.Thread | None = None
         self.checksums: dict[str, list[int]] = {}  # of the files written, computed by the writer
@@ -118,7 +148,7 @@ class PendingSave:
     def _snapshot_writes(self, copy: bool) -> Any:
         """Stage the tensors this rank writes: device tensors are copied to host by Megatron's
         preload; with ``copy``, host tensors that are live training state are cloned, so that
-        training may go on while they are written."""
+        training may go on while they are written (into ``buffers`` when there are some)."""
         req = self.request
         if req is None or req.async_fn is None:
             return None
@@ -127,8 +157,9 @@ class PendingSave:
         staged = req.preload_fn() if req.preload_fn is not None else originals
         live = {t.data_ptr() for _, _, (_, tensors) in originals for _, t in tensors}
         buckets = []
+        clone = self.buffers.copy if self.buffers is not None else torch.Tensor.clone
         for file_name, key, (bytes_data, tensors) in staged:
-            copied = [(i, t.clone() if copy and t.data_ptr() in live else t) for i, t in tensors]
+            copied = [(i, clone(t) if copy and t.data_ptr() in live else t) for i, t in tensors]
             buckets.append((file_name, key, (bytes_data, copied)))
         return transform_list, use_msc, buckets, results_queue
 
@@ -180,6 +211,8 @@ class PendingSave:
         """Collective: wait for the writes, finalise, write the manifests and ``COMPLETE``."""
         if self.thread is not None:
             self.thread.join()
+        if self.buffers is not None:
+            self.buffers.release()
         rank = dist.get_rank() if dist.is_initialized() else 0
         errors = _gather((rank, self.error), self.group)
         failed = [(r, e) for r, e in errors if e]
@@ -218,10 +251,20 @@ def begin_save(
     state: dict[str, Any] | None = None,
     group: dist.ProcessGroup | None = None,
     background: bool = False,
+    buffers: SnapshotBuffers | None = None,
 ) -> PendingSave:
     """Collective: plan the checkpoint ``path`` and start writing this rank's shards (in a
-    thread with ``background``); :meth:`PendingSave.finish` completes it."""
+    thread with ``background``, its snapshot in ``buffers`` when given);
+    :meth:`PendingSave.finish` completes it.
+
+    The writing is spread over the ranks of ``group`` (Megatron's fully parallel save): a
+    tensor held by several ranks (data-parallel replicas, tensor-parallel copies of the norms)
+    is written by one of them, chosen so that every rank writes about the same number of bytes,
+    instead of always by its first replica (data-parallel rank 0 would write everything)."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     final = Path(path)
@@ -235,7 +278,9 @@ def begin_save(
     sharded: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(_flat(model_sd))
-    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=2)  # 2 files a rank
+    strategy: Any = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=2)  # 2 files a rank
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, group)
     try:
         request = dist_checkpointing.save(
             sharded, str(tmp), sharded_strategy=strategy, async_sharded_save=True
@@ -244,7 +289,7 @@ def begin_save(
         raise CheckpointError(
             f"checkpoint {final.name} could not be written to {tmp}: {err}"
         ) from err
-    return PendingSave(tmp, final, request, state, group).start(background)
+    return PendingSave(tmp, final, request, state, group, buffers).start(background)
 
 
 def save_checkpoint(
@@ -476,6 +521,7 @@ class Checkpointer:
         self.background = background
         self.best_val = float("-inf")
         self.pending: PendingSave | None = None
+        self.buffers = SnapshotBuffers()  # the background saves' snapshot, kept between saves
         self.last_complete: Path | None = None  # the newest checkpoint known complete
 
     def _verify(self, path: Path) -> str | None:
@@ -560,6 +606,7 @@ class Checkpointer:
             state,
             group=group,
             background=background,
+            buffers=self.buffers if background else None,
         )
         if not background:
             self.wait()
