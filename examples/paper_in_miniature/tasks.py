@@ -1,0 +1,91 @@
+"""The miniature's data: the base model's task, the training task and the benchmark files.
+
+Training (every method): level 2 of the built-in arithmetic task (two-digit + and -, two-digit by
+one-digit *). The base model is pre-trained (SFT) on level 1 only (two-digit addition), so it
+solves level 2's sums and none of its differences or products: the paper's premise of a base
+that solves part of the training problems (Qwen2.5-Math on its training set) with
+demonstrations for the rest.
+
+Held-out sets come from level 2's test split (disjoint from its train split): the first
+``VAL_SIZE`` problems are the validation split (the learning rate is chosen on it, and runs
+validate on it over steps); the rest, grouped by operation, are the in-distribution benchmarks
+(the paper's six math benchmarks). Out of distribution: level 3 (three-digit + and -, a length
+never trained, and two-digit by two-digit *, partial products never shown).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hpt_megatron.data.arithmetic import arithmetic_examples
+
+BASE_LEVELS = [1]
+TRAIN_LEVELS = [2]
+TEST_SIZE = 450  # level 2's test split: validation, then the benchmarks
+VAL_SIZE = 150
+ID_SIZE = 130  # per in-distribution benchmark
+OOD_SIZE = 120  # per OOD benchmark
+TASK_SEED = 0  # data.arithmetic.seed: fixes the splits
+
+ID_BENCHMARKS = {"l2_add": "+", "l2_sub": "-", "l2_mul": "*"}
+OOD_BENCHMARKS = {"l3_addsub": "+-", "l3_mul": "*"}
+
+
+def task_overrides(levels: list[int]) -> list[str]:
+    """``hpt train`` overrides for the arithmetic task at ``levels`` with this module's splits."""
+    return [
+        "data.train=arithmetic",
+        f"data.arithmetic.levels=[{','.join(map(str, levels))}]",
+        f"data.arithmetic.test_size={TEST_SIZE}",
+        f"data.arithmetic.seed={TASK_SEED}",
+    ]
+
+
+def row(ex) -> dict:
+    return {
+        "prompt": ex.messages,
+        "answer": ex.ground_truth,
+        "target": ex.demonstration,
+        "data_source": ex.data_source,
+    }
+
+
+def _op(ex) -> str:
+    question = ex.messages[0]["content"]
+    return next(c for c in "+-*" if c in question)
+
+
+def write_sets(folder: Path, per_benchmark: int | None = None) -> dict[str, Path]:
+    """Write the validation split and every benchmark as JSONL; returns ``{name: path}``.
+
+    ``per_benchmark`` keeps the first problems of each benchmark (the CI test).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    test = arithmetic_examples("test", TRAIN_LEVELS, seed=TASK_SEED, test_size=TEST_SIZE)
+    sets = {"val": test[:VAL_SIZE]}
+    # level 2's test sums are level 1's test problems (see arithmetic.py), only a few of them
+    # drawn: the sums' benchmark takes level 1's whole test split, less the validation's
+    val_questions = {ex.messages[0]["content"] for ex in sets["val"]}
+    sums = arithmetic_examples("test", BASE_LEVELS, seed=TASK_SEED, test_size=TEST_SIZE)
+    pool = {"+": [ex for ex in sums if ex.messages[0]["content"] not in val_questions]}
+    for name, op in ID_BENCHMARKS.items():
+        rows = pool.get(op) or [ex for ex in test[VAL_SIZE:] if _op(ex) == op]
+        sets[name] = rows[:ID_SIZE]
+    # level 3 is never trained; its own test split (any size) cannot meet level 2's problems
+    ood = arithmetic_examples("test", [3], seed=TASK_SEED, test_size=4 * OOD_SIZE, train_size=1)
+    for name, ops in OOD_BENCHMARKS.items():
+        sets[name] = [ex for ex in ood if _op(ex) in ops][:OOD_SIZE]
+    paths = {}
+    for name, rows in sets.items():
+        if per_benchmark is not None and name != "val":
+            rows = rows[:per_benchmark]
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row(ex)) + "\n" for ex in rows))
+        paths[name] = path
+    return paths
+
+
+def train_prompts(limit: int) -> list:
+    """The first ``limit`` training problems (for the base model's solve-rate measurement)."""
+    return arithmetic_examples("train", TRAIN_LEVELS, seed=TASK_SEED, test_size=TEST_SIZE)[:limit]
