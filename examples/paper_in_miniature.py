@@ -259,8 +259,8 @@ def choose_lr(args: argparse.Namespace, out: Path, base: Path, pool: ThreadPoolE
     best = max(grid, key=lambda lr: sum(grid[lr].values()) / len(grid[lr]))
     how = (
         f"grid {[f'{x:g}' for x in b.lr_grid]}, {b.lr_steps} steps of SFT and of GRPO from the "
-        "base (seed 1), greedy accuracy on the validation split (150 level-2 test problems, "
-        "none in a benchmark); the best mean of the two"
+        "base (seed 1), greedy accuracy on the validation split (50 held-out problems per "
+        "operation, none in a benchmark); the best mean of the two"
     )
     return {"lr": float(best), "how": how, "grid": grid}
 

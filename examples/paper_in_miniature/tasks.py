@@ -6,10 +6,11 @@ solves level 2's sums and none of its differences or products: the paper's premi
 that solves part of the training problems (Qwen2.5-Math on its training set) with
 demonstrations for the rest.
 
-Held-out sets come from level 2's test split (disjoint from its train split): the first
-``VAL_SIZE`` problems are the validation split (the learning rate is chosen on it, and runs
-validate on it over steps); the rest, grouped by operation, are the in-distribution benchmarks
-(the paper's six math benchmarks). Out of distribution: level 3 (three-digit + and -, a length
+Held-out sets come from level 2's test split (disjoint from its train split; its sums from level
+1's test split, which neither the base nor the methods train on), per operation: the first
+``VAL_PER_OP`` of each are the validation split (the learning rate is chosen on it, and runs
+validate on it over steps), the next ``ID_SIZE`` the in-distribution benchmarks (the paper's six
+math benchmarks). Out of distribution: level 3 (three-digit + and -, a length
 never trained, and two-digit by two-digit *, partial products never shown).
 """
 
@@ -23,7 +24,7 @@ from hpt_megatron.data.arithmetic import arithmetic_examples
 BASE_LEVELS = [1]
 TRAIN_LEVELS = [2]
 TEST_SIZE = 450  # level 2's test split: validation, then the benchmarks
-VAL_SIZE = 150
+VAL_PER_OP = 50  # validation problems per operation
 ID_SIZE = 130  # per in-distribution benchmark
 OOD_SIZE = 120  # per OOD benchmark
 TASK_SEED = 0  # data.arithmetic.seed: fixes the splits
@@ -62,16 +63,18 @@ def write_sets(folder: Path, per_benchmark: int | None = None) -> dict[str, Path
     ``per_benchmark`` keeps the first problems of each benchmark (the CI test).
     """
     folder.mkdir(parents=True, exist_ok=True)
+    # Level 2's test sums are level 1's test problems (see arithmetic.py), few of them drawn:
+    # the sums come from level 1's whole test split (never trained by the base or the methods).
     test = arithmetic_examples("test", TRAIN_LEVELS, seed=TASK_SEED, test_size=TEST_SIZE)
-    sets = {"val": test[:VAL_SIZE]}
-    # level 2's test sums are level 1's test problems (see arithmetic.py), only a few of them
-    # drawn: the sums' benchmark takes level 1's whole test split, less the validation's
-    val_questions = {ex.messages[0]["content"] for ex in sets["val"]}
-    sums = arithmetic_examples("test", BASE_LEVELS, seed=TASK_SEED, test_size=TEST_SIZE)
-    pool = {"+": [ex for ex in sums if ex.messages[0]["content"] not in val_questions]}
+    pools = {
+        "+": arithmetic_examples("test", BASE_LEVELS, seed=TASK_SEED, test_size=TEST_SIZE),
+        "-": [ex for ex in test if _op(ex) == "-"],
+        "*": [ex for ex in test if _op(ex) == "*"],
+    }
+    # validation: the first VAL_PER_OP of each operation; the benchmarks: the next ID_SIZE
+    sets = {"val": [ex for pool in pools.values() for ex in pool[:VAL_PER_OP]]}
     for name, op in ID_BENCHMARKS.items():
-        rows = pool.get(op) or [ex for ex in test[VAL_SIZE:] if _op(ex) == op]
-        sets[name] = rows[:ID_SIZE]
+        sets[name] = pools[op][VAL_PER_OP : VAL_PER_OP + ID_SIZE]
     # level 3 is never trained; its own test split (any size) cannot meet level 2's problems
     ood = arithmetic_examples("test", [3], seed=TASK_SEED, test_size=4 * OOD_SIZE, train_size=1)
     for name, ops in OOD_BENCHMARKS.items():
