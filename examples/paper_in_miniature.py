@@ -1,6 +1,6 @@
 """The HPT paper's main claims in miniature, on the built-in arithmetic task (CPU).
 
-    python examples/paper_in_miniature.py --quick --out runs/mini_quick     # ~15-20 min
+    python examples/paper_in_miniature.py --quick --out runs/mini_quick     # 9-15 min
     python examples/paper_in_miniature.py --out runs/mini                   # the full run
 
 Stages, each cached in ``--out`` (a finished stage is reused; ``--force`` redoes them all):
@@ -9,14 +9,14 @@ Stages, each cached in ``--out`` (a finished stage is reused; ``--force`` redoes
    addition) only; its solve rate on the training prompts (level 2: +, -, *) at temperature 1,
    n = 8, is measured and written down (the paper's base models solve part of their training set).
 2. **Learning rate** (``lr/``): one shared learning rate for every method, chosen once on the
-   validation split (level 2's first test problems, never a benchmark): the grid value with the
+   validation split (50 held-out problems per operation, never a benchmark): the grid value with the
    best mean greedy validation accuracy of the two single-signal baselines, SFT and GRPO, after
    a short run from the base. HPT plays no part in the choice.
 3. **Comparison** (``runs/<size>/<method>/seed<k>/``): SFT, GRPO, SFT->GRPO, LUFFY, HPT and
    ``hpt_paper`` from the base, the same budget (steps x prompts x rollouts) and the same shared
    settings; each preset keeps its own defaults (e.g. HPT's entropy bonus 0.001); SFT->GRPO
    switches at half the budget. Gate ablation on the first size: HPT with gamma 2/8, always
-   SFT (gamma 8/8) and always RL (no gate).
+   SFT (gamma 8/8) and always RL (no gate). ``--quick``: one seed, the tiny size, 50 x 16.
 4. **Benchmarks** through ``hpt eval``'s code path (``hpt_megatron.eval``): avg@k at temperature
    0.6, top-p 0.95, greedy accuracy, Pass@1..k; in distribution: level 2's held-out +, -, *;
    out of distribution: level 3 (three-digit + and -, two-digit by two-digit *).
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="one seed, one size, fewer steps")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--sizes", default="tiny,large", help=f"comma-separated of {list(SIZES)}")
-    p.add_argument("--steps", type=int, help="steps per method (default: 120, quick 60)")
+    p.add_argument("--steps", type=int, help="steps per method (default: 100, quick 50)")
     p.add_argument("--prompts-per-step", type=int, help="default: 32, quick 16")
     p.add_argument("--base-steps", type=int, default=300)
     p.add_argument(
@@ -89,7 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--lr", type=float, help="skip the choice and use this learning rate")
     p.add_argument("--eval-k", type=int, help="samples per benchmark problem (default 32)")
-    p.add_argument("--eval-problems", type=int, help="first N problems per benchmark")
+    p.add_argument(
+        "--eval-problems", type=int, help="first N problems per benchmark (default: 48, quick 32)"
+    )
     p.add_argument(
         "--methods",
         default=",".join([*METHODS, *ABLATIONS]),
@@ -107,11 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.seeds, args.sizes = 1, args.sizes[:1]
     budget = Budget(
-        steps=args.steps or (50 if args.quick else 120),
+        steps=args.steps or (50 if args.quick else 100),
         prompts=args.prompts_per_step or (16 if args.quick else 32),
         base_steps=args.base_steps,
         eval_k=args.eval_k or 32,
-        id_problems=args.eval_problems or (32 if args.quick else None),
+        id_problems=args.eval_problems or (32 if args.quick else 48),
     )
     budget.lr_steps = max(1, budget.steps // 2)
     budget.val_every = _divisor_near(budget.steps, budget.steps / 6)
