@@ -26,7 +26,7 @@ setup(
         "aiohttp",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "ruff==0.17.6", "mypy==2.4.1"],
+        "test": ["pytest>=8", "pytest-timeout", "ruff==0.17.6", "mypy==2.4.1", "matplotlib"],
         "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["hpt=hpt_megatron.cli:main"]},

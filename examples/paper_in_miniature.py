@@ -1,263 +1,327 @@
-"""The HPT paper's main comparison in miniature, on the built-in arithmetic task (CPU).
+"""The HPT paper's main claims in miniature, on the built-in arithmetic task (CPU).
 
-Trains SFT, GRPO, SFT-then-GRPO, LUFFY and HPT from the same tiny model with the same budget
-(steps x prompts per step) and seed, evaluates each final policy on the held-out split (greedy,
-all test problems), and prints a table in the shape of the paper's, then the HPT run's
-SFT-routed fraction over steps. Both go to ``<out>/summary.md``.
+    python examples/paper_in_miniature.py --quick --out runs/mini_quick     # 9-15 min
+    python examples/paper_in_miniature.py --out runs/mini                   # the full run
 
-    python examples/paper_in_miniature.py --steps 200 --prompts-per-step 48 --out runs/mini
+Stages, each cached in ``--out`` (a finished stage is reused; ``--force`` redoes them all):
 
-Each method is one ``hpt train`` subprocess (``torch.distributed.run``, ``--nproc`` gloo
-processes with the parallel layout of ``--config``), run one after another. A method whose run
-directory already holds a finished run with the same settings is reused, not retrained;
-``--force`` retrains it. With the defaults it takes about 15 minutes on 2 CPU cores.
+1. **Base** (``base/<size>/``): the tiny model pre-trained with SFT on level 1 (two-digit
+   addition) only; its solve rate on the training prompts (level 2: +, -, *) at temperature 1,
+   n = 8, is measured and written down (the paper's base models solve part of their training set).
+2. **Learning rate** (``lr/``): one shared learning rate for every method, chosen once on the
+   validation split (50 held-out problems per operation, never a benchmark): the grid value with the
+   best mean greedy validation accuracy of the two single-signal baselines, SFT and GRPO, after
+   a short run from the base. HPT plays no part in the choice.
+3. **Comparison** (``runs/<size>/<method>/seed<k>/``): SFT, GRPO, SFT->GRPO, LUFFY, HPT and
+   ``hpt_paper`` from the base, the same budget (steps x prompts x rollouts) and the same shared
+   settings; each preset keeps its own defaults (e.g. HPT's entropy bonus 0.001); SFT->GRPO
+   switches at half the budget. Gate ablation on the first size: HPT with gamma 2/8, always
+   SFT (gamma 8/8) and always RL (no gate). ``--quick``: one seed, the tiny size, 50 x 16.
+4. **Benchmarks** through ``hpt eval``'s code path (``hpt_megatron.eval``): avg@k at temperature
+   0.6, top-p 0.95, greedy accuracy, Pass@1..k; in distribution: level 2's held-out +, -, *;
+   out of distribution: level 3 (three-digit + and -, two-digit by two-digit *).
+5. **Report**: ``summary.md``, ``summary.json`` and PNG plots (see ``report.py``).
 
-Every preset runs with its own defaults (the base config's ``algorithm.options``, which sets
-``entropy_coef: 0``, applies to all five); the only per-method setting is ``switch_step`` (half
-the budget) for SFT-then-GRPO.
+Trainings run as ``hpt train`` subprocesses, ``--nproc 1`` with ``parallel.tp=1`` and
+``OMP_NUM_THREADS=1``, ``--jobs`` (2) at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "examples" / "tiny_cpu.yaml"
+HERE = REPO / "examples" / "paper_in_miniature"
+sys.path.insert(0, str(HERE))
 
-# method label (as in the paper's tables) -> preset
-METHODS = {
-    "sft": ("SFT", "sft"),
-    "grpo": ("GRPO", "grpo"),
-    "sft_then_grpo": ("SFT -> GRPO", "sft_then_grpo"),
-    "luffy": ("LUFFY", "luffy"),
-    "hpt": ("HPT", "hpt"),
+import report  # noqa: E402
+import tasks  # noqa: E402
+
+CONFIG = HERE / "tiny.yaml"
+METHODS = ("sft", "grpo", "sft_then_grpo", "luffy", "hpt", "hpt_paper")
+# gate ablation: name -> overrides on the hpt preset (gamma 0 is hpt itself)
+ABLATIONS = {
+    "gamma_2of8": ["algorithm.options.gate_gamma=2/8"],
+    "always_sft": ["algorithm.options.gate_gamma=1.0"],
+    "always_rl": ["algorithm.options.batch_rule=none"],
 }
+# model size -> overrides of the inline model (the large one has about 4x the parameters)
+SIZES = {
+    "tiny": [],
+    "large": ["model.inline.hidden_size=256", "model.inline.intermediate_size=1024"],
+}
+
+
+@dataclass
+class Budget:
+    steps: int
+    prompts: int
+    base_steps: int = 300
+    lr_steps: int = 0  # the learning-rate runs (default: half of steps)
+    lr_grid: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4, 1e-3])
+    val_every: int = 10
+    eval_k: int = 32
+    id_problems: int | None = None  # per benchmark (None: all)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per method")
-    p.add_argument("--prompts-per-step", type=int, default=48, help="prompts per step")
-    p.add_argument("--out", default="runs/paper_in_miniature", help="output folder")
+    p.add_argument("--out", default="runs/paper_in_miniature")
+    p.add_argument("--quick", action="store_true", help="one seed, one size, fewer steps")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--sizes", default="tiny,large", help=f"comma-separated of {list(SIZES)}")
+    p.add_argument("--steps", type=int, help="steps per method (default: 100, quick 50)")
+    p.add_argument("--prompts-per-step", type=int, help="default: 32, quick 16")
+    p.add_argument("--base-steps", type=int, default=300)
+    p.add_argument(
+        "--lr-grid",
+        help="comma-separated learning rates (default 3e-5,1e-4,3e-4,1e-3; quick 1e-4,3e-4)",
+    )
+    p.add_argument("--lr", type=float, help="skip the choice and use this learning rate")
+    p.add_argument("--eval-k", type=int, help="samples per benchmark problem (default 32)")
+    p.add_argument(
+        "--eval-problems", type=int, help="first N problems per benchmark (default: 48, quick 32)"
+    )
     p.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated subset of {','.join(METHODS)}",
+        default=",".join([*METHODS, *ABLATIONS]),
+        help="comma-separated subset of the methods and ablations (default: all)",
     )
-    p.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun)")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="base YAML")
-    p.add_argument("--seed", type=int, default=1234, help="run.seed, the same for every method")
-    p.add_argument(
-        "--val-every",
-        type=int,
-        default=None,
-        help="validation interval (default: a quarter of --steps, rounded so the last step "
-        "validates)",
-    )
-    p.add_argument(
-        "--curve-every", type=int, default=25, help="steps between points of the SFT curve"
-    )
-    p.add_argument("--force", action="store_true", help="retrain methods that already finished")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra config override for every method (repeatable)",
-    )
+    p.add_argument("--jobs", type=int, default=2, help="trainings at a time")
+    p.add_argument("--force", action="store_true", help="redo every stage")
     args = p.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    if args.steps < 1 or args.prompts_per_step < 1:
-        p.error("--steps and --prompts-per-step must be >= 1")
-    if args.val_every is None:
-        args.val_every = _divisor_near(args.steps, max(1, args.steps // 4))
-    if args.steps % args.val_every:
-        p.error(f"--val-every {args.val_every} must divide --steps {args.steps}")
+    args.sizes = [s for s in args.sizes.split(",") if s]
+    args.methods = [m for m in args.methods.split(",") if m]
+    if any(m not in (*METHODS, *ABLATIONS) for m in args.methods):
+        p.error(f"--methods: choose from {[*METHODS, *ABLATIONS]}")
+    if any(s not in SIZES for s in args.sizes):
+        p.error(f"--sizes: choose from {list(SIZES)}")
+    if args.quick:
+        args.seeds, args.sizes = 1, args.sizes[:1]
+    budget = Budget(
+        steps=args.steps or (50 if args.quick else 100),
+        prompts=args.prompts_per_step or (16 if args.quick else 32),
+        base_steps=args.base_steps,
+        eval_k=args.eval_k or 32,
+        id_problems=args.eval_problems or (32 if args.quick else 48),
+    )
+    budget.lr_steps = max(1, budget.steps // 2)
+    budget.val_every = _divisor_near(budget.steps, budget.steps / 6)
+    if args.lr_grid:
+        budget.lr_grid = [float(x) for x in args.lr_grid.split(",")]
+    elif args.quick:
+        budget.lr_grid = [1e-4, 3e-4]
+    args.budget = budget
     return args
 
 
-def _divisor_near(n: int, target: int) -> int:
-    """The divisor of ``n`` closest to ``target`` (so that step ``n`` validates)."""
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - target), -d))
+def _divisor_near(n: int, target: float) -> int:
+    """The divisor of ``n`` closest to ``target`` (so that the last step validates)."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - target))
 
 
-def overrides(args: argparse.Namespace, method: str, run_dir: Path) -> list[str]:
-    _, preset = METHODS[method]
+def hpt_train(run_dir: Path, overrides: list[str]) -> list[str]:
+    """The ``hpt train`` command of one run (one process, no tensor parallelism)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone",
+        "-m", "hpt_megatron.cli", "train", str(CONFIG), f"run.output_dir={run_dir}",
+        "parallel.tp=1", "logging.progress_bar=false", *overrides,
+    ]  # fmt: skip
+
+
+def run_logged(cmd: list[str], log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with log.open("a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd[:8])} ...; see {log}\n{tail}")
+
+
+def _same_settings(run_dir: Path, overrides: list[str]) -> bool:
+    """The finished run in ``run_dir`` was trained with ``overrides`` (else it is redone)."""
+    record = run_dir / "overrides.json"
+    return record.exists() and json.loads(record.read_text()) == overrides
+
+
+def _digest(folder: Path) -> str:
+    """A short hash of the benchmark files (a cached evaluation must have scored these)."""
+    text = "".join(p.read_text() for p in sorted(folder.glob("*.jsonl")))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def job(run_dir: Path, overrides: list[str], sets_dir: Path, k: int, force: bool) -> Path:
+    """Train (unless finished) and evaluate one run; returns its folder."""
+    done = run_dir / "eval" / "scores.json"
+    key = [*overrides, f"eval k={k} sets={_digest(sets_dir)}"]
+    if done.exists() and not force and _same_settings(run_dir, key):
+        return run_dir
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    run_logged(hpt_train(run_dir, overrides), run_dir / "job.log")
+    t1 = time.perf_counter()
+    evaluate_cmd = [sys.executable, str(HERE / "evaluate.py"), "scores", str(run_dir / "hf")]
+    run_logged([*evaluate_cmd, str(sets_dir), str(run_dir / "eval"), str(k)], run_dir / "job.log")
+    wall = {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1}
+    (run_dir / "wall.json").write_text(json.dumps(wall))
+    (run_dir / "overrides.json").write_text(json.dumps(key))
+    print(
+        f"  done {run_dir}: train {wall['train_s']:.0f} s, eval {wall['eval_s']:.0f} s", flush=True
+    )
+    return run_dir
+
+
+def method_overrides(method: str, b: Budget, lr: float, seed: int, base: Path) -> list[str]:
+    """``base``: the base model's HF folder, ``<out>/base/<size>/run/hf``."""
+    preset, extra = (method, []) if method in METHODS else ("hpt", ABLATIONS[method])
     out = [
-        f"run.output_dir={run_dir}",
-        f"run.name=mini_{method}",
-        f"run.seed={args.seed}",
-        f"run.steps={args.steps}",
-        f"run.val_every={args.val_every}",
-        f"data.prompts_per_step={args.prompts_per_step}",
+        *tasks.task_overrides(tasks.TRAIN_LEVELS),
+        f"data.val={base.parents[3] / 'sets' / 'val.jsonl'}",
+        "data.system_prompt=null",
+        f"model.hf_weights={base}",
         f"algorithm.preset={preset}",
-        "checkpoint.save_every=0",  # only the final checkpoint (and the best validated one)
-        "logging.progress_bar=false",
+        f"run.seed={seed}",
+        f"run.steps={b.steps}",
+        f"run.val_every={b.val_every}",
+        f"data.prompts_per_step={b.prompts}",
+        f"trainer.lr={lr}",
+        *extra,
     ]
     if method == "sft_then_grpo":
-        out.append(f"algorithm.options.switch_step={args.steps // 2}")
-    return out + list(args.set)
+        out.append(f"algorithm.options.switch_step={b.steps // 2}")
+    return out
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-    # A resumed run may log a step twice: keep the last record of each step.
-    by_step = {int(r["step"]): r for r in rows if "step" in r}
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def finished(args: argparse.Namespace, method: str, run_dir: Path) -> bool:
-    """``run_dir`` holds a run of this method with these settings that reached its last step."""
-    record = run_dir / "wall_time.json"
-    rows = read_metrics(run_dir)
-    if not record.exists() or not rows:
-        return False
-    cmd = json.loads(record.read_text()).get("cmd", [])
-    wanted = [args.config, *overrides(args, method, run_dir)]
-    same = cmd[-len(wanted) :] == wanted
-    return same and rows[-1]["step"] == args.steps and "val/accuracy" in rows[-1]
-
-
-def train(args: argparse.Namespace, method: str, run_dir: Path) -> float:
-    """Run one method to the end; returns its wall time in seconds."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(args.nproc),
-        "--standalone",
-        "-m",
-        "hpt_megatron.cli",
-        "train",
-        args.config,
-        *overrides(args, method, run_dir),
+def make_base(out: Path, size: str, b: Budget, force: bool) -> dict:
+    """Pre-train one size's base model and measure its solve rate on the training prompts."""
+    folder = out / "base" / size
+    summary = folder / "base.json"
+    overrides = [
+        *tasks.task_overrides(tasks.BASE_LEVELS),
+        *SIZES[size],
+        "algorithm.preset=sft",
+        f"run.steps={b.base_steps}",
+        "run.val_every=0",
+        "data.prompts_per_step=64",
+        "trainer.lr=3e-3",
+        "trainer.min_lr=3e-4",
+        "trainer.lr_schedule=cosine",
+        "trainer.warmup_steps=20",
     ]
-    print(f"\n=== {METHODS[method][0]}: {' '.join(cmd)}", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = run_dir / "train.log"
-    t0 = time.perf_counter()
-    with log.open("w") as fh:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, check=False)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-30:])
-        raise RuntimeError(f"{method} failed (exit {proc.returncode}); see {log}:\n{tail}")
-    (run_dir / "wall_time.json").write_text(json.dumps({"wall_s": wall, "cmd": cmd}))
-    print(f"=== {METHODS[method][0]}: done in {wall / 60:.1f} min", flush=True)
-    return wall
-
-
-def summarize(method: str, run_dir: Path, steps: int) -> dict:
-    rows = read_metrics(run_dir)
-    val = [r for r in rows if "val/accuracy" in r]
-    rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]
-    last = rewards[-10:]
-    wall = json.loads((run_dir / "wall_time.json").read_text())["wall_s"]
-    return {
-        "method": METHODS[method][0],
-        "accuracy": val[-1]["val/accuracy"] if val else None,
-        "val_curve": [(r["step"], r["val/accuracy"]) for r in val],
-        "final_reward": sum(last) / len(last) if last else None,
-        "steps": rows[-1]["step"] if rows else 0,
-        "wall_s": wall,
-        "sft_fraction": [
-            (r["step"], r["gate/sft_fraction"]) for r in rows if "gate/sft_fraction" in r
-        ],
+    if summary.exists() and not force:
+        cached = json.loads(summary.read_text())
+        if cached["overrides"] == overrides and cached["sets"] == _digest(out / "sets"):
+            return cached
+    print(f"== base model ({size}): SFT on level {tasks.BASE_LEVELS}", flush=True)
+    job(folder / "run", overrides, out / "sets", b.eval_k, force)
+    prompts = folder / "train_prompts.jsonl"
+    prompts.write_text("".join(json.dumps(tasks.row(e)) + "\n" for e in tasks.train_prompts(256)))
+    cmd = [sys.executable, str(HERE / "evaluate.py"), "solve", str(folder / "run" / "hf")]
+    run_logged([*cmd, str(prompts), str(folder / "solve")], folder / "run" / "job.log")
+    result = {
+        "solve_rate": json.loads((folder / "solve" / "solve_rates.json").read_text()),
+        "scores": json.loads((folder / "run" / "eval" / "scores.json").read_text()),
+        "hf": str(folder / "run" / "hf"),
+        "overrides": overrides,
+        "sets": _digest(out / "sets"),
     }
+    summary.write_text(json.dumps(result, indent=1))
+    return result
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}"
+def choose_lr(args: argparse.Namespace, out: Path, base: Path, pool: ThreadPoolExecutor) -> dict:
+    """The shared learning rate: best mean validation accuracy of SFT and GRPO over the grid."""
+    b = args.budget
+    if args.lr is not None:
+        return {"lr": args.lr, "how": "given with --lr", "grid": {}}
+    short = Budget(**{**b.__dict__, "steps": b.lr_steps, "val_every": b.lr_steps})
+    futures = {}
+    for lr in b.lr_grid:
+        for method in ("sft", "grpo"):
+            run_dir = out / "lr" / f"{lr:g}" / method
+            overrides = method_overrides(method, short, lr, 1, base)
+            futures[lr, method] = pool.submit(train_only, run_dir, overrides, args.force)
+    grid = {}
+    for (lr, method), fut in futures.items():
+        grid.setdefault(f"{lr:g}", {})[method] = report.last_val(fut.result())
+    best = max(grid, key=lambda lr: sum(grid[lr].values()) / len(grid[lr]))
+    how = (
+        f"grid {[f'{x:g}' for x in b.lr_grid]}, {b.lr_steps} steps of SFT and of GRPO from the "
+        "base (seed 1), greedy accuracy on the validation split (50 held-out problems per "
+        "operation, none in a benchmark); the best mean of the two"
+    )
+    return {"lr": float(best), "how": how, "grid": grid}
 
 
-def render(args: argparse.Namespace, results: list[dict]) -> str:
-    budget = args.steps * args.prompts_per_step
-    lines = [
-        f"# The paper in miniature: arithmetic (level 1), {args.steps} steps x "
-        f"{args.prompts_per_step} prompts = {budget} prompts per method, seed {args.seed}",
-        "",
-        "Held-out accuracy: greedy, the whole test split, at the last step. Final reward: mean "
-        "training reward (8 rollouts per prompt, temperature 1) over the last 10 steps; SFT "
-        "generates no rollouts.",
-        "",
-        "| method | held-out accuracy (%) | final reward | steps | wall time |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        reward = "n/a" if r["final_reward"] is None else f"{r['final_reward']:.3f}"
-        lines.append(
-            f"| {r['method']} | {_pct(r['accuracy'])} | {reward} | {r['steps']} | "
-            f"{r['wall_s'] / 60:.1f} min |"
-        )
-    lines += ["", "Held-out accuracy (%) at each validation:", ""]
-    val_steps = sorted({s for r in results for s, _ in r["val_curve"]})
-    lines.append("| method | " + " | ".join(f"step {s}" for s in val_steps) + " |")
-    lines.append("|---|" + "---:|" * len(val_steps))
-    for r in results:
-        curve = dict(r["val_curve"])
-        lines.append(
-            f"| {r['method']} | " + " | ".join(_pct(curve.get(s)) for s in val_steps) + " |"
-        )
-    hpt = next((r for r in results if r["method"] == METHODS["hpt"][0]), None)
-    if hpt and hpt["sft_fraction"]:
-        lines += [
-            "",
-            "HPT: share of prompts routed to SFT (all 8 rollouts wrong), mean over the "
-            f"{args.curve_every} steps ending at each step:",
-            "",
-            "| steps | SFT-routed fraction |",
-            "|---|---:|",
-        ]
-        frac = hpt["sft_fraction"]
-        for end in range(args.curve_every, args.steps + args.curve_every, args.curve_every):
-            window = [f for s, f in frac if end - args.curve_every < s <= end]
-            if window:
-                first = max(1, end - args.curve_every + 1)
-                lines.append(
-                    f"| {first}-{min(end, args.steps)} | {sum(window) / len(window):.3f} |"
-                )
-    return "\n".join(lines) + "\n"
+def train_only(run_dir: Path, overrides: list[str], force: bool) -> Path:
+    finished = (run_dir / "metrics.jsonl").exists() and (run_dir / "hf").exists()
+    if finished and not force and _same_settings(run_dir, overrides):
+        return run_dir
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    run_logged(hpt_train(run_dir, [*overrides, "checkpoint.export_hf=false"]), run_dir / "job.log")
+    (run_dir / "hf").mkdir()  # marks the run finished
+    (run_dir / "overrides.json").write_text(json.dumps(overrides))
+    return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    b = args.budget
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    t_all = time.perf_counter()
-    for method in args.methods:
-        run_dir = out / method
-        if finished(args, method, run_dir) and not args.force:
-            print(f"=== {METHODS[method][0]}: reusing the finished run in {run_dir}", flush=True)
-        else:
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # a stale or partial run of other settings
-            train(args, method, run_dir)
-        results.append(summarize(method, run_dir, args.steps))
-    text = render(args, results)
-    (out / "summary.md").write_text(text)
-    print("\n" + text)
-    print(f"total {(time.perf_counter() - t_all) / 60:.1f} min; written to {out / 'summary.md'}")
+    t0 = time.perf_counter()
+    sets = tasks.write_sets(out / "sets", b.id_problems)
+    first = args.sizes[0]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        pending = {size: pool.submit(make_base, out, size, b, args.force) for size in args.sizes}
+        bases = {size: fut.result() for size, fut in pending.items()}
+        lr = choose_lr(args, out, Path(bases[first]["hf"]), pool)
+        print(f"== shared learning rate {lr['lr']:g} ({lr['how']})", flush=True)
+        futures = []
+        for size in args.sizes:
+            for name in args.methods:
+                if name in ABLATIONS and size != first:
+                    continue
+                for seed in range(1, args.seeds + 1):
+                    run_dir = out / "runs" / size / name / f"seed{seed}"
+                    base = Path(bases[size]["hf"])
+                    overrides = [*SIZES[size], *method_overrides(name, b, lr["lr"], seed, base)]
+                    futures.append(
+                        pool.submit(job, run_dir, overrides, out / "sets", b.eval_k, args.force)
+                    )
+        for fut in futures:
+            fut.result()
+    settings = {
+        "steps": b.steps,
+        "prompts_per_step": b.prompts,
+        "rollouts": 8,
+        "seeds": args.seeds,
+        "sizes": args.sizes,
+        "lr": lr,
+        "eval_k": b.eval_k,
+        "benchmarks": {name: len(path.read_text().splitlines()) for name, path in sets.items()},
+        "wall_min": (time.perf_counter() - t0) / 60,
+        "command": " ".join(["python", "examples/paper_in_miniature.py", *(argv or sys.argv[1:])]),
+    }
+    summary = report.write_all(out, settings, bases, METHODS, list(ABLATIONS))
+    print(summary)
+    print(f"total {settings['wall_min']:.1f} min; {out / 'summary.md'}")
     return 0
 
 

@@ -144,6 +144,8 @@ def policy_loss(
     rollout_logprobs: torch.Tensor | None = None,
     global_num_tokens: agg.Totals | float | None = None,
     global_num_seqs: agg.Totals | float | None = None,
+    metric_num_tokens: agg.Totals | float | None = None,
+    metric_num_seqs: agg.Totals | float | None = None,
     dp_world_size: int = 1,
     **options: Any,
 ) -> tuple[torch.Tensor, Metrics]:
@@ -163,6 +165,9 @@ def policy_loss(
             TIS / MIS correction when the spec has one (``corrections.py``).
         global_num_tokens, global_num_seqs: mini-batch totals per term (``{"rl", "sft", "all"}``,
             or one number for all), from ``loss_totals``/``unpack_totals``; None: this batch's.
+        metric_num_tokens, metric_num_seqs: the totals the metrics are normalised by, when they
+            differ from the loss's (rows left out of the step as zero-gradient stay in the
+            loss's denominators but not in the metrics'); None: ``global_num_*``.
         dp_world_size: data-parallel ranks; only ``normalization='microbatch'`` divides by it.
         **options: spec fields to override (``clip_high=0.28``, ``aggregation='token_mean'``).
 
@@ -187,7 +192,15 @@ def policy_loss(
     )
     demo_b, rl_b, sft_b = row_weights(spec, mask_bt.shape[0], is_demo, rl_weight, sft_weight)
     ctx = _context(
-        spec, mask_bt, logprobs.dtype, demo_b, rl_b, sft_b, global_num_tokens, global_num_seqs
+        spec,
+        mask_bt,
+        logprobs.dtype,
+        (demo_b, rl_b, sft_b),
+        (global_num_tokens, global_num_seqs),
+        (
+            global_num_tokens if metric_num_tokens is None else metric_num_tokens,
+            global_num_seqs if metric_num_seqs is None else metric_num_seqs,
+        ),
     )
     metrics: Metrics = {}
     pg_loss, terms = _rl_term(
@@ -224,17 +237,17 @@ def _context(
     spec: AlgorithmSpec,
     mask_bt: torch.Tensor,
     dtype: torch.dtype,
-    demo_b: torch.Tensor,
-    rl_b: torch.Tensor,
-    sft_b: torch.Tensor,
-    global_num_tokens: agg.Totals | float | None,
-    global_num_seqs: agg.Totals | float | None,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    loss_totals: tuple[agg.Totals | float | None, agg.Totals | float | None],
+    metric_totals: tuple[agg.Totals | float | None, agg.Totals | float | None],
 ) -> _Context:
+    demo_b, rl_b, sft_b = weights
     rows = agg.term_rows(rl_b, sft_b)
     local_tokens, local_seqs = agg.count_totals(mask_bt.sum(-1), rows)
-    metric_tokens = agg.resolve_totals(global_num_tokens, local_tokens, "global_num_tokens")
-    metric_seqs = agg.resolve_totals(global_num_seqs, local_seqs, "global_num_seqs")
-    loss_tokens, loss_seqs = metric_tokens, metric_seqs
+    loss_tokens = agg.resolve_totals(loss_totals[0], local_tokens, "global_num_tokens")
+    loss_seqs = agg.resolve_totals(loss_totals[1], local_seqs, "global_num_seqs")
+    metric_tokens = agg.resolve_totals(metric_totals[0], local_tokens, "metric_num_tokens")
+    metric_seqs = agg.resolve_totals(metric_totals[1], local_seqs, "metric_num_seqs")
     if spec.normalization == "microbatch":
         loss_tokens = agg.resolve_totals(None, local_tokens, "")
         loss_seqs = agg.resolve_totals(None, local_seqs, "")

@@ -72,9 +72,19 @@ class PolicyLoss:
     current log-probs, detached, stand in (one update per step: pi_old == pi_theta exactly).
     """
 
-    def __init__(self, spec: AlgorithmSpec, totals_6: torch.Tensor, dp: int) -> None:
+    def __init__(
+        self,
+        spec: AlgorithmSpec,
+        totals_6: torch.Tensor,
+        dp: int,
+        metric_totals_6: torch.Tensor | None = None,
+    ) -> None:
+        """``totals_6``: the mini-batch's loss denominators (every row); ``metric_totals_6``: the
+        metrics' (the rows trained, without the zero-gradient ones; None: ``totals_6``)."""
         self.spec = spec
         self.num_tokens, self.num_seqs = unpack_totals(totals_6)
+        metric = totals_6 if metric_totals_6 is None else metric_totals_6
+        self.metric_num_tokens, self.metric_num_seqs = unpack_totals(metric)
         self.dp = dp
 
     def __call__(
@@ -98,6 +108,8 @@ class PolicyLoss:
             ref_logprobs=None if ref_bs is None else ref_bs.to(device),
             global_num_tokens=self.num_tokens,
             global_num_seqs=self.num_seqs,
+            metric_num_tokens=self.metric_num_tokens,
+            metric_num_seqs=self.metric_num_seqs,
             dp_world_size=self.dp,
         )
 
@@ -254,7 +266,12 @@ class PolicyUpdate:
         minis = split_groups(samples, layout.mini_batches)
         trained = [gradient_rows(spec, mini) for mini in minis]
         local = [local_microbatches(rows, layout) for rows, _ in trained]
-        losses = [PolicyLoss(spec, minibatch_totals(spec, mini), layout.dp) for mini in minis]
+        # Elided rows stay in the loss's denominators (the gradient is unchanged) but not in the
+        # metrics' (a token mean of the ratio or entropy over the rows trained).
+        losses = [
+            PolicyLoss(spec, minibatch_totals(spec, mini), layout.dp, minibatch_totals(spec, rows))
+            for mini, (rows, _) in zip(minis, trained)
+        ]
         elided = sum(count for _, count in trained)
         timings = {"time/logprob_s": 0.0, "time/train_s": 0.0}
         updates = len(minis) * layout.epochs

@@ -268,6 +268,23 @@ def test_zero_gradient_rows_are_elided_and_the_gradient_is_unchanged(layout, mon
         assert got.abs().max() > 0
 
 
+def test_metrics_are_means_over_the_rows_trained_when_rows_are_elided(monkeypatch):
+    # One on-policy update: pi_old == pi_theta, so the ratio of every trained token is 1. The
+    # elided rows used to stay in the metrics' denominators and pulled ratio_mean (and entropy,
+    # clip_frac, kl_old) down by the elided share (0.18 for 81% elided in a GRPO run).
+    spec = get_preset("grpo")
+    samples = [s for s in hpt_batch(groups=4) if not s.is_demo]
+    samples = _with_equal_groups(samples, {0, 2, 3})
+    elided, metrics = run_update(samples, spec)
+    assert metrics["train/rows_elided_frac"] == pytest.approx(0.75)
+    assert metrics["ratio_mean"] == pytest.approx(1.0, rel=1e-6)
+    # the entropy's token mean over the kept rows equals the unelided run's over those rows
+    _without_elision(monkeypatch)
+    kept = [s for s in samples if s.group_id == 1]
+    _, kept_only = run_update(kept, spec)
+    assert metrics["entropy"] == pytest.approx(kept_only["entropy"], rel=1e-5)
+
+
 def test_a_minibatch_of_zero_gradient_rows_still_steps_with_a_zero_weight_row():
     spec = get_preset("grpo")
     samples = [s for s in hpt_batch(groups=2) if not s.is_demo]
