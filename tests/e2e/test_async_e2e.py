@@ -10,7 +10,8 @@ import collections
 import pytest
 
 from hpt_megatron.data.sample import RolloutBatch
-from tests.e2e.test_train_e2e import _kill_after, _metrics, _run
+from tests.e2e.test_train_e2e import _kill_after, _run
+from tests.helpers import hpt_train
 
 pytestmark = pytest.mark.distributed
 
@@ -30,7 +31,7 @@ def test_staleness_zero_through_the_producer_equals_colocated(tmp_path):
     colo, k0 = tmp_path / "colocated", tmp_path / "k0"
     _run(colo, 2, 3, "parallel.tp=2", "run.val_every=0", "rollout.cpu.threads=1")
     _run(k0, 2, 3, *ASYNC, "run.max_staleness=0", "rollout.cpu.threads=1")
-    want, got = _metrics(colo), _metrics(k0)
+    want, got = hpt_train.metrics(colo), hpt_train.metrics(k0)
     assert sorted(got) == [1, 2, 3]
     for step in (1, 2, 3):
         assert got[step]["rollout/staleness_max"] == 0.0
@@ -50,7 +51,7 @@ def test_staleness_two_bounded_corrected_and_resumes_without_loss(tmp_path):
         "logging.save_rollouts=true",
     ]
     _run(full, 2, 6, *extra)
-    metrics = _metrics(full)
+    metrics = hpt_train.metrics(full)
     assert sorted(metrics) == list(range(1, 7))
     staleness = [metrics[s]["rollout/staleness_max"] for s in range(1, 7)]
     assert max(staleness) <= 2 and staleness[1] >= 1, staleness
@@ -60,9 +61,9 @@ def test_staleness_two_bounded_corrected_and_resumes_without_loss(tmp_path):
 
     # SIGKILL after step 3 (batches of later steps were generated ahead), then resume.
     _kill_after(killed, 6, *extra, kill_at=3)
-    assert 6 not in _metrics(killed)
+    assert 6 not in hpt_train.metrics(killed)
     _run(killed, 2, 6, *extra)
-    assert sorted(_metrics(killed)) == list(range(1, 7))
+    assert sorted(hpt_train.metrics(killed)) == list(range(1, 7))
     want, got = _prompts_per_step(full), _prompts_per_step(killed)
     assert sorted(got) == sorted(want) == list(range(6))
     assert got == want  # every step trained the same prompts: none lost, none twice

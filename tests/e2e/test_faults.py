@@ -18,7 +18,6 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -29,11 +28,11 @@ from hpt_megatron.data import build_prompt_dataset, build_sampler
 from hpt_megatron.data.sample import RolloutBatch
 from hpt_megatron.data.tokenizer import load_tokenizer
 from hpt_megatron.trainer.checkpoint import list_checkpoints, verify_checkpoint
-from tests.distributed.launch import free_port
+from tests.helpers import hpt_train
 from tests.helpers.forked import run_cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "examples" / "tiny_cpu.yaml")
+TINY = hpt_train.TINY
 pytestmark = [pytest.mark.faults, pytest.mark.distributed, pytest.mark.slow]  # 25-60 s each
 
 SMALL = [
@@ -56,28 +55,9 @@ SMALL = [
 def _command(
     out: pathlib.Path, steps: int, *extra: str, restarts: int = 0, static: bool = False
 ) -> list[str]:
-    port = free_port()
-    rendezvous = (
-        ["--master_addr=127.0.0.1", f"--master_port={port}"]
-        if static
-        else ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
-    )
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--max-restarts={restarts}",
-        *rendezvous,
-        "-m",
-        "hpt_megatron.cli",
-        "train",
-        TINY,
-        f"run.output_dir={out}",
-        f"run.steps={steps}",
-        *SMALL,
-        *extra,
-    ]
+    overrides = [f"run.steps={steps}", *SMALL, *extra]
+    rendezvous = "static" if static else "c10d"
+    return hpt_train.command(TINY, out, *overrides, restarts=restarts, rendezvous=rendezvous)
 
 
 def _start(
@@ -89,7 +69,7 @@ def _start(
         _command(out, steps, *extra, restarts=restarts, static=static),
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+        env=hpt_train.env(),
         cwd=ROOT,
         start_new_session=True,
     )
@@ -108,21 +88,10 @@ def _log(out: pathlib.Path) -> str:
     return (out.parent / f"{out.name}.log").read_text()
 
 
-def _metrics(out: pathlib.Path) -> dict[int, dict]:
-    rows: dict[int, dict] = {}
-    path = out / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row["step"]] = row
-    return rows
-
-
 def _wait_for_step(out: pathlib.Path, proc: subprocess.Popen, step: int) -> None:
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if step in _metrics(out):
+        if step in hpt_train.metrics(out):
             return
         time.sleep(0.05)
     raise AssertionError(f"step {step} never logged:\n{_log(out)[-4000:]}")
@@ -141,7 +110,7 @@ def _rank(proc: subprocess.Popen, rank: int) -> psutil.Process:
 
 def _check_nothing_lost(out: pathlib.Path, steps: int) -> None:
     """Every step logged; each step trained exactly the prompts the sampler's order gives it."""
-    assert sorted(_metrics(out)) == list(range(1, steps + 1))
+    assert sorted(hpt_train.metrics(out)) == list(range(1, steps + 1))
     cfg = load_config(out / "config.yaml")
     tokenizer = load_tokenizer(cfg.model.tokenizer_source, out)
     train_set = build_prompt_dataset(cfg.data, tokenizer, "train")
@@ -211,7 +180,7 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_resume_continues(tmp_p
     for rank in (0, 1):  # what Slurm does: every task of the step gets the signal
         _rank(proc, rank).send_signal(signal.SIGTERM)
     assert _finish(proc) == 0, _log(out)[-4000:]
-    stopped = max(_metrics(out))
+    stopped = max(hpt_train.metrics(out))
     assert stopped < 4
     assert f"stopped by SIGTERM after step {stopped}" in _log(out)
     newest = list_checkpoints(out / "checkpoints")[-1]
@@ -281,7 +250,7 @@ def test_failing_rewards_and_a_malformed_row_are_counted_and_the_run_goes_on(tmp
     ]
     code, log = run_cli(args, tmp_path / "run.log")
     assert code == 0, log[-4000:]
-    last = _metrics(out)[3]
+    last = hpt_train.metrics(out)[3]
     assert last["data/bad_rows"] == 1.0
     assert last["reward/errors_total"] > 0 and last["reward/timeouts_total"] > 0, last
     _check_nothing_lost(out, 3)

@@ -4,15 +4,14 @@ policy closer to the reference, and a resumed run finds the same reference again
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import pytest
 
+from tests.helpers import hpt_train
 from tests.helpers.forked import run_cli
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "examples" / "tiny_cpu.yaml")
+TINY = hpt_train.TINY
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 BASE = [
     "parallel.tp=1",
@@ -34,11 +33,7 @@ def _train(out: pathlib.Path, steps: int, *extra: str) -> dict[int, dict]:
     argv = ["train", TINY, f"run.output_dir={out}", f"run.steps={steps}", *BASE, *extra]
     code, output = run_cli(argv, out.parent / f"{out.name}.log")
     assert code == 0, output[-5000:]
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
-    return rows
+    return hpt_train.metrics(out)
 
 
 @pytest.mark.parametrize("mode", ["loss", "reward"])

@@ -5,17 +5,14 @@ each expert-parallel rank for its own experts."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.distributed.launch import free_port
+from tests.helpers import hpt_train
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.distributed
 
 SMALL = [
@@ -32,43 +29,15 @@ MOE = ["moe/load_balancing_loss", "moe/expert_load_max_over_mean", "moe/tokens_p
 
 
 def _run(out: pathlib.Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "hpt_megatron.cli",
-        "train",
-        str(ROOT / "examples" / "tiny_moe_cpu.yaml"),
-        f"run.output_dir={out}",
-        f"run.steps={steps}",
-        *SMALL,
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return proc
+    return hpt_train.run(hpt_train.TINY_MOE, out, f"run.steps={steps}", *SMALL, *extra)
 
 
-def _metrics(out: pathlib.Path) -> dict[int, dict]:
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
-    return rows
-
-
-@pytest.mark.slow
 def test_ep2_run_metrics_resume_and_export(tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "moe"
     _run(out, 2)
-    metrics = _metrics(out)
+    metrics = hpt_train.metrics(out)
     assert sorted(metrics) == [1, 2]
     for row in metrics.values():
         assert "reward/mean" in row and row["grad_norm"] > 0
@@ -92,7 +61,7 @@ def test_ep2_run_metrics_resume_and_export(tmp_path):
     assert "resumed from" in proc.stderr and "step_000002" in proc.stderr
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]  # steps 1-2 not rerun
-    resumed = _metrics(out)
+    resumed = hpt_train.metrics(out)
     assert sorted(resumed) == [1, 2, 3]
     assert all(key in resumed[3] for key in MOE)
     assert (out / "checkpoints" / "step_000003").is_dir()
@@ -111,7 +80,7 @@ def test_ep2_run_with_routing_replay_of_bf16_rollouts(tmp_path):
     # policy's prompts to their demonstrations, which have no recorded experts).
     extra += ["algorithm.preset=grpo", "algorithm.options.entropy_coef=1e-6"]
     _run(out, 1, *extra, "logging.save_rollouts=true", "checkpoint.export_hf=false")
-    row = _metrics(out)[1]
+    row = hpt_train.metrics(out)[1]
     assert 0 < row.get("moe/replay_changed_frac", -1) < 0.5, row  # bf16 flips a few choices
     batch = RolloutBatch.load_jsonl(next((out / "rollouts").glob("step_*.jsonl")))
     generated = [s for s in batch.samples if not s.is_demo]

@@ -4,22 +4,17 @@ loss and gradient norm at every step; and the replay's config errors."""
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from hpt_megatron.config import ConfigError, load_config
 from hpt_megatron.data.sample import RolloutBatch
 from hpt_megatron.orchestration.preflight import preflight
-from tests.distributed.launch import free_port
+from tests.helpers import hpt_train
 from tests.helpers.forked import run_cli
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-CONFIG = str(ROOT / "examples" / "tiny_cpu.yaml")
+CONFIG = hpt_train.TINY
 SMALL = [
     "run.val_every=0",
     "data.prompts_per_step=4",
@@ -46,32 +41,6 @@ def _init_weights(folder: pathlib.Path) -> None:
     config = AutoConfig.for_model(**{k: v for k, v in inline.items() if k != "architectures"})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
-
-
-def _metrics(out: pathlib.Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row for row in rows}
-
-
-def _torchrun(out: pathlib.Path, *extra: str) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "hpt_megatron.cli",
-        "train",
-        CONFIG,
-        f"run.output_dir={out}",
-        *SMALL,
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-5000:]
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +76,11 @@ def test_a_recorded_run_replays_at_another_layout(recorded, layout, tmp_path):
         assert all(s.reward is not None and s.rollout_logprobs for s in rollouts)
         assert all(len(s.rollout_logprobs or []) == len(s.response_ids) for s in rollouts)
         assert {s.weight_version for s in rollouts} == {step - 1}
-    want = _metrics(run)
+    want = hpt_train.metrics(run)
     out = tmp_path / "replay"
     replay = f"run.replay_rollouts={folder}"
-    _torchrun(out, "run.steps=2", f"model.hf_weights={init}", replay, *layout)
-    got = _metrics(out)
+    hpt_train.run(CONFIG, out, *SMALL, "run.steps=2", f"model.hf_weights={init}", replay, *layout)
+    got = hpt_train.metrics(out)
     assert sorted(got) == [1, 2]
     assert not (out / "rollout_weights").exists()  # no engine, nothing synced
     for step in (1, 2):

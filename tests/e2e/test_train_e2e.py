@@ -14,7 +14,7 @@ import time
 import pytest
 
 from hpt_megatron.data.sample import RolloutBatch
-from tests.distributed.launch import free_port
+from tests.helpers import hpt_train
 from tests.helpers.forked import run_cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -36,54 +36,17 @@ EXACT = ["reward/mean", "gate/sft_fraction", "loss", "grad_norm", "response/leng
 
 
 def _command(out: pathlib.Path, nproc: int, steps: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "hpt_megatron.cli",
-        "train",
-        str(ROOT / "examples" / "tiny_cpu.yaml"),
-        f"run.output_dir={out}",
-        f"run.steps={steps}",
-        *SMALL,
-        *extra,
-    ]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return hpt_train.command(hpt_train.TINY, out, f"run.steps={steps}", *SMALL, *extra, nproc=nproc)
 
 
 def _run(out: pathlib.Path, nproc: int, steps: int, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        _command(out, nproc, steps, *extra),
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return proc
-
-
-def _metrics(out: pathlib.Path) -> dict[int, dict]:
-    """The last record of every step (a resumed run logs the replayed steps again)."""
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
-    return rows
+    return hpt_train.run(hpt_train.TINY, out, f"run.steps={steps}", *SMALL, *extra, nproc=nproc)
 
 
 def test_tp2_run_writes_metrics_checkpoints_and_hf_export(tmp_path):
     out = tmp_path / "tp2"
     _run(out, 2, 4, "parallel.tp=2")
-    metrics = _metrics(out)
+    metrics = hpt_train.metrics(out)
     assert sorted(metrics) == [1, 2, 3, 4]
     assert all(m["train/rows"] > 0 and m["grad_norm"] > 0 for m in metrics.values())
     assert "val/accuracy" in metrics[3]
@@ -152,7 +115,7 @@ def test_tp2_run_writes_metrics_checkpoints_and_hf_export(tmp_path):
         ],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=hpt_train.env(),
         timeout=300,
         cwd=ROOT,
     )
@@ -188,7 +151,7 @@ def test_dp2_matches_single_process(tmp_path):
     _run(one, 1, 3, "parallel.tp=1", "run.val_every=0")
     _run(dp, 2, 3, "parallel.tp=1", "run.val_every=0")
     for step in (1, 2, 3):
-        a, b = _metrics(one)[step], _metrics(dp)[step]
+        a, b = hpt_train.metrics(one)[step], hpt_train.metrics(dp)[step]
         assert a["reward/mean"] == b["reward/mean"]
         assert a["train/rows"] == b["train/rows"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -206,12 +169,13 @@ def test_ppo_with_kl_in_the_reward_dp2_matches_single_process(tmp_path):
     _run(dp, 2, 3, *extra)
     keys = ["loss", "grad_norm", "kl_ref_mean", "kl_ref_max", "critic/value_loss"]
     keys += ["critic/grad_norm", "critic/explained_variance", "critic/returns_mean"]
+    ones, dps = hpt_train.metrics(one), hpt_train.metrics(dp)
     for step in (1, 2, 3):
-        a, b = _metrics(one)[step], _metrics(dp)[step]
+        a, b = ones[step], dps[step]
         assert a["reward/mean"] == b["reward/mean"]
         for key in keys:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (step, key)
-    assert _metrics(one)[3]["kl_ref_mean"] > 0 and _metrics(one)[3]["critic/value_loss"] > 0
+    assert ones[3]["kl_ref_mean"] > 0 and ones[3]["critic/value_loss"] > 0
 
 
 def _kill_after(out: pathlib.Path, steps: int, *extra: str, kill_at: int) -> None:
@@ -220,14 +184,14 @@ def _kill_after(out: pathlib.Path, steps: int, *extra: str, kill_at: int) -> Non
         _command(out, 2, steps, *extra),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=_env(),
+        env=hpt_train.env(),
         cwd=ROOT,
         start_new_session=True,
     )
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
-            if (out / "metrics.jsonl").is_file() and kill_at in _metrics(out):
+            if (out / "metrics.jsonl").is_file() and kill_at in hpt_train.metrics(out):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -240,9 +204,9 @@ def test_resume_after_sigkill_reproduces_uninterrupted_run(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     _run(full, 2, 6, "parallel.tp=2")
     _kill_after(killed, 6, "parallel.tp=2", kill_at=3)
-    assert 6 not in _metrics(killed)
+    assert 6 not in hpt_train.metrics(killed)
     _run(killed, 2, 6, "parallel.tp=2")
-    want, got = _metrics(full), _metrics(killed)
+    want, got = hpt_train.metrics(full), hpt_train.metrics(killed)
     assert sorted(got) == list(range(1, 7))
     for step in range(1, 7):
         for key in EXACT:
@@ -258,9 +222,9 @@ def test_ppo_resume_after_sigkill_reproduces_the_critic(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     _run(full, 2, 6, *extra)
     _kill_after(killed, 6, *extra, kill_at=3)
-    assert 6 not in _metrics(killed)
+    assert 6 not in hpt_train.metrics(killed)
     _run(killed, 2, 6, *extra)
-    want, got = _metrics(full), _metrics(killed)
+    want, got = hpt_train.metrics(full), hpt_train.metrics(killed)
     assert sorted(got) == list(range(1, 7))
     assert (killed / "checkpoints" / "critic" / "step_000006").is_dir()
     keys = ["critic/value_loss", "critic/grad_norm", "critic/explained_variance"]
@@ -279,7 +243,7 @@ def test_ppo_resume_after_sigkill_reproduces_the_critic(tmp_path):
         + ["--load", str(critic_ckpt), "--out", str(converted)],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=hpt_train.env(),
         timeout=300,
         cwd=ROOT,
     )
@@ -303,7 +267,7 @@ def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path):
     proc = _run(out, 2, 5, "parallel.tp=2", "checkpoint.keep_last=3", "run.val_every=0")
     assert "step_000004 is unusable" in proc.stderr and "falling back" in proc.stderr
     assert "resumed from" in proc.stderr and "step_000002" in proc.stderr
-    metrics = _metrics(out)
+    metrics = hpt_train.metrics(out)
     assert sorted(metrics) == [1, 2, 3, 4, 5]
 
 
@@ -322,7 +286,7 @@ def test_one_step_off_with_recomputed_old_logprobs(tmp_path):
         "trainer.mini_batches_per_step=2",
         "run.val_every=0",
     )
-    metrics = _metrics(out)
+    metrics = hpt_train.metrics(out)
     assert sorted(metrics) == [1, 2, 3, 4]
     # Step 1's batch comes from the starting weights; each later one from one update behind.
     assert [metrics[s]["rollout/staleness_max"] for s in (1, 2, 3, 4)] == [0.0, 1.0, 1.0, 1.0]
@@ -427,7 +391,7 @@ def test_every_preset_trains_a_step(tmp_path, preset):
     argv = argv[argv.index("hpt_megatron.cli") + 1 :]
     code, output = run_cli(argv, tmp_path / "train.log")
     assert code == 0, output[-5000:]
-    metrics = _metrics(out)
+    metrics = hpt_train.metrics(out)
     assert sorted(metrics) == [1, 2]
     import math
 
@@ -456,7 +420,7 @@ def test_a_model_the_preset_needs_but_the_run_lacks_is_a_config_error(tmp_path):
         ),
         capture_output=True,
         text=True,
-        env=_env(),
+        env=hpt_train.env(),
         timeout=300,
         cwd=ROOT,
     )
@@ -478,7 +442,7 @@ def test_virtual_pipeline_trains_checkpoints_resumes_and_exports(tmp_path):
     _run(full, 2, 4, *vpp)
     _kill_after(killed, 4, *vpp, kill_at=3)
     _run(killed, 2, 4, *vpp)
-    want, got = _metrics(full), _metrics(killed)
+    want, got = hpt_train.metrics(full), hpt_train.metrics(killed)
     assert sorted(got) == [1, 2, 3, 4]
     for step in range(1, 5):
         for key in EXACT:

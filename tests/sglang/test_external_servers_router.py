@@ -164,24 +164,21 @@ def test_hpt_eval_on_external_servers(
 def test_hpt_train_on_external_servers(launched: SGLangEngine, tmp_path: Path) -> None:
     """``hpt train`` with ``rollout.sglang.urls``: both servers serve its rollouts (counted in
     the metrics), they hold the exported policy after the last step, and keep running."""
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
-    from tests.distributed.launch import free_port as master_port
+    from tests.helpers import hpt_train
 
     out = tmp_path / "run"
     urls = ",".join(f"'{s.url}'" for s in launched.servers)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1"]
-    cmd += ["--master_addr=127.0.0.1", f"--master_port={master_port()}"]
-    cmd += ["-m", "hpt_megatron.cli", "train", str(ROOT / "examples" / "tiny_cpu.yaml")]
-    cmd += [f"run.output_dir={out}", "parallel.tp=1", "run.steps=2", "run.val_every=0"]
-    cmd += ["data.prompts_per_step=4", "rollout.n=2", "logging.progress_bar=false"]
-    cmd += ["rollout.engine=sglang", f"rollout.sglang.urls=[{urls}]", "rollout.sglang.router=false"]
-    cmd += ["rollout.sglang.device=cpu"]  # where the servers run: no GPU memory to release
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    overrides = ["parallel.tp=1", "run.steps=2", "run.val_every=0"]
+    overrides += ["data.prompts_per_step=4", "rollout.n=2", "logging.progress_bar=false"]
+    overrides += [
+        "rollout.engine=sglang",
+        f"rollout.sglang.urls=[{urls}]",
+        "rollout.sglang.router=false",
+    ]
+    overrides += ["rollout.sglang.device=cpu"]  # where the servers run: no GPU memory to release
+    hpt_train.run(hpt_train.TINY, out, *overrides, nproc=1, timeout=900)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[-1]["rollout/requests/server_0"] > 0 and rows[-1]["rollout/requests/server_1"] > 0

@@ -4,17 +4,14 @@ a TP=2 run, receives the trainer's weights after every step, and the run validat
 from __future__ import annotations
 
 import json
-import pathlib
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from hpt_megatron.config.rollout import SGLangConfig
-from tests.distributed.launch import free_port
+from tests.helpers import hpt_train
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.sglang
 
 
@@ -23,31 +20,9 @@ def test_hpt_train_with_sglang_rollouts(tmp_path):
     if not Path(python).exists():
         pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "hpt_megatron.cli",
-        "train",
-        str(ROOT / "examples" / "tiny_cpu.yaml"),
-        f"run.output_dir={out}",
-        "run.steps=3",
-        "run.val_every=3",
-        "run.val_max_prompts=8",
-        "data.prompts_per_step=4",
-        "rollout.n=4",
-        "logging.progress_bar=false",
-        "rollout.engine=sglang",
-        "rollout.sglang.device=cpu",
-        "rollout.sglang.max_total_tokens=4096",
-        "rollout.sglang.extra_args=[--skip-server-warmup]",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    overrides = ["run.steps=3", "run.val_every=3", "run.val_max_prompts=8"]
+    overrides += ["data.prompts_per_step=4", "rollout.n=4", "logging.progress_bar=false"]
+    hpt_train.run(hpt_train.TINY, out, *overrides, *hpt_train.SGLANG_CPU, timeout=900)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["response/length_mean"] > 0 and r["time/weight_sync_s"] > 0 for r in rows)
@@ -102,32 +77,15 @@ def test_run_goes_on_when_the_server_is_killed_during_the_run(tmp_path):
     if not Path(python).exists():
         pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=1",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "hpt_megatron.cli",
-        "train",
-        str(ROOT / "examples" / "tiny_cpu.yaml"),
-        f"run.output_dir={out}",
-        "parallel.tp=1",
-        "run.steps=4",
-        "run.val_every=0",
-        "checkpoint.export_hf=false",
-        "data.prompts_per_step=4",
-        "rollout.n=4",
-        "logging.progress_bar=false",
-        "rollout.engine=sglang",
-        "rollout.sglang.device=cpu",
-        "rollout.sglang.max_total_tokens=4096",
-        "rollout.sglang.extra_args=[--skip-server-warmup]",
-    ]
+    overrides = ["parallel.tp=1", "run.steps=4", "run.val_every=0", "checkpoint.export_hf=false"]
+    overrides += ["data.prompts_per_step=4", "rollout.n=4", "logging.progress_bar=false"]
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        hpt_train.command(hpt_train.TINY, out, *overrides, *hpt_train.SGLANG_CPU, nproc=1),
+        cwd=hpt_train.ROOT,
+        env=hpt_train.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 600

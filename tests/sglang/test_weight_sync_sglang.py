@@ -5,18 +5,13 @@ versions are removed once a newer one is loaded."""
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from hpt_megatron.config.rollout import SGLangConfig
-from tests.distributed.launch import free_port
+from tests.helpers import hpt_train
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 
@@ -26,35 +21,10 @@ def test_pp2_disaggregated_run_syncs_every_stage_into_the_server(tmp_path):
     if not Path(python).exists():
         pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "hpt_megatron.cli",
-        "train",
-        str(ROOT / "examples" / "tiny_cpu.yaml"),
-        f"run.output_dir={out}",
-        "parallel.tp=1",
-        "parallel.pp=2",
-        "run.placement=disaggregated",
-        "run.max_staleness=1",
-        "run.steps=3",
-        "run.val_every=0",
-        "data.prompts_per_step=4",
-        "rollout.n=4",
-        "logging.progress_bar=false",
-        "rollout.engine=sglang",
-        "rollout.sglang.device=cpu",
-        "rollout.sglang.max_total_tokens=4096",
-        "rollout.sglang.extra_args=[--skip-server-warmup]",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    overrides = ["parallel.tp=1", "parallel.pp=2", "run.placement=disaggregated"]
+    overrides += ["run.max_staleness=1", "run.steps=3", "run.val_every=0"]
+    overrides += ["data.prompts_per_step=4", "rollout.n=4", "logging.progress_bar=false"]
+    hpt_train.run(hpt_train.TINY, out, *overrides, *hpt_train.SGLANG_CPU, timeout=1500)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["response/length_mean"] > 0 for r in rows)
