@@ -14,9 +14,10 @@ step so the Adam moments exist, then each round saves once per mode, in turn:
   then rank 0 checksums every file of the checkpoint (all ranks wait at the barrier);
 - ``sync``: ``checkpoint.async_save: false`` now: the shards written before returning, each rank
   checksumming its own files;
-- ``async``: ``checkpoint.async_save: true``: blocked = the call that starts the save plus the
-  collective completion after the writer threads finish (measured after a training step ran
-  meanwhile; the step's time against an undisturbed one is reported too).
+- ``async``: ``checkpoint.async_save: true``: blocked = the call that starts the save, the time
+  the next step's update waited for the snapshot (taken in the writer thread meanwhile), and
+  the collective completion after the writer threads finish (measured after a training step
+  ran meanwhile; the step's time against an undisturbed one is reported too).
 
 Reports the medians over rounds (rank 0, JSON on stdout) and the ratio async / legacy.
 """
@@ -176,6 +177,7 @@ def main() -> None:
         t0 = time.perf_counter()
         ckpt.poll()  # the collective completion: Megatron's metadata, manifests, COMPLETE
         blocked += time.perf_counter() - t0
+        blocked += ckpt.take_staging_wait()  # the step's update waiting for the snapshot
         times["async"].append(blocked)
         if ctx.is_driver:
             sizes = sum(p.stat().st_size for p in (root / f"legacy_{r}").rglob("*"))

@@ -288,7 +288,9 @@ def _train_steps(
                 )
                 if did_save and critic_ckpt is not None and ctx.is_driver:
                     critic_ckpt.prune()
-            metrics["time/checkpoint_blocked_s"] = time.perf_counter() - t_ckpt
+            # (plus the time this step's update waited for the previous save's snapshot)
+            blocked = time.perf_counter() - t_ckpt + run.checkpointer.take_staging_wait()
+            metrics["time/checkpoint_blocked_s"] = blocked
             metrics["time/step_s"] = time.perf_counter() - t_step
             metrics.update(derived_metrics(metrics))
             logger.log(step + 1, metrics)

@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -133,9 +134,22 @@ class PendingSave:
         self.error: str | None = None
         self.thread: threading.Thread | None = None
         self.checksums: dict[str, list[int]] = {}  # of the files written, computed by the writer
+        # Set once the tensors written are copied: the weights may change from then on.
+        self.staged = threading.Event()
 
     def start(self, background: bool) -> PendingSave:
-        write = self._snapshot_writes(copy=background)
+        """Write this rank's shards: inline, or in a thread with ``background``. A background
+        save of host tensors also takes its snapshot in that thread (while the next step's
+        forward and backward run; the update waits for :attr:`staged`); device tensors are
+        copied to host here, before returning."""
+        if background and self._host_only():
+            self.thread = threading.Thread(target=self._stage_and_write, daemon=True)
+            self.thread.start()
+            return self
+        try:
+            write = self._snapshot_writes(copy=background)
+        finally:
+            self.staged.set()
         if write is None:
             return self
         if background:
@@ -144,6 +158,23 @@ class PendingSave:
         else:
             self._write(write)
         return self
+
+    def _host_only(self) -> bool:
+        req = self.request
+        if req is None or req.async_fn is None:
+            return False
+        _, originals, _ = req.async_fn_args
+        return all(t.device.type == "cpu" for _, _, (_, tensors) in originals for _, t in tensors)
+
+    def _stage_and_write(self) -> None:
+        try:
+            write = self._snapshot_writes(copy=True)
+        except Exception as err:  # reported collectively by finish()
+            self.error = f"{type(err).__name__}: {err}"
+            return
+        finally:
+            self.staged.set()
+        self._write(write)
 
     def _snapshot_writes(self, copy: bool) -> Any:
         """Stage the tensors this rank writes: device tensors are copied to host by Megatron's
@@ -522,6 +553,7 @@ class Checkpointer:
         self.best_val = float("-inf")
         self.pending: PendingSave | None = None
         self.buffers = SnapshotBuffers()  # the background saves' snapshot, kept between saves
+        self.staging_wait_s = 0.0  # time updates waited for a snapshot, since last taken
         self.last_complete: Path | None = None  # the newest checkpoint known complete
 
     def _verify(self, path: Path) -> str | None:
@@ -610,11 +642,26 @@ class Checkpointer:
         )
         if not background:
             self.wait()
+        else:
+            engine.before_update = self.wait_staged
         if is_best:
             best = save_checkpoint(self.root / BEST, engine.model_chunks, None, state, group=group)
             if self.ctx.is_driver and self.describe is not None:
                 self.describe(best)
         return True
+
+    def wait_staged(self) -> None:
+        """Block until the pending save's snapshot is taken (the engine calls it before each
+        update: the weights and optimizer state must not change while they are copied)."""
+        if self.pending is not None and not self.pending.staged.is_set():
+            t0 = time.perf_counter()
+            self.pending.staged.wait()
+            self.staging_wait_s += time.perf_counter() - t0
+
+    def take_staging_wait(self) -> float:
+        """The time updates waited for snapshots since the last call."""
+        waited, self.staging_wait_s = self.staging_wait_s, 0.0
+        return waited
 
     def poll(self) -> None:
         """Collective, cheap: complete the pending save if every rank has written its shards."""

@@ -93,6 +93,9 @@ class TrainEngine:
         self.phase: Callable[[str], contextlib.AbstractContextManager] = _no_phase
         # Routing replay (models/moe.py): set, each micro-batch's recorded experts are routed.
         self.routing_replay: RoutingReplay | None = None
+        # Called before every update: a background checkpoint still copying the weights and
+        # optimizer state makes it wait (Checkpointer.wait_staged sets itself here).
+        self.before_update: Callable[[], None] = _nothing
 
     # ---------------------------------------------------------------- forward / backward
     def _run(
@@ -222,6 +225,7 @@ class TrainEngine:
                         grad_norm,
                         sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
                     )
+        self.before_update()
         opt.step_with_ready_grads()
         return grad_norm, False
 
@@ -235,3 +239,7 @@ def _combine(key: str, acc: float | None, value: float) -> float:
 
 def _no_phase(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
+
+
+def _nothing() -> None:
+    return None

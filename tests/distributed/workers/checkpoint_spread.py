@@ -1,7 +1,8 @@
-"""Worker (DP=2): two periodic background saves through the ``Checkpointer``. Writes JSON (rank 0)
+"""Worker (DP=2): two periodic background saves through the ``Checkpointer``, each followed at once
+by a training step while the snapshot (slowed down) is still being taken. Writes JSON (rank 0)
 with the bytes each rank's manifest lists, whether the second save reused the first one's
-snapshot buffers, and whether a fresh engine that loads the checkpoint holds the saved weights
-and Adam moments."""
+snapshot buffers, how long the updates waited for the snapshots, and whether a fresh engine
+that loads the checkpoint holds the weights and Adam moments of the step saved."""
 
 import argparse
 import json
@@ -55,6 +56,13 @@ def main() -> None:
     batches = [collate(samples, group) for group in token_budget_microbatches(lengths, 64)]
     root = Path(args.root)
     ckpt = Checkpointer(root, ctx, save_every=1, keep_last=2, last_step=100, background=True)
+    copy = ckpt.buffers.copy
+
+    def slow_copy(tensor: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)  # a snapshot still being taken when the next update comes
+        return copy(tensor)
+
+    ckpt.buffers.copy = slow_copy
     pointers = []
     for step in (1, 2):
         engine.train_step(batches, TokenMeanNLL(total))
@@ -79,6 +87,7 @@ def main() -> None:
             "buffers_reused": bool(pointers[0]) and pointers[0] == pointers[1],
             "loaded_equals_saved": same,
             "tensors": len(saved),
+            "staging_wait_s": ckpt.take_staging_wait(),
         }
         Path(args.out).write_text(json.dumps(result))
     shutdown_distributed()
