@@ -133,10 +133,21 @@ def _divisor_near(n: int, target: float) -> int:
 def hpt_train(run_dir: Path, overrides: list[str]) -> list[str]:
     """The ``hpt train`` command of one run (one process, no tensor parallelism)."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone",
-        "-m", "hpt_megatron.cli", "train", str(CONFIG), f"run.output_dir={run_dir}",
-        "parallel.tp=1", "logging.progress_bar=false", *overrides,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "--standalone",
+        "-m",
+        "hpt_megatron.cli",
+        "train",
+        str(CONFIG),
+        f"run.output_dir={run_dir}",
+        "parallel.tp=1",
+        "logging.progress_bar=false",
+        *overrides,
+    ]
 
 
 def run_logged(cmd: list[str], log: Path) -> None:

@@ -56,8 +56,12 @@ def write_plots(out: Path, summary: dict) -> list[Path]:
     rows = {"hpt": methods.get("hpt"), **summary["ablation"]}
     rows = {k: v for k, v in rows.items() if v}
     labels = [LABELS[k].replace(" (", "\n(") for k in rows]
-    ax.bar(labels, [v["avg"]["mean"] for v in rows.values()],
-           yerr=[v["avg"]["std"] for v in rows.values()], capsize=3)  # fmt: skip
+    ax.bar(
+        labels,
+        [v["avg"]["mean"] for v in rows.values()],
+        yerr=[v["avg"]["std"] for v in rows.values()],
+        capsize=3,
+    )
     ax.set(ylabel="ID avg@k (%)", title="Gate ablation (HPT = gamma 0)")
     ax.tick_params(axis="x", labelsize=7)
     _save(fig, paths[3])

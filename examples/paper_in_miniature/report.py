@@ -77,7 +77,7 @@ def method_entry(folder: Path) -> dict:
                 [statistics.fmean(v) for v in zip(*(sc[b]["pass_at_k"] for b in ID_BENCHMARKS))]
                 for sc in scores
             ]
-        ),  # fmt: skip
+        ),
         "val_curve": _mean_curve(metrics, "val/accuracy"),
         "sft_fraction": _mean_curve(metrics, "gate/sft_fraction"),
         "reward_curve": _mean_curve(metrics, "reward/mean"),

@@ -30,11 +30,9 @@ def run(tmp_path_factory):
     pytest.importorskip("matplotlib")
     script = _load_script()
     out = tmp_path_factory.mktemp("mini")
-    argv = [
-        "--out", str(out), "--steps", "3", "--prompts-per-step", "4", "--base-steps", "30",
-        "--eval-k", "4", "--eval-problems", "6", "--lr", "1e-3", "--seeds", "1",
-        "--sizes", "tiny", "--methods", "sft,hpt,always_rl",
-    ]  # fmt: skip
+    argv = ["--out", str(out), "--steps", "3", "--prompts-per-step", "4", "--base-steps", "30"]
+    argv += ["--eval-k", "4", "--eval-problems", "6", "--lr", "1e-3", "--seeds", "1"]
+    argv += ["--sizes", "tiny", "--methods", "sft,hpt,always_rl"]
     assert script.main(argv) == 0
     return out, json.loads((out / "summary.json").read_text())
 
