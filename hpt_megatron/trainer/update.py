@@ -269,8 +269,13 @@ class PolicyUpdate:
         # Elided rows stay in the loss's denominators (the gradient is unchanged) but not in the
         # metrics' (a token mean of the ratio or entropy over the rows trained).
         losses = [
-            PolicyLoss(spec, minibatch_totals(spec, mini), layout.dp, minibatch_totals(spec, rows))
-            for mini, (rows, _) in zip(minis, trained)
+            PolicyLoss(
+                spec,
+                minibatch_totals(spec, mini),
+                layout.dp,
+                minibatch_totals(spec, rows) if elided_here else None,  # None: the loss's
+            )
+            for mini, (rows, elided_here) in zip(minis, trained)
         ]
         elided = sum(count for _, count in trained)
         timings = {"time/logprob_s": 0.0, "time/train_s": 0.0}
