@@ -63,7 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
         model = Path(tmp) / "model"
         build_tiny_model(model)
-        cfg = SGLangConfig(num_servers=2, router=False, **base)  # type: ignore[arg-type]
+        cfg = SGLangConfig(servers_per_node=2, router=False, **base)  # type: ignore[arg-type]
         servers = launch_servers(cfg, model_path=model, log_dir=Path(tmp) / "logs", api_key=None)
         urls = [s.url for s in servers]
         client = SGLangEngine(servers, cfg=cfg)

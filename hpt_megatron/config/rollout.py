@@ -48,7 +48,9 @@ class SGLangConfig:
 
     python: str | None = None  # the SGLang venv's python; None: $HPT_SGLANG_VENV/bin/python
     device: Literal["cuda", "cpu"] = "cuda"  # cpu: adds CPU_SERVER_ARGS and SGLANG_USE_CPU_ENGINE
-    num_servers: int = 1
+    # Servers on every node of the run (torchrun's nodes: the node's local rank 0 starts them on
+    # that node's GPUs, base_gpu_id and gpu_id_step being node-local ids).
+    servers_per_node: int = 1
     tp_size: int = 1
     base_gpu_id: int = 0  # server i uses GPUs base_gpu_id + i * tp_size * gpu_id_step, ...
     gpu_id_step: int = 1
@@ -56,7 +58,10 @@ class SGLangConfig:
     max_total_tokens: int | None = None  # KV-cache size in tokens (on CPU, keeps RAM bounded)
     context_length: int | None = None
     dtype: str = "auto"
-    host: str = "127.0.0.1"
+    # The address the servers bind to. None: 127.0.0.1 on a one-node run; with several nodes,
+    # what the node's hostname resolves to (rollout/sglang/nodes.py: bind_host). A server bound to
+    # anything but loopback always has an API key (api_key_env's, or one generated per run).
+    host: str | None = None
     base_port: int = 0  # 0: free ports; otherwise server i listens on base_port + i
     api_key_env: str | None = None  # name of an environment variable holding the API key
     # Servers (or one sglang-router) that the user started: nothing is launched or stopped, the
@@ -81,16 +86,20 @@ class SGLangConfig:
     # "distributed" (NCCL) need GPUs and are not wired into hpt train: both are config errors.
     weight_sync: Literal["auto", "disk", "tensor", "distributed"] = "auto"
     weight_sync_dir: str | None = None  # disk transport; None: <run_dir>/rollout_weights
+    # After every weight load, read each synced tensor back from every server
+    # (/get_weights_by_name) and require it to equal the folder's: a debugging check for small
+    # models (slime's --check-weight-update-equal); a mismatch stops the run naming the tensor.
+    check_weights: bool = False
     log_dir: str | None = None  # None: <run_dir>/sglang_logs
 
     def validate(self) -> None:
-        for key in ("num_servers", "tp_size", "gpu_id_step", "max_concurrency"):
+        for key in ("servers_per_node", "tp_size", "gpu_id_step", "max_concurrency"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("base_gpu_id", "max_retries", "max_restarts"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
-        if not 0 <= self.base_port < 65536 - self.num_servers:
+        if not 0 <= self.base_port < 65536 - self.servers_per_node:
             raise ValueError(f"base_port: must be 0 or a free port range, got {self.base_port}")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
             raise ValueError(
@@ -120,9 +129,9 @@ class SGLangConfig:
                 raise ValueError(f"urls[{i}]: {url!r} {problem}")
         if len(set(u.rstrip("/") for u in self.urls)) != len(self.urls):
             raise ValueError(f"urls: the same server is listed twice in {self.urls}")
-        if self.urls and self.num_servers != 1:
+        if self.urls and self.servers_per_node != 1:
             raise ValueError(
-                "num_servers: servers are launched only without urls; with urls, list every "
+                "servers_per_node: servers are launched only without urls; with urls, list every "
                 "server there"
             )
         reserved = {"--model-path", "--port", "--host", "--api-key", "--tp-size", "--base-gpu-id"}
@@ -194,8 +203,8 @@ def sglang_server_args(
     model_path: str,
     port: int,
     server_index: int = 0,
+    host: str = "127.0.0.1",
     tokenizer_path: str | None = None,
-    api_key: str | None = None,
 ) -> list[str]:
     """Command-line arguments of ``python -m sglang.launch_server`` for server ``server_index``.
 
@@ -203,11 +212,14 @@ def sglang_server_args(
         cfg: the ``rollout.sglang`` section.
         model_path: HF folder to serve.
         port: this server's port.
-        server_index: which of ``cfg.num_servers`` servers (picks its GPUs).
+        server_index: which of ``cfg.servers_per_node`` servers (picks its GPUs).
+        host: the address to bind (``nodes.bind_host``).
         tokenizer_path: a different tokenizer folder (e.g. when serving a weights-only snapshot).
-        api_key: the resolved API key, if any.
+
+    The API key is not among them: ``ServerLaunch.api_key`` hands it to the server outside its
+    command line (which ``ps`` shows to every user of the node).
     """
-    args = ["--model-path", model_path, "--host", cfg.host, "--port", str(port)]
+    args = ["--model-path", model_path, "--host", host, "--port", str(port)]
     if tokenizer_path:
         args += ["--tokenizer-path", tokenizer_path]
     args += ["--tp-size", str(cfg.tp_size), "--dtype", cfg.dtype]
@@ -222,8 +234,6 @@ def sglang_server_args(
         args += ["--max-total-tokens", str(cfg.max_total_tokens)]
     if cfg.context_length is not None:
         args += ["--context-length", str(cfg.context_length)]
-    if api_key:
-        args += ["--api-key", api_key]
     return args + list(cfg.extra_args)
 
 

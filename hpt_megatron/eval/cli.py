@@ -144,7 +144,7 @@ def sglang_config(args: argparse.Namespace) -> SGLangConfig:
         num_servers = max(1, torch.cuda.device_count() // args.tp_size)
     cfg = SGLangConfig(
         device=device,
-        num_servers=num_servers,
+        servers_per_node=num_servers,
         tp_size=args.tp_size,
         urls=list(args.urls or []),
         api_key_env=args.api_key_env,

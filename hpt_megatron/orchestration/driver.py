@@ -12,13 +12,14 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hpt_megatron.algorithms import AlgorithmSpec
 from hpt_megatron.config import HPTConfig
 from hpt_megatron.config.data import RewardConfig
+from hpt_megatron.config.rollout import RolloutConfig
 from hpt_megatron.data import build_prompt_dataset, build_sampler
 from hpt_megatron.data.dataset import PromptDataset
 from hpt_megatron.data.records import PromptRecord
@@ -31,9 +32,13 @@ from hpt_megatron.orchestration.batch_rules import (
     demo_sample,
     shape_overlong,
 )
+from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.rewards import RewardPool
 from hpt_megatron.rollout.base import RolloutEngine, SamplingParams
 from hpt_megatron.rollout.factory import sampling_params
+
+if TYPE_CHECKING:
+    from hpt_megatron.rollout.sglang.nodes import NodeServerGroup
 
 MAX_REFILL_ROUNDS = 4  # DAPO dynamic sampling: extra prompt batches drawn to refill a step
 
@@ -58,7 +63,14 @@ class Driver:
         self.pool = pool
 
     @classmethod
-    def build(cls, cfg: HPTConfig, hf: HFModelConfig, tokenizer: Any, run_dir: Path) -> Driver:
+    def build(
+        cls,
+        cfg: HPTConfig,
+        hf: HFModelConfig,
+        tokenizer: Any,
+        run_dir: Path,
+        nodes: NodeServerGroup | None = None,
+    ) -> Driver:
         train_set = build_prompt_dataset(cfg.data, tokenizer, "train")
         sampler = build_sampler(cfg.data, train_set, cfg.run.seed)
         val_set = None
@@ -72,7 +84,7 @@ class Driver:
             memory_limit_mb=reward.memory_limit_mb,
         )
         try:
-            engine = build_rollout_engine(cfg, hf, tokenizer, run_dir)
+            engine = build_rollout_engine(cfg, hf, tokenizer, run_dir, nodes)
         except BaseException:
             pool.close()
             raise
@@ -188,7 +200,7 @@ class Driver:
             "reward/errors_total": float(stats.errors),
             "data/bad_rows": float(data.stats.bad_rows if isinstance(data, PromptDataset) else 0),
             "rollout/server_restarts_total": float(self.engine.restarts),
-            **_request_counts(self.engine),
+            **_server_metrics(self.engine),
         }
 
     # ---------------------------------------------------------------------------- state
@@ -213,9 +225,14 @@ def grade_samples(pool: RewardPool, samples: list[Sample], cfg: RewardConfig) ->
 
 
 def build_rollout_engine(
-    cfg: HPTConfig, hf: HFModelConfig, tokenizer: Any, run_dir: Path
+    cfg: HPTConfig,
+    hf: HFModelConfig,
+    tokenizer: Any,
+    run_dir: Path,
+    nodes: NodeServerGroup | None = None,
 ) -> RolloutEngine:
-    """The driver's rollout engine; its weights are overwritten from the trainer at step 0."""
+    """The driver's rollout engine; its weights are overwritten from the trainer at step 0.
+    ``nodes``: the SGLang servers every node started (``start_rollout_nodes``)."""
     if cfg.rollout.engine == "cpu":
         from hpt_megatron.rollout.cpu_engine import HFCpuEngine
 
@@ -232,16 +249,53 @@ def build_rollout_engine(
         )
     from hpt_megatron.rollout.sglang import build_sglang_engine
 
+    # Serve the starting HF checkpoint when there is one (no random full-size copy to write).
+    return build_sglang_engine(
+        sglang_rollout(cfg),
+        hf=hf,
+        tokenizer=tokenizer,
+        run_dir=run_dir,
+        model_path=cfg.model.hf_weights,
+        nodes=nodes,
+    )
+
+
+def sglang_rollout(cfg: HPTConfig) -> RolloutConfig:
+    """The ``rollout`` section as the SGLang servers take it: a served checkpoint is told the
+    trainer's RoPE settings (``model.rope_theta``, ``max_position_embeddings``)."""
     rollout = cfg.rollout
     overrides = {k: getattr(cfg.model, k) for k in ("rope_theta", "max_position_embeddings")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if overrides and cfg.model.hf_weights:  # the served checkpoint must use the trainer's RoPE
+    if overrides and cfg.model.hf_weights:
         extra = [*rollout.sglang.extra_args, "--json-model-override-args", json.dumps(overrides)]
         sglang = dataclasses.replace(rollout.sglang, extra_args=extra)
         rollout = dataclasses.replace(rollout, sglang=sglang)
-    # Serve the starting HF checkpoint when there is one (no random full-size copy to write).
-    return build_sglang_engine(
-        rollout, hf=hf, tokenizer=tokenizer, run_dir=run_dir, model_path=cfg.model.hf_weights
+    return rollout
+
+
+def start_rollout_nodes(
+    cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, tokenizer: Any, run_dir: Path
+) -> NodeServerGroup | None:
+    """SGLang servers on every node, for a run over several nodes that launches its own
+    (``rollout.engine: sglang`` without ``urls``, not a replay); ``None`` otherwise. A
+    collective: every rank calls it. The driver first writes the folder they serve."""
+    if cfg.rollout.engine != "sglang" or cfg.rollout.sglang.urls or cfg.run.replay_rollouts:
+        return None
+    from hpt_megatron.rollout.sglang.engine import serve_path
+    from hpt_megatron.rollout.sglang.nodes import NodeInfo, start_node_servers
+
+    nodes = NodeInfo.from_env()
+    if nodes.num_nodes == 1:
+        return None  # the driver launches them (SGLangEngine.launch)
+    model_path = None
+    if ctx.is_driver:
+        model_path = serve_path(hf, tokenizer, run_dir, cfg.model.hf_weights)
+    return start_node_servers(
+        sglang_rollout(cfg).sglang,
+        model_path=model_path,
+        run_dir=run_dir,
+        group=ctx.cpu_group,
+        nodes=nodes,
     )
 
 
@@ -263,9 +317,9 @@ def generation_threads(cfg: HPTConfig) -> int:
     return max(1, min(node_ranks * own, len(os.sched_getaffinity(0))))
 
 
-def _request_counts(engine: RolloutEngine) -> dict[str, float]:
-    """Per-server request counts of an SGLang engine (``rollout/requests/server_<i>``)."""
-    counts = getattr(engine, "request_counts", None)
+def _server_metrics(engine: RolloutEngine) -> dict[str, float]:
+    """An SGLang engine's per-server metrics (``rollout/requests/server_<i>``, ...)."""
+    counts = getattr(engine, "server_metrics", None)
     return counts() if callable(counts) else {}
 
 

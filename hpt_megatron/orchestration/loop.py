@@ -30,7 +30,7 @@ from hpt_megatron.models.provider import (
     hf_config_with_overrides,
     load_hf_config,
 )
-from hpt_megatron.orchestration.driver import Driver
+from hpt_megatron.orchestration.driver import Driver, start_rollout_nodes
 from hpt_megatron.orchestration.faults import NonFiniteGuard, Preemption
 from hpt_megatron.orchestration.metrics import MetricsLogger, derived_metrics
 from hpt_megatron.orchestration.rollouts import (
@@ -89,16 +89,20 @@ def train(cfg: HPTConfig) -> dict[str, float]:
     ctx = init_distributed(
         cfg.parallel, seed=cfg.run.seed, timeout_s=cfg.fault.collective_timeout_s
     )
-    driver = None
+    driver = nodes = None
     try:
         run = _build_run(cfg, ctx, hf, spec)
+        # Over several nodes, each node's local rank 0 starts that node's SGLang servers.
+        nodes = start_rollout_nodes(cfg, ctx, hf, run.tokenizer, run.run_dir)
         # A replay of recorded batches (run.replay_rollouts) has no driver and no engine.
         build = ctx.is_driver and not cfg.run.replay_rollouts
-        driver = Driver.build(cfg, hf, run.tokenizer, run.run_dir) if build else None
+        driver = Driver.build(cfg, hf, run.tokenizer, run.run_dir, nodes) if build else None
         return _train(run, driver)
     finally:
         if driver is not None:
             driver.close()
+        if nodes is not None:
+            nodes.close()
         shutdown_distributed()
 
 

@@ -70,7 +70,7 @@ def launched(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
     run_dir = tmp_path_factory.mktemp("launched")
     eng = SGLangEngine.launch(
-        _cfg(num_servers=2, router=True), model_path=model_dir, run_dir=run_dir
+        _cfg(servers_per_node=2, router=True), model_path=model_dir, run_dir=run_dir
     )
     yield eng
     eng.shutdown()
@@ -106,7 +106,7 @@ def test_external_servers_are_used_and_left_running(
     before = _generate_counts(launched.servers)
     gens = eng.generate(PROMPTS, SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=3))
     assert len(gens) == 2 * len(PROMPTS)
-    counts = eng.request_counts()
+    counts = eng.server_metrics()
     assert counts["rollout/requests/server_0"] > 0 and counts["rollout/requests/server_1"] > 0
     assert counts["rollout/requests/server_0"] + counts["rollout/requests/server_1"] == 8
     after = _generate_counts(launched.servers)  # the servers' own counts agree
@@ -160,6 +160,46 @@ def test_hpt_eval_on_external_servers(
     assert all(s.health() for s in launched.servers)
 
 
+def test_hpt_eval_launches_its_own_server(
+    launched: SGLangEngine, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``hpt eval --engine sglang`` without ``--urls``: it starts a CPU server on ``--model``,
+    evaluates on it with the same output files, and leaves no server behind."""
+    from hpt_megatron.eval.cli import main
+
+    bench = tmp_path / "arith.jsonl"
+    bench.write_text(
+        "\n".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) for i in range(3))
+    )
+    out = tmp_path / "out"
+    argv = ["--model", str(model_dir), "--engine", "sglang", "--sglang-device", "cpu"]
+    argv += ["--num-servers", "1", "--max-total-tokens", "4096", "--benchmarks", str(bench)]
+    argv += ["--k", "2", "--max-new-tokens", "4", "--system-prompt", "none", "--pass-k", "1,2"]
+    argv += ["--template", "raw", "--output-dir", str(out)]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[:4] == [
+        "benchmark",
+        "problems",
+        "k",
+        "avg@k",
+    ]
+    assert len((out / "responses.jsonl").read_text().splitlines()) == 6
+    log = (out / "sglang_logs" / "sglang_server_0.log").read_text()
+    assert "starting:" in log
+    mine = str(model_dir).encode()
+    left = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"sglang.launch_server" in cmd and mine in cmd and b"--port" in cmd:
+                left.append(int(entry.name))
+    # The module's own two servers serve model_dir too; eval's is the one not among them.
+    assert set(left) <= {s.proc.pid for s in launched.servers if s.proc}, left
+
+
 @pytest.mark.slow
 def test_hpt_train_on_external_servers(launched: SGLangEngine, tmp_path: Path) -> None:
     """``hpt train`` with ``rollout.sglang.urls``: both servers serve its rollouts (counted in
@@ -208,7 +248,7 @@ def test_router_keeps_a_prompts_samples_on_one_server(launched: SGLangEngine) ->
             assert len(gens) == n
             delta = [a - b for a, b in zip(_generate_counts(launched.servers), before)]
             assert sorted(delta) == [0, n], delta
-    counts = launched.request_counts()
+    counts = launched.server_metrics()
     assert counts["rollout/requests/router"] >= 2 * 4 * n
     assert counts["rollout/cached_prompt_tokens"] > 0  # prefix-cache hits, from meta_info
 

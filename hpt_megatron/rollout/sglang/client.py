@@ -318,6 +318,17 @@ class SGLangClient:
         """POST ``payload`` to server ``index`` (see ``post_to``)."""
         return await self.post_to(self.pool.servers[index], path, payload, timeout_s=timeout_s)
 
+    async def get(self, index: int, path: str, *, timeout_s: float = 10.0) -> Any:
+        """GET ``path`` of server ``index`` (JSON); ``RuntimeError`` on a non-200 answer."""
+        server = self.pool.servers[index]
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with self.session().get(
+            server.url + path, headers=server.auth_headers(), timeout=timeout
+        ) as response:
+            if response.status != 200:
+                raise RuntimeError(f"{server.url}{path} answered {response.status}")
+            return await response.json(content_type=None)
+
     async def post_to(
         self,
         server: Endpoint,

@@ -10,11 +10,14 @@ import asyncio
 import dataclasses
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import aiohttp
 
 from hpt_megatron.config.rollout import (
     RolloutConfig,
@@ -25,6 +28,7 @@ from hpt_megatron.config.rollout import (
 from hpt_megatron.rollout.base import Generation, SamplingParams, WeightBucket
 from hpt_megatron.rollout.sampling import validate_sampling
 from hpt_megatron.rollout.sglang.client import Endpoint, ServerPool, SGLangClient
+from hpt_megatron.rollout.sglang.nodes import NodeServerGroup, bind_host, is_loopback
 from hpt_megatron.rollout.sglang.router import (
     launch_router,
     router_workers,
@@ -40,7 +44,7 @@ from hpt_megatron.rollout.sglang.server import (
     free_port,
 )
 from hpt_megatron.rollout.sglang.weight_sync import WeightTransport
-from hpt_megatron.rollout.sglang.weight_sync.disk import DiskTransport
+from hpt_megatron.rollout.sglang.weight_sync.disk import DiskTransport, check_loaded
 
 if TYPE_CHECKING:
     from hpt_megatron.models.hf_config import HFModelConfig
@@ -67,24 +71,29 @@ class _LoopThread:
 
 
 def launch_servers(
-    cfg: SGLangConfig, *, model_path: str | Path, log_dir: str | Path, api_key: str | None
+    cfg: SGLangConfig,
+    *,
+    model_path: str | Path,
+    log_dir: str | Path,
+    api_key: str | None,
+    host: str = "127.0.0.1",
+    name: str = "sglang_server",
 ) -> list[SGLangServer]:
-    """Start ``cfg.num_servers`` servers in parallel; all healthy, or none left running."""
+    """Start ``cfg.servers_per_node`` servers on this node in parallel, bound to ``host``; all
+    healthy, or none left running. Logs are ``<log_dir>/<name>_<i>.log``."""
     model_path = str(model_path)
     if not Path(model_path).is_dir():
         raise ValueError(f"rollout model path {model_path} is not a directory")
     servers = []
-    for i in range(cfg.num_servers):
-        port = cfg.base_port + i if cfg.base_port else free_port(cfg.host)
-        args = sglang_server_args(
-            cfg, model_path=model_path, port=port, server_index=i, api_key=api_key
-        )
+    for i in range(cfg.servers_per_node):
+        port = cfg.base_port + i if cfg.base_port else free_port(host)
+        args = sglang_server_args(cfg, model_path=model_path, port=port, server_index=i, host=host)
         launch = ServerLaunch(
             python=cfg.python_executable(),
             args=args,
-            host=cfg.host,
+            host=host,
             port=port,
-            log_path=Path(log_dir) / f"sglang_server_{i}.log",
+            log_path=Path(log_dir) / f"{name}_{i}.log",
             env=sglang_server_env(cfg),
             api_key=api_key,
             startup_timeout_s=cfg.startup_timeout_s,
@@ -130,6 +139,8 @@ class SGLangEngine:
         self._api_key = api_key  # the servers' (told to the router when a worker restarts)
         self.transport = transport or DiskTransport(Path.cwd() / "rollout_weights")
         self.weight_version = 0
+        self.checked_tensors = 0  # per server, at the last load (rollout.sglang.check_weights)
+        self.stale_resyncs = 0  # servers found serving their start weights, and brought back
         self._loop = _LoopThread()
         self.pool = ServerPool(
             self.servers,
@@ -160,22 +171,40 @@ class SGLangEngine:
         with ``cfg.urls``, connect to the user's servers. Logs and weights go under ``run_dir``."""
         if cfg.urls:
             return cls.connect(cfg, run_dir=run_dir, transport=transport)
-        api_key = resolve_api_key(cfg)
-        log_dir = _log_dir(cfg, run_dir)
-        routed = use_router(cfg, cfg.num_servers)
-        if routed and "--enable-metrics" not in cfg.extra_args:
-            # Behind the router, each server's own /metrics is what counts its requests.
-            cfg = dataclasses.replace(cfg, extra_args=[*cfg.extra_args, "--enable-metrics"])
-        servers = launch_servers(cfg, model_path=model_path, log_dir=log_dir, api_key=api_key)
+        host = bind_host(cfg, 1)
+        api_key = server_api_key(cfg, host)
+        log_dir = log_dir_of(cfg, run_dir)
+        cfg = with_router_metrics(cfg, cfg.servers_per_node)
+        servers = launch_servers(
+            cfg, model_path=model_path, log_dir=log_dir, api_key=api_key, host=host
+        )
         try:
-            router = None
-            if routed:
-                urls = [s.url for s in servers]
-                router = launch_router(cfg, worker_urls=urls, log_dir=log_dir, api_key=api_key)
+            return cls.over(servers, cfg, run_dir=run_dir, api_key=api_key, transport=transport)
         except BaseException:
             for server in servers:
                 server.stop()
             raise
+
+    @classmethod
+    def over(
+        cls,
+        servers: Sequence[Endpoint],
+        cfg: SGLangConfig,
+        *,
+        run_dir: str | Path,
+        api_key: str | None,
+        transport: WeightTransport | None = None,
+    ) -> SGLangEngine:
+        """An engine over servers that are up (this node's, or every node's): the router in
+        front of them when it is on, the configured weight transport."""
+        router = None
+        if use_router(cfg, len(servers)):
+            router = launch_router(
+                cfg,
+                worker_urls=[s.url for s in servers],
+                log_dir=log_dir_of(cfg, run_dir),
+                api_key=api_key,
+            )
         transport = transport or _transport(cfg, run_dir)
         return cls(servers, transport=transport, cfg=cfg, router=router, api_key=api_key)
 
@@ -209,7 +238,7 @@ class SGLangEngine:
             router = launch_router(
                 cfg,
                 worker_urls=[s.url for s in servers],
-                log_dir=_log_dir(cfg, run_dir),
+                log_dir=log_dir_of(cfg, run_dir),
                 api_key=api_key,
             )
         logger.info("using %d external SGLang servers: %s", len(servers), [s.url for s in servers])
@@ -225,6 +254,8 @@ class SGLangEngine:
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {i} is empty: at least one token is needed")
+        if self.weight_version:
+            self._loop.run(self._resync_restarted())
         return self._loop.run(self.client.generate(prompts, params, self.weight_version))
 
     def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
@@ -232,6 +263,9 @@ class SGLangEngine:
         self._check_open()
         self._loop.run(self.transport.push(self.client, buckets, version))
         self.weight_version = version
+        latest = getattr(self.transport, "latest", None)
+        if self.cfg.check_weights and latest is not None:
+            self.checked_tensors = self._loop.run(check_loaded(self.client, latest))
 
     def update_weights_from_disk(self, path: str | Path, version: int) -> None:
         """Load an HF safetensors folder into every server (any transport)."""
@@ -239,6 +273,32 @@ class SGLangEngine:
         disk = self.transport if isinstance(self.transport, DiskTransport) else DiskTransport(path)
         self._loop.run(disk.load(self.client, path, version))
         self.weight_version = version
+        if self.cfg.check_weights:
+            self.checked_tensors = self._loop.run(check_loaded(self.client, path))
+
+    async def _resync_restarted(self) -> None:
+        """A server that restarted unseen (between two steps: its node, or the user, brought it
+        back) serves the weights it started from, and says so: its ``weight_version`` is not
+        one we loaded. Load the current weights into it before it generates."""
+        for i, server in enumerate(self.servers):
+            if self.pool.state[i] != "up":
+                continue
+            try:
+                info = await self.client.get(i, "/model_info")
+            except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError):
+                continue  # a dead server: the request path restarts it
+            version = str(info.get("weight_version", "")) if isinstance(info, dict) else ""
+            if version.isdigit():
+                continue
+            logger.warning(
+                "sglang server %s serves weight version %r, not %d (restarted unseen): loading "
+                "the current weights",
+                server.url,
+                version,
+                self.weight_version,
+            )
+            self.stale_resyncs += 1
+            await self._after_restart(i)
 
     def flush_cache(self) -> None:
         self._loop.run(self.client.post_all("/flush_cache", {}))
@@ -264,17 +324,21 @@ class SGLangEngine:
 
     @property
     def restarts(self) -> int:
-        """Servers restarted after they died (the client re-sent their lost requests)."""
-        return sum(server.restarts for server in self.servers)
+        """Servers restarted after they died (the client re-sent their lost requests), and those
+        found restarted unseen and brought to the current weights."""
+        return sum(server.restarts for server in self.servers) + self.stale_resyncs
 
-    def request_counts(self) -> dict[str, float]:
-        """Per-server ``/generate`` requests and prefix-cache hits so far, as metrics.
+    def server_metrics(self) -> dict[str, float]:
+        """Per-server ``/generate`` requests and prefix-cache hits so far, as metrics (and, with
+        ``check_weights``, the tensors read back from each server at the last load).
 
         Through the router the client cannot see which worker answered: each worker's count is
         then its own ``/metrics`` (present when it runs with ``--enable-metrics``, which servers
         launched behind the router get).
         """
         out: dict[str, float] = {}
+        if self.cfg.check_weights:
+            out["rollout/checked_tensors"] = float(self.checked_tensors)
         pool = self.pool
         if self.router is None:
             for i in range(len(self.servers)):
@@ -316,6 +380,9 @@ class SGLangEngine:
 
     async def _after_restart(self, index: int) -> None:
         await self.transport.resync(self.client, index)
+        latest = getattr(self.transport, "latest", None)
+        if self.cfg.check_weights and latest is not None:
+            await check_loaded(self.client, latest, index)
         if self.router is not None:
             await tell_router_restarted(
                 self.client.session(), self.router, self.servers[index].url, self._api_key
@@ -336,6 +403,15 @@ def resolve_api_key(cfg: SGLangConfig) -> str | None:
             f"rollout.sglang.api_key_env: environment variable {cfg.api_key_env} is unset"
         )
     return api_key
+
+
+def server_api_key(cfg: SGLangConfig, host: str, generated: str | None = None) -> str | None:
+    """The key of servers we launch bound to ``host``: ``api_key_env``'s; else, for anything but
+    loopback, ``generated`` (or a new one): such a server never runs without a key."""
+    key = resolve_api_key(cfg)
+    if key or is_loopback(host):
+        return key
+    return generated or secrets.token_urlsafe(32)
 
 
 def server_counters(server: Endpoint, timeout_s: float = 5.0) -> tuple[float, float] | None:
@@ -361,13 +437,27 @@ def server_counters(server: Endpoint, timeout_s: float = 5.0) -> tuple[float, fl
     return (requests, cached) if seen or "sglang:" in text else None
 
 
-def _log_dir(cfg: SGLangConfig, run_dir: str | Path) -> Path:
+def log_dir_of(cfg: SGLangConfig, run_dir: str | Path) -> Path:
+    """Where the servers' (and the router's) logs go."""
     return Path(cfg.log_dir) if cfg.log_dir else Path(run_dir) / "sglang_logs"
+
+
+def sync_dir_of(cfg: SGLangConfig, run_dir: str | Path) -> Path:
+    """The disk transport's folder of weight versions."""
+    return Path(cfg.weight_sync_dir) if cfg.weight_sync_dir else Path(run_dir) / "rollout_weights"
+
+
+def with_router_metrics(cfg: SGLangConfig, num_servers: int) -> SGLangConfig:
+    """Behind the router, each server's own ``/metrics`` is what counts its requests: servers
+    launched for a routed engine get ``--enable-metrics``."""
+    if use_router(cfg, num_servers) and "--enable-metrics" not in cfg.extra_args:
+        return dataclasses.replace(cfg, extra_args=[*cfg.extra_args, "--enable-metrics"])
+    return cfg
 
 
 def _transport(cfg: SGLangConfig, run_dir: str | Path) -> WeightTransport:
     # weight_sync is auto or disk: the config allows nothing else
-    return DiskTransport(cfg.weight_sync_dir or Path(run_dir) / "rollout_weights")
+    return DiskTransport(sync_dir_of(cfg, run_dir))
 
 
 def build_sglang_engine(
@@ -377,21 +467,37 @@ def build_sglang_engine(
     tokenizer: Any,
     run_dir: str | Path,
     model_path: str | Path | None = None,
+    nodes: NodeServerGroup | None = None,
 ) -> SGLangEngine:
     """The scheduler's entry point for ``rollout.engine: sglang``.
 
-    Serves ``model_path`` when given (an HF folder); otherwise writes a randomly initialised model
-    of config ``hf`` plus ``tokenizer`` to ``<run_dir>/sglang_init_model`` and serves that, the
-    trainer then overwriting the weights at step 0 (fine for small models; for large ones pass
-    the checkpoint folder).
+    With ``nodes`` (a run over several nodes), the engine drives the servers every node started
+    (``nodes.start_node_servers``). Otherwise it launches this node's servers on ``serve_path``'s
+    folder, or connects to ``rollout.sglang.urls``.
     """
     if cfg.sglang.urls:  # the user's servers serve their own model; the trainer's weights follow
         return SGLangEngine.connect(cfg.sglang, run_dir=run_dir)
-    if model_path is None:
-        model_path = Path(run_dir) / "sglang_init_model"
-        if not (model_path / "config.json").is_file():
-            _write_init_model(hf, tokenizer, model_path)
+    if nodes is not None:
+        assert nodes.endpoints is not None, "the driver holds every node's endpoints"
+        endpoints, key = nodes.endpoints, nodes.api_key
+        return SGLangEngine.over(endpoints, cfg.sglang, run_dir=run_dir, api_key=key)
+    model_path = serve_path(hf, tokenizer, run_dir, model_path)
     return SGLangEngine.launch(cfg.sglang, model_path=model_path, run_dir=run_dir)
+
+
+def serve_path(
+    hf: HFModelConfig, tokenizer: Any, run_dir: str | Path, model_path: str | Path | None
+) -> Path:
+    """The folder the servers start from: ``model_path`` (an HF folder) when given; otherwise a
+    randomly initialised model of config ``hf`` plus ``tokenizer`` in
+    ``<run_dir>/sglang_init_model``, the trainer then overwriting the weights at step 0 (fine for
+    small models; for large ones pass the checkpoint folder)."""
+    if model_path is not None:
+        return Path(model_path)
+    path = Path(run_dir) / "sglang_init_model"
+    if not (path / "config.json").is_file():
+        _write_init_model(hf, tokenizer, path)
+    return path
 
 
 def _write_init_model(hf: HFModelConfig, tokenizer: Any, path: Path) -> None:

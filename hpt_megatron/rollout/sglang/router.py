@@ -72,7 +72,7 @@ def use_router(cfg: SGLangConfig, num_workers: int) -> bool:
 
 
 def router_args(
-    cfg: SGLangConfig, *, worker_urls: list[str], port: int, metrics_port: int, api_key: str | None
+    cfg: SGLangConfig, *, worker_urls: list[str], port: int, metrics_port: int
 ) -> list[str]:
     """Arguments of ``python -m sglang_router.launch_router`` for ``worker_urls``."""
     args = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *worker_urls]
@@ -82,9 +82,7 @@ def router_args(
     # Long generations: the router must not cut a request the client still waits for.
     args += ["--request-timeout-secs", str(int(cfg.request_timeout_s) + 60)]
     args += ["--worker-startup-timeout-secs", str(int(cfg.startup_timeout_s))]
-    if api_key:
-        args += ["--api-key", api_key]  # what the router sends to the workers
-    return args
+    return args  # the workers' API key goes outside the command line (ServerLaunch.api_key)
 
 
 def launch_router(
@@ -97,7 +95,6 @@ def launch_router(
         worker_urls=worker_urls,
         port=port,
         metrics_port=free_port("127.0.0.1"),
-        api_key=api_key,
     )
     launch = ServerLaunch(
         python=cfg.python_executable(),

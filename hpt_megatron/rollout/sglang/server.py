@@ -32,10 +32,15 @@ logger = logging.getLogger(__name__)
 # parent process goes away.
 # (PR_SET_PDEATHSIG would fire when the *thread* that started the child exits, which the engine's
 # worker threads do.)
+# The API key comes in the environment (HPT_SGLANG_API_KEY, removed at once) and joins sys.argv
+# here, so that no process's command line shows it.
 _LAUNCHER = """
 import os, runpy, signal, sys, threading, time
 parent, module = int(sys.argv[1]), sys.argv[2]
 sys.argv = [module, *sys.argv[3:]]
+_key = os.environ.pop("HPT_SGLANG_API_KEY", None)
+if _key:
+    sys.argv += ["--api-key", _key]
 def _watch():
     while os.getppid() == parent:
         time.sleep(1.0)
@@ -119,17 +124,25 @@ class SGLangServer:
         cmd = [self.launch.python, "-c", _LAUNCHER, str(os.getpid()), self.launch.module]
         cmd += self.launch.args
         env = {**os.environ, **self.launch.env}
+        key = self.launch.api_key
+        if key:
+            env["HPT_SGLANG_API_KEY"] = key
+        shown = " ".join([self.launch.python, "-m", self.launch.module, *self.launch.args])
         with open(self.launch.log_path, "ab") as log:
-            log.write(f"\n==== {time.strftime('%F %T')} starting: {' '.join(cmd)}\n".encode())
+            log.write(f"\n==== {time.strftime('%F %T')} starting: {shown}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
                 cmd,
-                stdout=log,
+                # With a key, the output passes through a copier that blanks it (SGLang logs its
+                # server_args, the key among them).
+                stdout=subprocess.PIPE if key else log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,  # own process group: stop() reaches its children too
             )
+        if key:
+            _copy_redacted(self.proc, self.launch.log_path, key)
         with _LIVE_LOCK:
             _LIVE.add(self)
         logger.info("sglang server pid %d starting at %s", self.proc.pid, self.url)
@@ -280,6 +293,22 @@ def http_health(url: str, headers: dict[str, str], timeout_s: float) -> str | No
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         return f"cannot connect ({reason})"
+
+
+def _copy_redacted(proc: subprocess.Popen[bytes], log_path: Path, secret: str) -> None:
+    """Append ``proc``'s output to ``log_path`` with ``secret`` replaced, from a daemon thread
+    (it ends when the process and its children have closed the pipe)."""
+    assert proc.stdout is not None
+    stream, needle = proc.stdout, secret.encode()
+
+    def copy() -> None:
+        with open(log_path, "ab") as log:
+            for line in stream:
+                log.write(line.replace(needle, b"<api-key>"))
+                log.flush()
+        stream.close()
+
+    threading.Thread(target=copy, daemon=True, name=f"sglang-log-{proc.pid}").start()
 
 
 def stop_all_servers() -> None:

@@ -70,7 +70,7 @@ def test_paper_settings(name):
     assert cfg.data.train.endswith(".parquet") and cfg.data.val.endswith(".parquet")
     # SGLang fills the 8 GPUs and fits a whole sequence
     sg = cfg.rollout.sglang
-    assert sg.num_servers * sg.tp_size == 8
+    assert sg.servers_per_node * sg.tp_size == 8
     assert sg.context_length >= cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
 
 

@@ -26,7 +26,7 @@ def _args_dict(args: list[str]) -> dict[str, str | None]:
 
 
 def test_gpu_server_args_place_each_server_on_its_gpus() -> None:
-    cfg = SGLangConfig(num_servers=2, tp_size=2, base_gpu_id=4, mem_fraction_static=0.7)
+    cfg = SGLangConfig(servers_per_node=2, tp_size=2, base_gpu_id=4, mem_fraction_static=0.7)
     args = _args_dict(sglang_server_args(cfg, model_path="/m", port=30001, server_index=1))
     assert args["--model-path"] == "/m" and args["--port"] == "30001"
     assert args["--host"] == "127.0.0.1" and args["--tp-size"] == "2"
@@ -38,10 +38,11 @@ def test_cpu_server_args_env_and_passthrough() -> None:
     cfg = SGLangConfig(
         device="cpu", max_total_tokens=4096, extra_args=["--skip-server-warmup"], env={"A": "1"}
     )
-    args = sglang_server_args(cfg, model_path="/m", port=1, api_key="k", tokenizer_path="/t")
+    args = sglang_server_args(cfg, model_path="/m", port=1, host="10.0.0.2", tokenizer_path="/t")
     joined = " ".join(args)
     assert " ".join(CPU_SERVER_ARGS) in joined and "--base-gpu-id" not in joined
-    assert _args_dict(args)["--api-key"] == "k" and _args_dict(args)["--tokenizer-path"] == "/t"
+    assert _args_dict(args)["--host"] == "10.0.0.2" and _args_dict(args)["--tokenizer-path"] == "/t"
+    assert "--api-key" not in args  # the key never goes on a command line
     assert args[-1] == "--skip-server-warmup" and _args_dict(args)["--max-total-tokens"] == "4096"
     env = sglang_server_env(cfg)
     assert env == {"SGLANG_USE_CPU_ENGINE": "1", "SGLANG_RETURN_ORIGINAL_LOGPROB": "1", "A": "1"}
@@ -64,7 +65,10 @@ def test_cpu_server_args_env_and_passthrough() -> None:
         ({"sglang": {"urls": ["http://h"]}}, "rollout.sglang.urls"),
         ({"sglang": {"urls": ["http://h:1/generate"]}}, "rollout.sglang.urls"),
         ({"sglang": {"urls": ["http://h:1", "http://h:1/"]}}, "rollout.sglang.urls"),
-        ({"sglang": {"urls": ["http://h:1"], "num_servers": 2}}, "rollout.sglang.num_servers"),
+        (
+            {"sglang": {"urls": ["http://h:1"], "servers_per_node": 2}},
+            "rollout.sglang.servers_per_node",
+        ),
         ({"sglang": {"router": "sometimes"}}, "rollout.sglang.router"),
         ({"sglang": {"router_policy": "least_load"}}, "rollout.sglang.router_policy"),
     ],

@@ -74,7 +74,7 @@ def _stats(engine: SGLangEngine, i: int) -> dict:
 
 
 def test_generate_groups_by_prompt_and_balances(model_dir: Path, tmp_path: Path) -> None:
-    with _engine(_cfg(num_servers=2), model_dir, tmp_path) as engine:
+    with _engine(_cfg(servers_per_node=2), model_dir, tmp_path) as engine:
         prompts = [[i, i + 1] for i in range(10)]
         gens = engine.generate(prompts, SamplingParams(n=3, max_new_tokens=4, seed=0))
         assert [g.prompt_index for g in gens] == [i for i in range(10) for _ in range(3)]
@@ -89,11 +89,27 @@ def test_generate_groups_by_prompt_and_balances(model_dir: Path, tmp_path: Path)
 def test_api_key_is_sent(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HPT_TEST_KEY", "s3cret")
     with _engine(_cfg(api_key_env="HPT_TEST_KEY"), model_dir, tmp_path) as engine:
-        assert engine.servers[0].launch.args[-2:] == ["--api-key", "s3cret"]
+        server = engine.servers[0]
+        assert server.launch.api_key == "s3cret" and "s3cret" not in server.launch.args
         assert engine.generate([[1]], SamplingParams(max_new_tokens=2))[0].token_ids == [1, 2]
+        cmdline = Path(f"/proc/{server.proc.pid}/cmdline").read_bytes()
+        assert b"s3cret" not in cmdline and b"HPT_TEST_KEY" not in cmdline
+    # The server logs its arguments, the key among them: the log has it blanked.
+    log = (tmp_path / "sglang_logs" / "sglang_server_0.log").read_text()
+    assert "server_args=" in log and "'api_key': '<api-key>'" in log and "s3cret" not in log
     monkeypatch.delenv("HPT_TEST_KEY")
     with pytest.raises(ValueError, match="HPT_TEST_KEY is unset"):
         _engine(_cfg(api_key_env="HPT_TEST_KEY"), model_dir, tmp_path)
+
+
+def test_a_non_loopback_server_gets_a_generated_key(tmp_path: Path) -> None:
+    from hpt_megatron.rollout.sglang.engine import server_api_key
+
+    cfg = _cfg()
+    assert server_api_key(cfg, "127.0.0.1") is None and server_api_key(cfg, "localhost") is None
+    key = server_api_key(cfg, "10.1.2.3")
+    assert key and len(key) >= 32 and key != server_api_key(cfg, "10.1.2.3")
+    assert server_api_key(cfg, "0.0.0.0", generated="g") == "g"
 
 
 def test_weight_version_recorded_and_restart_resyncs(model_dir: Path, tmp_path: Path) -> None:
@@ -113,7 +129,7 @@ def test_weight_version_recorded_and_restart_resyncs(model_dir: Path, tmp_path: 
 def test_lost_requests_are_resent_after_a_crash(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = _cfg(num_servers=2, env={"PYTHONPATH": str(FAKE), "FAKE_SGLANG_DELAY": "0.5"})
+    cfg = _cfg(servers_per_node=2, env={"PYTHONPATH": str(FAKE), "FAKE_SGLANG_DELAY": "0.5"})
     with _engine(cfg, model_dir, tmp_path) as engine:
         victim = engine.servers[1]
         killer = threading.Timer(0.25, lambda: os.killpg(victim.proc.pid, signal.SIGKILL))

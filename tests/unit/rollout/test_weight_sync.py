@@ -58,7 +58,7 @@ def test_loading_a_version_removes_only_older_folders(tmp_path: Path) -> None:
     cfg = SGLangConfig(
         python=sys.executable, device="cpu", env={"PYTHONPATH": str(fake)}, startup_timeout_s=30
     )
-    cfg.num_servers = 2
+    cfg.servers_per_node = 2
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")

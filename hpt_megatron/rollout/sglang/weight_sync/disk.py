@@ -92,3 +92,36 @@ class DiskTransport:
             number = old.name.removeprefix("v").removesuffix(".tmp")
             if number.isdigit() and int(number) < version and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
+
+
+async def check_loaded(client: SGLangClient, path: str | Path, index: int | None = None) -> int:
+    """Read every tensor of the folder ``path`` back from each server (or server ``index``) with
+    ``/get_weights_by_name`` and raise ``RuntimeError`` naming the server and tensor unless it
+    equals the file's (compared in fp32, exactly). Returns the tensors checked per server.
+
+    A debugging check (``rollout.sglang.check_weights``): every tensor crosses HTTP as JSON.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    if not tensors:
+        raise RuntimeError(f"check_weights: no tensors in {path}")
+    indices = range(len(client.pool.servers)) if index is None else [index]
+    for i in indices:
+        url = client.pool.servers[i].url
+        for name, tensor in tensors.items():
+            rows = tensor.shape[0] if tensor.dim() else 1  # the answer keeps that many rows
+            payload = {"name": name, "truncate_size": max(1, rows)}
+            answer = await client.post(i, "/get_weights_by_name", payload)
+            if not isinstance(answer, list):
+                raise RuntimeError(f"check_weights: {url} has no tensor {name}: {answer}")
+            served = torch.tensor(answer, dtype=torch.float32).reshape(tensor.shape)
+            if not served.equal(tensor.float()):
+                diff = (served - tensor.float()).abs().max().item()
+                raise RuntimeError(
+                    f"check_weights: {url} holds {name} unequal to {path} (max |diff| {diff:.3g})"
+                )
+    return len(tensors)

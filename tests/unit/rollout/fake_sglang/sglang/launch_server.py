@@ -21,6 +21,7 @@ parser.add_argument("--host", default="127.0.0.1")
 parser.add_argument("--port", type=int, required=True)
 parser.add_argument("--api-key", default=None)
 args, _ = parser.parse_known_args()
+print(f"server_args={vars(args)}", flush=True)  # as SGLang logs its own, the API key among them
 
 if not os.path.isfile(os.path.join(args.model_path, "config.json")):
     print(f"ValueError: no config.json in {args.model_path}", flush=True)
@@ -73,6 +74,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, {})
         elif self.path == "/stats":
             self._send(200, STATE)
+        elif self.path == "/model_info":
+            self._send(200, {"weight_version": STATE["version"]})
         else:
             self._send(404, {})
 

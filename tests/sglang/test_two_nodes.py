@@ -1,0 +1,179 @@
+"""Two nodes on loopback: ``torchrun --nnodes 2 --node_rank {0,1} --nproc_per_node 1`` at PP=2
+(one pipeline stage per node), each node's rank starting that node's CPU SGLang server.
+
+Checked: both servers serve rollouts (the per-server request counts); after every weight load,
+each server's tensors, read back over HTTP, equal the synced folder's (``check_weights``), and
+the last folder is the exported policy; node 1's server, SIGKILLed after step 1, is restarted by
+node 1 and the run finishes; the API key is on no command line and in no log; and SIGTERM of
+both launches leaves no server running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpt_megatron.config.rollout import SGLangConfig
+from tests.distributed.launch import free_port
+from tests.helpers import hpt_train
+
+pytestmark = [pytest.mark.sglang, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+KEY = "two-node-test-key-0123456789abcdef"
+OVERRIDES = [
+    "parallel.tp=1",
+    "parallel.pp=2",
+    "run.val_every=0",
+    "data.prompts_per_step=4",
+    "rollout.n=4",
+    "logging.progress_bar=false",
+    *hpt_train.SGLANG_CPU,
+    "rollout.sglang.host=127.0.0.1",  # servers in tests listen on loopback only
+    "rollout.sglang.router=false",
+    "rollout.sglang.api_key_env=HPT_TWO_NODE_KEY",
+    "rollout.sglang.check_weights=true",
+]
+
+
+def _skip_without_sglang() -> None:
+    python = SGLangConfig(device="cpu").python_executable()
+    if not Path(python).exists():
+        pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
+
+
+def _launch_nodes(out: Path, *overrides: str) -> list[subprocess.Popen]:
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2"]
+        cmd += [f"--node_rank={node}", "--nproc_per_node=1"]
+        cmd += ["--master_addr=127.0.0.1", f"--master_port={port}"]
+        cmd += ["-m", "hpt_megatron.cli", "train", hpt_train.TINY, f"run.output_dir={out}"]
+        log = open(out.parent / f"node{node}.log", "w")  # noqa: SIM115 (closed with the process)
+        procs.append(
+            subprocess.Popen(
+                [*cmd, *OVERRIDES, *overrides],
+                cwd=hpt_train.ROOT,
+                env=hpt_train.env(HPT_TWO_NODE_KEY=KEY),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    return procs
+
+
+def _wait_for_step(out: Path, step: int, procs: list[subprocess.Popen], timeout: float) -> None:
+    deadline = time.time() + timeout
+    while step not in hpt_train.metrics(out):
+        for node, proc in enumerate(procs):
+            assert proc.poll() is None, _log(out, node)
+        assert time.time() < deadline, f"step {step} not reached\n{_log(out, 0)}"
+        time.sleep(0.5)
+
+
+def _log(out: Path, node: int) -> str:
+    return (out.parent / f"node{node}.log").read_text(errors="replace")[-6000:]
+
+
+def _servers_of(out: Path) -> list[dict]:
+    return json.loads((out / "sglang_logs" / "servers.json").read_text())
+
+
+def _live_servers_serving(out: Path) -> list[int]:
+    """PIDs of SGLang server processes whose command line names this run's folder."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"sglang" in cmd and str(out).encode() in cmd:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _no_server_left(out: Path, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while _live_servers_serving(out):
+        assert time.time() < deadline, f"servers left running: {_live_servers_serving(out)}"
+        time.sleep(0.5)
+
+
+def test_two_nodes_each_serve_and_node1_restarts_its_server(tmp_path: Path) -> None:
+    _skip_without_sglang()
+    out = tmp_path / "run"
+    procs = _launch_nodes(out, "run.steps=3")
+    try:
+        _wait_for_step(out, 1, procs, timeout=900)
+        servers = _servers_of(out)
+        assert [s["node"] for s in servers] == [0, 1], servers
+        for proc in procs:  # each node's server is a child of that node's own rank
+            assert proc.poll() is None
+        os.killpg(servers[1]["pid"], signal.SIGKILL)  # node 1's server and its workers
+        for node, proc in enumerate(procs):
+            assert proc.wait(timeout=1200) == 0, _log(out, node)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    rows = hpt_train.metrics(out)
+    assert sorted(rows) == [1, 2, 3]
+    last = rows[3]
+    assert last["rollout/requests/server_0"] > 0 and last["rollout/requests/server_1"] > 0
+    assert last["rollout/server_restarts_total"] >= 1.0  # the driver saw node 1's restart
+    # Every load (step 0's and each step's) was read back from both servers, tensor for tensor.
+    assert all(r["rollout/checked_tensors"] > 0 for r in rows.values())
+    node1_log = (out / "sglang_logs" / "node1_server_0.log").read_text()
+    assert node1_log.count("==== ") == 2, "node 1 started its server twice"  # start + restart
+    assert "restarting sglang server" in _log(out, 1)  # by node 1's own rank
+    # The last synced folder is the exported policy.
+    from safetensors.torch import load_file
+
+    versions = sorted((out / "rollout_weights").glob("v*"))
+    assert [v.name for v in versions] == ["v3"]
+    synced: dict = {}
+    for shard in versions[0].glob("*.safetensors"):
+        synced.update(load_file(shard))
+    final: dict = {}
+    for shard in (out / "hf").glob("*.safetensors"):
+        final.update(load_file(shard))
+    assert synced.keys() == final.keys() and synced
+    for name, tensor in final.items():
+        assert synced[name].float().equal(tensor.float()), name
+    # The key is in no log (SGLang logs its server_args; ours blanks it).
+    for path in [*out.rglob("*.log"), tmp_path / "node0.log", tmp_path / "node1.log"]:
+        assert KEY not in path.read_text(errors="replace"), path
+    _no_server_left(out)
+
+
+def test_sigterm_of_both_launches_leaves_no_server(tmp_path: Path) -> None:
+    _skip_without_sglang()
+    out = tmp_path / "run"
+    procs = _launch_nodes(out, "run.steps=50", "checkpoint.export_hf=false")
+    try:
+        _wait_for_step(out, 1, procs, timeout=900)
+        pids = [s["pid"] for s in _servers_of(out)]
+        assert all(Path(f"/proc/{pid}").exists() for pid in pids)
+        for pid in pids:  # the key is on no command line
+            assert KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        for proc in procs:
+            # To the launches (torchrun): each passes it to its rank and SIGKILLs the rank if
+            # it has not exited within its grace period; either way no server may outlive it.
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=600)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert max(hpt_train.metrics(out)) < 50  # it stopped early, on the signal
+    _no_server_left(out)
