@@ -126,6 +126,47 @@ def test_weight_version_recorded_and_restart_resyncs(model_dir: Path, tmp_path: 
         assert [g.weight_version for g in gens] == [4, 4]  # re-loaded after the restart
 
 
+def test_a_server_dead_at_a_weight_load_gets_the_weights_after_its_restart(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The load goes on with the servers that are up; the dead one is restarted and loads the
+    newest folder then, and before it generates again it reports that version."""
+    import torch
+
+    with _engine(_cfg(servers_per_node=2), model_dir, tmp_path) as engine:
+        engine.update_weights([[("w", torch.ones(2))]], version=1)
+        os.killpg(engine.servers[1].proc.pid, signal.SIGKILL)
+        time.sleep(0.5)
+        engine.update_weights([[("w", torch.full((2,), 2.0))]], version=2)  # no error
+        deadline = time.monotonic() + 30
+        while engine.pool.state[1] != "up":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert engine.servers[1].restarts == 1
+        assert [_stats(engine, i)["version"] for i in range(2)] == ["2", "2"]
+        for server in engine.servers:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+        time.sleep(0.5)
+        with pytest.raises(RuntimeError, match="every server is down"):
+            engine.update_weights_from_disk(tmp_path / "rollout_weights" / "v2", 3)
+
+
+def test_a_server_restarted_unseen_is_resynced_before_it_generates(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A server that came back between two batches (its node restarted it) reports its start
+    weights (``weight_version`` "default"): the engine loads the current ones before generating."""
+    import torch
+
+    with _engine(_cfg(), model_dir, tmp_path) as engine:
+        engine.update_weights([[("w", torch.ones(2))]], version=3)
+        engine.servers[0].restart()  # as a node's supervisor does: the pool never saw it
+        assert _stats(engine, 0)["version"] == "default"
+        gens = engine.generate([[1]], SamplingParams(max_new_tokens=2))
+        assert gens[0].weight_version == 3 and _stats(engine, 0)["version"] == "3"
+        assert engine.stale_resyncs == 1 and engine.restarts == 2  # its own restart + this
+
+
 def test_lost_requests_are_resent_after_a_crash(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import aiohttp
+
 from hpt_megatron.models.hf_io import write_safetensors
 from hpt_megatron.rollout.base import WeightBucket
 from hpt_megatron.rollout.sglang.client import SGLangClient
@@ -67,15 +69,32 @@ class DiskTransport:
     async def load(
         self, client: SGLangClient, path: str | Path, version: int, index: int | None = None
     ) -> None:
-        """``/update_weights_from_disk`` on every server (or only server ``index``)."""
+        """``/update_weights_from_disk`` on every server (or only server ``index``).
+
+        A server found dead on the way (its process gone, or its node's) is left to the pool:
+        it is restarted and loads the newest folder then (``resync``); the others go on. An
+        error of a live server, or every server down, raises.
+        """
         payload = {"model_path": str(path), "weight_version": str(version), "flush_cache": True}
-        if index is None:
-            answers = await client.post_all("/update_weights_from_disk", payload)
-        else:
-            answers = [await client.post(index, "/update_weights_from_disk", payload)]
-        for answer in answers:
+        targets = range(len(client.pool.servers)) if index is None else [index]
+        answers = await asyncio.gather(
+            *(client.post(i, "/update_weights_from_disk", payload) for i in targets),
+            return_exceptions=True,
+        )
+        down = 0
+        for i, answer in zip(targets, answers):
+            if isinstance(answer, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):
+                if index is None and not await asyncio.to_thread(client.pool.servers[i].is_alive):
+                    down += 1
+                    await client.pool.report_failure(i)  # restarted, then resynced
+                    continue
+                raise RuntimeError(f"update_weights_from_disk({path}) failed: {answer!r}")
+            if isinstance(answer, BaseException):
+                raise answer
             if not (isinstance(answer, dict) and answer.get("success")):
                 raise RuntimeError(f"update_weights_from_disk({path}) failed: {answer}")
+        if down == len(targets):
+            raise RuntimeError(f"update_weights_from_disk({path}): every server is down")
         self.latest, self.latest_version = Path(path), version
         if index is None and Path(path).parent.resolve() == self.directory.resolve():
             self._forget_older_than(version)  # one of this transport's own version folders
@@ -109,13 +128,19 @@ async def check_loaded(client: SGLangClient, path: str | Path, index: int | None
         tensors.update(load_file(shard))
     if not tensors:
         raise RuntimeError(f"check_weights: no tensors in {path}")
-    indices = range(len(client.pool.servers)) if index is None else [index]
+    if index is None:  # the servers up (one being restarted is checked after its resync)
+        indices = [i for i, state in enumerate(client.pool.state) if state == "up"]
+    else:
+        indices = [index]
     for i in indices:
         url = client.pool.servers[i].url
         for name, tensor in tensors.items():
             rows = tensor.shape[0] if tensor.dim() else 1  # the answer keeps that many rows
             payload = {"name": name, "truncate_size": max(1, rows)}
-            answer = await client.post(i, "/get_weights_by_name", payload)
+            try:
+                answer = await client.post(i, "/get_weights_by_name", payload)
+            except RuntimeError as err:  # a non-200 answer: SGLang could not map the name
+                raise RuntimeError(f"check_weights: {url} cannot return {name}: {err}") from None
             if not isinstance(answer, list):
                 raise RuntimeError(f"check_weights: {url} has no tensor {name}: {answer}")
             served = torch.tensor(answer, dtype=torch.float32).reshape(tensor.shape)
