@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 DEFAULT_SGLANG_VENV = "/opt/hpt-sglang-venv"  # tools/sglang_env.sh builds it; env HPT_SGLANG_VENV
@@ -138,6 +139,15 @@ class SGLangConfig:
         clash = sorted(reserved.intersection(a.split("=")[0] for a in self.extra_args))
         if clash:
             raise ValueError(f"extra_args: {clash} are set from this section; remove them")
+
+    def sync_dir(self, run_dir: str | os.PathLike[str]) -> Path:
+        """The disk transport's folder of weight versions (absolute: servers have their own
+        working directories)."""
+        return Path(self.weight_sync_dir or Path(run_dir) / "rollout_weights").absolute()
+
+    def logs_dir(self, run_dir: str | os.PathLike[str]) -> Path:
+        """Where the servers' (and the router's) logs go."""
+        return Path(self.log_dir) if self.log_dir else Path(run_dir) / "sglang_logs"
 
     def python_executable(self) -> str:
         """The configured SGLang Python, or the default venv's (``HPT_SGLANG_VENV``)."""

@@ -79,8 +79,7 @@ def disk_sync_for(cfg: HPTConfig, tokenizer: Any = None) -> DiskSync | None:
     by default ``<run_dir>/rollout_weights``."""
     if cfg.rollout.engine != "sglang":
         return None
-    root = cfg.rollout.sglang.weight_sync_dir or Path(cfg.run.run_dir) / "rollout_weights"
-    return DiskSync(Path(root).absolute(), tokenizer)  # the servers' working dir is not ours
+    return DiskSync(cfg.rollout.sglang.sync_dir(cfg.run.run_dir), tokenizer)
 
 
 def sync_weights(

@@ -173,7 +173,7 @@ class SGLangEngine:
             return cls.connect(cfg, run_dir=run_dir, transport=transport)
         host = bind_host(cfg, 1)
         api_key = server_api_key(cfg, host)
-        log_dir = log_dir_of(cfg, run_dir)
+        log_dir = cfg.logs_dir(run_dir)
         cfg = with_router_metrics(cfg, cfg.servers_per_node)
         servers = launch_servers(
             cfg, model_path=model_path, log_dir=log_dir, api_key=api_key, host=host
@@ -202,7 +202,7 @@ class SGLangEngine:
             router = launch_router(
                 cfg,
                 worker_urls=[s.url for s in servers],
-                log_dir=log_dir_of(cfg, run_dir),
+                log_dir=cfg.logs_dir(run_dir),
                 api_key=api_key,
             )
         transport = transport or _transport(cfg, run_dir)
@@ -238,7 +238,7 @@ class SGLangEngine:
             router = launch_router(
                 cfg,
                 worker_urls=[s.url for s in servers],
-                log_dir=log_dir_of(cfg, run_dir),
+                log_dir=cfg.logs_dir(run_dir),
                 api_key=api_key,
             )
         logger.info("using %d external SGLang servers: %s", len(servers), [s.url for s in servers])
@@ -437,16 +437,6 @@ def server_counters(server: Endpoint, timeout_s: float = 5.0) -> tuple[float, fl
     return (requests, cached) if seen or "sglang:" in text else None
 
 
-def log_dir_of(cfg: SGLangConfig, run_dir: str | Path) -> Path:
-    """Where the servers' (and the router's) logs go."""
-    return Path(cfg.log_dir) if cfg.log_dir else Path(run_dir) / "sglang_logs"
-
-
-def sync_dir_of(cfg: SGLangConfig, run_dir: str | Path) -> Path:
-    """The disk transport's folder of weight versions."""
-    return Path(cfg.weight_sync_dir) if cfg.weight_sync_dir else Path(run_dir) / "rollout_weights"
-
-
 def with_router_metrics(cfg: SGLangConfig, num_servers: int) -> SGLangConfig:
     """Behind the router, each server's own ``/metrics`` is what counts its requests: servers
     launched for a routed engine get ``--enable-metrics``."""
@@ -457,7 +447,7 @@ def with_router_metrics(cfg: SGLangConfig, num_servers: int) -> SGLangConfig:
 
 def _transport(cfg: SGLangConfig, run_dir: str | Path) -> WeightTransport:
     # weight_sync is auto or disk: the config allows nothing else
-    return DiskTransport(sync_dir_of(cfg, run_dir))
+    return DiskTransport(cfg.sync_dir(run_dir))
 
 
 def build_sglang_engine(

@@ -188,17 +188,15 @@ def start_node_servers(
     """
     from hpt_megatron.rollout.sglang.engine import (
         launch_servers,
-        log_dir_of,
         resolve_api_key,
-        sync_dir_of,
         with_router_metrics,
     )
 
     nodes = nodes or NodeInfo.from_env()
     cfg = with_router_metrics(cfg, cfg.servers_per_node * nodes.num_nodes)
     rank = dist.get_rank()
-    log_dir = log_dir_of(cfg, run_dir)
-    sync_dir = sync_dir_of(cfg, run_dir)
+    log_dir = cfg.logs_dir(run_dir)
+    sync_dir = cfg.sync_dir(run_dir)
     # The driver's facts: the model folder, a marker in the sync folder (every server must read
     # the weights written there), and a per-run key for non-loopback servers. Never logged.
     shared: list[Any] = [None]
