@@ -201,14 +201,18 @@ def start_node_servers(
     # the weights written there), and a per-run key for non-loopback servers. Never logged.
     shared: list[Any] = [None]
     if rank == 0:
-        sync_dir.mkdir(parents=True, exist_ok=True)
-        token = secrets.token_hex(8)
-        (sync_dir / f".node_check_{token}").write_text(token)
-        shared = [{"model_path": str(model_path), "token": token, "key": secrets.token_urlsafe(32)}]
-        if cfg.api_key_env:  # the driver's variable serves every node
-            shared[0]["key"] = resolve_api_key(cfg)
+        try:
+            sync_dir.mkdir(parents=True, exist_ok=True)
+            token = secrets.token_hex(8)
+            (sync_dir / f".node_check_{token}").write_text(token)
+            key = resolve_api_key(cfg) if cfg.api_key_env else secrets.token_urlsafe(32)
+            shared = [{"model_path": str(model_path), "token": token, "key": key}]
+        except (OSError, ValueError) as err:  # told to every rank, not left for a hang
+            shared = [{"error": f"node 0 (the driver): {err}"}]
     dist.broadcast_object_list(shared, src=0, group=group)
     facts = shared[0]
+    if "error" in facts:
+        raise ServerStartError(f"SGLang servers could not start on every node:\n{facts['error']}")
     report: dict[str, Any] | None = None
     own: NodeServers | None = None
     if nodes.is_leader:
