@@ -2,14 +2,15 @@
 (one pipeline stage per node), each node's rank starting that node's CPU SGLang server.
 
 Checked: both servers serve rollouts (the per-server request counts); after every weight load,
-each server's tensors, read back over HTTP, equal the synced folder's (``check_weights``), and
-the last folder is the exported policy; node 1's server, SIGKILLed after step 1, is restarted by
-node 1 and the run finishes; the API key is on no command line and in no log; and SIGTERM of
-both launches leaves no server running.
+each server's tensors, read back over HTTP, equal the synced folder's (``check_weights``);
+node 1's server, SIGKILLed after step 1, is restarted by node 1, gets the current weights and
+serves again, and the run then stops cleanly on SIGTERM; the API key is on no command line and
+in no log; and SIGTERM of both launches leaves no server running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hpt_megatron.config.rollout import SGLangConfig
@@ -111,48 +113,59 @@ def _no_server_left(out: Path, timeout: float = 30.0) -> None:
 def test_two_nodes_each_serve_and_node1_restarts_its_server(tmp_path: Path) -> None:
     _skip_without_sglang()
     out = tmp_path / "run"
-    procs = _launch_nodes(out, "run.steps=3")
+    # A cap, never reached: once node 1's server is back and has served again, the ranks get
+    # SIGTERM (what Slurm sends) and the run stops cleanly after that step.
+    procs = _launch_nodes(out, "run.steps=400", "checkpoint.save_every=0")
     try:
         _wait_for_step(out, 1, procs, timeout=900)
         servers = _servers_of(out)
         assert [s["node"] for s in servers] == [0, 1], servers
-        for proc in procs:  # each node's server is a child of that node's own rank
-            assert proc.poll() is None
         os.killpg(servers[1]["pid"], signal.SIGKILL)  # node 1's server and its workers
+        killed_at = max(hpt_train.metrics(out))
+        served = hpt_train.metrics(out)[killed_at]["rollout/requests/server_1"]
+        deadline = time.time() + 900
+        while True:  # until the driver sends node 1's (restarted, resynced) server work again
+            rows = hpt_train.metrics(out)
+            if rows[max(rows)]["rollout/requests/server_1"] > served:
+                break
+            for node, proc in enumerate(procs):
+                assert proc.poll() is None, _log(out, node)
+            assert time.time() < deadline, f"node 1's server never served again\n{_log(out, 0)}"
+            time.sleep(0.5)
+        for proc in procs:
+            _rank_of(proc).send_signal(signal.SIGTERM)
         for node, proc in enumerate(procs):
-            assert proc.wait(timeout=1200) == 0, _log(out, node)
+            assert proc.wait(timeout=600) == 0, _log(out, node)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     rows = hpt_train.metrics(out)
-    assert sorted(rows) == [1, 2, 3]
-    last = rows[3]
-    assert last["rollout/requests/server_0"] > 0 and last["rollout/requests/server_1"] > 0
-    assert last["rollout/server_restarts_total"] >= 1.0  # the driver saw node 1's restart
-    # Every load (step 0's and each step's) was read back from both servers, tensor for tensor.
+    steps = max(rows)
+    assert sorted(rows) == list(range(1, steps + 1)) and steps < 400
+    assert f"stopped by SIGTERM after step {steps}" in _log(out, 0)
+    assert rows[1]["rollout/requests/server_0"] > 0 and rows[1]["rollout/requests/server_1"] > 0
+    assert rows[steps]["rollout/server_restarts_total"] >= 1.0  # the driver saw the restart
+    # Every load (step 0's, each step's, and the restarted server's resync) was read back from
+    # the servers tensor for tensor (check_weights stops the run on a mismatch).
     assert all(r["rollout/checked_tensors"] > 0 for r in rows.values())
     node1_log = (out / "sglang_logs" / "node1_server_0.log").read_text()
     assert node1_log.count("==== ") == 2, "node 1 started its server twice"  # start + restart
     assert "restarting sglang server" in _log(out, 1)  # by node 1's own rank
-    # The last synced folder is the exported policy.
-    from safetensors.torch import load_file
-
-    versions = sorted((out / "rollout_weights").glob("v*"))
-    assert [v.name for v in versions] == ["v3"]
-    synced: dict = {}
-    for shard in versions[0].glob("*.safetensors"):
-        synced.update(load_file(shard))
-    final: dict = {}
-    for shard in (out / "hf").glob("*.safetensors"):
-        final.update(load_file(shard))
-    assert synced.keys() == final.keys() and synced
-    for name, tensor in final.items():
-        assert synced[name].float().equal(tensor.float()), name
+    assert "restarting sglang server" not in _log(out, 0)  # not by the driver
     # The key is in no log (SGLang logs its server_args; ours blanks it).
     for path in [*out.rglob("*.log"), tmp_path / "node0.log", tmp_path / "node1.log"]:
         assert KEY not in path.read_text(errors="replace"), path
     _no_server_left(out)
+
+
+def _rank_of(launch: subprocess.Popen) -> psutil.Process:
+    """The ``hpt train`` rank under a torchrun launch."""
+    for child in psutil.Process(launch.pid).children():
+        with contextlib.suppress(psutil.Error):
+            if "hpt_megatron.cli" in child.cmdline():
+                return child
+    raise AssertionError("no rank process under the launch")
 
 
 def test_sigterm_of_both_launches_leaves_no_server(tmp_path: Path) -> None:

@@ -134,6 +134,7 @@ async def check_loaded(client: SGLangClient, path: str | Path, index: int | None
         indices = [index]
     for i in indices:
         url = client.pool.servers[i].url
+        served_as: torch.dtype | None = None  # the server's precision, found on the first tensor
         for name, tensor in tensors.items():
             rows = tensor.shape[0] if tensor.dim() else 1  # the answer keeps that many rows
             payload = {"name": name, "truncate_size": max(1, rows)}
@@ -144,9 +145,20 @@ async def check_loaded(client: SGLangClient, path: str | Path, index: int | None
             if not isinstance(answer, list):
                 raise RuntimeError(f"check_weights: {url} has no tensor {name}: {answer}")
             served = torch.tensor(answer, dtype=torch.float32).reshape(tensor.shape)
-            if not served.equal(tensor.float()):
-                diff = (served - tensor.float()).abs().max().item()
+            # Exactly the file's tensor rounded to the precision the server runs in (the
+            # folder may be fp32 while the server runs bf16), the same for every tensor.
+            choices = (
+                [served_as]
+                if served_as
+                else [tensor.dtype, torch.float32, torch.bfloat16, torch.float16]
+            )
+            match = next((d for d in choices if served.equal(tensor.to(d).float())), None)
+            if match is None:
+                want = tensor.to(choices[0]).float()
+                diff = (served - want).abs().max().item()
                 raise RuntimeError(
-                    f"check_weights: {url} holds {name} unequal to {path} (max |diff| {diff:.3g})"
+                    f"check_weights: {url} holds {name} unequal to {path} in {choices[0]} "
+                    f"(max |diff| {diff:.3g})"
                 )
+            served_as = match
     return len(tensors)
