@@ -90,6 +90,9 @@ def run_hpt(procs: int, start: Path, out: Path, steps: int) -> list[dict[str, fl
             "step_s": r["time/step_s"],
             "generation_s": r["time/generation_s"] + r.get("time/grading_s", 0.0),
             "tokens": r["response/length_mean"] * PROMPTS * SAMPLES,
+            # rows not forwarded or backwarded (zero advantage): TRL trains them all
+            "elided": r.get("train/rows_elided_frac", 0.0),
+            "reward": r["reward/mean"],
         }
         for r in rows[1:]
     ]
@@ -208,9 +211,14 @@ def summarise(name: str, rows: list[dict], base: dict[str, float] | None) -> dic
     fig = {"step_s": step, "tokens_per_s": tok}
     ratio = "" if base is None else f"  steps/s {base['step_s'] / step:4.2f}x TRL"
     ratio += "" if base is None else f", tokens/s {tok / base['tokens_per_s']:4.2f}x TRL"
+    extra = ""
+    if "elided" in rows[0]:
+        elided = statistics.mean(r["elided"] for r in rows)
+        reward = statistics.mean(r["reward"] for r in rows)
+        extra = f"  (rows elided {elided:.0%}, reward {reward:.3f})"
     print(
         f"  {name:34} {step:6.2f} s/step  gen {gen:5.2f}  train {step - gen:5.2f}  "
-        f"{tok:8,.0f} tok/s{ratio}"
+        f"{tok:8,.0f} tok/s{ratio}{extra}"
     )
     return fig
 
