@@ -194,11 +194,12 @@ class SGLangEngine:
         run_dir: str | Path,
         api_key: str | None,
         transport: WeightTransport | None = None,
+        router: Endpoint | None = None,
     ) -> SGLangEngine:
-        """An engine over servers that are up (this node's, or every node's): the router in
-        front of them when it is on, the configured weight transport."""
-        router = None
-        if use_router(cfg, len(servers)):
+        """An engine over servers that are up (this node's, every node's, or the user's): in
+        front of them ``router`` (the user's), or ours when it is on; the configured weight
+        transport."""
+        if router is None and use_router(cfg, len(servers)):
             router = launch_router(
                 cfg,
                 worker_urls=[s.url for s in servers],
@@ -234,16 +235,10 @@ class SGLangEngine:
             for server in servers:
                 server.check()
             logger.info("using the sglang-router at %s over %s", router.url, workers)
-        elif use_router(cfg, len(servers)):
-            router = launch_router(
-                cfg,
-                worker_urls=[s.url for s in servers],
-                log_dir=cfg.logs_dir(run_dir),
-                api_key=api_key,
-            )
         logger.info("using %d external SGLang servers: %s", len(servers), [s.url for s in servers])
-        transport = transport or _transport(cfg, run_dir)
-        return cls(servers, transport=transport, cfg=cfg, router=router, api_key=api_key)
+        return cls.over(
+            servers, cfg, run_dir=run_dir, api_key=api_key, transport=transport, router=router
+        )
 
     # -- protocol -----------------------------------------------------------------------------
 

@@ -322,3 +322,21 @@ def test_external_server_errors_name_the_url(tmp_path: Path) -> None:
             ExternalServer(url, api_key="wrong").check()
     finally:
         httpd.shutdown()
+
+
+def test_connect_uses_every_given_server_and_stops_none(model_dir: Path, tmp_path: Path) -> None:
+    """``rollout.sglang.urls`` over two running (fake) servers: both serve, the weights reach
+    both, and shutting the connected engine down leaves them running."""
+    import torch
+
+    with _engine(_cfg(servers_per_node=2), model_dir, tmp_path / "owner") as owner:
+        urls = [s.url for s in owner.servers]
+        cfg = SGLangConfig(device="cpu", urls=urls, router=False, request_timeout_s=30)
+        user = SGLangEngine.connect(cfg, run_dir=tmp_path / "run")
+        assert [s.url for s in user.servers] == urls and user.router is None
+        user.update_weights([[("w", torch.ones(2))]], version=2)
+        user.generate([[i] for i in range(8)], SamplingParams(max_new_tokens=2))
+        assert all(_stats(owner, i)["generate_calls"] > 0 for i in range(2))
+        assert [_stats(owner, i)["version"] for i in range(2)] == ["2", "2"]
+        user.shutdown()
+        assert owner.health()  # the user's servers keep running
