@@ -374,10 +374,15 @@ class SGLangEngine:
             await tell_router_down(self.client.session(), self.router, self.servers[index].url)
 
     async def _after_restart(self, index: int) -> None:
-        await self.transport.resync(self.client, index)
-        latest = getattr(self.transport, "latest", None)
-        if self.cfg.check_weights and latest is not None:
-            await check_loaded(self.client, latest, index)
+        # Until no newer version was loaded into the others meanwhile (those loads skip a
+        # server being restarted), bring it to the newest one.
+        while True:
+            latest = getattr(self.transport, "latest", None)
+            await self.transport.resync(self.client, index)
+            if self.cfg.check_weights and latest is not None:
+                await check_loaded(self.client, latest, index)
+            if getattr(self.transport, "latest", None) == latest:
+                return
         if self.router is not None:
             await tell_router_restarted(
                 self.client.session(), self.router, self.servers[index].url, self._api_key

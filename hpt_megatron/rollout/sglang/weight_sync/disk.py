@@ -76,7 +76,12 @@ class DiskTransport:
         error of a live server, or every server down, raises.
         """
         payload = {"model_path": str(path), "weight_version": str(version), "flush_cache": True}
-        targets = range(len(client.pool.servers)) if index is None else [index]
+        # A server being restarted is left out: it loads the newest folder once it is back
+        # (``resync``), and a load reaching it mid-resync would race with that one.
+        if index is None:
+            targets = [i for i, state in enumerate(client.pool.state) if state == "up"]
+        else:
+            targets = [index]
         answers = await asyncio.gather(
             *(client.post(i, "/update_weights_from_disk", payload) for i in targets),
             return_exceptions=True,
@@ -93,10 +98,12 @@ class DiskTransport:
                 raise answer
             if not (isinstance(answer, dict) and answer.get("success")):
                 raise RuntimeError(f"update_weights_from_disk({path}) failed: {answer}")
-        if down == len(targets):
+        if not targets or down == len(targets):
             raise RuntimeError(f"update_weights_from_disk({path}): every server is down")
+        if index is not None:
+            return  # a resync: the newest version is what it loaded, and stays so
         self.latest, self.latest_version = Path(path), version
-        if index is None and Path(path).parent.resolve() == self.directory.resolve():
+        if Path(path).parent.resolve() == self.directory.resolve():
             self._forget_older_than(version)  # one of this transport's own version folders
 
     async def resync(self, client: SGLangClient, index: int) -> None:
