@@ -121,13 +121,17 @@ def test_two_nodes_each_serve_and_node1_restarts_its_server(tmp_path: Path) -> N
         servers = _servers_of(out)
         assert [s["node"] for s in servers] == [0, 1], servers
         os.killpg(servers[1]["pid"], signal.SIGKILL)  # node 1's server and its workers
-        killed_at = max(hpt_train.metrics(out))
-        served = hpt_train.metrics(out)[killed_at]["rollout/requests/server_1"]
         deadline = time.time() + 900
+        served = None  # server 1's count once the driver has seen it go down
         while True:  # until the driver sends node 1's (restarted, resynced) server work again
             rows = hpt_train.metrics(out)
-            if rows[max(rows)]["rollout/requests/server_1"] > served:
-                break
+            last = rows[max(rows)]
+            if last["rollout/server_restarts_total"] >= 1:
+                count = last["rollout/requests/server_1"]
+                if served is None:
+                    served = count
+                elif count > served:
+                    break
             for node, proc in enumerate(procs):
                 assert proc.poll() is None, _log(out, node)
             assert time.time() < deadline, f"node 1's server never served again\n{_log(out, 0)}"
