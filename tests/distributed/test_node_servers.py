@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.launch import free_port
+from tests.helpers.procs import pids_with
 
 WORKER = Path(__file__).parent / "workers" / "node_servers.py"
 pytestmark = pytest.mark.distributed
@@ -75,11 +76,6 @@ def test_a_node_that_cannot_start_is_an_error_on_every_rank(tmp_path: Path) -> N
         assert "node 1: SGLang python" in result["error"] and "node 0" not in result["error"]
     # Node 0 had started its server, and stopped it on the error.
     assert (tmp_path / "sglang_logs" / "node0_server_0.log").is_file()
-    model = str(tmp_path / "model").encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                assert model not in (entry / "cmdline").read_bytes(), f"pid {entry.name} is left"
-            except OSError:
-                continue
+    left = pids_with(str(tmp_path / "model").encode())
+    assert not left, f"processes left: {left}"
     assert not (tmp_path / "sglang_logs" / "servers.json").exists()

@@ -186,16 +186,9 @@ def test_hpt_eval_launches_its_own_server(
     assert len((out / "responses.jsonl").read_text().splitlines()) == 6
     log = (out / "sglang_logs" / "sglang_server_0.log").read_text()
     assert "starting:" in log
-    mine = str(model_dir).encode()
-    left = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"sglang.launch_server" in cmd and mine in cmd and b"--port" in cmd:
-                left.append(int(entry.name))
+    from tests.helpers.procs import pids_with
+
+    left = pids_with(b"sglang.launch_server", str(model_dir).encode(), b"--port")
     # The module's own two servers serve model_dir too; eval's is the one not among them.
     assert set(left) <= {s.proc.pid for s in launched.servers if s.proc}, left
 

@@ -25,6 +25,7 @@ import pytest
 from hpt_megatron.config.rollout import SGLangConfig
 from tests.distributed.launch import free_port
 from tests.helpers import hpt_train
+from tests.helpers.procs import pids_with
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -91,16 +92,7 @@ def _servers_of(out: Path) -> list[dict]:
 
 def _live_servers_serving(out: Path) -> list[int]:
     """PIDs of SGLang server processes whose command line names this run's folder."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"sglang" in cmd and str(out).encode() in cmd:
-                pids.append(int(entry.name))
-    return pids
+    return pids_with(b"sglang", str(out).encode())
 
 
 def _no_server_left(out: Path, timeout: float = 30.0) -> None:
