@@ -382,7 +382,7 @@ class SGLangEngine:
             if self.cfg.check_weights and latest is not None:
                 await check_loaded(self.client, latest, index)
             if getattr(self.transport, "latest", None) == latest:
-                return
+                break
         if self.router is not None:
             await tell_router_restarted(
                 self.client.session(), self.router, self.servers[index].url, self._api_key

@@ -167,6 +167,32 @@ def test_a_server_restarted_unseen_is_resynced_before_it_generates(
         assert engine.stale_resyncs == 1 and engine.restarts == 2  # its own restart + this
 
 
+def test_a_restarted_server_is_re_registered_with_the_router(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the resync of a restarted server the router is told to route to it again (the real
+    router's half is in tests/sglang/test_external_servers_router.py)."""
+    import torch
+
+    from hpt_megatron.rollout.sglang import engine as engine_module
+
+    told: list[str] = []
+
+    async def tell_restarted(session, router, url, api_key) -> None:  # noqa: ANN001
+        told.append(url)
+
+    monkeypatch.setattr(engine_module, "tell_router_restarted", tell_restarted)
+    with _engine(_cfg(), model_dir, tmp_path) as engine:
+        engine.update_weights([[("w", torch.ones(2))]], version=1)
+        engine.servers[0].restart()
+        engine.router = type(
+            "Router", (), {"is_alive": lambda self: True, "stop": lambda self: None}
+        )()
+        engine._loop.run(engine._after_restart(0))
+        assert told == [engine.servers[0].url]
+        assert _stats(engine, 0)["version"] == "1"
+
+
 def test_lost_requests_are_resent_after_a_crash(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
