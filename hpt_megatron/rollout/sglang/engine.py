@@ -97,6 +97,7 @@ def launch_servers(
             env=sglang_server_env(cfg),
             api_key=api_key,
             startup_timeout_s=cfg.startup_timeout_s,
+            movable_port=not cfg.base_port,
         )
         servers.append(SGLangServer(launch))
     try:

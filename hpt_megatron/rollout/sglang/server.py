@@ -83,10 +83,22 @@ class ServerLaunch:
     api_key: str | None = None
     startup_timeout_s: float = 900.0
     module: str = "sglang.launch_server"  # or "sglang_router.launch_router"
+    # The port was picked free here (not given by the user): at the first start it may move to
+    # another when some other process takes it before the server binds it.
+    movable_port: bool = False
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def move_port(self) -> None:
+        """Another free port (in ``args`` too)."""
+        old = self.port
+        self.port = free_port(self.host)
+        self.args = [
+            str(self.port) if a == str(old) and prev == "--port" else a
+            for prev, a in zip(["", *self.args], self.args)
+        ]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -150,15 +162,41 @@ class SGLangServer:
             self.wait_healthy()
 
     def wait_healthy(self, timeout_s: float | None = None) -> None:
-        """Poll ``/health`` until it answers 200; on exit or timeout stop it and raise."""
+        """Poll ``/health`` until it answers 200 from this server's own process; on exit or
+        timeout stop it and raise.
+
+        Another process can take the port between ``free_port`` and the server's bind (it then
+        exits with uvicorn's startup-failure code 3, after its warmup, which went to the other
+        process, "succeeded"). A port picked here then moves at the first start, at most
+        ``PORT_MOVES`` times; a port the user gave, or a restarted server's (its URL is known),
+        does not.
+        """
         timeout_s = self.launch.startup_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
+        moves = 0
         while time.monotonic() < deadline:
-            if not self.is_alive():
+            taken = self.proc is not None and port_taken(self.launch.port, self.proc.pid)
+            if not self.is_alive() or taken:
                 code = self.proc.returncode if self.proc else None
+                taken = taken or "address already in use" in self.log_tail().lower()
+                if taken and self.launch.movable_port and not self.restarts and moves < PORT_MOVES:
+                    moves += 1
+                    self.stop()
+                    old = self.url
+                    self.launch.move_port()
+                    logger.warning(
+                        "port of sglang server %s was taken by another process; moving to %s",
+                        old,
+                        self.url,
+                    )
+                    self.start(wait=False)
+                    continue
                 self.stop()
+                why = (
+                    "its port is taken by another process" if taken else f"exited with code {code}"
+                )
                 raise ServerStartError(
-                    f"SGLang server at {self.url} exited with code {code} during startup; "
+                    f"SGLang server at {self.url} failed during startup ({why}); "
                     f"log {self.launch.log_path}:\n{self.log_tail()}"
                 )
             if self.health():
@@ -277,6 +315,35 @@ class ExternalServer:
 
     def log_tail(self, lines: int = 40) -> str:
         return "(started outside this run: its log is wherever it was started)"
+
+
+PORT_MOVES = 3
+
+
+def port_taken(port: int, pid: int) -> bool:
+    """Whether some process other than ``pid`` listens on TCP ``port`` of this host (from
+    ``/proc/net``; ``False`` where there is none to read)."""
+    listeners: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                listeners.add(f"socket:[{cols[9]}]")
+    if not listeners:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in listeners:
+                return False
+    return True
 
 
 def http_health(url: str, headers: dict[str, str], timeout_s: float) -> str | None:

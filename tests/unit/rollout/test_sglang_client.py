@@ -281,6 +281,32 @@ def test_startup_failure_quotes_the_log(tmp_path: Path) -> None:
     assert "exited with code 3" in str(err.value)
 
 
+def test_a_taken_port_moves_only_when_it_was_picked_here(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process listens on the port picked for a server (it took it after ``free_port``):
+    the server moves to a free one; on a port the user gave (``base_port``) it is an error."""
+    import socket
+
+    from hpt_megatron.rollout.sglang import engine as engine_module
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        monkeypatch.setattr(engine_module, "free_port", lambda host: taken)
+        servers = launch_servers(_cfg(), model_path=model_dir, log_dir=tmp_path, api_key=None)
+        try:
+            assert servers[0].launch.port != taken and servers[0].health()
+            assert f"--port {servers[0].launch.port}" in " ".join(servers[0].launch.args)
+        finally:
+            servers[0].stop()
+        with pytest.raises(ServerStartError, match="port is taken by another process"):
+            launch_servers(
+                _cfg(base_port=taken), model_path=model_dir, log_dir=tmp_path, api_key=None
+            )
+
+
 def test_startup_timeout(model_dir: Path, tmp_path: Path) -> None:
     cfg = _cfg(env={"PYTHONPATH": str(FAKE)}, startup_timeout_s=0.01)
     with pytest.raises(ServerStartError, match="not healthy after"):
