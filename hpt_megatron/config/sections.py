@@ -144,6 +144,11 @@ class TrainerConfig:
     # per sequence), up to the token budget; runs on Megatron's local attention layers only,
     # which still compute the masked-out scores of a row (benchmarks/packing_step.py).
     packing: bool = False
+    # Rows whose every loss term is exactly zero (zero advantage and no entropy bonus, KL or SFT
+    # weight: all-equal groups in GRPO, RLOO...) are neither forwarded nor backwarded; they stay
+    # in the loss's denominators, so the gradient is unchanged. False trains them anyway (the
+    # same gradient, computed: to measure what elision saves).
+    elide_zero_rows: bool = True
     use_distributed_optimizer: bool = False
     # Tokens per fp32 chunk of the log-prob/entropy computation; None sizes it so that one chunk
     # of the local vocabulary shard is about 2**25 elements (128 MiB in fp32).

@@ -147,6 +147,7 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
         pad_to_multiple=token_multiple(ctx.tp, fp8=cfg.model.fp8 is not None),
         microbatch_multiple=microbatch_count_multiple(cfg.parallel.pp, cfg.parallel.vpp),
         packing=cfg.trainer.packing,
+        elide_zero_rows=cfg.trainer.elide_zero_rows,
         mini_batches=cfg.trainer.mini_batches_per_step,
         epochs=cfg.trainer.epochs_per_step,
         equal_microbatch_counts=ctx.ep > 1,

@@ -125,6 +125,7 @@ class UpdateLayout:
     pad_to_multiple: int = 1  # sequence lengths divisible by it (batching.token_multiple)
     microbatch_multiple: int = 1  # micro-batch count divisible by it (PP under a virtual pipeline)
     packing: bool = False  # several sequences per row (batching.packed_microbatches)
+    elide_zero_rows: bool = True  # no compute on rows without a loss term (gradient_rows)
     mini_batches: int = 1
     epochs: int = 1
     # Every data-parallel rank runs as many micro-batches as the busiest one (padding with
@@ -264,7 +265,10 @@ class PolicyUpdate:
             return {"train/skipped_empty": 1.0}
         layout = self.layout
         minis = split_groups(samples, layout.mini_batches)
-        trained = [gradient_rows(spec, mini) for mini in minis]
+        if layout.elide_zero_rows:
+            trained = [gradient_rows(spec, mini) for mini in minis]
+        else:
+            trained = [(mini, 0) for mini in minis]
         local = [local_microbatches(rows, layout) for rows, _ in trained]
         # Elided rows stay in the loss's denominators (the gradient is unchanged) but not in the
         # metrics' (a token mean of the ratio or entropy over the rows trained).

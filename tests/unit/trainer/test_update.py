@@ -241,23 +241,14 @@ def _with_equal_groups(samples: list[Sample], groups: set[int]) -> list[Sample]:
     ]
 
 
-def _without_elision(monkeypatch) -> None:
-    import hpt_megatron.trainer.update as update_mod
-
-    monkeypatch.setattr(
-        update_mod, "zero_gradient_rows", lambda spec, advantages, **_: advantages != advantages
-    )
-
-
 @pytest.mark.parametrize("layout", [{}, {"max_tokens": 24}, {"mini_batches": 2}])
-def test_zero_gradient_rows_are_elided_and_the_gradient_is_unchanged(layout, monkeypatch):
+def test_zero_gradient_rows_are_elided_and_the_gradient_is_unchanged(layout):
     spec = get_preset("hpt").with_options(entropy_coef=0.0)  # no entropy bonus, no KL
     samples = _with_equal_groups(hpt_batch(groups=6), {0, 2, 3})
     zero = [not s.is_demo and s.advantage == 0.0 for s in samples]
     elided, metrics = run_update(samples, spec, lr=0.5, **layout)
     assert metrics["train/rows_elided_frac"] == pytest.approx(sum(zero) / len(samples))
-    _without_elision(monkeypatch)
-    full, full_metrics = run_update(samples, spec, lr=0.5, **layout)
+    full, full_metrics = run_update(samples, spec, lr=0.5, elide_zero_rows=False, **layout)
     assert full_metrics["train/rows_elided_frac"] == 0.0
     epochs = len(full.grads) // max(1, len(elided.grads))
     assert elided.rows_trained == full.rows_trained - sum(zero) * epochs
@@ -268,7 +259,7 @@ def test_zero_gradient_rows_are_elided_and_the_gradient_is_unchanged(layout, mon
         assert got.abs().max() > 0
 
 
-def test_metrics_are_means_over_the_rows_trained_when_rows_are_elided(monkeypatch):
+def test_metrics_are_means_over_the_rows_trained_when_rows_are_elided():
     # One on-policy update: pi_old == pi_theta, so the ratio of every trained token is 1. The
     # elided rows used to stay in the metrics' denominators and pulled ratio_mean (and entropy,
     # clip_frac, kl_old) down by the elided share (0.18 for 81% elided in a GRPO run).
@@ -279,9 +270,8 @@ def test_metrics_are_means_over_the_rows_trained_when_rows_are_elided(monkeypatc
     assert metrics["train/rows_elided_frac"] == pytest.approx(0.75)
     assert metrics["ratio_mean"] == pytest.approx(1.0, rel=1e-6)
     # the entropy's token mean over the kept rows equals the unelided run's over those rows
-    _without_elision(monkeypatch)
     kept = [s for s in samples if s.group_id == 1]
-    _, kept_only = run_update(kept, spec)
+    _, kept_only = run_update(kept, spec, elide_zero_rows=False)
     assert metrics["entropy"] == pytest.approx(kept_only["entropy"], rel=1e-5)
 
 
