@@ -3,6 +3,7 @@ the generation / training split of each.
 
     python benchmarks/peer_trl.py --steps 30 --rounds 3             # builds TRL's venv once
     python benchmarks/peer_trl.py --trl-python /opt/hpt-trl-venv/bin/python --start sft
+    python benchmarks/peer_trl.py --elision off   # hpt training every row, as TRL does
 
 Both systems start from the same HF folder (the tiny Llama of ``examples/tiny_cpu.yaml``: random
 weights, or those weights after ``--sft-steps`` of ``preset=sft`` for an SFT'd start where answers
@@ -79,10 +80,12 @@ def hpt_command(procs: int, start: Path, out: Path, steps: int, extra: list[str]
     ]
 
 
-def run_hpt(procs: int, start: Path, out: Path, steps: int) -> list[dict[str, float]]:
-    cmd = hpt_command(
-        procs, start, out, steps, ["algorithm.preset=grpo", "checkpoint.export_hf=false"]
-    )
+def run_hpt(
+    procs: int, start: Path, out: Path, steps: int, elide: bool = True
+) -> list[dict[str, float]]:
+    extra = ["algorithm.preset=grpo", "checkpoint.export_hf=false"]
+    extra.append(f"trainer.elide_zero_rows={str(elide).lower()}")
+    cmd = hpt_command(procs, start, out, steps, extra)
     _run(cmd)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [
@@ -217,7 +220,7 @@ def summarise(name: str, rows: list[dict], base: dict[str, float] | None) -> dic
         reward = statistics.mean(r["reward"] for r in rows)
         extra = f"  (rows elided {elided:.0%}, reward {reward:.3f})"
     print(
-        f"  {name:34} {step:6.2f} s/step  gen {gen:5.2f}  train {step - gen:5.2f}  "
+        f"  {name:46} {step:6.2f} s/step  gen {gen:5.2f}  train {step - gen:5.2f}  "
         f"{tok:8,.0f} tok/s{ratio}{extra}"
     )
     return fig
@@ -229,6 +232,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--start", choices=["random", "sft", "both"], default="both")
     ap.add_argument("--sft-steps", type=int, default=60)
+    ap.add_argument(
+        "--elision",
+        choices=["on", "off", "both"],
+        default="both",
+        help="hpt with row elision (the default), with trainer.elide_zero_rows=false, or both",
+    )
     ap.add_argument("--trl-python", help="a python with trl installed (skips building the venv)")
     ap.add_argument("--trl-venv", default=os.path.expanduser("~/.cache/hpt-megatron/trl-venv"))
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
@@ -246,20 +255,26 @@ def main() -> None:
         for kind, start in starts.items():
             prompts = work / f"prompts_{kind}.jsonl"
             write_prompts(start, prompts)
-            runs: dict[str, list[dict]] = {
-                "TRL GRPOTrainer": [],
-                "hpt tp=1, 1 process": [],
-                "hpt tp=2, 2 processes (README)": [],
-            }
+            arms = [
+                (procs, elide)
+                for elide in {"on": [True], "off": [False], "both": [True, False]}[args.elision]
+                for procs in (1, 2)
+            ]
+
+            def arm(procs: int, elide: bool) -> str:
+                name = "hpt tp=1, 1 process" if procs == 1 else "hpt tp=2, 2 processes (README)"
+                return name if elide else f"{name}, no elision"
+
+            runs: dict[str, list[dict]] = {"TRL GRPOTrainer": []}
+            runs.update({arm(*a): [] for a in arms})
             for r in range(args.rounds):
                 tag = f"{kind}_{r}"
                 runs["TRL GRPOTrainer"] += run_trl(
                     python, start, prompts, work / f"trl_{tag}.json", args.steps
                 )
-                runs["hpt tp=1, 1 process"] += run_hpt(1, start, work / f"hpt1_{tag}", args.steps)
-                runs["hpt tp=2, 2 processes (README)"] += run_hpt(
-                    2, start, work / f"hpt2_{tag}", args.steps
-                )
+                for procs, elide in arms:
+                    out = work / f"hpt{procs}_{'e' if elide else 'n'}_{tag}"
+                    runs[arm(procs, elide)] += run_hpt(procs, start, out, args.steps, elide)
             print(f"{kind} start: {args.rounds} rounds x {args.steps - 1} steps, medians")
             base = summarise("TRL GRPOTrainer", runs.pop("TRL GRPOTrainer"), None)
             for name, rows in runs.items():
