@@ -151,6 +151,27 @@ def test_a_server_dead_at_a_weight_load_gets_the_weights_after_its_restart(
             engine.update_weights_from_disk(tmp_path / "rollout_weights" / "v2", 3)
 
 
+def test_a_server_dying_between_its_load_and_the_check_is_checked_after_its_restart(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """``check_weights`` reads the weights back after a load; a server that dies before it
+    answers (CI's two-node run: node 1's server killed mid-sync) is left to the pool like one dead
+    at the load: the run goes on, and the restarted server is loaded and checked then."""
+    import torch
+
+    died = tmp_path / "died"
+    env = {"PYTHONPATH": str(FAKE), "FAKE_SGLANG_DIE_ON_READ": str(died)}
+    with _engine(_cfg(servers_per_node=2, check_weights=True, env=env), model_dir, tmp_path) as e:
+        e.update_weights([[("w", torch.arange(4.0))]], version=1)  # no error
+        assert died.exists() and e.checked_tensors == 1
+        deadline = time.monotonic() + 30
+        while e.pool.state != ["up", "up"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert sum(server.restarts for server in e.servers) == 1
+        assert [_stats(e, i)["version"] for i in range(2)] == ["1", "1"]
+
+
 def test_a_server_restarted_unseen_is_resynced_before_it_generates(
     model_dir: Path, tmp_path: Path
 ) -> None:

@@ -88,10 +88,9 @@ class DiskTransport:
         )
         down = 0
         for i, answer in zip(targets, answers):
-            if isinstance(answer, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):
-                if index is None and not await asyncio.to_thread(client.pool.servers[i].is_alive):
+            if isinstance(answer, _LOST):
+                if index is None and await _died(client, i):
                     down += 1
-                    await client.pool.report_failure(i)  # restarted, then resynced
                     continue
                 raise RuntimeError(f"update_weights_from_disk({path}) failed: {answer!r}")
             if isinstance(answer, BaseException):
@@ -118,6 +117,18 @@ class DiskTransport:
             number = old.name.removeprefix("v").removesuffix(".tmp")
             if number.isdigit() and int(number) < version and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
+
+
+_LOST = (aiohttp.ClientError, asyncio.TimeoutError, OSError)  # no answer from a server
+
+
+async def _died(client: SGLangClient, index: int) -> bool:
+    """Whether server ``index``, which gave no answer, is dead (its process gone, or its
+    node's); a dead one is handed to the pool, which restarts it and resyncs its weights."""
+    if await asyncio.to_thread(client.pool.servers[index].is_alive):
+        return False
+    await client.pool.report_failure(index)
+    return True
 
 
 async def check_loaded(client: SGLangClient, path: str | Path, index: int | None = None) -> int:
@@ -149,6 +160,10 @@ async def check_loaded(client: SGLangClient, path: str | Path, index: int | None
                 answer = await client.post(i, "/get_weights_by_name", payload)
             except RuntimeError as err:  # a non-200 answer: SGLang could not map the name
                 raise RuntimeError(f"check_weights: {url} cannot return {name}: {err}") from None
+            except _LOST as err:
+                if index is None and await _died(client, i):
+                    break  # died after its load: checked again after its restart and resync
+                raise RuntimeError(f"check_weights: {url} lost reading {name}: {err!r}") from None
             if not isinstance(answer, list):
                 raise RuntimeError(f"check_weights: {url} has no tensor {name}: {answer}")
             served = torch.tensor(answer, dtype=torch.float32).reshape(tensor.shape)

@@ -2,13 +2,15 @@
 
 Speaks the few HTTP endpoints the engine uses, with deterministic outputs; starts one idle
 worker child (as SGLang starts its scheduler) so tests can check that the process group goes away.
-Knobs: ``FAKE_SGLANG_DELAY`` (seconds per /generate) and ``FAKE_SGLANG_PIDS`` (file that gets the
-server's and its worker's pids).
+Knobs: ``FAKE_SGLANG_DELAY`` (seconds per /generate), ``FAKE_SGLANG_PIDS`` (file that gets the
+server's and its worker's pids) and ``FAKE_SGLANG_DIE_ON_READ`` (a path: the first server to be
+asked ``/get_weights_by_name`` creates it and dies there, with its worker, as if killed).
 """
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -31,7 +33,7 @@ worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"
 if os.environ.get("FAKE_SGLANG_PIDS"):
     with open(os.environ["FAKE_SGLANG_PIDS"], "a") as fh:
         fh.write(f"{os.getpid()} {worker.pid}\n")
-STATE = {"version": "default", "generate_calls": 0}
+STATE = {"version": "default", "generate_calls": 0, "model_path": args.model_path}
 LOCK = threading.Lock()
 DELAY = float(os.environ.get("FAKE_SGLANG_DELAY", "0"))
 
@@ -47,6 +49,25 @@ def _one(ids, sp):
             "weight_version": STATE["version"],
         },
     }
+
+
+def _read_weight(name, rows):
+    """The tensor ``name`` of the folder loaded last, as nested lists of its first ``rows``."""
+    die = os.environ.get("FAKE_SGLANG_DIE_ON_READ")
+    if die:
+        try:
+            os.close(os.open(die, os.O_CREAT | os.O_EXCL))
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        except FileExistsError:
+            pass
+    from safetensors.torch import load_file
+
+    for shard in sorted(os.listdir(STATE["model_path"])):
+        if shard.endswith(".safetensors"):
+            tensors = load_file(os.path.join(STATE["model_path"], shard))
+            if name in tensors:
+                return 200, tensors[name][:rows].tolist()
+    return 400, {"error": f"no tensor {name}"}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -95,7 +116,10 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, _one(ids, sp))
         elif self.path == "/update_weights_from_disk":
             STATE["version"] = body.get("weight_version") or "default"
+            STATE["model_path"] = body["model_path"]
             self._send(200, {"success": True, "message": "ok"})
+        elif self.path == "/get_weights_by_name":
+            self._send(*_read_weight(body["name"], body.get("truncate_size", 100)))
         elif self.path in ("/flush_cache", "/release_memory_occupation"):
             self._send(200, {})
         else:
