@@ -151,7 +151,7 @@ class TrainerConfig:
     elide_zero_rows: bool = True
     use_distributed_optimizer: bool = False
     # Tokens per fp32 chunk of the log-prob/entropy computation; None sizes it so that one chunk
-    # of the local vocabulary shard is about 2**25 elements (128 MiB in fp32).
+    # of the local vocabulary shard is about 2**24 elements (64 MiB in fp32).
     logprob_chunk_tokens: int | None = None
     epochs_per_step: int = 1  # passes over a step's batch (PPO epochs)
     mini_batches_per_step: int = 1  # optimizer updates per step

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-CHUNK_ELEMENTS = 2**25  # default fp32 elements per chunk block
+CHUNK_ELEMENTS = 2**24  # default fp32 elements per chunk block (64 MiB; see logprob_memory.py)
 
 
 def _chunks(num_tokens: int, chunk: int) -> list[tuple[int, int]]:
@@ -131,7 +131,7 @@ def vocab_parallel_logprobs_entropy(
         targets_bt: global token ids to score (for next-token scoring, the inputs shifted by one).
         tp_group: the tensor-parallel group the vocabulary is split over (None: not split).
         chunk_tokens: tokens per fp32 chunk; bounds the extra memory to two [C, V_l] fp32 blocks.
-            None: ``CHUNK_ELEMENTS // V_l`` tokens, about 128 MiB per block whatever the
+            None: ``CHUNK_ELEMENTS // V_l`` tokens, about 64 MiB per block whatever the
             vocabulary and TP size.
         vocab_size: the true vocabulary size; columns past it (Megatron's padding to a multiple
             of TP x 128) get no probability. None: every column is a real token.
