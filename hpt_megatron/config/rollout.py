@@ -73,6 +73,12 @@ class SGLangConfig:
     # auto = with two servers or more, when sglang-router is installed; else the client balances.
     router: bool | Literal["auto"] = "auto"
     router_policy: Literal["cache_aware", "round_robin", "power_of_two", "random"] = "cache_aware"
+    # SGLang's --sleep-on-idle: an idle server's scheduler waits on its sockets instead of
+    # polling them in a busy loop. None: on with device cpu, where the servers share the node's
+    # cores with the trainer (busy-polling, it made the tiny run's update take 0.8 to 13.5 s on
+    # the same work, benchmarks/async_speedup.py); off on GPUs (SGLang's default, the lowest
+    # latency, one polling core per server).
+    sleep_on_idle: bool | None = None
     extra_args: list[str] = field(default_factory=list)  # passed through to launch_server
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the servers
     return_original_logprob: bool = True  # raw-model log-probs (temperature 1), as the trainer
@@ -244,6 +250,8 @@ def sglang_server_args(
         args += ["--max-total-tokens", str(cfg.max_total_tokens)]
     if cfg.context_length is not None:
         args += ["--context-length", str(cfg.context_length)]
+    if cfg.sleep_on_idle or (cfg.sleep_on_idle is None and cfg.device == "cpu"):
+        args += ["--sleep-on-idle"]
     return args + list(cfg.extra_args)
 
 

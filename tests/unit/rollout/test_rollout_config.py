@@ -32,6 +32,9 @@ def test_gpu_server_args_place_each_server_on_its_gpus() -> None:
     assert args["--host"] == "127.0.0.1" and args["--tp-size"] == "2"
     assert args["--base-gpu-id"] == "6" and args["--mem-fraction-static"] == "0.7"
     assert "--device" not in args and "--api-key" not in args
+    assert "--sleep-on-idle" not in args  # SGLang's default on GPUs: the lowest latency
+    cfg.sleep_on_idle = True
+    assert "--sleep-on-idle" in sglang_server_args(cfg, model_path="/m", port=1)
 
 
 def test_cpu_server_args_env_and_passthrough() -> None:
@@ -44,6 +47,10 @@ def test_cpu_server_args_env_and_passthrough() -> None:
     assert _args_dict(args)["--host"] == "10.0.0.2" and _args_dict(args)["--tokenizer-path"] == "/t"
     assert "--api-key" not in args  # the key never goes on a command line
     assert args[-1] == "--skip-server-warmup" and _args_dict(args)["--max-total-tokens"] == "4096"
+    # An idle CPU server must not busy-poll the cores the trainer shares with it.
+    assert "--sleep-on-idle" in args
+    cfg.sleep_on_idle = False
+    assert "--sleep-on-idle" not in sglang_server_args(cfg, model_path="/m", port=1)
     env = sglang_server_env(cfg)
     assert env == {"SGLANG_USE_CPU_ENGINE": "1", "SGLANG_RETURN_ORIGINAL_LOGPROB": "1", "A": "1"}
 
