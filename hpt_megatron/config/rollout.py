@@ -79,6 +79,12 @@ class SGLangConfig:
     # the same work, benchmarks/async_speedup.py); off on GPUs (SGLang's default, the lowest
     # latency, one polling core per server).
     sleep_on_idle: bool | None = None
+    # device cpu: the threads each server's forward runs on (its OMP_NUM_THREADS). None: the
+    # node's cores divided among its servers, colocated (generation and training take turns);
+    # disaggregated, half of that, the trainer ranks of the node taking the other half
+    # (orchestration/driver.py: cpu_thread_split). Both running all the cores' worth of OpenMP
+    # threads at once slowed each about 2x (benchmarks/async_speedup.py).
+    cpu_threads: int | None = None
     extra_args: list[str] = field(default_factory=list)  # passed through to launch_server
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the servers
     return_original_logprob: bool = True  # raw-model log-probs (temperature 1), as the trainer
@@ -103,6 +109,10 @@ class SGLangConfig:
         for key in ("servers_per_node", "tp_size", "gpu_id_step", "max_concurrency"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads: must be >= 1 (or null: auto), got {self.cpu_threads}")
+        if self.cpu_threads is not None and self.device != "cpu":
+            raise ValueError("cpu_threads: sets a CPU server's threads; device is not cpu")
         for key in ("base_gpu_id", "max_retries", "max_restarts"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")

@@ -262,8 +262,13 @@ def build_rollout_engine(
 
 def sglang_rollout(cfg: HPTConfig) -> RolloutConfig:
     """The ``rollout`` section as the SGLang servers take it: a served checkpoint is told the
-    trainer's RoPE settings (``model.rope_theta``, ``max_position_embeddings``)."""
+    trainer's RoPE settings (``model.rope_theta``, ``max_position_embeddings``), and CPU servers
+    their threads (``cpu_thread_split``)."""
     rollout = cfg.rollout
+    split = cpu_thread_split(cfg)
+    if split is not None:  # the user's own rollout.sglang.env wins
+        env = {"OMP_NUM_THREADS": str(split[0]), **rollout.sglang.env}
+        rollout = dataclasses.replace(rollout, sglang=dataclasses.replace(rollout.sglang, env=env))
     overrides = {k: getattr(cfg.model, k) for k in ("rope_theta", "max_position_embeddings")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides and cfg.model.hf_weights:
@@ -297,6 +302,34 @@ def start_rollout_nodes(
         group=ctx.cpu_group,
         nodes=nodes,
     )
+
+
+def cpu_thread_split(cfg: HPTConfig, cores: int | None = None) -> tuple[int, int | None] | None:
+    """The threads of each CPU SGLang server the run launches on a node, and of each trainer rank
+    of that node (``None``: as torch set them); ``None`` when the run launches no CPU servers.
+
+    ``cores``: the cores this process may run on (the node's, by default). Colocated, generation
+    and training take turns, so the node's servers share all its cores (without it a server
+    inherits torchrun's ``OMP_NUM_THREADS=1`` and generates on one core while the trainer ranks
+    wait) and the trainer keeps its threads. Disaggregated, both run at the same time: the
+    servers take half the cores and the node's trainer ranks (``LOCAL_WORLD_SIZE``) the rest.
+    Each running as many OpenMP threads as there are cores, on the same cores, made both about
+    2x slower (``benchmarks/async_speedup.py``: the update took 10-14 s against 1 s alone).
+    ``rollout.sglang.cpu_threads`` sets the servers' share.
+    """
+    sglang = cfg.rollout.sglang
+    if cfg.rollout.engine != "sglang" or sglang.device != "cpu" or sglang.urls:
+        return None
+    if cfg.run.replay_rollouts:
+        return None
+    cores = cores or len(os.sched_getaffinity(0))
+    colocated = cfg.run.placement == "colocated"
+    share = cores if colocated else max(1, cores // 2)
+    server = sglang.cpu_threads or max(1, share // sglang.servers_per_node)
+    if colocated:
+        return server, None
+    node_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return server, max(1, (cores - server * sglang.servers_per_node) // node_ranks)
 
 
 def generation_threads(cfg: HPTConfig) -> int:

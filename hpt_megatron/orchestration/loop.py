@@ -10,6 +10,7 @@ producer after each update, and the trainer waits only when the batch it needs i
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from hpt_megatron.models.provider import (
     hf_config_with_overrides,
     load_hf_config,
 )
-from hpt_megatron.orchestration.driver import Driver, start_rollout_nodes
+from hpt_megatron.orchestration.driver import Driver, cpu_thread_split, start_rollout_nodes
 from hpt_megatron.orchestration.faults import NonFiniteGuard, Preemption
 from hpt_megatron.orchestration.metrics import MetricsLogger, derived_metrics
 from hpt_megatron.orchestration.rollouts import (
@@ -54,6 +55,8 @@ from hpt_megatron.trainer.critic import Critic, CriticCheckpoint, build_critic, 
 from hpt_megatron.trainer.engine import TrainEngine
 from hpt_megatron.trainer.reference import ReferencePolicy
 from hpt_megatron.trainer.update import PolicyUpdate, UpdateLayout
+
+_log = logging.getLogger(__name__)
 
 
 def resolve_model_config(cfg: HPTConfig) -> HFModelConfig:
@@ -89,6 +92,10 @@ def train(cfg: HPTConfig) -> dict[str, float]:
     ctx = init_distributed(
         cfg.parallel, seed=cfg.run.seed, timeout_s=cfg.fault.collective_timeout_s
     )
+    split = cpu_thread_split(cfg)
+    if split is not None and split[1] is not None:  # CPU servers generate while this rank trains
+        torch.set_num_threads(split[1])
+        _log.info("CPU threads: %d per SGLang server, %d per trainer rank", *split)
     driver = nodes = None
     try:
         run = _build_run(cfg, ctx, hf, spec)

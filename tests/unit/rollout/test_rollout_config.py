@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from hpt_megatron.config.base import ConfigError, from_dict
@@ -78,6 +80,8 @@ def test_cpu_server_args_env_and_passthrough() -> None:
         ),
         ({"sglang": {"router": "sometimes"}}, "rollout.sglang.router"),
         ({"sglang": {"router_policy": "least_load"}}, "rollout.sglang.router_policy"),
+        ({"sglang": {"device": "cpu", "cpu_threads": 0}}, "rollout.sglang.cpu_threads"),
+        ({"sglang": {"cpu_threads": 2}}, "rollout.sglang.cpu_threads"),
     ],
 )
 def test_validation_names_the_key(section: dict, key: str) -> None:
@@ -126,3 +130,38 @@ def test_preflight_of_external_servers_and_the_router(
     monkeypatch.delenv("HPT_TEST_KEY", raising=False)
     with pytest.raises(ConfigError, match="HPT_TEST_KEY is unset"):
         _check_sglang(cfg(urls=["http://10.0.0.1:30000"], router=False, api_key_env="HPT_TEST_KEY"))
+
+
+def test_cpu_servers_and_trainer_ranks_split_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Colocated (turns): the node's servers share all its cores, the trainer keeps its own.
+    Disaggregated (at once): servers half, the node's trainer ranks the rest. The servers get it
+    as OMP_NUM_THREADS, which overrides torchrun's 1 but not the user's own env."""
+    from hpt_megatron.config import load_config
+    from hpt_megatron.orchestration.driver import cpu_thread_split, sglang_rollout
+
+    sglang = ["rollout.engine=sglang", "rollout.sglang.device=cpu"]
+    off = [*sglang, "run.placement=disaggregated", "run.max_staleness=2"]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    colocated = load_config("examples/tiny_cpu.yaml", sglang)
+    assert cpu_thread_split(colocated, cores=16) == (16, None)
+    assert cpu_thread_split(colocated, cores=2) == (2, None)
+    assert cpu_thread_split(load_config("examples/tiny_cpu.yaml", off), cores=16) == (8, 4)
+    two = load_config("examples/tiny_cpu.yaml", [*off, "rollout.sglang.servers_per_node=2"])
+    assert cpu_thread_split(two, cores=16) == (4, 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert cpu_thread_split(load_config("examples/tiny_cpu.yaml", off), cores=2) == (1, 1)
+    fixed = load_config("examples/tiny_cpu.yaml", [*off, "rollout.sglang.cpu_threads=6"])
+    assert cpu_thread_split(fixed, cores=8) == (6, 2)
+    assert cpu_thread_split(fixed, cores=4) == (6, 1)  # the trainer keeps at least one
+    # No CPU servers launched by the run: nothing to split.
+    assert cpu_thread_split(load_config("examples/tiny_cpu.yaml"), cores=2) is None
+    external = [*off, "rollout.sglang.urls=[http://10.0.0.1:30000]"]
+    assert cpu_thread_split(load_config("examples/tiny_cpu.yaml", external), cores=2) is None
+
+    cores = len(os.sched_getaffinity(0))
+    env = sglang_rollout(colocated).sglang.env
+    assert env == {"OMP_NUM_THREADS": str(cores)}
+    mine = load_config(
+        "examples/tiny_cpu.yaml", [*sglang, "rollout.sglang.env={OMP_NUM_THREADS: '3'}"]
+    )
+    assert sglang_rollout(mine).sglang.env == {"OMP_NUM_THREADS": "3"}
