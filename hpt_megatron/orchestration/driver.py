@@ -278,13 +278,20 @@ def sglang_rollout(cfg: HPTConfig) -> RolloutConfig:
     return rollout
 
 
+def launches_sglang_servers(cfg: HPTConfig) -> bool:
+    """Whether the run starts SGLang servers of its own (``rollout.engine: sglang`` without
+    ``urls``, not a replay of recorded batches)."""
+    rollout = cfg.rollout
+    return rollout.engine == "sglang" and not rollout.sglang.urls and not cfg.run.replay_rollouts
+
+
 def start_rollout_nodes(
     cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, tokenizer: Any, run_dir: Path
 ) -> NodeServerGroup | None:
     """SGLang servers on every node, for a run over several nodes that launches its own
     (``rollout.engine: sglang`` without ``urls``, not a replay); ``None`` otherwise. A
     collective: every rank calls it. The driver first writes the folder they serve."""
-    if cfg.rollout.engine != "sglang" or cfg.rollout.sglang.urls or cfg.run.replay_rollouts:
+    if not launches_sglang_servers(cfg):
         return None
     from hpt_megatron.rollout.sglang.engine import serve_path
     from hpt_megatron.rollout.sglang.nodes import NodeInfo, start_node_servers
@@ -318,9 +325,7 @@ def cpu_thread_split(cfg: HPTConfig, cores: int | None = None) -> tuple[int, int
     ``rollout.sglang.cpu_threads`` sets the servers' share.
     """
     sglang = cfg.rollout.sglang
-    if cfg.rollout.engine != "sglang" or sglang.device != "cpu" or sglang.urls:
-        return None
-    if cfg.run.replay_rollouts:
+    if not launches_sglang_servers(cfg) or sglang.device != "cpu":
         return None
     cores = cores or len(os.sched_getaffinity(0))
     colocated = cfg.run.placement == "colocated"

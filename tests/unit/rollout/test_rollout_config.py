@@ -157,6 +157,8 @@ def test_cpu_servers_and_trainer_ranks_split_the_cores(monkeypatch: pytest.Monke
     assert cpu_thread_split(load_config("examples/tiny_cpu.yaml"), cores=2) is None
     external = [*off, "rollout.sglang.urls=[http://10.0.0.1:30000]"]
     assert cpu_thread_split(load_config("examples/tiny_cpu.yaml", external), cores=2) is None
+    replay = [*off, "run.replay_rollouts=/recorded", "run.val_every=0"]
+    assert cpu_thread_split(load_config("examples/tiny_cpu.yaml", replay), cores=2) is None
 
     cores = len(os.sched_getaffinity(0))
     env = sglang_rollout(colocated).sglang.env
