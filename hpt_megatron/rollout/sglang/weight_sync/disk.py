@@ -122,11 +122,21 @@ class DiskTransport:
 _LOST = (aiohttp.ClientError, asyncio.TimeoutError, OSError)  # no answer from a server
 
 
+_DYING_S = 3.0  # how long a server that dropped its connection may take to be seen dead
+
+
 async def _died(client: SGLangClient, index: int) -> bool:
     """Whether server ``index``, which gave no answer, is dead (its process gone, or its
-    node's); a dead one is handed to the pool, which restarts it and resyncs its weights."""
-    if await asyncio.to_thread(client.pool.servers[index].is_alive):
-        return False
+    node's); a dead one is handed to the pool, which restarts it and resyncs its weights.
+
+    A killed process closes its sockets before it can be reaped, so a dropped connection may
+    come a moment before ``is_alive`` turns false: it is asked again for ``_DYING_S``.
+    """
+    deadline = time.monotonic() + _DYING_S
+    while await asyncio.to_thread(client.pool.servers[index].is_alive):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.1)
     await client.pool.report_failure(index)
     return True
 

@@ -4,13 +4,16 @@ Speaks the few HTTP endpoints the engine uses, with deterministic outputs; start
 worker child (as SGLang starts its scheduler) so tests can check that the process group goes away.
 Knobs: ``FAKE_SGLANG_DELAY`` (seconds per /generate), ``FAKE_SGLANG_PIDS`` (file that gets the
 server's and its worker's pids) and ``FAKE_SGLANG_DIE_ON_READ`` (a path: the first server to be
-asked ``/get_weights_by_name`` creates it and dies there, with its worker, as if killed).
+asked ``/get_weights_by_name`` creates it and dies there, with its worker, as if killed; the
+connection drops half a second before the process goes, the window a killed process leaves
+between closing its sockets and being reaped, made wide).
 """
 
 import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -51,15 +54,21 @@ def _one(ids, sp):
     }
 
 
-def _read_weight(name, rows):
-    """The tensor ``name`` of the folder loaded last, as nested lists of its first ``rows``."""
+def _die_on_read(connection):
+    """Drop ``connection``, then die with the worker (``FAKE_SGLANG_DIE_ON_READ``), once."""
     die = os.environ.get("FAKE_SGLANG_DIE_ON_READ")
     if die:
         try:
             os.close(os.open(die, os.O_CREAT | os.O_EXCL))
-            os.killpg(os.getpgid(0), signal.SIGKILL)
         except FileExistsError:
-            pass
+            return
+        connection.shutdown(socket.SHUT_RDWR)
+        time.sleep(0.5)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _read_weight(name, rows):
+    """The tensor ``name`` of the folder loaded last, as nested lists of its first ``rows``."""
     from safetensors.torch import load_file
 
     for shard in sorted(os.listdir(STATE["model_path"])):
@@ -119,6 +128,7 @@ class Handler(BaseHTTPRequestHandler):
             STATE["model_path"] = body["model_path"]
             self._send(200, {"success": True, "message": "ok"})
         elif self.path == "/get_weights_by_name":
+            _die_on_read(self.connection)
             self._send(*_read_weight(body["name"], body.get("truncate_size", 100)))
         elif self.path in ("/flush_cache", "/release_memory_occupation"):
             self._send(200, {})
