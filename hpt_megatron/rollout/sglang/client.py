@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -107,15 +108,24 @@ class ServerPool:
             self.inflight[index] -= 1
             self._cond().notify_all()
 
-    async def report_failure(self, index: int) -> None:
-        """After a failed request: restart the server in the background if its process died."""
+    async def report_failure(self, index: int, grace_s: float = 0.0) -> bool:
+        """After a failed request: restart the server in the background if its process died.
+        Returns whether it is down (being restarted, or failed).
+
+        ``grace_s``: how long a server still seen alive is asked again. A killed process
+        closes its sockets a moment before it can be reaped, so a caller that must decide at
+        once on a dropped connection (a weight load) gives it a few seconds.
+        """
         if self.state[index] != "up":
-            return
+            return True
+        deadline = time.monotonic() + grace_s
         # (an external server's liveness is an HTTP health check: off the event loop)
-        if await asyncio.to_thread(self.servers[index].is_alive):
-            return
+        while await asyncio.to_thread(self.servers[index].is_alive):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
         if self.state[index] != "up":
-            return
+            return True
         async with self._cond():
             self.state[index] = "restarting"
         self._restart_tasks[index] = asyncio.ensure_future(self._restart(index))
@@ -124,6 +134,7 @@ class ServerPool:
                 await self.on_down(index)
             except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as err:
                 logger.warning("after sglang server %s went down: %r", self.servers[index].url, err)
+        return True
 
     async def _restart(self, index: int) -> None:
         server = self.servers[index]

@@ -89,7 +89,7 @@ class DiskTransport:
         down = 0
         for i, answer in zip(targets, answers):
             if isinstance(answer, _LOST):
-                if index is None and await _died(client, i):
+                if index is None and await client.pool.report_failure(i, grace_s=_DYING_S):
                     down += 1
                     continue
                 raise RuntimeError(f"update_weights_from_disk({path}) failed: {answer!r}")
@@ -122,23 +122,8 @@ class DiskTransport:
 _LOST = (aiohttp.ClientError, asyncio.TimeoutError, OSError)  # no answer from a server
 
 
-_DYING_S = 3.0  # how long a server that dropped its connection may take to be seen dead
-
-
-async def _died(client: SGLangClient, index: int) -> bool:
-    """Whether server ``index``, which gave no answer, is dead (its process gone, or its
-    node's); a dead one is handed to the pool, which restarts it and resyncs its weights.
-
-    A killed process closes its sockets before it can be reaped, so a dropped connection may
-    come a moment before ``is_alive`` turns false: it is asked again for ``_DYING_S``.
-    """
-    deadline = time.monotonic() + _DYING_S
-    while await asyncio.to_thread(client.pool.servers[index].is_alive):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.1)
-    await client.pool.report_failure(index)
-    return True
+# A server that dropped its connection may take a moment to be seen dead (``report_failure``).
+_DYING_S = 3.0
 
 
 async def check_loaded(client: SGLangClient, path: str | Path, index: int | None = None) -> int:
@@ -171,7 +156,7 @@ async def check_loaded(client: SGLangClient, path: str | Path, index: int | None
             except RuntimeError as err:  # a non-200 answer: SGLang could not map the name
                 raise RuntimeError(f"check_weights: {url} cannot return {name}: {err}") from None
             except _LOST as err:
-                if index is None and await _died(client, i):
+                if index is None and await client.pool.report_failure(i, grace_s=_DYING_S):
                     break  # died after its load: checked again after its restart and resync
                 raise RuntimeError(f"check_weights: {url} lost reading {name}: {err!r}") from None
             if not isinstance(answer, list):
