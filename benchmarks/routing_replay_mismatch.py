@@ -1,13 +1,19 @@
 """Trainer-versus-rollout mismatch of a mixture-of-experts policy with and without routing replay.
 
     python benchmarks/routing_replay_mismatch.py --steps 3
+    python benchmarks/routing_replay_mismatch.py --steps 3 --engine sglang
 
 Runs ``hpt train`` on the tiny Qwen3-MoE of ``examples/tiny_moe_cpu.yaml`` (8 experts, top-2,
-three MoE layers) with the CPU rollout engine, once per setting, from the same seed:
+three MoE layers) with the CPU rollout engine, once per setting, from the same seed. With
+``--engine sglang`` the rollouts come from a real SGLang server on CPU (tools/sglang_env.sh),
+every layer of the model sparse (SGLang's own Qwen3-MoE needs that, see preflight), its dtype
+set by ``rollout.sglang.dtype`` and the experts it routed returned by the server
+(``rollout.sglang.routed_experts``). The settings:
 
 - ``fp32``: rollouts in float32, like the trainer: the two agree almost exactly (the baseline);
-- ``bf16``: rollouts in bfloat16 (``rollout.cpu.dtype``), the trainer in float32, so routers
-  whose top scores are close pick other experts for some tokens, as in practice;
+- ``bf16``: rollouts in bfloat16 (``rollout.cpu.dtype``, ``rollout.sglang.dtype``), the trainer
+  in float32, so routers whose top scores are close pick other experts for some tokens, as in
+  practice;
 - ``bf16+replay``: the same with ``algorithm.options.routing_replay: rollout``.
 
 Each reports, per step and averaged over the steps, ``mismatch/logp_abs_diff_mean`` (mean
@@ -30,11 +36,30 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+REPLAY = "algorithm.options.routing_replay=rollout"
 SETTINGS = {
-    "fp32": [],
-    "bf16": ["rollout.cpu.dtype=bfloat16"],
-    "bf16+replay": ["rollout.cpu.dtype=bfloat16", "algorithm.options.routing_replay=rollout"],
+    "cpu": {
+        "fp32": [],
+        "bf16": ["rollout.cpu.dtype=bfloat16"],
+        "bf16+replay": ["rollout.cpu.dtype=bfloat16", REPLAY],
+    },
+    "sglang": {
+        "fp32": ["rollout.sglang.dtype=float32"],
+        "bf16": ["rollout.sglang.dtype=bfloat16"],
+        "bf16+replay": [
+            "rollout.sglang.dtype=bfloat16",
+            "rollout.sglang.routed_experts=true",
+            REPLAY,
+        ],
+    },
 }
+SGLANG_CPU = [
+    "model.inline.mlp_only_layers=[]",
+    "rollout.engine=sglang",
+    "rollout.sglang.device=cpu",
+    "rollout.sglang.max_total_tokens=8192",
+    "rollout.sglang.extra_args=[--skip-server-warmup]",
+]
 
 
 def run(out: Path, args: argparse.Namespace, extra: list[str]) -> list[dict]:
@@ -63,12 +88,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4, help="rollouts per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--ep", type=int, default=1, help="expert parallel size (= processes)")
+    ap.add_argument("--engine", choices=sorted(SETTINGS), default="cpu", help="rollout engine")
     args = ap.parse_args()
+    common = SGLANG_CPU if args.engine == "sglang" else []
     key, changed = "mismatch/logp_abs_diff_mean", "moe/replay_changed_frac"
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, extra in SETTINGS.items():
-            rows = [r for r in run(Path(tmp) / name, args, extra) if key in r]
+        for name, extra in SETTINGS[args.engine].items():
+            rows = [r for r in run(Path(tmp) / name, args, [*common, *extra]) if key in r]
             per_step = [r[key] for r in rows]
             results[name] = {
                 "per_step": per_step,
@@ -80,7 +107,8 @@ def main() -> None:
     base = results["bf16"]["mean"]
     print(json.dumps(results, indent=1))
     print(
-        f"mean |trainer - rollout| logp: fp32 rollouts {results['fp32']['mean']:.5f}, "
+        f"{args.engine}: mean |trainer - rollout| logp: "
+        f"fp32 rollouts {results['fp32']['mean']:.5f}, "
         f"bf16 {base:.5f}, bf16 with replay {results['bf16+replay']['mean']:.5f} "
         f"(replay / no replay = {results['bf16+replay']['mean'] / base:.3f}); step 0 only: "
         f"{results['bf16']['per_step'][0]:.5f} -> {results['bf16+replay']['per_step'][0]:.5f}; "

@@ -89,6 +89,10 @@ class SGLangConfig:
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the servers
     return_original_logprob: bool = True  # raw-model log-probs (temperature 1), as the trainer
     seeded_sampling: bool = False  # send per-sample seeds (needs the pytorch sampling backend)
+    # Mixture-of-experts models: the servers report the experts they routed each token to
+    # (--enable-return-routed-experts, return_routed_experts on every request), which routing
+    # replay (algorithm.options.routing_replay: rollout) trains with.
+    routed_experts: bool = False
     startup_timeout_s: float = 900.0
     request_timeout_s: float = 1800.0
     max_retries: int = 3  # per request, across servers
@@ -262,6 +266,8 @@ def sglang_server_args(
         args += ["--context-length", str(cfg.context_length)]
     if cfg.sleep_on_idle or (cfg.sleep_on_idle is None and cfg.device == "cpu"):
         args += ["--sleep-on-idle"]
+    if cfg.routed_experts:
+        args += ["--enable-return-routed-experts"]
     return args + list(cfg.extra_args)
 
 

@@ -17,6 +17,7 @@ import torch
 from hpt_megatron.config import ConfigError, HPTConfig
 from hpt_megatron.config.data import BUILTIN_TASKS
 from hpt_megatron.data import FieldMap, read_examples
+from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.models.provider import (
     check_hf_supported,
     check_parallel_against_model,
@@ -96,12 +97,7 @@ def _check_model(cfg: HPTConfig) -> None:
     check_hf_supported(hf)
     check_parallel_against_model(hf, cfg.parallel)
     _check_routing_replay(cfg, hf.is_moe, hf.model_type)
-    if hf.is_moe and cfg.rollout.engine == "sglang":
-        raise ConfigError(
-            f"rollout.engine: sglang serving of mixture-of-experts models ({hf.model_type}) is "
-            "not built: on CPU SGLang's MoE top-k fails (docs/architecture.md), on GPU it is "
-            "untried (weight sync of expert tensors untested); use rollout.engine=cpu"
-        )
+    _check_sglang_moe(cfg, hf)
     for key in ("hf_weights", "load"):
         path = getattr(model, key)
         if path is not None and not Path(path).is_dir():
@@ -193,6 +189,46 @@ def _check_rewards(cfg: HPTConfig) -> None:
             raise ConfigError(f"reward.{key}: {err}") from None
 
 
+def _check_sglang_moe(cfg: HPTConfig, hf: HFModelConfig) -> None:
+    """SGLang 0.5.23's own Qwen3-MoE makes every layer sparse: the dense layers of a model with
+    ``mlp_only_layers`` or ``decoder_sparse_step`` > 1 get uninitialised experts (their MLP
+    weights are dropped without a word) and generate NaN. Its transformers backend
+    (``--model-impl transformers``) serves them right but reports no routed experts."""
+    sglang = cfg.rollout.sglang
+    if sglang.routed_experts and not (cfg.rollout.engine == "sglang" and hf.is_moe):
+        raise ConfigError(
+            "rollout.sglang.routed_experts: returns the experts of a mixture-of-experts model "
+            f"served by SGLang; this run has rollout.engine {cfg.rollout.engine} and a "
+            f"{hf.model_type} model (set false)"
+        )
+    if cfg.rollout.engine != "sglang" or not hf.is_moe:
+        return
+    if sglang.check_weights:
+        raise ConfigError(
+            "rollout.sglang.check_weights: SGLang 0.5.23's Qwen3-MoE has no get_weights_by_name "
+            "(its /get_weights_by_name answers 400 for every tensor), so the loaded weights "
+            "cannot be read back; set false"
+        )
+    if sglang.urls:  # the user's servers: their launch arguments are theirs
+        return
+    impl = "--model-impl transformers" in " ".join(sglang.extra_args).replace("=", " ")
+    dense = [i for i, sparse in enumerate(hf.moe_layers) if not sparse]
+    if impl and sglang.routed_experts:
+        raise ConfigError(
+            "rollout.sglang.routed_experts: SGLang's transformers backend (--model-impl "
+            "transformers) routes with the HF model's own router and reports no routed experts "
+            "(all zeros); routing replay with SGLang needs its own implementation (remove the "
+            "flag; every layer of the model must then be sparse)"
+        )
+    if dense and not impl:
+        raise ConfigError(
+            f"rollout.engine: sglang: the model has dense layers {dense} among its sparse ones "
+            "(mlp_only_layers / decoder_sparse_step), which SGLang 0.5.23's own "
+            f"{hf.model_type} ignores (it makes them sparse and drops their weights: NaN "
+            "outputs); add '--model-impl transformers' to rollout.sglang.extra_args"
+        )
+
+
 def _check_routing_replay(cfg: HPTConfig, is_moe: bool, model_type: str) -> None:
     if cfg.algorithm.spec().routing_replay != "rollout":
         return
@@ -202,10 +238,10 @@ def _check_routing_replay(cfg: HPTConfig, is_moe: bool, model_type: str) -> None
             f"{key} replays the experts of a mixture-of-experts model; {model_type} has no "
             "MoE layers (set none)"
         )
-    if cfg.rollout.engine != "cpu":
+    if cfg.rollout.engine == "sglang" and not cfg.rollout.sglang.routed_experts:
         raise ConfigError(
-            f"{key}: only the CPU engine records the experts it routed each token to; with "
-            f"rollout.engine {cfg.rollout.engine} it is not built (use rollout.engine=cpu)"
+            f"{key}: the SGLang servers return the experts they routed each token to only with "
+            "rollout.sglang.routed_experts: true (--enable-return-routed-experts); set it"
         )
     if cfg.model.recompute_granularity is not None:
         raise ConfigError(

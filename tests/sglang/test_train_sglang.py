@@ -42,6 +42,38 @@ def test_hpt_train_with_sglang_rollouts(tmp_path):
     assert (out / "sglang_logs").is_dir()
 
 
+def test_moe_at_ep2_trains_with_the_experts_sglang_routed(tmp_path):
+    """Qwen3-MoE (every layer sparse) at EP=2 with SGLang rollouts in bfloat16 and routing
+    replay: the server returns each token's experts, the saved batch carries them, the fp32
+    trainer's routers replay them (some differ from its own choices) and the MoE metrics come."""
+    python = SGLangConfig(device="cpu").python_executable()
+    if not Path(python).exists():
+        pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
+    from hpt_megatron.data.sample import RolloutBatch
+
+    out = tmp_path / "moe"
+    overrides = ["run.steps=2", "run.val_every=0", "checkpoint.save_every=0"]
+    overrides += ["data.prompts_per_step=4", "rollout.n=4", "rollout.max_new_tokens=16"]
+    overrides += ["logging.progress_bar=false", "logging.save_rollouts=true"]
+    overrides += ["model.inline.mlp_only_layers=[]", "rollout.sglang.dtype=bfloat16"]
+    overrides += ["rollout.sglang.routed_experts=true", "algorithm.options.routing_replay=rollout"]
+    # GRPO with an entropy bonus trains every generated row (see tests/e2e/test_moe_train.py).
+    overrides += ["algorithm.preset=grpo", "algorithm.options.entropy_coef=1e-6"]
+    hpt_train.run(hpt_train.TINY_MOE, out, *overrides, *hpt_train.SGLANG_CPU, timeout=900)
+    rows = hpt_train.metrics(out)
+    assert sorted(rows) == [1, 2]
+    for row in rows.values():
+        assert row["moe/load_balancing_loss"] > 0.5 and row["grad_norm"] > 0
+        assert 0 < row["moe/replay_changed_frac"] < 0.5, row  # bf16 flips a few choices
+        assert row["mismatch/logp_abs_diff_mean"] > 0
+    batch = RolloutBatch.load_jsonl(next((out / "rollouts").glob("step_*.jsonl")))
+    assert batch.samples
+    for sample in batch.samples:  # four MoE layers, top-2 of 8 experts
+        assert sample.routed_experts is not None
+        assert tuple(sample.routed_experts.shape) == (sample.num_tokens - 1, 4, 2)
+        assert int(sample.routed_experts.max()) < 8
+
+
 def _sglang_servers_under(root_pid: int) -> list[int]:
     """PIDs of ``sglang.launch_server`` processes descending from ``root_pid`` (from /proc)."""
     parents, commands = {}, {}

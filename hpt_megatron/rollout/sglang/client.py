@@ -10,13 +10,17 @@ request is retried on another server, and a server found dead is restarted in th
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import aiohttp
+import numpy as np
+import torch
 
+from hpt_megatron.data.sample import compact_expert_ids
 from hpt_megatron.rollout.base import Generation, SamplingParams
 from hpt_megatron.rollout.sglang.server import ServerStartError
 
@@ -190,6 +194,9 @@ class SGLangClient:
         self.request_timeout_s = request_timeout_s
         self.max_retries = max_retries
         self.seeded_sampling = seeded_sampling
+        # Experts per token of an MoE model whose routing the servers report (routing replay;
+        # the servers run with --enable-return-routed-experts). None: not asked for.
+        self.routed_top_k: int | None = None
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -217,7 +224,9 @@ class SGLangClient:
             *(self._generate_one(i, p, params, sampling) for i, p in enumerate(prompts))
         )
         return [
-            parse_generation(item, i, weight_version)
+            parse_generation(
+                item, i, weight_version, prompt=prompts[i], routed_top_k=self.routed_top_k
+            )
             for i, items in enumerate(results)
             for item in items
         ]
@@ -226,6 +235,9 @@ class SGLangClient:
         self, index: int, prompt: list[int], params: SamplingParams, sampling: dict[str, Any]
     ) -> list[dict[str, Any]]:
         n = params.n
+        asks: dict[str, Any] = {"return_logprob": True}
+        if self.routed_top_k is not None:
+            asks["return_routed_experts"] = True
         per_sample: dict[str, Any] | list[dict[str, Any]] = sampling
         if self.seeded_sampling and params.seed is not None:
             per_sample = [
@@ -239,7 +251,7 @@ class SGLangClient:
                 *(
                     self.request(
                         "/generate",
-                        {"input_ids": prompt, "sampling_params": p, "return_logprob": True},
+                        {"input_ids": prompt, "sampling_params": p, **asks},
                         timeout_s=self.request_timeout_s,
                     )
                     for p in per_sample
@@ -251,7 +263,7 @@ class SGLangClient:
             "sampling_params": per_sample
             if n > 1 or isinstance(per_sample, dict)
             else per_sample[0],
-            "return_logprob": True,
+            **asks,
         }
         out = await self.request("/generate", payload, timeout_s=self.request_timeout_s)
         items = out if isinstance(out, list) else [out]
@@ -404,8 +416,16 @@ def cached_tokens(out: Any) -> int:
     )
 
 
-def parse_generation(item: dict[str, Any], prompt_index: int, weight_version: int) -> Generation:
-    """One ``/generate`` result -> ``Generation`` (log-probs from ``output_token_logprobs``)."""
+def parse_generation(
+    item: dict[str, Any],
+    prompt_index: int,
+    weight_version: int,
+    *,
+    prompt: list[int] | None = None,
+    routed_top_k: int | None = None,
+) -> Generation:
+    """One ``/generate`` result -> ``Generation`` (log-probs from ``output_token_logprobs``;
+    with ``routed_top_k``, the experts from ``routed_experts``, see :func:`routed_experts`)."""
     meta = item.get("meta_info", {})
     token_ids = list(item["output_ids"])
     entries = meta.get("output_token_logprobs")
@@ -414,10 +434,38 @@ def parse_generation(item: dict[str, Any], prompt_index: int, weight_version: in
         raise RuntimeError(f"{len(logprobs)} log-probs for {len(token_ids)} tokens from SGLang")
     reason = (meta.get("finish_reason") or {}).get("type", "abort")
     server_version = str(meta.get("weight_version", ""))
+    experts = None
+    if routed_top_k is not None:
+        assert prompt is not None, "the prompt's length shapes the routed experts"
+        experts = routed_experts(meta, len(prompt) + len(token_ids), routed_top_k)
     return Generation(
         prompt_index=prompt_index,
         token_ids=token_ids,
         logprobs=logprobs,
         finish_reason=reason if reason in ("stop", "length") else "abort",
         weight_version=int(server_version) if server_version.isdigit() else weight_version,
+        routed_experts=experts,
     )
+
+
+def routed_experts(meta: dict[str, Any], num_tokens: int, top_k: int) -> torch.Tensor:
+    """The experts a server routed each token to, ``[num_tokens - 1, MoE layers, top_k]``.
+
+    SGLang (``--enable-return-routed-experts``, ``return_routed_experts``) sends them as
+    base64 of int32 ``[prompt + output - 1, layers, top_k]``: every prompt token and every
+    output token but the last (never run), the CPU engine's layout (``Sample.routed_experts``).
+    """
+    encoded = meta.get("routed_experts")
+    if not isinstance(encoded, str):
+        raise RuntimeError(
+            "SGLang returned no routed_experts: start the servers with "
+            "--enable-return-routed-experts (rollout.sglang.routed_experts: true)"
+        )
+    ids = np.frombuffer(base64.b64decode(encoded), dtype=np.int32)
+    rows = num_tokens - 1
+    if rows < 1 or ids.size % (rows * top_k):
+        raise RuntimeError(
+            f"SGLang's routed_experts hold {ids.size} ids, not a multiple of {rows} tokens x "
+            f"top-k {top_k}"
+        )
+    return compact_expert_ids(torch.from_numpy(ids.copy()).view(rows, -1, top_k))

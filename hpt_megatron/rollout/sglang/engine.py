@@ -254,6 +254,11 @@ class SGLangEngine:
             self._loop.run(self._resync_restarted())
         return self._loop.run(self.client.generate(prompts, params, self.weight_version))
 
+    def record_routing(self, top_k: int) -> None:
+        """Return each generation's routed experts (``Generation.routed_experts``, ``top_k`` per
+        token and MoE layer); the servers must run with ``--enable-return-routed-experts``."""
+        self.client.routed_top_k = top_k
+
     def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
         """Push HF-named full tensors to every server with the configured transport."""
         self._check_open()
@@ -467,13 +472,17 @@ def build_sglang_engine(
     folder, or connects to ``rollout.sglang.urls``.
     """
     if cfg.sglang.urls:  # the user's servers serve their own model; the trainer's weights follow
-        return SGLangEngine.connect(cfg.sglang, run_dir=run_dir)
-    if nodes is not None:
+        engine = SGLangEngine.connect(cfg.sglang, run_dir=run_dir)
+    elif nodes is not None:
         assert nodes.endpoints is not None, "the driver holds every node's endpoints"
         endpoints, key = nodes.endpoints, nodes.api_key
-        return SGLangEngine.over(endpoints, cfg.sglang, run_dir=run_dir, api_key=key)
-    model_path = serve_path(hf, tokenizer, run_dir, model_path)
-    return SGLangEngine.launch(cfg.sglang, model_path=model_path, run_dir=run_dir)
+        engine = SGLangEngine.over(endpoints, cfg.sglang, run_dir=run_dir, api_key=key)
+    else:
+        model_path = serve_path(hf, tokenizer, run_dir, model_path)
+        engine = SGLangEngine.launch(cfg.sglang, model_path=model_path, run_dir=run_dir)
+    if cfg.sglang.routed_experts:
+        engine.record_routing(hf.num_experts_per_tok)
+    return engine
 
 
 def serve_path(

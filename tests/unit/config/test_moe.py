@@ -10,6 +10,10 @@ from hpt_megatron.cli import main
 EXAMPLES = pathlib.Path(__file__).resolve().parents[3] / "examples"
 MOE = str(EXAMPLES / "tiny_moe_cpu.yaml")
 TINY = str(EXAMPLES / "tiny_cpu.yaml")
+CPU_SERVERS = "rollout.sglang.device=cpu"
+# The example with every layer sparse, served by SGLang (whose own Qwen3-MoE needs that).
+SPARSE_SGLANG = ["model.inline.mlp_only_layers=[]", "rollout.engine=sglang", CPU_SERVERS]
+ROUTED = ["rollout.sglang.routed_experts=true"]
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +66,23 @@ def test_moe_example_dry_runs_at_ep2(capsys):
             "no layer has experts (mlp_only_layers=[0, 1, 2, 3]",
         ),
         ("2", ["model.moe_aux_loss_coeff=-1"], "moe_aux_loss_coeff: must be >= 0"),
-        ("2", ["rollout.engine=sglang"], "rollout.engine: sglang serving of mixture-of-experts"),
+        (
+            "2",
+            ["rollout.engine=sglang"],
+            "the model has dense layers [1] among its sparse ones (mlp_only_layers / "
+            "decoder_sparse_step), which SGLang 0.5.23's own qwen3_moe ignores",
+        ),
+        (
+            "2",
+            ["rollout.sglang.routed_experts=true"],
+            "rollout.sglang.routed_experts: returns the experts of a mixture-of-experts model "
+            "served by SGLang; this run has rollout.engine cpu",
+        ),
+        (
+            "2",
+            [*SPARSE_SGLANG, "rollout.sglang.check_weights=true"],
+            "rollout.sglang.check_weights: SGLang 0.5.23's Qwen3-MoE has no get_weights_by_name",
+        ),
     ],
 )
 def test_bad_moe_settings_name_the_key(capsys, world, overrides, message):
@@ -84,14 +104,43 @@ def test_routing_replay_dry_runs_on_the_moe_example(capsys):
 
 
 @pytest.mark.parametrize(
+    "overrides",
+    [
+        SPARSE_SGLANG,
+        [*SPARSE_SGLANG, *ROUTED, REPLAY],
+        [
+            "rollout.engine=sglang",
+            CPU_SERVERS,
+            "rollout.sglang.extra_args=[--model-impl,transformers]",
+        ],
+    ],
+    ids=["sparse", "sparse-replay", "dense-layer-transformers-backend"],
+)
+def test_moe_on_sglang_dry_runs(capsys, overrides):
+    code, err = _dry_run(capsys, MOE, "--world-size", "2", *overrides)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
     ("config", "overrides", "message"),
     [
         (TINY, [], "routing_replay: rollout replays the experts of a mixture-of-experts model"),
-        (MOE, ["rollout.engine=sglang"], "only the CPU engine records the experts"),
+        (
+            MOE,
+            [*SPARSE_SGLANG],
+            "the SGLang servers return the experts they routed each token to only with "
+            "rollout.sglang.routed_experts: true",
+        ),
+        (
+            MOE,
+            [*SPARSE_SGLANG, *ROUTED, "rollout.sglang.extra_args=[--model-impl,transformers]"],
+            "SGLang's transformers backend (--model-impl transformers) routes with the HF "
+            "model's own router",
+        ),
         (MOE, ["model.recompute_granularity=selective"], "activation recomputation reruns"),
         (MOE, ["algorithm.options.routing_replay=sglang"], "algorithm.options.routing_replay"),
     ],
-    ids=["dense", "sglang", "recompute", "bad-value"],
+    ids=["dense", "sglang-unasked", "sglang-transformers", "recompute", "bad-value"],
 )
 def test_routing_replay_it_cannot_carry_out_is_an_error(capsys, config, overrides, message):
     replay = [] if overrides and "routing_replay" in overrides[0] else [REPLAY]

@@ -56,3 +56,40 @@ def test_copy_all_layer_kv_cache_cpu(sgl_kernel) -> None:
 def test_unsupported_ops_fail_loudly(sgl_kernel) -> None:
     with pytest.raises(NotImplementedError, match="verify_tree_greedy_cpu"):
         sgl_kernel.verify_tree_greedy_cpu()
+
+
+def test_cpu_host_buffers_are_allocated_unpinned(tmp_path: Path) -> None:
+    """SGLang pins host buffers (the routed-experts cache) through ``torch.cuda.cudart()``: once
+    the stand-in is imported, its host-pool module allocates device "cpu" buffers unpinned."""
+    import subprocess
+    import sys
+
+    pool = tmp_path / "sglang/srt/mem_cache/pool_host"
+    pool.mkdir(parents=True)
+    for folder in (
+        "sglang",
+        "sglang/srt",
+        "sglang/srt/mem_cache",
+        "sglang/srt/mem_cache/pool_host",
+    ):
+        (tmp_path / folder / "__init__.py").touch()
+    (pool / "common.py").write_text(
+        "def alloc_with_host_register(*a, **k):\n"
+        "    raise RuntimeError('Found no NVIDIA driver')\n"
+        "ALLOC_MEMORY_FUNCS = {}\n"
+    )
+    (tmp_path / "sgl_kernel").symlink_to(STANDIN.parent)
+    script = (
+        "import torch, sgl_kernel\n"
+        "from sglang.srt.mem_cache.pool_host import common\n"
+        "class Allocator:\n"
+        "    def allocate(self, dims, dtype, device):\n"
+        "        return torch.zeros(dims, dtype=dtype, device=device)\n"
+        "buf = common.ALLOC_MEMORY_FUNCS['cpu']((3, 2), torch.int32, 'cpu', True, Allocator())\n"
+        "assert buf.shape == (3, 2) and not buf.is_pinned()\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

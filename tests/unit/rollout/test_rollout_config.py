@@ -37,6 +37,9 @@ def test_gpu_server_args_place_each_server_on_its_gpus() -> None:
     assert "--sleep-on-idle" not in args  # SGLang's default on GPUs: the lowest latency
     cfg.sleep_on_idle = True
     assert "--sleep-on-idle" in sglang_server_args(cfg, model_path="/m", port=1)
+    assert "--enable-return-routed-experts" not in args
+    cfg.routed_experts = True  # routing replay of an MoE model
+    assert "--enable-return-routed-experts" in sglang_server_args(cfg, model_path="/m", port=1)
 
 
 def test_cpu_server_args_env_and_passthrough() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.base import SamplingParams
@@ -349,6 +351,29 @@ def test_parse_generation_maps_finish_reasons() -> None:
     item["meta_info"]["output_token_logprobs"] = [[-1.0, 5, None]]
     with pytest.raises(RuntimeError, match="1 log-probs for 2 tokens"):
         parse_generation(item, 0, weight_version=0)
+
+
+def test_parse_generation_decodes_routed_experts() -> None:
+    # SGLang's layout: int32 [prompt + output - 1, layers, top_k], base64 (a real answer's,
+    # tests/sglang/test_moe_sglang.py checks the ids against HF's routers)
+    ids = torch.arange(4 * 3 * 2, dtype=torch.int32).remainder(8).view(4, 3, 2)
+    item = {
+        "output_ids": [5, 6],
+        "meta_info": {
+            "output_token_logprobs": [[-1.0, 5, None], [-2.0, 6, None]],
+            "finish_reason": {"type": "stop"},
+            "routed_experts": base64.b64encode(ids.numpy().tobytes()).decode(),
+        },
+    }
+    gen = parse_generation(item, 0, weight_version=1, prompt=[1, 2, 3], routed_top_k=2)
+    assert gen.routed_experts is not None and gen.routed_experts.dtype == torch.uint8
+    assert torch.equal(gen.routed_experts.long(), ids.long())
+    assert parse_generation(item, 0, weight_version=1).routed_experts is None  # not asked for
+    with pytest.raises(RuntimeError, match="24 ids, not a multiple of 5 tokens x top-k 2"):
+        parse_generation(item, 0, weight_version=1, prompt=[1, 2, 3, 4], routed_top_k=2)
+    del item["meta_info"]["routed_experts"]
+    with pytest.raises(RuntimeError, match="--enable-return-routed-experts"):
+        parse_generation(item, 0, weight_version=1, prompt=[1, 2, 3], routed_top_k=2)
 
 
 def test_build_sglang_engine_writes_an_init_model(tmp_path: Path) -> None:

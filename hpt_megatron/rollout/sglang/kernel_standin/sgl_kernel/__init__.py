@@ -6,12 +6,22 @@ without a GPU driver. With ``SGLANG_USE_CPU_ENGINE=1``, ``--attention-backend to
 from it; everything else falls back to torch. ``tools/sglang_env.sh`` copies this package over the
 real one in the SGLang virtual environment. It registers no ``torch.ops.sgl_kernel`` ops, so
 SGLang's AMX checks report "unsupported" and it takes its plain-torch paths.
+
+It also redirects one hard-coded CUDA call, as ``hpt_megatron/_compat`` does for Megatron:
+SGLang allocates host buffers on device "cpu" (the routed-experts cache of
+``--enable-return-routed-experts``) pinned through ``torch.cuda.cudart()``, which fails without
+a GPU driver; see :func:`_plain_cpu_host_buffers`.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+import importlib.abc
+import importlib.machinery
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -89,3 +99,47 @@ def _unsupported(name: str) -> Callable[..., None]:
 
 
 globals().update({name: _unsupported(name) for name in _UNSUPPORTED})
+
+
+_HOST_POOL_MODULE = "sglang.srt.mem_cache.pool_host.common"
+
+
+def _alloc_unpinned(
+    dims: Any, dtype: torch.dtype, device: str, pin_memory: bool, allocator: Any, **_: Any
+) -> torch.Tensor:
+    """A host buffer from SGLang's allocator, not pinned (no GPU to copy to on a CPU server)."""
+    return allocator.allocate(dims, dtype=dtype, device=device)
+
+
+class _HostPoolFinder(importlib.abc.MetaPathFinder):
+    """Once SGLang's host-pool module is imported, its device "cpu" allocator is
+    :func:`_alloc_unpinned` (SGLang's default pins with ``cudaHostRegister``)."""
+
+    def find_spec(
+        self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if name != _HOST_POOL_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        run = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            run(module)
+            module.ALLOC_MEMORY_FUNCS["cpu"] = _alloc_unpinned
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def _plain_cpu_host_buffers() -> None:
+    loaded = sys.modules.get(_HOST_POOL_MODULE)
+    if loaded is not None:
+        loaded.ALLOC_MEMORY_FUNCS["cpu"] = _alloc_unpinned
+    elif not any(isinstance(f, _HostPoolFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _HostPoolFinder())
+
+
+_plain_cpu_host_buffers()
