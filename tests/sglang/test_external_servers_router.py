@@ -24,6 +24,7 @@ from hpt_megatron.rollout.base import SamplingParams
 from hpt_megatron.rollout.sglang import ServerStartError, SGLangEngine
 from hpt_megatron.rollout.sglang.engine import server_counters
 from hpt_megatron.rollout.sglang.server import free_port
+from tests.helpers.sglang_cpu import require_sglang, server_config
 
 ROOT = Path(__file__).resolve().parents[2]
 # Two CPU servers start in about a minute on an idle machine, much longer on a loaded one.
@@ -34,18 +35,7 @@ PROMPTS = [[1, *[(7 * i + j) % 100 + 10 for j in range(11)]] for i in range(8)]
 
 
 def _cfg(**overrides: object) -> SGLangConfig:
-    cfg = SGLangConfig(
-        device="cpu",
-        dtype="float32",
-        max_total_tokens=8192,
-        extra_args=["--skip-server-warmup"],
-        startup_timeout_s=600,
-        request_timeout_s=300,
-    )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    cfg.validate()
-    return cfg
+    return server_config(8192, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +55,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def launched(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    python = _cfg().python_executable()
-    if not Path(python).exists():
-        pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
+    require_sglang()
     run_dir = tmp_path_factory.mktemp("launched")
     eng = SGLangEngine.launch(
         _cfg(servers_per_node=2, router=True), model_path=model_dir, run_dir=run_dir

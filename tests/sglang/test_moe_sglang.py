@@ -17,6 +17,7 @@ from transformers import AutoConfig
 from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.base import SamplingParams
 from hpt_megatron.rollout.sglang import SGLangEngine
+from tests.helpers.sglang_cpu import require_sglang, server_config
 from tests.helpers.tiny_hf import build_tiny_model
 from tests.unit.models.tiny_configs import qwen3_moe
 
@@ -26,17 +27,7 @@ PROMPTS = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12], [40, 41, 42]]
 
 
 def _cfg(**overrides: object) -> SGLangConfig:
-    cfg = SGLangConfig(
-        device="cpu",
-        dtype="float32",
-        max_total_tokens=4096,
-        extra_args=["--skip-server-warmup"],
-        startup_timeout_s=600,
-        request_timeout_s=300,
-    )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
+    return server_config(4096, **overrides)
 
 
 def _build(path: Path, dense_layers: list[int]) -> torch.nn.Module:
@@ -49,10 +40,7 @@ def _build(path: Path, dense_layers: list[int]) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def sglang_python() -> str:
-    python = _cfg().python_executable()
-    if not Path(python).exists():
-        pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
-    return python
+    return require_sglang()
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.base import SamplingParams
 from hpt_megatron.rollout.sglang import ServerStartError, SGLangEngine
+from tests.helpers.sglang_cpu import require_sglang, server_config
 from tests.helpers.tiny_hf import build_tiny_model
 
 pytestmark = pytest.mark.sglang
@@ -24,26 +24,9 @@ pytestmark = pytest.mark.sglang
 PROMPTS = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12], [40, 41, 42]]
 
 
-def _cfg(**overrides: object) -> SGLangConfig:
-    cfg = SGLangConfig(
-        device="cpu",
-        dtype="float32",
-        max_total_tokens=16384,  # the KV cache would otherwise take most of the host's RAM
-        extra_args=["--skip-server-warmup"],
-        startup_timeout_s=600,
-        request_timeout_s=300,
-    )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def sglang_python() -> str:
-    python = _cfg().python_executable()
-    if not Path(python).exists():
-        pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
-    return python
+    return require_sglang()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +39,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def engine(sglang_python: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     run_dir = tmp_path_factory.mktemp("run")
-    eng = SGLangEngine.launch(_cfg(), model_path=model_dir, run_dir=run_dir)
+    eng = SGLangEngine.launch(server_config(), model_path=model_dir, run_dir=run_dir)
     yield eng
     eng.shutdown()
     assert not any(s.is_alive() for s in eng.servers)
@@ -138,16 +121,18 @@ def test_killed_server_is_restarted_with_current_weights(engine: SGLangEngine) -
 
 def test_bad_model_path_gives_clear_error(sglang_python: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is not a directory"):
-        SGLangEngine.launch(_cfg(), model_path=tmp_path / "missing", run_dir=tmp_path)
+        SGLangEngine.launch(server_config(), model_path=tmp_path / "missing", run_dir=tmp_path)
     empty = tmp_path / "not_a_model"
     empty.mkdir()
     with pytest.raises(ServerStartError, match="exited with code") as err:
-        SGLangEngine.launch(_cfg(), model_path=empty, run_dir=tmp_path)
+        SGLangEngine.launch(server_config(), model_path=empty, run_dir=tmp_path)
     assert "log" in str(err.value) and str(empty) in str(err.value)
 
 
 def test_missing_environment_is_a_clear_error(tmp_path: Path, model_dir: Path) -> None:
     with pytest.raises(ServerStartError, match="sglang_env.sh"):
         SGLangEngine.launch(
-            _cfg(python=str(tmp_path / "nope/bin/python")), model_path=model_dir, run_dir=tmp_path
+            server_config(python=str(tmp_path / "nope/bin/python")),
+            model_path=model_dir,
+            run_dir=tmp_path,
         )

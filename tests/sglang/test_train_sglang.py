@@ -9,16 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from hpt_megatron.config.rollout import SGLangConfig
 from tests.helpers import hpt_train
+from tests.helpers.sglang_cpu import require_sglang
 
 pytestmark = pytest.mark.sglang
 
 
 def test_hpt_train_with_sglang_rollouts(tmp_path):
-    python = SGLangConfig(device="cpu").python_executable()
-    if not Path(python).exists():
-        pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
+    require_sglang()
     out = tmp_path / "run"
     overrides = ["run.steps=3", "run.val_every=3", "run.val_max_prompts=8"]
     overrides += ["data.prompts_per_step=4", "rollout.n=4", "logging.progress_bar=false"]
@@ -46,9 +44,7 @@ def test_moe_at_ep2_trains_with_the_experts_sglang_routed(tmp_path):
     """Qwen3-MoE (every layer sparse) at EP=2 with SGLang rollouts in bfloat16 and routing
     replay: the server returns each token's experts, the saved batch carries them, the fp32
     trainer's routers replay them (some differ from its own choices) and the MoE metrics come."""
-    python = SGLangConfig(device="cpu").python_executable()
-    if not Path(python).exists():
-        pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
+    require_sglang()
     from hpt_megatron.data.sample import RolloutBatch
 
     out = tmp_path / "moe"
@@ -105,9 +101,7 @@ def test_run_goes_on_when_the_server_is_killed_during_the_run(tmp_path):
     import signal
     import time
 
-    python = SGLangConfig(device="cpu").python_executable()
-    if not Path(python).exists():
-        pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
+    require_sglang()
     out = tmp_path / "run"
     overrides = ["parallel.tp=1", "run.steps=4", "run.val_every=0", "checkpoint.export_hf=false"]
     overrides += ["data.prompts_per_step=4", "rollout.n=4", "logging.progress_bar=false"]

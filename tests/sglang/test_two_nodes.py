@@ -22,10 +22,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hpt_megatron.config.rollout import SGLangConfig
 from tests.distributed.launch import free_port
 from tests.helpers import hpt_train
 from tests.helpers.procs import pids_with
+from tests.helpers.sglang_cpu import require_sglang
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -46,9 +46,7 @@ OVERRIDES = [
 
 
 def _skip_without_sglang() -> None:
-    python = SGLangConfig(device="cpu").python_executable()
-    if not Path(python).exists():
-        pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
+    require_sglang()
 
 
 def _launch_nodes(out: Path, *overrides: str) -> list[subprocess.Popen]:

@@ -5,21 +5,18 @@ versions are removed once a newer one is loaded."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from hpt_megatron.config.rollout import SGLangConfig
 from tests.helpers import hpt_train
+from tests.helpers.sglang_cpu import require_sglang
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 
 @pytest.mark.timeout(1800)  # a CPU server's start-up alone can take minutes on a busy host
 def test_pp2_disaggregated_run_syncs_every_stage_into_the_server(tmp_path):
-    python = SGLangConfig(device="cpu").python_executable()
-    if not Path(python).exists():
-        pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
+    require_sglang()
     out = tmp_path / "run"
     overrides = ["parallel.tp=1", "parallel.pp=2", "run.placement=disaggregated"]
     overrides += ["run.max_staleness=1", "run.steps=3", "run.val_every=0"]
