@@ -31,10 +31,15 @@ class CpuEngineConfig:
 
     max_batch_rows: int = 512  # (prompt x sample) rows decoded together
     dtype: Literal["float32", "bfloat16"] = "float32"
-    # Intra-op threads while generating. 0 (auto): colocated, the threads of every trainer rank
-    # on the node (they wait idle during generation); disaggregated, the driver's own (training
-    # runs at the same time).
+    # Intra-op threads while generating. 0 (auto): colocated with data-parallel generation, the
+    # node's cores split over its ranks; colocated without, the threads of every trainer rank on
+    # the node (they wait idle during generation); disaggregated, the driver's own (training runs
+    # at the same time).
     threads: int = 0
+    # Data-parallel generation: every rank of the run holds a replica of the engine and generates
+    # its share of the prompts (rollout/replicas.py). None (auto): on when colocated over several
+    # ranks; true: the same, an error where it cannot run (disaggregated, SGLang, a replay).
+    data_parallel: bool | None = None
 
     def validate(self) -> None:
         if self.max_batch_rows < 1:

@@ -38,6 +38,7 @@ from hpt_megatron.rollout.base import RolloutEngine, SamplingParams
 from hpt_megatron.rollout.factory import sampling_params
 
 if TYPE_CHECKING:
+    from hpt_megatron.rollout.cpu_engine import HFCpuEngine
     from hpt_megatron.rollout.sglang.nodes import NodeServerGroup
 
 MAX_REFILL_ROUNDS = 4  # DAPO dynamic sampling: extra prompt batches drawn to refill a step
@@ -69,6 +70,7 @@ class Driver:
         hf: HFModelConfig,
         tokenizer: Any,
         run_dir: Path,
+        ctx: ParallelContext,
         nodes: NodeServerGroup | None = None,
     ) -> Driver:
         train_set = build_prompt_dataset(cfg.data, tokenizer, "train")
@@ -84,7 +86,7 @@ class Driver:
             memory_limit_mb=reward.memory_limit_mb,
         )
         try:
-            engine = build_rollout_engine(cfg, hf, tokenizer, run_dir, nodes)
+            engine = build_rollout_engine(cfg, hf, tokenizer, run_dir, ctx, nodes)
         except BaseException:
             pool.close()
             raise
@@ -229,24 +231,18 @@ def build_rollout_engine(
     hf: HFModelConfig,
     tokenizer: Any,
     run_dir: Path,
+    ctx: ParallelContext,
     nodes: NodeServerGroup | None = None,
 ) -> RolloutEngine:
     """The driver's rollout engine; its weights are overwritten from the trainer at step 0.
     ``nodes``: the SGLang servers every node started (``start_rollout_nodes``)."""
     if cfg.rollout.engine == "cpu":
-        from hpt_megatron.rollout.cpu_engine import HFCpuEngine
+        if not data_parallel_generation(cfg, ctx.world_size):
+            return build_cpu_engine(cfg, hf, tokenizer)
+        from hpt_megatron.rollout.replicas import DataParallelEngine
 
-        return HFCpuEngine.from_config(
-            hf,
-            max_batch_rows=cfg.rollout.cpu.max_batch_rows,
-            threads=generation_threads(cfg),
-            seed=cfg.run.seed,
-            dtype=cfg.rollout.cpu.dtype,
-            tokenizer=tokenizer,
-            eos_token_ids=[tokenizer.eos_token_id],
-            pad_token_id=tokenizer.pad_token_id,
-            record_routing=cfg.algorithm.spec().routing_replay == "rollout",
-        )
+        local = build_cpu_engine(cfg, hf, tokenizer, data_parallel=True)
+        return DataParallelEngine(local, ctx.cpu_group, ctx.world_size)
     from hpt_megatron.rollout.sglang import build_sglang_engine
 
     # Serve the starting HF checkpoint when there is one (no random full-size copy to write).
@@ -257,6 +253,25 @@ def build_rollout_engine(
         run_dir=run_dir,
         model_path=cfg.model.hf_weights,
         nodes=nodes,
+    )
+
+
+def build_cpu_engine(
+    cfg: HPTConfig, hf: HFModelConfig, tokenizer: Any, data_parallel: bool = False
+) -> HFCpuEngine:
+    """The CPU engine (the driver's, or a rank's replica under data-parallel generation)."""
+    from hpt_megatron.rollout.cpu_engine import HFCpuEngine
+
+    return HFCpuEngine.from_config(
+        hf,
+        max_batch_rows=cfg.rollout.cpu.max_batch_rows,
+        threads=generation_threads(cfg, data_parallel),
+        seed=cfg.run.seed,
+        dtype=cfg.rollout.cpu.dtype,
+        tokenizer=tokenizer,
+        eos_token_ids=[tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+        record_routing=cfg.algorithm.spec().routing_replay == "rollout",
     )
 
 
@@ -337,14 +352,26 @@ def cpu_thread_split(cfg: HPTConfig, cores: int | None = None) -> tuple[int, int
     return server, max(1, (cores - server * sglang.servers_per_node) // node_ranks)
 
 
-def generation_threads(cfg: HPTConfig) -> int:
+def data_parallel_generation(cfg: HPTConfig, world_size: int) -> bool:
+    """Whether every rank holds a CPU engine replica and generates its share of the prompts
+    (``rollout.cpu.data_parallel``; auto: colocated CPU-engine runs over several ranks)."""
+    if cfg.rollout.cpu.data_parallel is False or world_size == 1:
+        return False
+    # (preflight rejected ``true`` where it cannot run)
+    rollout, run = cfg.rollout, cfg.run
+    return rollout.engine == "cpu" and run.placement == "colocated" and not run.replay_rollouts
+
+
+def generation_threads(cfg: HPTConfig, data_parallel: bool = False) -> int:
     """The CPU engine's intra-op threads while it generates (``rollout.cpu.threads``).
 
-    Auto, colocated: the other trainer ranks of this node wait in a collective while the driver
-    generates (gloo's wait does not spin), so their threads go to generation: the node's ranks
-    (torchrun's ``LOCAL_WORLD_SIZE``) times this rank's threads, at most the cores this process
-    may run on. Auto, disaggregated: the producer generates while the trainer trains, so this
-    rank's own threads.
+    Auto, colocated with data-parallel generation: every rank of the node generates at once, so
+    each takes its share of the cores (at least its own threads). Auto, colocated without it: the
+    other trainer ranks of this node wait in a collective while the driver generates (gloo's wait
+    does not spin), so their threads go to generation: the node's ranks (torchrun's
+    ``LOCAL_WORLD_SIZE``) times this rank's threads, at most the cores this process may run on.
+    Auto, disaggregated: the producer generates while the trainer trains, so this rank's own
+    threads.
     """
     if cfg.rollout.cpu.threads:
         return cfg.rollout.cpu.threads
@@ -352,7 +379,10 @@ def generation_threads(cfg: HPTConfig) -> int:
     if cfg.run.placement != "colocated":
         return own
     node_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(node_ranks * own, len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0))
+    if data_parallel:
+        return max(own, cores // node_ranks)
+    return max(1, min(node_ranks * own, cores))
 
 
 def _server_metrics(engine: RolloutEngine) -> dict[str, float]:

@@ -31,7 +31,13 @@ from hpt_megatron.models.provider import (
     hf_config_with_overrides,
     load_hf_config,
 )
-from hpt_megatron.orchestration.driver import Driver, cpu_thread_split, start_rollout_nodes
+from hpt_megatron.orchestration.driver import (
+    Driver,
+    build_cpu_engine,
+    cpu_thread_split,
+    data_parallel_generation,
+    start_rollout_nodes,
+)
 from hpt_megatron.orchestration.faults import NonFiniteGuard, Preemption
 from hpt_megatron.orchestration.metrics import MetricsLogger, derived_metrics
 from hpt_megatron.orchestration.rollouts import (
@@ -48,6 +54,8 @@ from hpt_megatron.parallel.runtime import (
     init_distributed,
     shutdown_distributed,
 )
+from hpt_megatron.rollout.cpu_engine import HFCpuEngine
+from hpt_megatron.rollout.replicas import serve_requests
 from hpt_megatron.trainer.batching import microbatch_count_multiple, token_multiple
 from hpt_megatron.trainer.build import build_policy, init_policy_weights
 from hpt_megatron.trainer.checkpoint import Checkpointer, step_dir
@@ -96,18 +104,22 @@ def train(cfg: HPTConfig) -> dict[str, float]:
     if split is not None and split[1] is not None:  # CPU servers generate while this rank trains
         torch.set_num_threads(split[1])
         _log.info("CPU threads: %d per SGLang server, %d per trainer rank", *split)
-    driver = nodes = None
+    driver = nodes = replica = None
     try:
         run = _build_run(cfg, ctx, hf, spec)
         # Over several nodes, each node's local rank 0 starts that node's SGLang servers.
         nodes = start_rollout_nodes(cfg, ctx, hf, run.tokenizer, run.run_dir)
         # A replay of recorded batches (run.replay_rollouts) has no driver and no engine.
         build = ctx.is_driver and not cfg.run.replay_rollouts
-        driver = Driver.build(cfg, hf, run.tokenizer, run.run_dir, nodes) if build else None
-        return _train(run, driver)
+        driver = Driver.build(cfg, hf, run.tokenizer, run.run_dir, ctx, nodes) if build else None
+        if not ctx.is_driver and data_parallel_generation(cfg, ctx.world_size):
+            replica = build_cpu_engine(cfg, hf, run.tokenizer, data_parallel=True)
+        return _train(run, driver, replica)
     finally:
         if driver is not None:
             driver.close()
+        if replica is not None:
+            replica.shutdown()
         if nodes is not None:
             nodes.close()
         shutdown_distributed()
@@ -180,19 +192,32 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
     )
 
 
-def _train(run: Run, driver: Driver | None) -> dict[str, float]:
+def _train(run: Run, driver: Driver | None, replica: HFCpuEngine | None) -> dict[str, float]:
+    """``replica``: this rank's CPU engine under data-parallel generation (not the driver's)."""
     cfg, ctx = run.cfg, run.ctx
     watchdog = Watchdog(cfg.fault, run.run_dir, ctx.rank, ctx.world_size).start()
     preemption = Preemption(cfg.fault.preempt_signals)
     try:
-        return _train_steps(run, driver, watchdog, preemption)
+        return _train_steps(run, driver, replica, watchdog, preemption)
     finally:
         preemption.close()
         watchdog.stop()
 
 
+def _from_driver(ctx: ParallelContext, obj: Any, replica: HFCpuEngine | None) -> Any:
+    """The driver's ``obj`` on every rank; a rank holding a replica generates its share of the
+    driver's requests while it waits (``rollout/replicas.py``)."""
+    if replica is not None:
+        return serve_requests(replica, ctx.cpu_group, ctx.rank)
+    return broadcast_from_driver(ctx, obj)
+
+
 def _train_steps(
-    run: Run, driver: Driver | None, watchdog: Watchdog, preemption: Preemption
+    run: Run,
+    driver: Driver | None,
+    replica: HFCpuEngine | None,
+    watchdog: Watchdog,
+    preemption: Preemption,
 ) -> dict[str, float]:
     cfg, ctx = run.cfg, run.ctx
     phase = watchdog.phase
@@ -227,9 +252,12 @@ def _train_steps(
     engine = driver.engine if driver is not None else None
     syncing = not cfg.run.replay_rollouts  # a replay trains recorded batches: nothing to sync
     disk = disk_sync_for(cfg, run.tokenizer) if syncing else None  # None: to the driver's engine
+    every_rank = data_parallel_generation(cfg, ctx.world_size)  # each rank has a replica
+    chunks = run.policy.model_chunks
     if syncing:
         with phase("weight_sync", start):
-            sync_weights(engine, run.policy.model_chunks, run.hf, ctx, version=start, disk=disk)
+            mine = engine if ctx.is_driver else replica
+            sync_weights(mine, chunks, run.hf, ctx, start, disk=disk, every_rank=every_rank)
     colocated = cfg.run.placement == "colocated"
     rollouts: InlineRollouts | AsyncRollouts | ReplayRollouts
     if cfg.run.replay_rollouts:
@@ -257,7 +285,7 @@ def _train_steps(
             with phase("rollout"):
                 made = rollouts.batch(step, spec)  # the driver's; the others get None
             with phase("broadcast"):  # the other ranks wait here for the driver's rollout
-                batch = broadcast_from_driver(ctx, made)
+                batch = _from_driver(ctx, made, replica)
             assert batch is not None
             if ctx.is_driver and cfg.logging.save_rollouts:
                 (run.run_dir / "rollouts").mkdir(exist_ok=True)
@@ -272,8 +300,10 @@ def _train_steps(
             t_sync = time.perf_counter()
             with phase("weight_sync"):  # async: queued for the producer, not loaded here
                 if syncing:
-                    sink = rollouts.weight_sink
-                    sync_weights(sink, run.policy.model_chunks, run.hf, ctx, step + 1, disk=disk)
+                    sink = rollouts.weight_sink if ctx.is_driver else replica
+                    sync_weights(
+                        sink, chunks, run.hf, ctx, step + 1, disk=disk, every_rank=every_rank
+                    )
             metrics = {
                 **batch.metrics,
                 **train_metrics,
@@ -282,7 +312,7 @@ def _train_steps(
             if cfg.run.val_every and (step + 1) % cfg.run.val_every == 0:
                 # Every rank needs the score: it decides whether all of them save "best".
                 with phase("validation"):
-                    metrics.update(broadcast_from_driver(ctx, rollouts.validate()))
+                    metrics.update(_from_driver(ctx, rollouts.validate(), replica))
             # Every rank stops after the same step when any of them was signalled.
             preempted = preemption.agreed(ctx)
             t_ckpt = time.perf_counter()

@@ -39,6 +39,7 @@ def preflight(cfg: HPTConfig, world_size: int) -> None:
         ConfigError: naming the dotted key of the first problem.
     """
     check_world_size(cfg.parallel, world_size)
+    _check_schedule(cfg)
     _check_model(cfg)
     _check_devices(cfg)
     _check_data(cfg)
@@ -47,7 +48,6 @@ def preflight(cfg: HPTConfig, world_size: int) -> None:
         _check_replay(cfg)
     else:  # a replay builds no rollout engine
         _check_sglang(cfg)
-    _check_schedule(cfg)
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir():
         raise ConfigError(f"run.resume: {cfg.run.resume} is not a checkpoint directory")
 
@@ -75,6 +75,19 @@ def _check_replay(cfg: HPTConfig) -> None:
 
 
 def _check_schedule(cfg: HPTConfig) -> None:
+    if cfg.rollout.cpu.data_parallel:
+        why = None
+        if cfg.rollout.engine != "cpu":
+            why = f"rollout.engine is {cfg.rollout.engine} (SGLang servers are data-parallel)"
+        elif cfg.run.placement != "colocated":
+            why = "disaggregated placement generates in the driver while the other ranks train"
+        elif cfg.run.replay_rollouts:
+            why = "run.replay_rollouts trains recorded batches and generates nothing"
+        if why:
+            raise ConfigError(
+                f"rollout.cpu.data_parallel: every rank generating with its own CPU engine "
+                f"cannot run here: {why}; set it to null (auto) or false"
+            )
     if cfg.rollout.partial and cfg.run.placement != "disaggregated":
         raise ConfigError(
             "rollout.partial: partial rollouts continue generations across weight pushes, which "

@@ -11,8 +11,10 @@ Two ways to the engine, chosen by the engine kind (every rank knows it from the 
   files, renames the folder to ``v<version>`` and asks the engine to load it on every server.
   The engine's disk transport removes older versions once a newer one is loaded
   (``rollout/sglang/weight_sync/disk.py``).
-- **Buckets to the driver** (the in-process CPU engine, which holds the whole model on the driver
-  anyway): the buckets travel to the driver over the CPU group and are loaded in place.
+- **Buckets in memory** (the in-process CPU engine, which holds the whole model anyway): the
+  buckets travel to the driver over the CPU group and are loaded in place; under data-parallel
+  generation (``every_rank``: each rank holds a replica, ``rollout/replicas.py``) they travel to
+  every rank, and each loads its own replica.
 """
 
 from __future__ import annotations
@@ -90,13 +92,15 @@ def sync_weights(
     version: int,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     disk: DiskSync | None = None,
+    every_rank: bool = False,
 ) -> int:
     """Collective over all ranks: the trainer's weights as ``version`` into the driver's ``sink``
-    (through files under ``disk`` when given). Returns the bytes exported (on the driver)."""
+    (through files under ``disk`` when given; with ``every_rank``, into each rank's own
+    ``sink``, its engine replica). Returns the bytes exported (on the ranks with a sink)."""
     modules = [getattr(c, "module", c) for c in chunks]
     if disk is not None:
         return _sync_by_disk(sink, modules, hf, ctx, version, bucket_bytes, disk)
-    return _sync_to_driver(sink, modules, hf, ctx, version, bucket_bytes)
+    return _sync_in_memory(sink, modules, hf, ctx, version, bucket_bytes, every_rank)
 
 
 def _sync_by_disk(
@@ -127,21 +131,26 @@ def _sync_by_disk(
     return total
 
 
-def _sync_to_driver(
+def _sync_in_memory(
     sink: WeightSink | None,
     modules: list[torch.nn.Module],
     hf: HFModelConfig,
     ctx: ParallelContext,
     version: int,
     bucket_bytes: int,
+    every_rank: bool,
 ) -> int:
-    """Every rank's buckets gathered onto the driver (which holds the whole model anyway)."""
+    """Every rank's buckets gathered onto the driver, or onto every rank (``every_rank``)."""
     mine = list(rank_export_buckets(modules, hf, ctx, bucket_bytes))
     gathered: list[Any] = [mine]
     if ctx.world_size > 1:
         gathered = [None] * ctx.world_size
-        dist.gather_object(mine, gathered if ctx.is_driver else None, dst=0, group=ctx.cpu_group)
-    if not ctx.is_driver:
+        if every_rank:
+            dist.all_gather_object(gathered, mine, group=ctx.cpu_group)
+        else:
+            dst_list = gathered if ctx.is_driver else None
+            dist.gather_object(mine, dst_list, dst=0, group=ctx.cpu_group)
+    if not (ctx.is_driver or every_rank):
         return 0
     buckets = [bucket for rank_buckets in gathered for bucket in rank_buckets]
     assert sink is not None

@@ -27,9 +27,11 @@ def _prompts_per_step(out) -> dict[int, collections.Counter]:
 
 def test_staleness_zero_through_the_producer_equals_colocated(tmp_path):
     # One generation thread in both (auto gives colocated runs the idle rank's core too, which
-    # may change float rounding in sampling).
+    # may change float rounding in sampling), and one engine (data-parallel generation samples
+    # each rank's share with its own seed).
     colo, k0 = tmp_path / "colocated", tmp_path / "k0"
-    _run(colo, 2, 3, "parallel.tp=2", "run.val_every=0", "rollout.cpu.threads=1")
+    one_engine = ["rollout.cpu.threads=1", "rollout.cpu.data_parallel=false"]
+    _run(colo, 2, 3, "parallel.tp=2", "run.val_every=0", *one_engine)
     _run(k0, 2, 3, *ASYNC, "run.max_staleness=0", "rollout.cpu.threads=1")
     want, got = hpt_train.metrics(colo), hpt_train.metrics(k0)
     assert sorted(got) == [1, 2, 3]

@@ -149,7 +149,8 @@ def test_dp2_matches_single_process(tmp_path):
     (the same initial weights at TP=1, so the rollouts, the loss and the gradient agree)."""
     one, dp = tmp_path / "one", tmp_path / "dp"
     _run(one, 1, 3, "parallel.tp=1", "run.val_every=0")
-    _run(dp, 2, 3, "parallel.tp=1", "run.val_every=0")
+    # One engine on the driver: data-parallel generation samples each rank's share apart.
+    _run(dp, 2, 3, "parallel.tp=1", "run.val_every=0", "rollout.cpu.data_parallel=false")
     for step in (1, 2, 3):
         a, b = hpt_train.metrics(one)[step], hpt_train.metrics(dp)[step]
         assert a["reward/mean"] == b["reward/mean"]
@@ -162,6 +163,7 @@ def test_ppo_with_kl_in_the_reward_dp2_matches_single_process(tmp_path):
     """The critic's values and the reference's KL are gathered over data-parallel ranks for GAE
     over the whole step: two ranks give one process's numbers."""
     extra = ["parallel.tp=1", "run.val_every=0", "algorithm.preset=ppo"]
+    extra += ["rollout.cpu.data_parallel=false"]  # the same rollouts at both world sizes
     extra += ["algorithm.options.overlong_buffer=16", "algorithm.critic.lr=1e-3"]
     extra += ["algorithm.options.kl_coef=0.05", "algorithm.options.kl_mode=reward"]
     one, dp = tmp_path / "one", tmp_path / "dp"

@@ -129,3 +129,27 @@ def build_tiny_model(
         if with_tokenizer:
             build_byte_tokenizer().save_pretrained(path)
     return model
+
+
+def greedy_tokens(
+    model: torch.nn.Module, prompt: list[int], n: int, *, stop_at_eos: bool = False
+) -> list[int]:
+    """HF's greedy continuation of ``prompt``: ``n`` tokens, or up to the model's EOS."""
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None if stop_at_eos else [],
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def teacher_forced_logprobs(
+    model: torch.nn.Module, prompt: list[int], response: list[int]
+) -> torch.Tensor:
+    """HF's log-probs of each ``response`` token after ``prompt`` and the tokens before it."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
+    logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    return logp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)

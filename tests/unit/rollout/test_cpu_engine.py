@@ -216,6 +216,32 @@ def test_generation_threads_auto_gives_idle_ranks_cores(monkeypatch) -> None:
     assert generation_threads(off) == own
     fixed = load_config("examples/tiny_cpu.yaml", ["rollout.cpu.threads=3"])
     assert generation_threads(fixed) == 3
+    # Every rank generating at once: the node's cores split over its two ranks.
+    assert generation_threads(sync, data_parallel=True) == max(own, cores // 2)
+    assert generation_threads(fixed, data_parallel=True) == 3
+
+
+def test_data_parallel_generation_is_on_where_it_runs_and_rejected_where_not(tmp_path) -> None:
+    from hpt_megatron.config import ConfigError, load_config
+    from hpt_megatron.orchestration.driver import data_parallel_generation
+    from hpt_megatron.orchestration.preflight import preflight
+
+    tiny = "examples/tiny_cpu.yaml"
+    auto = load_config(tiny)
+    assert auto.rollout.cpu.data_parallel is None
+    assert data_parallel_generation(auto, 2) and not data_parallel_generation(auto, 1)
+    assert not data_parallel_generation(load_config(tiny, ["rollout.cpu.data_parallel=false"]), 2)
+    async_ = ["run.placement=disaggregated", "run.max_staleness=1"]
+    assert not data_parallel_generation(load_config(tiny, async_), 2)
+    preflight(load_config(tiny, ["rollout.cpu.data_parallel=true"]), 2)
+    wrong = {
+        "disaggregated placement": async_,
+        "rollout.engine is sglang": ["rollout.engine=sglang"],
+    }
+    for why, overrides in wrong.items():
+        cfg = load_config(tiny, ["rollout.cpu.data_parallel=true", *overrides])
+        with pytest.raises(ConfigError, match=f"rollout.cpu.data_parallel: .*{why}"):
+            preflight(cfg, 2)
 
 
 def test_partial_rollout_continues_with_new_weights_and_keeps_each_tokens_logprob() -> None:

@@ -1,0 +1,133 @@
+"""Data-parallel generation with the CPU engine: every rank of the run holds a replica.
+
+Colocated, the trainer ranks have nothing to do while a batch is generated. Instead of one engine
+on the driver (with the other ranks' threads lent to it), every rank holds its own
+``HFCpuEngine`` replica and generates a contiguous share of the prompts on its own cores; the
+driver gathers the shares back in prompt order. On a tiny model this is faster than one engine
+on all the threads: small matrices and the Python decode loop do not split over threads, but
+they do over processes (``benchmarks/generation_threads.py``).
+
+The protocol rides on the driver's broadcasts, which the other ranks already wait in while the
+driver makes a batch:
+
+- driver: :class:`DataParallelEngine.generate` broadcasts a :class:`GenerateRequest` (every
+  rank's prompts and the sampling), generates its own share, and gathers the others';
+- other ranks: :func:`serve_requests` takes every broadcast, generates its share of each
+  request, and returns the first broadcast object that is not a request (the step's batch).
+
+Each replica's share is sampled with its own seed (the step's seed mixed with the replica's
+index), so a run is reproducible at a given world size. Weights reach every replica through the
+in-memory weight sync (``orchestration/weight_sync.py``, ``every_rank``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from hpt_megatron.rollout.base import Generation, SamplingParams, WeightBucket
+from hpt_megatron.rollout.cpu_engine import HFCpuEngine
+
+_SEED_STRIDE = 1_000_003  # seed of replica r's share: seed * stride + r
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    """One ``generate`` call, split: ``shares[r]`` are replica ``r``'s prompts."""
+
+    shares: list[list[list[int]]]
+    params: SamplingParams
+
+    def params_for(self, replica: int) -> SamplingParams:
+        seed = self.params.seed
+        if seed is None:
+            return self.params
+        return dataclasses.replace(self.params, seed=seed * _SEED_STRIDE + replica)
+
+
+def split_prompts(prompts: list[list[int]], replicas: int) -> list[list[list[int]]]:
+    """Contiguous shares whose sizes differ by at most one (earlier shares are the larger)."""
+    base, extra = divmod(len(prompts), replicas)
+    shares, start = [], 0
+    for r in range(replicas):
+        end = start + base + (1 if r < extra else 0)
+        shares.append(prompts[start:end])
+        start = end
+    return shares
+
+
+class DataParallelEngine:
+    """The driver's rollout engine when every rank holds a replica (implements ``RolloutEngine``).
+
+    Args:
+        local: the driver's own replica.
+        group: a process group over every rank of the run (gloo); the driver is global rank 0.
+        world_size: the group's size (every rank holds a replica).
+    """
+
+    def __init__(self, local: HFCpuEngine, group: Any, world_size: int) -> None:
+        self.local = local
+        self.group = group
+        self.world_size = world_size
+
+    @property
+    def weight_version(self) -> int:
+        return self.local.weight_version
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        """``params.n`` generations per prompt in prompt order, each replica making its share.
+
+        A collective with :func:`serve_requests` on the other ranks."""
+        request = GenerateRequest(split_prompts(prompts, self.world_size), params)
+        dist.broadcast_object_list([request], src=0, group=self.group)
+        own = self.local.generate(request.shares[0], request.params_for(0))
+        gathered: list[Any] = [None] * self.world_size
+        dist.gather_object(own, gathered, dst=0, group=self.group)
+        out: list[Generation] = []
+        offset = 0
+        for share, generations in zip(request.shares, gathered):
+            for gen in generations:
+                out.append(dataclasses.replace(gen, prompt_index=gen.prompt_index + offset))
+            offset += len(share)
+        return out
+
+    def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
+        """The driver's replica only: the weight sync hands every rank its buckets."""
+        self.local.update_weights(buckets, version)
+
+    def update_weights_from_disk(self, path: str | Path, version: int) -> None:
+        # Disk sync is SGLang's; loading here would leave the other replicas behind.
+        raise RuntimeError("replicas take their weights in memory, on every rank (weight_sync)")
+
+    def release_memory(self) -> None:
+        self.local.release_memory()
+
+    def resume_memory(self) -> None:
+        self.local.resume_memory()
+
+    def health(self) -> bool:
+        return self.local.health()
+
+    @property
+    def restarts(self) -> int:
+        return 0
+
+    def shutdown(self) -> None:
+        self.local.shutdown()
+
+
+def serve_requests(local: HFCpuEngine, group: Any, rank: int) -> Any:
+    """(every rank but the driver) Generate this rank's share of each request the driver
+    broadcasts; return the first broadcast object that is not a request."""
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0, group=group)
+        request = box[0]
+        if not isinstance(request, GenerateRequest):
+            return request
+        own = local.generate(request.shares[rank], request.params_for(rank))
+        dist.gather_object(own, None, dst=0, group=group)
