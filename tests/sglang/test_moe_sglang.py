@@ -17,8 +17,8 @@ from transformers import AutoConfig
 from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.base import SamplingParams
 from hpt_megatron.rollout.sglang import SGLangEngine
-from tests.helpers.sglang_cpu import require_sglang, server_config
-from tests.helpers.tiny_hf import build_tiny_model
+from tests.helpers.sglang_cpu import server_config
+from tests.helpers.tiny_hf import build_tiny_model, greedy_tokens, teacher_forced_logprobs
 from tests.unit.models.tiny_configs import qwen3_moe
 
 pytestmark = pytest.mark.sglang
@@ -39,11 +39,6 @@ def _build(path: Path, dense_layers: list[int]) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def sglang_python() -> str:
-    return require_sglang()
-
-
-@pytest.fixture(scope="module")
 def sparse(sglang_python: str, tmp_path_factory: pytest.TempPathFactory):
     """(engine, HF model): every layer sparse, routed experts on."""
     path = tmp_path_factory.mktemp("tiny_qwen3_moe")
@@ -56,55 +51,45 @@ def sparse(sglang_python: str, tmp_path_factory: pytest.TempPathFactory):
     eng.shutdown()
 
 
-def _greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+def _router_top_k(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
+    """HF's router top-k per MoE layer for every token but the last, ``[tokens - 1, layers, k]``."""
     with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None
-        )
-    return out[0, len(prompt) :].tolist()
-
-
-def _teacher_forced(model: torch.nn.Module, prompt: list[int], response: list[int]):
-    """HF's log-probs of ``response`` and its router top-k per MoE layer for every token but
-    the last, ``[tokens - 1, layers, k]``."""
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([prompt + response]), output_router_logits=True)
-    logp = torch.log_softmax(out.logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+        out = model(input_ids=torch.tensor([tokens]), output_router_logits=True)
     k = model.config.num_experts_per_tok
-    experts = torch.stack(
-        [torch.topk(r.float(), k, dim=-1).indices for r in out.router_logits], dim=1
-    )
-    return logp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1), experts[:-1]
+    experts = [torch.topk(r.float(), k, dim=-1).indices for r in out.router_logits]
+    return torch.stack(experts, dim=1)[:-1]
 
 
-def _sampled(engine: SGLangEngine) -> list:
-    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=16, seed=5)
-    return engine.generate(PROMPTS, params)
+@pytest.fixture(scope="module")
+def sampled(sparse) -> list:
+    """Three samples per prompt at temperature 1 from the sparse model's server."""
+    engine, _ = sparse
+    return engine.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=16, seed=5))
 
 
-def test_sparse_moe_greedy_and_logprobs_equal_hf(sparse):
+def test_sparse_moe_greedy_and_logprobs_equal_hf(sparse, sampled):
     engine, model = sparse
     greedy = engine.generate(PROMPTS, SamplingParams(n=1, temperature=0.0, max_new_tokens=12))
     for prompt, gen in zip(PROMPTS, greedy):
-        assert gen.token_ids == _greedy(model, prompt, 12)
+        assert gen.token_ids == greedy_tokens(model, prompt, 12, stop_at_eos=True)
     worst = 0.0
-    for gen in _sampled(engine):
+    for gen in sampled:
         prompt = PROMPTS[gen.prompt_index]
-        ref, _ = _teacher_forced(model, prompt, gen.token_ids)
+        ref = teacher_forced_logprobs(model, prompt, gen.token_ids)
         assert gen.logprobs is not None and all(torch.isfinite(torch.tensor(gen.logprobs)))
         worst = max(worst, (torch.tensor(gen.logprobs) - ref).abs().max().item())
     assert worst < 1e-4
 
 
-def test_routed_experts_are_hf_router_top_k(sparse):
-    engine, model = sparse
+def test_routed_experts_are_hf_router_top_k(sparse, sampled):
+    _, model = sparse
     layers, k = model.config.num_hidden_layers, model.config.num_experts_per_tok
-    for gen in _sampled(engine):
+    for gen in sampled:
         prompt = PROMPTS[gen.prompt_index]
         got = gen.routed_experts
         assert got is not None and got.dtype == torch.uint8
         assert got.shape == (len(prompt) + len(gen.token_ids) - 1, layers, k)
-        _, ref = _teacher_forced(model, prompt, gen.token_ids)
+        ref = _router_top_k(model, prompt + gen.token_ids)
         assert torch.equal(got.long().sort(-1).values, ref.sort(-1).values)
 
 
@@ -117,8 +102,8 @@ def test_dense_layer_among_sparse_serves_through_transformers_backend(
     try:
         greedy = engine.generate(PROMPTS, SamplingParams(n=1, temperature=0.0, max_new_tokens=12))
         for prompt, gen in zip(PROMPTS, greedy):
-            assert gen.token_ids == _greedy(model, prompt, 12)
-            ref, _ = _teacher_forced(model, prompt, gen.token_ids)
+            assert gen.token_ids == greedy_tokens(model, prompt, 12, stop_at_eos=True)
+            ref = teacher_forced_logprobs(model, prompt, gen.token_ids)
             assert gen.logprobs is not None
             # SGLang's attention and HF's differ in summation order: 8e-5 at worst measured
             assert (torch.tensor(gen.logprobs) - ref).abs().max().item() < 2e-4

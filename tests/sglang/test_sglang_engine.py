@@ -16,17 +16,12 @@ import torch
 
 from hpt_megatron.rollout.base import SamplingParams
 from hpt_megatron.rollout.sglang import ServerStartError, SGLangEngine
-from tests.helpers.sglang_cpu import require_sglang, server_config
-from tests.helpers.tiny_hf import build_tiny_model
+from tests.helpers.sglang_cpu import server_config
+from tests.helpers.tiny_hf import build_tiny_model, greedy_tokens, teacher_forced_logprobs
 
 pytestmark = pytest.mark.sglang
 
 PROMPTS = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12], [40, 41, 42]]
-
-
-@pytest.fixture(scope="module")
-def sglang_python() -> str:
-    return require_sglang()
 
 
 @pytest.fixture(scope="module")
@@ -53,27 +48,12 @@ def _hf(model_dir: Path, seed: int = 0) -> torch.nn.Module:
     return build_tiny_model(seed=seed)
 
 
-def _teacher_forced(model: torch.nn.Module, prompt: list[int], response: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
-    logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
-    return logp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
-
-
-def _greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=[]
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 def test_greedy_generation_matches_hf(engine: SGLangEngine, model_dir: Path) -> None:
     model = _hf(model_dir)
     gens = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=12))
     assert [g.prompt_index for g in gens] == list(range(len(PROMPTS)))
     for prompt, gen in zip(PROMPTS, gens):
-        assert gen.token_ids == _greedy(model, prompt, 12)[: len(gen.token_ids)]
+        assert gen.token_ids == greedy_tokens(model, prompt, 12)[: len(gen.token_ids)]
         assert gen.finish_reason in ("stop", "length") and gen.weight_version == 0
 
 
@@ -83,7 +63,7 @@ def test_logprobs_equal_hf_teacher_forced(engine: SGLangEngine, model_dir: Path)
     assert [g.prompt_index for g in gens] == [i for i in range(len(PROMPTS)) for _ in range(3)]
     assert len({tuple(g.token_ids) for g in gens}) > len(PROMPTS)  # samples differ
     for gen in gens:
-        ref = _teacher_forced(model, PROMPTS[gen.prompt_index], gen.token_ids)
+        ref = teacher_forced_logprobs(model, PROMPTS[gen.prompt_index], gen.token_ids)
         torch.testing.assert_close(torch.tensor(gen.logprobs), ref, atol=1e-4, rtol=0)
 
 
@@ -93,7 +73,7 @@ def test_update_weights_from_export_buckets(engine: SGLangEngine, model_dir: Pat
     engine.update_weights([state[:5], state[5:]], version=3)  # two buckets, as the export gives
     gens = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=10))
     for prompt, gen in zip(PROMPTS, gens):
-        assert gen.token_ids == _greedy(new, prompt, 10)[: len(gen.token_ids)]
+        assert gen.token_ids == greedy_tokens(new, prompt, 10)[: len(gen.token_ids)]
         assert gen.weight_version == 3
 
 
@@ -102,7 +82,7 @@ def test_update_weights_from_disk_folder(engine: SGLangEngine, tmp_path: Path) -
     engine.update_weights_from_disk(tmp_path, version=4)
     gens = engine.generate(PROMPTS[:2], SamplingParams(temperature=0, max_new_tokens=8))
     for prompt, gen in zip(PROMPTS, gens):
-        assert gen.token_ids == _greedy(new, prompt, 8)[: len(gen.token_ids)]
+        assert gen.token_ids == greedy_tokens(new, prompt, 8)[: len(gen.token_ids)]
         assert gen.weight_version == 4
 
 
@@ -116,7 +96,7 @@ def test_killed_server_is_restarted_with_current_weights(engine: SGLangEngine) -
     gens = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))
     assert server.restarts == 1 and server.is_alive() and engine.health()
     for prompt, gen in zip(PROMPTS, gens):  # the restarted server was re-synced
-        assert gen.token_ids == _greedy(new, prompt, 8)[: len(gen.token_ids)]
+        assert gen.token_ids == greedy_tokens(new, prompt, 8)[: len(gen.token_ids)]
 
 
 def test_bad_model_path_gives_clear_error(sglang_python: str, tmp_path: Path) -> None:
