@@ -242,7 +242,7 @@ def build_rollout_engine(
         from hpt_megatron.rollout.replicas import DataParallelEngine
 
         local = build_cpu_engine(cfg, hf, tokenizer, data_parallel=True)
-        return DataParallelEngine(local, ctx.cpu_group, ctx.world_size)
+        return DataParallelEngine(local, ctx)
     from hpt_megatron.rollout.sglang import build_sglang_engine
 
     # Serve the starting HF checkpoint when there is one (no random full-size copy to write).

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -54,7 +54,6 @@ from hpt_megatron.parallel.runtime import (
     init_distributed,
     shutdown_distributed,
 )
-from hpt_megatron.rollout.cpu_engine import HFCpuEngine
 from hpt_megatron.rollout.replicas import serve_requests
 from hpt_megatron.trainer.batching import microbatch_count_multiple, token_multiple
 from hpt_megatron.trainer.build import build_policy, init_policy_weights
@@ -63,6 +62,9 @@ from hpt_megatron.trainer.critic import Critic, CriticCheckpoint, build_critic, 
 from hpt_megatron.trainer.engine import TrainEngine
 from hpt_megatron.trainer.reference import ReferencePolicy
 from hpt_megatron.trainer.update import PolicyUpdate, UpdateLayout
+
+if TYPE_CHECKING:
+    from hpt_megatron.rollout.cpu_engine import HFCpuEngine
 
 _log = logging.getLogger(__name__)
 
@@ -208,7 +210,7 @@ def _from_driver(ctx: ParallelContext, obj: Any, replica: HFCpuEngine | None) ->
     """The driver's ``obj`` on every rank; a rank holding a replica generates its share of the
     driver's requests while it waits (``rollout/replicas.py``)."""
     if replica is not None:
-        return serve_requests(replica, ctx.cpu_group, ctx.rank)
+        return serve_requests(replica, ctx)
     return broadcast_from_driver(ctx, obj)
 
 

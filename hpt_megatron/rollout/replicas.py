@@ -25,12 +25,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
+from hpt_megatron.parallel.runtime import ParallelContext, broadcast_from_driver
 from hpt_megatron.rollout.base import Generation, SamplingParams, WeightBucket
-from hpt_megatron.rollout.cpu_engine import HFCpuEngine
+
+if TYPE_CHECKING:
+    from hpt_megatron.rollout.cpu_engine import HFCpuEngine
 
 _SEED_STRIDE = 1_000_003  # seed of replica r's share: seed * stride + r
 
@@ -65,14 +68,12 @@ class DataParallelEngine:
 
     Args:
         local: the driver's own replica.
-        group: a process group over every rank of the run (gloo); the driver is global rank 0.
-        world_size: the group's size (every rank holds a replica).
+        ctx: the driver's parallel context (every rank of the run holds a replica).
     """
 
-    def __init__(self, local: HFCpuEngine, group: Any, world_size: int) -> None:
+    def __init__(self, local: HFCpuEngine, ctx: ParallelContext) -> None:
         self.local = local
-        self.group = group
-        self.world_size = world_size
+        self.ctx = ctx
 
     @property
     def weight_version(self) -> int:
@@ -82,11 +83,13 @@ class DataParallelEngine:
         """``params.n`` generations per prompt in prompt order, each replica making its share.
 
         A collective with :func:`serve_requests` on the other ranks."""
-        request = GenerateRequest(split_prompts(prompts, self.world_size), params)
-        dist.broadcast_object_list([request], src=0, group=self.group)
+        world = self.ctx.world_size
+        request = broadcast_from_driver(
+            self.ctx, GenerateRequest(split_prompts(prompts, world), params)
+        )
         own = self.local.generate(request.shares[0], request.params_for(0))
-        gathered: list[Any] = [None] * self.world_size
-        dist.gather_object(own, gathered, dst=0, group=self.group)
+        gathered: list[Any] = [None] * world
+        dist.gather_object(own, gathered, dst=0, group=self.ctx.cpu_group)
         out: list[Generation] = []
         offset = 0
         for share, generations in zip(request.shares, gathered):
@@ -114,20 +117,18 @@ class DataParallelEngine:
 
     @property
     def restarts(self) -> int:
-        return 0
+        return self.local.restarts
 
     def shutdown(self) -> None:
         self.local.shutdown()
 
 
-def serve_requests(local: HFCpuEngine, group: Any, rank: int) -> Any:
+def serve_requests(local: HFCpuEngine, ctx: ParallelContext) -> Any:
     """(every rank but the driver) Generate this rank's share of each request the driver
     broadcasts; return the first broadcast object that is not a request."""
     while True:
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=group)
-        request = box[0]
+        request = broadcast_from_driver(ctx, None)
         if not isinstance(request, GenerateRequest):
             return request
-        own = local.generate(request.shares[rank], request.params_for(rank))
-        dist.gather_object(own, None, dst=0, group=group)
+        own = local.generate(request.shares[ctx.rank], request.params_for(ctx.rank))
+        dist.gather_object(own, None, dst=0, group=ctx.cpu_group)

@@ -66,7 +66,7 @@ def main() -> None:
     load_hf_weights(chunks, hf, args.hf, tp_rank=ctx.tp_rank, tp_size=ctx.tp)
     torch.manual_seed(1000 + ctx.rank)  # other weights than the trainer's, per rank
     local = HFCpuEngine(AutoModelForCausalLM.from_config(hf.to_transformers()), threads=1)
-    engine = DataParallelEngine(local, ctx.cpu_group, ctx.world_size) if ctx.is_driver else local
+    engine = DataParallelEngine(local, ctx) if ctx.is_driver else local
     sync_weights(engine, chunks, hf, ctx, version=1, bucket_bytes=4096, every_rank=True)
     original = HFCheckpointReader(args.hf)
     state = local.model.state_dict()
@@ -74,7 +74,7 @@ def main() -> None:
     diffs: list = [None] * ctx.world_size
     dist.all_gather_object(diffs, [diff, local.weight_version], group=ctx.cpu_group)
     if not ctx.is_driver:
-        ended = serve_requests(local, ctx.cpu_group, ctx.rank)
+        ended = serve_requests(local, ctx)
         assert ended == DONE, ended
         shutdown_distributed()
         return
