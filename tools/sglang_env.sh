@@ -7,7 +7,8 @@
 # package (sgl_kernel) with the pure-torch stand-in shipped in
 # hpt_megatron/rollout/sglang/kernel_standin/, which is what lets the server run on CPU
 # (docs/architecture.md (What runs where)). The heavy install is cached: a stamp file records what was installed, so
-# a second run only re-checks and re-copies the stand-in (a few seconds).
+# a second run only re-checks and re-copies the stand-in (a few seconds). Every package's bytecode
+# is compiled once at install (see compile_bytecode).
 #
 # Usage:  bash tools/sglang_env.sh            # prints the venv's python on the last line
 # Env:    HPT_SGLANG_VENV     venv path (default /opt/hpt-sglang-venv)
@@ -24,6 +25,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STANDIN_SRC="$REPO_ROOT/hpt_megatron/rollout/sglang/kernel_standin"
 INSTALL_STAMP="$VENV/.hpt-install-stamp"
 STANDIN_STAMP="$VENV/.hpt-standin-stamp"
+BYTECODE_STAMP="$VENV/.hpt-bytecode-stamp"
 WANT_INSTALL="sglang==$SGLANG_VERSION python=$(python3 -c 'import sys; print(sys.version.split()[0])')"
 
 log() { echo "[sglang_env] $*" >&2; }
@@ -70,6 +72,21 @@ install_standin() {
     standin_hash >"$STANDIN_STAMP"
 }
 
+compile_bytecode() {
+    # uv installs without bytecode, and where PYTHONDONTWRITEBYTECODE is set (as on our CI) no
+    # process caches it either: every server start then compiled torch and sglang from source in
+    # each of its three processes (a CPU server took 157 s to come up instead of 87). Compiled
+    # once here; a few files written for newer Pythons (torch's py312 test helpers) do not compile
+    # and are never imported, so compileall's status is not checked.
+    local want="$WANT_INSTALL router=$ROUTER_VERSION standin=$(standin_hash)"
+    if [[ "$(cat "$BYTECODE_STAMP" 2>/dev/null)" == "$want" ]]; then
+        return 1
+    fi
+    log "compiling the venv's bytecode (once; a few minutes)"
+    "$VENV/bin/python" -m compileall -q -j 0 "$(site_packages)" >/dev/null 2>&1 || true
+    echo "$want" >"$BYTECODE_STAMP"
+}
+
 main() {
     mkdir -p "$(dirname "$VENV")"
     exec 9>"$VENV.lock"
@@ -87,6 +104,9 @@ main() {
     fi
     if [[ "$(cat "$STANDIN_STAMP" 2>/dev/null)" != "$(standin_hash)" ]]; then
         install_standin
+        changed=1
+    fi
+    if compile_bytecode; then
         changed=1
     fi
     # A full import of sglang takes ~10 s: do it only after a change; otherwise a quick check.

@@ -1,4 +1,4 @@
-"""Run a worker script under torchrun with N gloo processes and return its output."""
+"""Run a worker script on N gloo ranks and return its output; a free loopback port."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers.forked import run_ranks
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -15,22 +17,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600) -> str:
-    """Launch ``script`` on ``nproc`` local processes; raise with its output if it fails."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(script),
-        *args,
-    ]
+def launch(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600) -> str:
+    """``script ARGS`` on ``nproc`` local ranks with torchrun's worker environment, forked from a
+    process that has already imported torch, Megatron and transformers (``tests/helpers/forked``);
+    raise with every rank's output if one fails."""
+    return run_ranks(script, *args, nproc=nproc, timeout=timeout)
+
+
+def torchrun(*argv: str, nproc: int = 2, timeout: int = 600) -> str:
+    """``torchrun --nproc_per_node NPROC ARGV`` itself (the launcher a user types, for the tests
+    of a command under it); raise with its output if it fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    cmd += ["--master_addr=127.0.0.1", f"--master_port={free_port()}", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(
-            f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}"
+            f"torchrun {' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}\n"
+            f"{proc.stderr[-6000:]}"
         )
     return proc.stdout

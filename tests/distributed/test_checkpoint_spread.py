@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch
 
 WORKER = pathlib.Path(__file__).parent / "workers" / "checkpoint_spread.py"
 pytestmark = pytest.mark.distributed
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.distributed
 
 def test_dp2_saves_are_spread_over_both_ranks_reuse_buffers_and_load_back(tmp_path):
     out = tmp_path / "result.json"
-    torchrun(WORKER, "--root", str(tmp_path / "ckpt"), "--out", str(out), nproc=2)
+    launch(WORKER, "--root", str(tmp_path / "ckpt"), "--out", str(out), nproc=2)
     result = json.loads(out.read_text())
     rank0, rank1 = result["written_bytes"]["0"], result["written_bytes"]["1"]
     assert rank0 > 0 and rank1 > 0

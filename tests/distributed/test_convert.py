@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch, torchrun
 from tests.unit.models import tiny_configs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +79,7 @@ def _check_logprobs(converted: dict, got: dict[str, list]) -> None:
 def test_checkpoint_loads_and_scores_like_hf(converted, tp, pp):
     ckpts = [str(converted[name]["mg"]) for name in MODELS]
     args = ["--tp", str(tp), "--pp", str(pp), "--input", str(converted["input"]), *ckpts]
-    out = torchrun(WORKERS / "score_layouts.py", *args, nproc=2)
+    out = launch(WORKERS / "score_layouts.py", *args, nproc=2)
     _check_logprobs(converted, json.loads(out.strip().splitlines()[-1]))
 
 
@@ -131,7 +131,7 @@ def test_layout_export_and_sharded_checkpoint_are_bit_exact(converted, tmp_path,
     original = _hf_tensors(converted["llama"]["hf"])
     exported, resaved, back = tmp_path / "export", tmp_path / "resaved", tmp_path / "back"
     args = ["--load", str(converted["llama"]["mg"]), "--hf-out", str(exported)]
-    torchrun(
+    launch(
         WORKERS / "export_layouts.py",
         *args,
         "--megatron-out",
@@ -160,14 +160,14 @@ def test_virtual_pipeline_scores_and_exports_like_hf(tmp_path):
     seqs = tmp_path / "in.jsonl"
     seqs.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in SEQS))
     args = ["--pp", "2", "--vpp", "2", "--input", str(seqs), str(mg_dir)]
-    got = json.loads(torchrun(WORKERS / "score_layouts.py", *args).strip().splitlines()[-1])
+    got = json.loads(launch(WORKERS / "score_layouts.py", *args).strip().splitlines()[-1])
     with torch.no_grad():
         for seq, mine in zip(SEQS, got[str(mg_dir)]):
             logits = model(torch.tensor([seq])).logits[0, :-1].float()
             ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
             assert (torch.tensor(mine) - ref).abs().max().item() < 1e-4
     exported = tmp_path / "export"
-    torchrun(
+    launch(
         WORKERS / "export_layouts.py",
         "--load",
         str(mg_dir),
@@ -198,7 +198,7 @@ def test_converter_writes_what_megatron_writes(converted, tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
 
     resaved = tmp_path / "resaved"
-    torchrun(
+    launch(
         WORKERS / "export_layouts.py",
         "--load",
         str(converted["qwen2"]["mg"]),

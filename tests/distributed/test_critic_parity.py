@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch
 
 WORKERS = pathlib.Path(__file__).parent / "workers"
 WORKER = WORKERS / "critic_parity.py"
@@ -26,7 +26,7 @@ def _max_rel(a: dict, b: dict) -> float:
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("critic")
     ckpt, out, hf = tmp / "ckpt", tmp / "ref.json", tmp / "hf"
-    torchrun(WORKER, "--ckpt", str(ckpt), "--out", str(out), "--save", "--hf", str(hf), nproc=1)
+    launch(WORKER, "--ckpt", str(ckpt), "--out", str(out), "--save", "--hf", str(hf), nproc=1)
     return ckpt, json.loads(out.read_text()), hf
 
 
@@ -34,7 +34,7 @@ def reference(tmp_path_factory):
 def test_critic_layout_matches_single_process(reference, layout, tmp_path):
     ckpt, ref, _ = reference
     out = tmp_path / "got.json"
-    torchrun(WORKER, "--ckpt", str(ckpt), "--out", str(out), *layout, nproc=2)
+    launch(WORKER, "--ckpt", str(ckpt), "--out", str(out), *layout, nproc=2)
     got = json.loads(out.read_text())
     assert _max_rel(ref["before"], got["before"]) < 1e-5
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)

@@ -18,7 +18,7 @@ import pathlib
 import pytest
 import torch
 
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch
 
 WORKER = pathlib.Path(__file__).parent / "workers" / "critic_phase.py"
 pytestmark = [pytest.mark.distributed]
@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.distributed]
 @pytest.fixture(scope="module")
 def phase(tmp_path_factory):
     out = tmp_path_factory.mktemp("critic_phase") / "phase.json"
-    torchrun(WORKER, "--out", str(out), "--steps", "30", nproc=1)
+    launch(WORKER, "--out", str(out), "--steps", "30", nproc=1)
     return json.loads(out.read_text())
 
 

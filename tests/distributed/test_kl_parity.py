@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch
 
 WORKER = pathlib.Path(__file__).parent / "workers" / "kl_parity.py"
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -22,11 +22,11 @@ def _closed_form(estimator: str, d: float) -> float:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kl")
     ckpt = tmp / "ckpt"
-    torchrun(WORKER, "--ckpt", str(ckpt), "--out", str(tmp / "unused.json"), "--save", nproc=1)
+    launch(WORKER, "--ckpt", str(ckpt), "--out", str(tmp / "unused.json"), "--save", nproc=1)
     out = {}
     for name, tp, nproc in (("tp1", 1, 1), ("tp2", 2, 2), ("dp2", 1, 2)):
         path = tmp / f"{name}.json"
-        torchrun(WORKER, "--ckpt", str(ckpt), "--out", str(path), "--tp", str(tp), nproc=nproc)
+        launch(WORKER, "--ckpt", str(ckpt), "--out", str(path), "--tp", str(tp), nproc=nproc)
         out[name] = json.loads(path.read_text())
     return out
 

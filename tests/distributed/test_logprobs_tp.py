@@ -6,14 +6,14 @@ import pathlib
 
 import pytest
 
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch
 
 WORKER = pathlib.Path(__file__).parent / "workers" / "logprobs_tp.py"
 pytestmark = pytest.mark.distributed
 
 
 def _result(*args: str) -> dict:
-    out = torchrun(WORKER, *args, nproc=2)
+    out = launch(WORKER, *args, nproc=2)
     return json.loads(out.strip().splitlines()[-1])
 
 

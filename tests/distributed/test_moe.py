@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch, torchrun
 from tests.unit.models import tiny_configs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,7 +97,7 @@ def test_scores_like_hf_at_ep1(moe):
     ids=["tp2", "pp2", "etp2", "tp2-etp1"],
 )
 def test_scores_like_hf_at_tp2_pp2(moe, layout):
-    out = torchrun(WORKERS / "score_layouts.py", *layout, "--input", str(moe["in"]), str(moe["mg"]))
+    out = launch(WORKERS / "score_layouts.py", *layout, "--input", str(moe["in"]), str(moe["mg"]))
     _check(moe, json.loads(out.strip().splitlines()[-1])[str(moe["mg"])])
 
 
@@ -125,7 +125,7 @@ def test_export_and_megatron_checkpoint_at_a_layout_are_bit_exact(moe, tmp_path,
     Megatron itself wrote at that layout, give back every tensor."""
     exported, resaved, back = tmp_path / "export", tmp_path / "resaved", tmp_path / "back"
     args = ["--load", str(moe["mg"]), "--hf-out", str(exported), "--megatron-out", str(resaved)]
-    torchrun(WORKERS / "export_layouts.py", *args, *layout)
+    launch(WORKERS / "export_layouts.py", *args, *layout)
     index = json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"]
     files = {index[f"model.layers.0.mlp.experts.{e}.up_proj.weight"] for e in range(8)}
     assert len(files) == (2 if "--ep" in layout else 1)  # EP: experts 0-3, 4-7 by their ranks
@@ -192,8 +192,8 @@ def test_training_step_at_ep2_equals_ep1(tmp_path):
     worker, ckpt = WORKERS / "train_parity.py", tmp_path / "ckpt"
     ref_out, got_out = tmp_path / "ref.json", tmp_path / "ep2.json"
     common = ["--arch", "qwen3_moe", "--ckpt", str(ckpt)]
-    torchrun(worker, *common, "--out", str(ref_out), "--save", nproc=1)
-    torchrun(worker, *common, "--out", str(got_out), "--ep", "2", nproc=2)
+    launch(worker, *common, "--out", str(ref_out), "--save", nproc=1)
+    launch(worker, *common, "--out", str(got_out), "--ep", "2", nproc=2)
     ref, got = json.loads(ref_out.read_text()), json.loads(got_out.read_text())
     assert _max_rel(ref["before"], got["before"]) < 1e-5
     assert abs(ref["loss"] - got["loss"]) / ref["loss"] < 1e-5

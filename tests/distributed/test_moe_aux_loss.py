@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch
 from tests.unit.models import tiny_configs
 
 WORKER = Path(__file__).parent / "workers" / "moe_aux_loss.py"
@@ -55,7 +55,7 @@ def hf(tmp_path_factory) -> Path:
 
 def _run(hf: Path, *args: str, nproc: int = 1) -> list[dict]:
     out = hf.parent / f"out{'_'.join(a.strip('-') for a in args)}.json"
-    torchrun(WORKER, "--hf", str(hf), "--out", str(out), *args, nproc=nproc)
+    launch(WORKER, "--hf", str(hf), "--out", str(out), *args, nproc=nproc)
     return json.loads(out.read_text())
 
 

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch
 
 WORKER = pathlib.Path(__file__).parent / "workers" / "nll_training.py"
 pytestmark = pytest.mark.distributed
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.distributed
 @pytest.mark.parametrize("tp", [1, 2])
 def test_nll_loss_falls_and_every_parameter_changes(tp, tmp_path):
     out = tmp_path / "nll.json"
-    torchrun(WORKER, "--tp", str(tp), "--steps", "40", "--out", str(out), nproc=tp)
+    launch(WORKER, "--tp", str(tp), "--steps", "40", "--out", str(out), nproc=tp)
     got = json.loads(out.read_text())
     losses = got["losses"]
     assert len(losses) == 40 and not any(got["skipped"])

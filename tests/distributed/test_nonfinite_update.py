@@ -9,7 +9,7 @@ import pathlib
 
 import pytest
 
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch
 
 WORKER = pathlib.Path(__file__).parent / "workers" / "nonfinite_step.py"
 pytestmark = [pytest.mark.distributed, pytest.mark.faults]
@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.faults]
 
 def test_nan_loss_skips_the_update_and_the_next_one_trains(tmp_path):
     out = tmp_path / "result.json"
-    torchrun(WORKER, "--out", str(out), nproc=1)
+    launch(WORKER, "--out", str(out), nproc=1)
     result = json.loads(out.read_text())
     skipped, norm, loss = result["bad"]
     assert skipped and math.isnan(loss) and not math.isfinite(norm)

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch
 
 WORKER = pathlib.Path(__file__).parent / "workers" / "train_parity.py"
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -22,13 +22,13 @@ def _max_abs(a: dict, b: dict) -> float:
 def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("packing")
     ckpt, out = tmp / "ckpt", tmp / "ref.json"
-    torchrun(WORKER, "--ckpt", str(ckpt), "--out", str(out), "--save", "--grads", nproc=1)
+    launch(WORKER, "--ckpt", str(ckpt), "--out", str(out), "--save", "--grads", nproc=1)
     return ckpt, json.loads(out.read_text())
 
 
 def _run(ckpt, tmp_path, name, *args, nproc):
     out = tmp_path / f"{name}.json"
-    torchrun(WORKER, "--ckpt", str(ckpt), "--out", str(out), "--grads", *args, nproc=nproc)
+    launch(WORKER, "--ckpt", str(ckpt), "--out", str(out), "--grads", *args, nproc=nproc)
     return json.loads(out.read_text())
 
 

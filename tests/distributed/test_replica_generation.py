@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch
 from tests.helpers.tiny_hf import (
     build_tiny_model,
     greedy_tokens,
@@ -29,7 +29,7 @@ PROMPTS = [[5, 9, 13], [7, 1, 2, 3, 4, 8], [11], [4, 4, 4, 4], [20, 30, 40, 50, 
 def test_replicas_generate_their_shares_with_the_synced_weights(tmp_path, tp, nproc):
     hf_dir = tmp_path / "hf"
     build_tiny_model(hf_dir, config=tiny_config(num_layers=2), with_tokenizer=False)
-    out = torchrun(
+    out = launch(
         WORKERS / "replica_generation.py", "--tp", str(tp), "--hf", str(hf_dir), nproc=nproc
     )
     report = json.loads(out.strip().splitlines()[-1])

@@ -19,7 +19,7 @@ import torch
 from hpt_megatron.data.sample import RolloutBatch, Sample
 from hpt_megatron.rollout.base import SamplingParams
 from hpt_megatron.rollout.cpu_engine import HFCpuEngine
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch
 from tests.unit.models import tiny_configs
 
 WORKER = Path(__file__).parent / "workers" / "routing_replay.py"
@@ -135,7 +135,7 @@ def _run(rollouts: dict, layout: list[str], nproc: int) -> dict:
         "--samples",
         str(rollouts["root"] / "samples.jsonl"),
     ]
-    torchrun(WORKER, *args, "--out", str(out), *layout, nproc=nproc)
+    launch(WORKER, *args, "--out", str(out), *layout, nproc=nproc)
     return json.loads(out.read_text())
 
 

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch
 
 WORKER = pathlib.Path(__file__).parent / "workers" / "train_parity.py"
 pytestmark = pytest.mark.distributed
@@ -27,7 +27,7 @@ def _max_rel(a: dict, b: dict) -> float:
 def reference(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     ckpt, out = tmp / "ckpt", tmp / "ref.json"
-    torchrun(
+    launch(
         WORKER, "--arch", request.param, "--ckpt", str(ckpt), "--out", str(out), "--save", nproc=1
     )
     return request.param, ckpt, json.loads(out.read_text())
@@ -41,7 +41,7 @@ def reference(request, tmp_path_factory):
 def test_layout_matches_single_process(reference, layout, tmp_path):
     arch, ckpt, ref = reference
     out = tmp_path / "got.json"
-    torchrun(WORKER, "--arch", arch, "--ckpt", str(ckpt), "--out", str(out), *layout, nproc=2)
+    launch(WORKER, "--arch", arch, "--ckpt", str(ckpt), "--out", str(out), *layout, nproc=2)
     got = json.loads(out.read_text())
     assert _max_rel(ref["before"], got["before"]) < 1e-5
     assert abs(ref["loss"] - got["loss"]) / ref["loss"] < 1e-5
@@ -56,7 +56,7 @@ def test_microbatch_split_invariance(reference, tmp_path):
     arch, ckpt, ref = reference
     out = tmp_path / "split.json"
     # A budget of 24 tokens forces one micro-batch per one or two samples.
-    torchrun(
+    launch(
         WORKER,
         "--arch",
         arch,
@@ -79,12 +79,12 @@ def test_a_start_from_hf_weights_matches_at_tp2(tmp_path):
     """Weights loaded without a random initialisation first keep their tensor-parallel marks: at
     TP=2 the gradient norm counts every shard (it once counted TP rank 0's only)."""
     folder = tmp_path / "hf"
-    torchrun(WORKER, "--arch", "qwen2", "--write-hf", str(folder), "--ckpt", "-", "--out", "-")
+    launch(WORKER, "--arch", "qwen2", "--write-hf", str(folder), "--ckpt", "-", "--out", "-")
     got = {}
     for tp in (1, 2):
         out = tmp_path / f"tp{tp}.json"
         args = ["--arch", "qwen2", "--hf-weights", str(folder), "--ckpt", "-", "--out", str(out)]
-        torchrun(WORKER, *args, "--tp", str(tp), nproc=tp)
+        launch(WORKER, *args, "--tp", str(tp), nproc=tp)
         got[tp] = json.loads(out.read_text())
     assert abs(got[1]["loss"] - got[2]["loss"]) / got[1]["loss"] < 1e-5
     assert abs(got[1]["grad_norm"] - got[2]["grad_norm"]) / got[1]["grad_norm"] < 1e-5

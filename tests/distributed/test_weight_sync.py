@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hpt_megatron.models.hf_io import HFCheckpointReader
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import launch
 from tests.helpers.tiny_hf import build_tiny_model, tiny_config
 
 WORKERS = Path(__file__).parent / "workers"
@@ -23,7 +23,7 @@ def test_every_stage_writes_its_own_shards_and_the_engine_loads_them(tmp_path, t
     hf_dir, root = tmp_path / "hf", tmp_path / "sync"
     build_tiny_model(hf_dir, config=tiny_config(num_layers=2), with_tokenizer=False)
     args = ["--tp", str(tp), "--pp", str(pp), "--hf", str(hf_dir), "--root", str(root)]
-    report = json.loads(torchrun(WORKERS / "weight_sync_disk.py", *args).strip().splitlines()[-1])
+    report = json.loads(launch(WORKERS / "weight_sync_disk.py", *args).strip().splitlines()[-1])
     # The engine holds the exported policy after each version (shifted by +1 for version 2).
     assert report["max_diff"] == {"1": 0.0, "2": 0.0}
     original = HFCheckpointReader(hf_dir)
