@@ -21,7 +21,13 @@ def launch(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600) -
     """``script ARGS`` on ``nproc`` local ranks with torchrun's worker environment, forked from a
     process that has already imported torch, Megatron and transformers (``tests/helpers/forked``);
     raise with every rank's output if one fails."""
-    return run_ranks(script, *args, nproc=nproc, timeout=timeout)
+    proc = run_ranks([str(script), *args], nproc=nproc, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{script} on {nproc} ranks failed ({proc.returncode}):\n{proc.stdout}\n"
+            f"{proc.stderr[-8000:]}"
+        )
+    return proc.stdout
 
 
 def torchrun(*argv: str, nproc: int = 2, timeout: int = 600) -> str:

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import runpy
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,7 +72,8 @@ def run_cli(argv: list[str], log_path: Path, timeout: float = 300) -> tuple[int,
     return int(proc.exitcode or 0), log_path.read_text()
 
 
-def _rank(script: str, args: list[str], env: dict[str, str], out: str, err: str) -> None:
+def _rank(argv: list[str], env: dict[str, str], out: str, err: str, cwd: str) -> None:
+    os.chdir(cwd)
     fd_out = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     fd_err = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd_out, 1)
@@ -80,10 +82,15 @@ def _rank(script: str, args: list[str], env: dict[str, str], out: str, err: str)
     import torch
 
     torch.set_num_threads(1)
-    sys.argv = [script, *args]
-    sys.path.insert(0, str(Path(script).parent))  # as ``python script.py`` puts it first
     try:
-        runpy.run_path(script, run_name="__main__")
+        if argv[0] == "-m":  # as ``python -m MODULE ARGS``
+            sys.argv = [argv[1], *argv[2:]]
+            sys.path.insert(0, cwd)
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:  # as ``python SCRIPT ARGS``, which puts the script's folder first on the path
+            sys.argv = list(argv)
+            sys.path.insert(0, str(Path(argv[0]).parent))
+            runpy.run_path(argv[0], run_name="__main__")
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -95,59 +102,67 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(script: str | Path, *args: str, nproc: int = 2, timeout: float = 600) -> str:
-    """``script ARGS`` on ``nproc`` local ranks forked after the imports; returns their stdout
-    (the other ranks' first, rank 0's last, so its final line is the output's last); raises with
-    every rank's output when one fails or the launch runs past ``timeout``."""
+def start_ranks(
+    argv: list[str], nproc: int, logs: str, extra_env: dict[str, str] | None = None
+) -> list:
+    """Fork ``nproc`` ranks of ``python ARGV`` (``ARGV`` a script and its arguments, or ``-m
+    MODULE ...``) with torchrun's worker environment; rank R writes ``LOGS/out<R>`` and
+    ``LOGS/err<R>``."""
     port = str(_free_port())
+    procs = []
+    for rank in range(nproc):
+        env = {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+            **(extra_env or {}),
+        }
+        out, err = f"{logs}/out{rank}", f"{logs}/err{rank}"
+        proc = _CTX.Process(target=_rank, args=(list(argv), env, out, err, os.getcwd()))
+        proc.start()
+        procs.append(proc)
+    return procs
+
+
+def run_ranks(
+    argv: list[str], nproc: int = 2, timeout: float = 600, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python ARGV`` on ``nproc`` local ranks forked after the imports, to the end. The result's
+    ``returncode`` is the first failing rank's exit code (0 when all exited 0; as torchrun does,
+    a failing rank ends the others; -9 when the launch ran past ``timeout``); ``stdout`` and
+    ``stderr`` are the ranks' own, the other ranks' first and rank 0's last (so its final line is
+    the output's last)."""
     with tempfile.TemporaryDirectory(prefix="ranks-") as logs:
-        procs, outs = [], []
-        for rank in range(nproc):
-            env = {
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(nproc),
-                "LOCAL_WORLD_SIZE": str(nproc),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-                "OMP_NUM_THREADS": "1",
-            }
-            out, err = f"{logs}/out{rank}", f"{logs}/err{rank}"
-            proc = _CTX.Process(target=_rank, args=(str(script), list(args), env, out, err))
-            proc.start()
-            procs.append(proc)
-            outs.append((out, err))
-        failed = _wait_all(procs, timeout)
-        texts = [(Path(o).read_text(), Path(e).read_text()) for o, e in outs]
-    if failed is not None:
-        report = "\n".join(
-            f"--- rank {r} stdout:\n{o}\n--- rank {r} stderr:\n{e[-6000:]}"
-            for r, (o, e) in enumerate(texts)
-        )
-        raise RuntimeError(f"{script} on {nproc} ranks failed ({failed}):\n{report}")
-    return "".join(o for o, _ in texts[1:]) + texts[0][0]
+        procs = start_ranks(argv, nproc, logs, extra_env)
+        code = _wait_all(procs, timeout)
+        order = [*range(1, nproc), 0]
+        stdout = "".join(Path(f"{logs}/out{r}").read_text(errors="replace") for r in order)
+        stderr = "".join(Path(f"{logs}/err{r}").read_text(errors="replace") for r in order)
+    return subprocess.CompletedProcess(argv, code, stdout, stderr)
 
 
-def _wait_all(procs: list, timeout: float) -> str | None:
+def _wait_all(procs: list, timeout: float) -> int:
     """Wait for every rank; on the first failure (or at the timeout) end the others, as torchrun
-    does. Returns None when all exited 0, else what went wrong."""
+    does. Returns 0 when all exited 0, else the first failure's exit code."""
     deadline = time.monotonic() + timeout
-    failed = None
+    code = 0
     while any(p.is_alive() for p in procs):
-        bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        bad = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
         if bad:
-            failed = f"rank {bad[0][0]} exited {bad[0][1]}"
+            code = bad[0]
             break
         if time.monotonic() > deadline:
-            failed = f"ran past {timeout} s"
+            code = -9
             break
         time.sleep(0.05)
     for p in procs:
         if p.is_alive():
             p.kill()
         p.join()
-    if failed is None:
-        bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
-        if bad:
-            failed = f"rank {bad[0][0]} exited {bad[0][1]}"
-    return failed
+    if code == 0:
+        code = next((p.exitcode for p in procs if p.exitcode != 0), 0)
+    return code

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from tests.distributed.launch import free_port
+from tests.helpers.forked import run_ranks
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "examples" / "tiny_cpu.yaml")
@@ -58,16 +59,29 @@ def run(
     *overrides: str,
     nproc: int = 2,
     timeout: float = 600,
+    launcher: str = "forked",
 ) -> subprocess.CompletedProcess:
-    """Run ``hpt train`` to the end; fail the test with the tail of its stderr unless it exits 0."""
-    proc = subprocess.run(
-        command(config, out, *overrides, nproc=nproc),
-        capture_output=True,
-        text=True,
-        env=env(),
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    """Run ``hpt train`` to the end; fail the test with the tail of its stderr unless it exits 0.
+
+    ``launcher``: ``forked`` runs the ranks forked after the imports with torchrun's worker
+    environment (``tests/helpers/forked.run_ranks``: the same processes and process groups,
+    without paying the imports of every rank of every run); ``torchrun`` launches them with
+    ``torchrun`` itself, as a user does."""
+    if launcher == "torchrun":
+        proc = subprocess.run(
+            command(config, out, *overrides, nproc=nproc),
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=timeout,
+            cwd=ROOT,
+        )
+    elif launcher == "forked":
+        argv = ["-m", "hpt_megatron.cli", "train", str(config), f"run.output_dir={out}"]
+        extra = {"PYTHONUNBUFFERED": "1"}
+        proc = run_ranks([*argv, *overrides], nproc=nproc, timeout=timeout, extra_env=extra)
+    else:
+        raise ValueError(f"launcher must be 'forked' or 'torchrun', not {launcher!r}")
     assert proc.returncode == 0, proc.stderr[-5000:]
     return proc
 
