@@ -81,12 +81,22 @@ def load_checkpoint(
     optimizer: Any | None = None,
     strict: bool = True,
 ) -> dict[str, Any]:
-    """Collective: load model (and optimizer) shards for this rank's layout; return the state."""
+    """Collective: load model (and optimizer) shards for this rank's layout; return the state
+    (``hpt_state.json``; empty for a checkpoint without one).
+
+    The one loader of Megatron distributed checkpoints: a run's ``step_N`` (with its
+    ``COMPLETE`` marker), a critic's, the reference's, and the converter's output (Megatron's
+    ``metadata.json`` alone), at any layout; ``hpt score`` and ``hpt convert critic-to-hf`` use
+    it too. ``chunks`` may be DDP-wrapped or bare.
+    """
     from megatron.core import dist_checkpointing
 
     path = Path(path)
     if not (path / COMPLETE).is_file() and not (path / "metadata.json").is_file():
-        raise ValueError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
+        raise ValueError(
+            f"{path}: not a complete checkpoint (no {COMPLETE} marker) nor a Megatron "
+            "distributed checkpoint (no metadata.json)"
+        )
     model_sd = sharded_model(chunks)
     sharded: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
