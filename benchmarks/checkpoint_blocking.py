@@ -83,15 +83,16 @@ def _legacy_save(path: Path, engine, group) -> None:
     """The save before this change: synchronous, then rank 0 reads back every file."""
     from megatron.core import dist_checkpointing
 
-    from hpt_megatron.trainer.checkpoint import _flat, model_sharded_state_dict
+    from hpt_megatron.trainer.checkpoint_files import flat_model_state, sharded_model
 
     tmp = path.with_name(path.name + ".tmp")
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier(group=group)
-    model_sd = model_sharded_state_dict(engine.model_chunks)
-    sharded = {"model": model_sd, "optimizer": engine.optimizer.sharded_state_dict(_flat(model_sd))}
+    model_sd = sharded_model(engine.model_chunks)
+    optimizer_sd = engine.optimizer.sharded_state_dict(flat_model_state(model_sd))
+    sharded = {"model": model_sd, "optimizer": optimizer_sd}
     dist_checkpointing.save(sharded, str(tmp))
     dist.barrier(group=group)
     if dist.get_rank() == 0:

@@ -159,7 +159,7 @@ def critic_to_hf(args: argparse.Namespace) -> None:
     from hpt_megatron.models.provider import check_hf_supported, load_hf_config
     from hpt_megatron.models.value import build_value_chunks, save_value_hf_folder
     from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
-    from hpt_megatron.trainer.checkpoint import load_checkpoint
+    from hpt_megatron.trainer.checkpoint_files import load_checkpoint
 
     _check_one_process()
     load = Path(args.load)

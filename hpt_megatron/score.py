@@ -149,9 +149,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch.distributed as dist
 
     from hpt_megatron.config.sections import ModelConfig, ParallelConfig
-    from hpt_megatron.models.checkpoint import load_model_checkpoint
     from hpt_megatron.models.provider import build_model_chunks, load_hf_config
     from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
+    from hpt_megatron.trainer.checkpoint_files import load_checkpoint
 
     args = _parse(argv)
     hf = load_hf_config(args.hf_config or args.load)
@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ctx = init_distributed(parallel)
     model = ModelConfig(inline=hf.to_dict(), params_dtype=args.dtype)
     chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank, init_weights=False)
-    load_model_checkpoint(chunks, args.load)
+    load_checkpoint(args.load, chunks)
     mine = list(range(ctx.dp_rank, len(seqs), ctx.dp))
     # Expert parallelism spans data-parallel ranks and every forward pass exchanges tokens over
     # them: each rank scores as many sequences (a copy of the first one pads, and is dropped).

@@ -5,6 +5,7 @@ Keys use Transformer Engine's names for the fused norms (``linear_qkv.layer_norm
 ``linear_fc1.layer_norm_weight``) whichever layers wrote it, so a checkpoint written on CPU with
 local layers loads on GPU with TE layers and back. The vocabulary rows are saved with Megatron's
 ``allow_shape_mismatch``: a layout with a different padded vocabulary loads the common rows.
+The one loader of such checkpoints is ``trainer.checkpoint_files.load_checkpoint``.
 """
 
 from __future__ import annotations
@@ -63,20 +64,3 @@ def save_model_checkpoint(
     if dist.get_rank() == 0 and meta is not None:
         (folder / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     dist.barrier()
-
-
-def load_model_checkpoint(chunks: Sequence[torch.nn.Module], folder: str | Path) -> None:
-    """Load a torch_dist checkpoint into this rank's chunks, whatever layout wrote it.
-
-    Raises:
-        ValueError: ``folder`` is not a Megatron distributed checkpoint.
-    """
-    from megatron.core import dist_checkpointing
-
-    folder = Path(folder)
-    if not (folder / "metadata.json").is_file():
-        raise ValueError(f"{folder}: not a Megatron distributed checkpoint (no metadata.json)")
-    sharded = model_sharded_state_dict(chunks)
-    loaded = dist_checkpointing.load(sharded, str(folder))
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)

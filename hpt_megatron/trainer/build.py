@@ -11,8 +11,9 @@ import torch
 
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
 from hpt_megatron.models.hf_config import HFModelConfig
+from hpt_megatron.models.moe import RoutingReplay
 from hpt_megatron.parallel.runtime import ParallelContext
-from hpt_megatron.trainer.engine import TrainEngine
+from hpt_megatron.trainer.engine import PhaseMarker, TrainEngine
 
 if TYPE_CHECKING:
     from megatron.core.transformer.module import MegatronModule
@@ -91,11 +92,18 @@ def build_engine(
     cfg: TrainerConfig,
     total_steps: int,
     vocab_size: int | None = None,
+    *,
+    phase: PhaseMarker | None = None,
+    routing_replay: bool = False,
 ) -> TrainEngine:
-    """Model chunks -> DDP -> optimizer + schedule -> engine."""
+    """Model chunks -> DDP -> optimizer + schedule -> engine (``routing_replay``: the routers
+    take the experts the rollout engine chose, ``models.moe.RoutingReplay``)."""
     chunks = wrap_ddp(chunks, cfg)
     optimizer, scheduler = build_optimizer(chunks, cfg, total_steps)
-    return TrainEngine(chunks, optimizer, scheduler, ctx, cfg, vocab_size)
+    replay = RoutingReplay.attach(chunks, ctx.tp_rank, ctx.tp) if routing_replay else None
+    return TrainEngine(
+        chunks, optimizer, scheduler, ctx, cfg, vocab_size, phase=phase, routing_replay=replay
+    )
 
 
 def build_policy(
@@ -106,16 +114,27 @@ def build_policy(
     ctx: ParallelContext,
     *,
     total_steps: int,
+    phase: PhaseMarker | None = None,
+    routing_replay: bool = False,
 ) -> TrainEngine:
-    """The policy's engine on this rank. Weights about to be loaded (``model.load`` /
-    ``model.hf_weights``) get no random initialisation first; call :func:`init_policy_weights`."""
+    """The policy's engine on this rank (``phase``, ``routing_replay``: :func:`build_engine`).
+    Weights about to be loaded (``model.load`` / ``model.hf_weights``) get no random
+    initialisation first; call :func:`init_policy_weights`."""
     from hpt_megatron.models.provider import build_model_chunks
 
     loads_weights = bool(model.load or model.hf_weights)
     chunks = build_model_chunks(
         hf, model, parallel, pp_rank=ctx.pp_rank, init_weights=not loads_weights
     )
-    return build_engine(chunks, ctx, trainer, total_steps=total_steps, vocab_size=hf.vocab_size)
+    return build_engine(
+        chunks,
+        ctx,
+        trainer,
+        total_steps=total_steps,
+        vocab_size=hf.vocab_size,
+        phase=phase,
+        routing_replay=routing_replay,
+    )
 
 
 def init_policy_weights(engine: TrainEngine, hf: HFModelConfig, model: ModelConfig) -> None:
@@ -123,7 +142,7 @@ def init_policy_weights(engine: TrainEngine, hf: HFModelConfig, model: ModelConf
     checkpoint, any layout) or ``model.hf_weights`` (an HF folder); else the random init stays."""
     ctx = engine.ctx
     if model.load:
-        from hpt_megatron.trainer.checkpoint import load_checkpoint
+        from hpt_megatron.trainer.checkpoint_files import load_checkpoint
 
         load_checkpoint(model.load, engine.model_chunks)
         log.info("initial weights from the Megatron checkpoint %s", model.load)

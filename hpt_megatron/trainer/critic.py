@@ -1,5 +1,5 @@
-"""The critic of advantage ``gae`` (preset ``ppo``): a Megatron value model, its update, its
-checkpoints.
+"""The critic of advantage ``gae`` (preset ``ppo``): a Megatron value model and its update (its
+checkpoints are a part of ``trainer/checkpoint.Checkpointer``).
 
 Shape legend: B rows of a micro-batch, S padded sequence length, T response tokens of a row.
 
@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -159,7 +157,7 @@ def build_critic(
 def init_critic_weights(critic: CriticEngine, policy: TrainEngine, cfg: CriticConfig) -> None:
     """Collective: a fresh run's critic: ``cfg.load``, else the policy's (starting) trunk with
     a zero head."""
-    from hpt_megatron.trainer.checkpoint import load_checkpoint
+    from hpt_megatron.trainer.checkpoint_files import load_checkpoint
 
     if cfg.load:
         load_checkpoint(cfg.load, critic.model_chunks)
@@ -217,6 +215,26 @@ def critic_phase(
     """Collective: V_old, GAE advantages and returns into the micro-batches, then the critic's
     updates (see the module docstring). ``kl_rows``: per-row KL for ``kl_mode: reward``."""
     t0 = time.perf_counter()
+    values_rows = _old_values(critic, local, owned)
+    keys = [(k, i) for k, mini in enumerate(minis) for i, s in enumerate(mini) if s.rl_weight != 0]
+    if not keys:  # no RL rows this step (all routed to SFT, say): nothing to learn from
+        return {"time/critic_s": time.perf_counter() - t0}
+    metrics = _write_advantages(spec, minis, local, owned, keys, values_rows, kl_rows)
+    rl_tokens = [sum(len(s.response_ids) for s in mini if s.rl_weight != 0) for mini in minis]
+    for _ in range(epochs):
+        for microbatches, tokens in zip(local, rl_tokens):
+            result = critic.train_values(microbatches, CriticLoss(cfg.cliprange_value, tokens))
+            metrics.update({f"critic/{m}": v for m, v in result.metrics.items()})
+            metrics["critic/grad_norm"] = result.grad_norm
+            metrics["critic/lr"] = result.lr
+    metrics["time/critic_s"] = time.perf_counter() - t0
+    return metrics
+
+
+def _old_values(
+    critic: CriticEngine, local: list[list[MicroBatch]], owned: list[bool]
+) -> dict[RowKey, torch.Tensor]:
+    """Collective: V_old into every micro-batch; the response values of every row, gathered."""
     values_local: dict[RowKey, torch.Tensor] = {}
     for k, microbatches in enumerate(local):
         outputs = critic.forward_values(microbatches)
@@ -224,11 +242,20 @@ def critic_phase(
             mb.old_values_bs = values_bs.float() * mb.loss_mask_bs
             if owned[k]:
                 values_local.update({(k, i): v for i, v in response_rows(values_bs, mb).items()})
-    values_rows = gather_rows(critic.ctx, values_local, owns_rows(critic.ctx))
-    keys = [(k, i) for k, mini in enumerate(minis) for i, s in enumerate(mini) if s.rl_weight != 0]
-    if not keys:  # no RL rows this step (all routed to SFT, say): nothing to learn from
-        return {"time/critic_s": time.perf_counter() - t0}
-    metrics: dict[str, float] = {}
+    return gather_rows(critic.ctx, values_local, owns_rows(critic.ctx))
+
+
+def _write_advantages(
+    spec: AlgorithmSpec,
+    minis: list[list[Sample]],
+    local: list[list[MicroBatch]],
+    owned: list[bool],
+    keys: list[RowKey],
+    values_rows: dict[RowKey, torch.Tensor],
+    kl_rows: dict[RowKey, torch.Tensor] | None,
+) -> dict[str, float]:
+    """GAE advantages and returns of the RL rows ``keys`` into this rank's micro-batches; the
+    critic's fit metrics (explained variance, its prompt-only bound, the mean return)."""
     values_bt, mask_bt = padded(keys, values_rows, minis)
     adv_bt, returns_bt = _gae(spec, minis, keys, values_bt, mask_bt, kl_rows)
     lengths = mask_bt.sum(-1).long().tolist()
@@ -238,20 +265,12 @@ def critic_phase(
     for k, microbatches in enumerate(local):
         for mb in microbatches:
             _write(mb, k, by_key if owned[k] else {})
-    metrics["critic/explained_variance"] = explained_variance(values_bt, returns_bt, mask_bt)
+    metrics = {"critic/explained_variance": explained_variance(values_bt, returns_bt, mask_bt)}
     if kl_rows is None and spec.gae_gamma == 1.0:  # the return is the outcome on every token
         bound = _prompt_bound(minis, keys)
         if bound is not None:
             metrics["critic/explained_variance_prompt_bound"] = bound
     metrics["critic/returns_mean"] = float(returns_bt[mask_bt.bool()].mean())
-    rl_tokens = [sum(len(s.response_ids) for s in mini if s.rl_weight != 0) for mini in minis]
-    for _ in range(epochs):
-        for microbatches, tokens in zip(local, rl_tokens):
-            result = critic.train_values(microbatches, CriticLoss(cfg.cliprange_value, tokens))
-            metrics.update({f"critic/{m}": v for m, v in result.metrics.items()})
-            metrics["critic/grad_norm"] = result.grad_norm
-            metrics["critic/lr"] = result.lr
-    metrics["time/critic_s"] = time.perf_counter() - t0
     return metrics
 
 
@@ -299,38 +318,3 @@ def _write(mb: MicroBatch, k: int, by_key: dict) -> None:
             adv_t, returns_t = by_key[(k, idx)]
             mb.advantages_bs[row][mask_bs[row]] = adv_t.float()
             mb.returns_bs[row][mask_bs[row]] = returns_t.float()
-
-
-class CriticCheckpoint:
-    """The critic's model, optimizer and schedule beside the policy's checkpoints:
-    ``<root>/critic/step_N``, saved just before the policy's ``<root>/step_N`` (so a complete
-    policy checkpoint always has its critic) and pruned to the policy's."""
-
-    def __init__(self, root: Path, critic: CriticEngine) -> None:
-        self.root = root
-        self.critic = critic
-
-    def save(self, step_dir: Path) -> None:
-        from hpt_megatron.trainer.checkpoint import save_checkpoint
-
-        critic = self.critic
-        state = {"scheduler": critic.scheduler.state_dict()}
-        target = self.root / "critic" / step_dir.name
-        save_checkpoint(
-            target, critic.model_chunks, critic.optimizer, state, group=critic.ctx.cpu_group
-        )
-
-    def prune(self) -> None:
-        """Driver only: drop critic checkpoints whose policy checkpoint is gone."""
-        for path in sorted((self.root / "critic").glob("step_*")):
-            if not (self.root / path.name).is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-
-    def resume(self, step_dir: Path) -> None:
-        from hpt_megatron.trainer.checkpoint import load_checkpoint
-
-        path = self.root / "critic" / step_dir.name
-        if not path.is_dir():
-            raise ValueError(f"{path}: the critic checkpoint of {step_dir} is missing")
-        state = load_checkpoint(path, self.critic.model_chunks, self.critic.optimizer)
-        self.critic.scheduler.load_state_dict(state["scheduler"])

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+import threading
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -71,8 +73,43 @@ def _rope_positions(model: torch.nn.Module, position_ids_bs: torch.Tensor | None
         del rope.forward
 
 
+class StateHold:
+    """A reader still copying an engine's weights and optimizer state (the snapshot of a
+    background checkpoint): the engine's next optimizer step, which changes them, waits until
+    the reader calls :meth:`release`, and adds the time it waited to :attr:`waited_s`."""
+
+    def __init__(self) -> None:
+        self._released = threading.Event()
+        self.waited_s = 0.0
+
+    def release(self) -> None:
+        self._released.set()
+
+    def released(self) -> bool:
+        return self._released.is_set()
+
+    def wait(self) -> None:
+        if not self._released.is_set():
+            t0 = time.perf_counter()
+            self._released.wait()
+            self.waited_s += time.perf_counter() - t0
+
+
+class PhaseMarker(Protocol):
+    """The hang watchdog's phase marker (``orchestration/watchdog.Watchdog.phase``)."""
+
+    def __call__(
+        self, name: str, step: int | None = None
+    ) -> contextlib.AbstractContextManager[None]: ...
+
+
 class TrainEngine:
-    """Owns the model chunks, the optimizer and the LR schedule of one policy."""
+    """Owns the model chunks, the optimizer and the LR schedule of one policy.
+
+    ``phase``: the hang watchdog's phase marker (``orchestration/watchdog.py``), around the
+    optimizer step; ``routing_replay`` (``models/moe.py``): each micro-batch's recorded experts
+    are routed.
+    """
 
     def __init__(
         self,
@@ -82,6 +119,9 @@ class TrainEngine:
         ctx: ParallelContext,
         cfg: TrainerConfig,
         vocab_size: int | None = None,
+        *,
+        phase: PhaseMarker | None = None,
+        routing_replay: RoutingReplay | None = None,
     ) -> None:
         self.model_chunks = model_chunks
         self.vocab_size = vocab_size  # the true vocabulary; Megatron's padding columns are masked
@@ -89,13 +129,13 @@ class TrainEngine:
         self.scheduler = scheduler
         self.ctx = ctx
         self.cfg = cfg
-        # The hang watchdog's phase marker (orchestration/watchdog.py), set by the loop.
-        self.phase: Callable[[str], contextlib.AbstractContextManager] = _no_phase
-        # Routing replay (models/moe.py): set, each micro-batch's recorded experts are routed.
-        self.routing_replay: RoutingReplay | None = None
-        # Called before every update: a background checkpoint still copying the weights and
-        # optimizer state makes it wait (Checkpointer.wait_staged sets itself here).
-        self.before_update: Callable[[], None] = _nothing
+        self.phase: PhaseMarker = phase or _no_phase
+        self.routing_replay = routing_replay
+        self._holds: list[StateHold] = []  # readers the next optimizer step waits for
+
+    def hold_state(self, hold: StateHold) -> None:
+        """Keep the weights and optimizer state as they are until ``hold`` is released."""
+        self._holds.append(hold)
 
     # ---------------------------------------------------------------- forward / backward
     def _run(
@@ -225,7 +265,9 @@ class TrainEngine:
                         grad_norm,
                         sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
                     )
-        self.before_update()
+        for hold in self._holds:  # a background checkpoint still copying the state
+            hold.wait()
+        self._holds.clear()
         opt.step_with_ready_grads()
         return grad_norm, False
 
@@ -237,9 +279,5 @@ def _combine(key: str, acc: float | None, value: float) -> float:
     return max(acc, value) if key.endswith("_max") else acc + value
 
 
-def _no_phase(name: str) -> contextlib.AbstractContextManager:
+def _no_phase(name: str, step: int | None = None) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
-
-
-def _nothing() -> None:
-    return None

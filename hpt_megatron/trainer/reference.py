@@ -8,7 +8,7 @@ forward path (``TrainEngine.forward_logprobs``: Megatron's schedule, vocab-paral
 the two are computed the same way. Its weights: ``algorithm.reference.load`` /
 ``hf_weights``, else the policy's starting weights (``model.load`` / ``model.hf_weights``, or the
 run's initial random weights, which a fresh run copies and saves to ``<run_dir>/reference`` so
-a resumed run finds them again).
+a resumed run finds them again: ``trainer.checkpoint.keep_initial_weights``).
 
 Per step, :func:`attach_reference` sets ``ref_logprobs_bs`` on each micro-batch (``kl_mode:
 loss``) or folds the KL into the rewards and rewrites the advantages (``kl_mode: reward``), and
@@ -85,7 +85,8 @@ class ReferencePolicy:
     ) -> None:
         """Collective: the reference's weights (see the module docstring). ``policy`` holds the
         starting weights when ``fresh``; ``saved`` is where the random ones are kept."""
-        from hpt_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
+        from hpt_megatron.trainer.checkpoint import keep_initial_weights
+        from hpt_megatron.trainer.checkpoint_files import load_checkpoint
 
         load = ref.load or (None if ref.hf_weights else model.load)
         hf_weights = ref.hf_weights or (None if ref.load else model.hf_weights)
@@ -96,12 +97,8 @@ class ReferencePolicy:
             from hpt_megatron.models.loading import load_hf_weights
 
             load_hf_weights(self.chunks, hf, hf_weights, tp_rank=ctx.tp_rank, tp_size=ctx.tp)
-        elif fresh:
-            for mine, theirs in zip(self.chunks, policy.model_chunks):
-                mine.load_state_dict(getattr(theirs, "module", theirs).state_dict())
-            save_checkpoint(saved, self.chunks, group=ctx.cpu_group)
         else:
-            load_checkpoint(saved, self.chunks)
+            keep_initial_weights(saved, self.chunks, policy.model_chunks, fresh, ctx.cpu_group)
         log.info("reference weights from %s", load or hf_weights or f"the initial policy ({saved})")
         if self.offload:
             self._move(torch.device("cpu"))

@@ -53,6 +53,7 @@ from hpt_megatron.trainer.batching import (
 from hpt_megatron.trainer.critic import Critic, critic_phase
 from hpt_megatron.trainer.engine import MicroBatchLoss, StepResult
 from hpt_megatron.trainer.reference import ReferencePolicy, attach_reference
+from hpt_megatron.trainer.rows import RowKey
 
 
 class PolicyEngine(Protocol):
@@ -239,6 +240,20 @@ def _round_up(count: int, multiple: int) -> int:
     return -(-count // multiple) * multiple
 
 
+@dataclass
+class _StepRows:
+    """One step's rows as the update cuts them: ``kept[k]`` the rows of mini-batch k that are
+    trained (``local[k]``, this rank's micro-batches, index them), ``owned[k]`` whether this rank
+    holds some of them, ``losses[k]`` its loss; ``kl_rows`` the reference's per-row KL."""
+
+    kept: list[list[Sample]]
+    local: list[list[MicroBatch]]
+    owned: list[bool]
+    losses: list[PolicyLoss]
+    elided: int
+    kl_rows: dict[RowKey, torch.Tensor] | None = None
+
+
 class PolicyUpdate:
     """Runs the optimizer updates of one step on ``engine`` (every rank calls it with the same
     samples; see the module docstring)."""
@@ -263,6 +278,34 @@ class PolicyUpdate:
         the last update's metrics and timings."""
         if not samples:
             return {"train/skipped_empty": 1.0}
+        rows = self._cut(samples, spec)
+        timings = {"time/logprob_s": 0.0, "time/train_s": 0.0}
+        extra = self._score(rows, spec, timings)
+        if self.critic is not None and spec.advantage == "gae":
+            extra |= self._critic_phase(rows, spec)
+            if step < self.critic.cfg.critic_warmup_steps:  # the critic learns alone first
+                return {**extra, **timings, "train/critic_warmup": 1.0}
+        metrics: dict[str, float] = {}
+        for _ in range(self.layout.epochs):
+            for microbatches, loss_fn in zip(rows.local, rows.losses):
+                t0 = time.perf_counter()
+                result = self.engine.train_step(microbatches, loss_fn)
+                timings["time/train_s"] += time.perf_counter() - t0
+                metrics = {
+                    **result.metrics,
+                    "grad_norm": result.grad_norm,
+                    "lr": result.lr,
+                    "train/skipped_update": float(result.skipped),
+                }
+        metrics.update(extra)
+        metrics.update(self._router_metrics())
+        metrics["train/rows"] = float(len(samples))
+        metrics["train/rows_elided_frac"] = rows.elided / len(samples)
+        metrics["train/tokens"] = float(sum(len(s.response_ids) for s in samples))
+        return {**metrics, **timings}
+
+    def _cut(self, samples: list[Sample], spec: AlgorithmSpec) -> _StepRows:
+        """Steps 1-3 of the module docstring: mini-batches, this rank's micro-batches, losses."""
         layout = self.layout
         minis = split_groups(samples, layout.mini_batches)
         if layout.elide_zero_rows:
@@ -281,57 +324,54 @@ class PolicyUpdate:
             )
             for mini, (rows, elided_here) in zip(minis, trained)
         ]
+        kept = [rows for rows, _ in trained]  # what the micro-batches index
+        owned = [bool(dp_shards(rows, layout.dp)[layout.dp_rank]) for rows in kept]
         elided = sum(count for _, count in trained)
-        timings = {"time/logprob_s": 0.0, "time/train_s": 0.0}
-        updates = len(minis) * layout.epochs
+        return _StepRows(kept, local, owned, losses, elided)
+
+    def _score(
+        self, rows: _StepRows, spec: AlgorithmSpec, timings: dict[str, float]
+    ) -> dict[str, float]:
+        """Step 4: pi_old when the updates need it, then the reference's log-probs and KL."""
+        updates = len(rows.kept) * self.layout.epochs
         # One update per step: pi_old is pi_theta before the update, which the loss has already.
         # The KL terms compare pi_old with pi_ref, so a reference needs pi_old in any case.
         uses_ref = self.reference is not None and spec.needs_ref_logprobs
         if uses_ref or (spec.needs_old_logprobs and updates > 1):
             t0 = time.perf_counter()
-            for microbatches in local:
+            for microbatches in rows.local:
                 self._attach_old_logprobs(microbatches)
             timings["time/logprob_s"] = time.perf_counter() - t0
-        kept = [rows for rows, _ in trained]  # what the micro-batches index
-        owned = [bool(dp_shards(rows, layout.dp)[layout.dp_rank]) for rows in kept]
-        extra: dict[str, float] = {}
-        kl_rows = None
-        if uses_ref:
-            assert self.reference is not None
-            t0 = time.perf_counter()
-            extra, kl_rows = attach_reference(self.reference, spec, kept, local, owned)
-            timings["time/ref_s"] = time.perf_counter() - t0
-        if self.critic is not None and spec.advantage == "gae":
-            reward_kl = kl_rows if spec.kl_mode == "reward" else None
-            critic, cfg = self.critic.engine, self.critic.cfg
-            extra |= critic_phase(critic, cfg, spec, kept, local, owned, layout.epochs, reward_kl)
-            if step < cfg.critic_warmup_steps:  # the critic learns alone first
-                return {**extra, **timings, "train/critic_warmup": 1.0}
-        metrics: dict[str, float] = {}
-        for _ in range(layout.epochs):
-            for microbatches, loss_fn in zip(local, losses):
-                t0 = time.perf_counter()
-                result = self.engine.train_step(microbatches, loss_fn)
-                timings["time/train_s"] += time.perf_counter() - t0
-                metrics = {
-                    **result.metrics,
-                    "grad_norm": result.grad_norm,
-                    "lr": result.lr,
-                    "train/skipped_update": float(result.skipped),
-                }
-        metrics.update(extra)
-        if self.router_stats is not None:
-            ctx = self.engine.ctx  # type: ignore[attr-defined]
-            group = ctx.cpu_group if ctx.world_size > 1 else None
-            counts = ctx.tp_rank == 0 or ctx.sequence_parallel
-            metrics.update(self.router_stats.collect(group, counts=counts))
-            replay = getattr(self.engine, "routing_replay", None)
-            if replay is not None:
-                metrics.update(replay.collect(group, counts=counts))
-        metrics["train/rows"] = float(len(samples))
-        metrics["train/rows_elided_frac"] = elided / len(samples)
-        metrics["train/tokens"] = float(sum(len(s.response_ids) for s in samples))
-        return {**metrics, **timings}
+        if not uses_ref:
+            return {}
+        assert self.reference is not None
+        t0 = time.perf_counter()
+        extra, rows.kl_rows = attach_reference(
+            self.reference, spec, rows.kept, rows.local, rows.owned
+        )
+        timings["time/ref_s"] = time.perf_counter() - t0
+        return extra
+
+    def _critic_phase(self, rows: _StepRows, spec: AlgorithmSpec) -> dict[str, float]:
+        """Step 5: the critic's values, GAE advantages and returns, and its updates."""
+        assert self.critic is not None
+        reward_kl = rows.kl_rows if spec.kl_mode == "reward" else None
+        critic, cfg = self.critic.engine, self.critic.cfg
+        epochs = self.layout.epochs
+        return critic_phase(critic, cfg, spec, rows.kept, rows.local, rows.owned, epochs, reward_kl)
+
+    def _router_metrics(self) -> dict[str, float]:
+        """Mixture-of-experts models: expert loads (and routing replay's changed fraction)."""
+        if self.router_stats is None:
+            return {}
+        ctx = self.engine.ctx  # type: ignore[attr-defined]
+        group = ctx.cpu_group if ctx.world_size > 1 else None
+        counts = ctx.tp_rank == 0 or ctx.sequence_parallel
+        metrics = self.router_stats.collect(group, counts=counts)
+        replay = getattr(self.engine, "routing_replay", None)
+        if replay is not None:
+            metrics.update(replay.collect(group, counts=counts))
+        return metrics
 
     def _attach_old_logprobs(self, microbatches: list[MicroBatch]) -> None:
         """pi_old of each micro-batch, before any update (only the last pipeline stage gets it)."""

@@ -27,7 +27,7 @@ from hpt_megatron.config import load_config
 from hpt_megatron.data import build_prompt_dataset, build_sampler
 from hpt_megatron.data.sample import RolloutBatch
 from hpt_megatron.data.tokenizer import load_tokenizer
-from hpt_megatron.trainer.checkpoint import list_checkpoints, verify_checkpoint
+from hpt_megatron.trainer.checkpoint_files import list_checkpoints, verify_checkpoint
 from tests.helpers import hpt_train
 from tests.helpers.forked import run_cli
 

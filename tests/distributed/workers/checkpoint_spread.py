@@ -18,7 +18,8 @@ from hpt_megatron.models.provider import build_model_chunks, load_hf_config
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.trainer.batching import collate, token_budget_microbatches
 from hpt_megatron.trainer.build import build_engine
-from hpt_megatron.trainer.checkpoint import Checkpointer, load_checkpoint
+from hpt_megatron.trainer.checkpoint import Checkpointer
+from hpt_megatron.trainer.checkpoint_files import load_checkpoint
 
 
 def _engine(ctx, parallel, seed: int):

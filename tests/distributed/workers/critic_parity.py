@@ -20,7 +20,8 @@ from hpt_megatron.models.value import build_value_chunks, save_value_hf_folder
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.trainer.batching import collate, token_budget_microbatches
 from hpt_megatron.trainer.build import build_optimizer, wrap_ddp
-from hpt_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
+from hpt_megatron.trainer.checkpoint_files import load_checkpoint
+from hpt_megatron.trainer.checkpoint_write import save_checkpoint
 from hpt_megatron.trainer.critic import CriticEngine, CriticLoss, critic_trainer_config
 from hpt_megatron.trainer.rows import response_rows
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig
-from hpt_megatron.models.checkpoint import load_model_checkpoint, save_model_checkpoint
+from hpt_megatron.models.checkpoint import save_model_checkpoint
 from hpt_megatron.models.export import save_hf_folder
 from hpt_megatron.models.provider import build_model_chunks, load_hf_config
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
+from hpt_megatron.trainer.checkpoint_files import load_checkpoint
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     hf = load_hf_config(args.load)
     model = ModelConfig(inline=hf.to_dict())
     chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank, init_weights=False)
-    load_model_checkpoint(chunks, args.load)
+    load_checkpoint(args.load, chunks)
     save_hf_folder(chunks, hf, args.hf_out, ctx, torch_dtype="float32")
     save_model_checkpoint(chunks, args.megatron_out)
     shutdown_distributed()

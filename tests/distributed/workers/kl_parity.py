@@ -19,7 +19,8 @@ from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerCon
 from hpt_megatron.models.provider import build_model_chunks, load_hf_config
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.trainer.build import build_engine
-from hpt_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
+from hpt_megatron.trainer.checkpoint_files import load_checkpoint
+from hpt_megatron.trainer.checkpoint_write import save_checkpoint
 from hpt_megatron.trainer.reference import ReferencePolicy
 from hpt_megatron.trainer.rows import response_rows
 from hpt_megatron.trainer.update import PolicyUpdate, UpdateLayout

@@ -11,10 +11,10 @@ import argparse
 import json
 
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig
-from hpt_megatron.models.checkpoint import load_model_checkpoint
 from hpt_megatron.models.provider import build_model_chunks, load_hf_config
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
 from hpt_megatron.score import read_sequences, score_sequences
+from hpt_megatron.trainer.checkpoint_files import load_checkpoint
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
         chunks = build_model_chunks(
             hf, ModelConfig(inline=hf.to_dict()), parallel, pp_rank=ctx.pp_rank, init_weights=False
         )
-        load_model_checkpoint(chunks, ckpt)
+        load_checkpoint(ckpt, chunks)
         results[ckpt] = score_sequences(
             chunks,
             seqs,

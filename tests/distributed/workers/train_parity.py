@@ -25,7 +25,8 @@ from hpt_megatron.trainer.batching import (
     token_budget_microbatches,
 )
 from hpt_megatron.trainer.build import build_engine, init_policy_weights
-from hpt_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
+from hpt_megatron.trainer.checkpoint_files import load_checkpoint
+from hpt_megatron.trainer.checkpoint_write import save_checkpoint
 
 ARCHS = {
     "llama": dict(
