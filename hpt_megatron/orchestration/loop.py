@@ -31,13 +31,7 @@ from hpt_megatron.models.provider import (
     hf_config_with_overrides,
     load_hf_config,
 )
-from hpt_megatron.orchestration.driver import (
-    Driver,
-    build_cpu_engine,
-    cpu_thread_split,
-    data_parallel_generation,
-    start_rollout_nodes,
-)
+from hpt_megatron.orchestration.driver import Driver
 from hpt_megatron.orchestration.faults import NonFiniteGuard, Preemption
 from hpt_megatron.orchestration.metrics import MetricsLogger, derived_metrics
 from hpt_megatron.orchestration.rollouts import (
@@ -47,14 +41,16 @@ from hpt_megatron.orchestration.rollouts import (
     make_rollouts,
 )
 from hpt_megatron.orchestration.watchdog import Watchdog
-from hpt_megatron.orchestration.weight_sync import disk_sync_for, sync_weights
 from hpt_megatron.parallel.runtime import (
     ParallelContext,
     broadcast_from_driver,
     init_distributed,
     shutdown_distributed,
 )
+from hpt_megatron.rollout.factory import build_replica, start_rollout_nodes
+from hpt_megatron.rollout.plan import rollout_plan
 from hpt_megatron.rollout.replicas import serve_requests
+from hpt_megatron.rollout.weight_sync import WeightPusher, build_weight_pusher
 from hpt_megatron.trainer.batching import microbatch_count_multiple, token_multiple
 from hpt_megatron.trainer.build import build_policy, init_policy_weights
 from hpt_megatron.trainer.checkpoint import Checkpointer, step_dir
@@ -102,21 +98,28 @@ def train(cfg: HPTConfig) -> dict[str, float]:
     ctx = init_distributed(
         cfg.parallel, seed=cfg.run.seed, timeout_s=cfg.fault.collective_timeout_s
     )
-    split = cpu_thread_split(cfg)
-    if split is not None and split[1] is not None:  # CPU servers generate while this rank trains
-        torch.set_num_threads(split[1])
-        _log.info("CPU threads: %d per SGLang server, %d per trainer rank", *split)
+    plan = rollout_plan(cfg, ctx.world_size)
+    threads = plan.threads
+    if threads.trainer is not None:  # CPU servers generate while this rank trains
+        torch.set_num_threads(threads.trainer)
+        _log.info(
+            "CPU threads: %d per SGLang server, %d per trainer rank",
+            threads.server,
+            threads.trainer,
+        )
     driver = nodes = replica = None
     try:
         run = _build_run(cfg, ctx, hf, spec)
         # Over several nodes, each node's local rank 0 starts that node's SGLang servers.
-        nodes = start_rollout_nodes(cfg, ctx, hf, run.tokenizer, run.run_dir)
+        nodes = start_rollout_nodes(plan, cfg, ctx, hf, run.tokenizer, run.run_dir)
         # A replay of recorded batches (run.replay_rollouts) has no driver and no engine.
-        build = ctx.is_driver and not cfg.run.replay_rollouts
-        driver = Driver.build(cfg, hf, run.tokenizer, run.run_dir, ctx, nodes) if build else None
-        if not ctx.is_driver and data_parallel_generation(cfg, ctx.world_size):
-            replica = build_cpu_engine(cfg, hf, run.tokenizer, data_parallel=True)
-        return _train(run, driver, replica)
+        build = ctx.is_driver and plan.engine is not None
+        driver = (
+            Driver.build(cfg, plan, hf, run.tokenizer, run.run_dir, ctx, nodes) if build else None
+        )
+        replica = build_replica(plan, cfg, hf, run.tokenizer, ctx)
+        pusher = build_weight_pusher(plan, run.policy.model_chunks, hf, ctx, run.tokenizer)
+        return _train(run, driver, replica, pusher)
     finally:
         if driver is not None:
             driver.close()
@@ -194,13 +197,16 @@ def _build_run(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, spec: Al
     )
 
 
-def _train(run: Run, driver: Driver | None, replica: HFCpuEngine | None) -> dict[str, float]:
-    """``replica``: this rank's CPU engine under data-parallel generation (not the driver's)."""
+def _train(
+    run: Run, driver: Driver | None, replica: HFCpuEngine | None, pusher: WeightPusher | None
+) -> dict[str, float]:
+    """``replica``: this rank's CPU engine under data-parallel generation (not the driver's);
+    ``pusher``: the trainer's weights into the engine (``None``: a replay syncs none)."""
     cfg, ctx = run.cfg, run.ctx
     watchdog = Watchdog(cfg.fault, run.run_dir, ctx.rank, ctx.world_size).start()
     preemption = Preemption(cfg.fault.preempt_signals)
     try:
-        return _train_steps(run, driver, replica, watchdog, preemption)
+        return _train_steps(run, driver, replica, pusher, watchdog, preemption)
     finally:
         preemption.close()
         watchdog.stop()
@@ -218,6 +224,7 @@ def _train_steps(
     run: Run,
     driver: Driver | None,
     replica: HFCpuEngine | None,
+    pusher: WeightPusher | None,
     watchdog: Watchdog,
     preemption: Preemption,
 ) -> dict[str, float]:
@@ -252,14 +259,9 @@ def _train_steps(
         start_step=start,
     )
     engine = driver.engine if driver is not None else None
-    syncing = not cfg.run.replay_rollouts  # a replay trains recorded batches: nothing to sync
-    disk = disk_sync_for(cfg, run.tokenizer) if syncing else None  # None: to the driver's engine
-    every_rank = data_parallel_generation(cfg, ctx.world_size)  # each rank has a replica
-    chunks = run.policy.model_chunks
-    if syncing:
+    if pusher is not None:
         with phase("weight_sync", start):
-            mine = engine if ctx.is_driver else replica
-            sync_weights(mine, chunks, run.hf, ctx, start, disk=disk, every_rank=every_rank)
+            pusher.push(start, engine if ctx.is_driver else replica)
     colocated = cfg.run.placement == "colocated"
     rollouts: InlineRollouts | AsyncRollouts | ReplayRollouts
     if cfg.run.replay_rollouts:
@@ -301,11 +303,8 @@ def _train_steps(
             guard.check(step + 1, train_metrics, run.checkpointer.last_complete)
             t_sync = time.perf_counter()
             with phase("weight_sync"):  # async: queued for the producer, not loaded here
-                if syncing:
-                    sink = rollouts.weight_sink if ctx.is_driver else replica
-                    sync_weights(
-                        sink, chunks, run.hf, ctx, step + 1, disk=disk, every_rank=every_rank
-                    )
+                if pusher is not None:
+                    pusher.push(step + 1, rollouts.weight_sink if ctx.is_driver else replica)
             metrics = {
                 **batch.metrics,
                 **train_metrics,
