@@ -1,16 +1,16 @@
 """Driver-rank memory and time of one disk weight sync at PP=2: every stage writing its own shards
-(``orchestration.weight_sync.sync_weights``) versus the old funnel through rank 0.
+(``rollout.weight_sync.disk.DiskPusher``) versus the old funnel through rank 0.
 
 A random bf16 Megatron model of Qwen2.5-0.5B's shape (vocab 151936, hidden 896, 24 layers, tied
 embeddings: the last stage holds its own copy of the output embedding, as Megatron keeps it) is
 built at PP=2 over 2 gloo processes. In the same run, on every rank:
 
-- ``new``: ``sync_weights(..., disk=DiskSync(root))``: each stage writes its shards into
+- ``new``: ``DiskPusher(root, ...).push(1, sink)``: each stage writes its shards into
   ``root/v1.tmp`` bucket by bucket, the driver writes the index, config.json, renames the folder
   and hands it to the sink;
 - ``old``: the path this replaced, kept here only (:func:`old_gather_sync`): every rank's buckets
   materialised, ``gather_object``-ed to rank 0, written there as one file per bucket
-  (``rollout.sglang.weight_sync.disk.write_snapshot``);
+  (``rollout.weight_sync.disk.write_snapshot``);
 - ``save_file``: the whole model's tensors written once, by one process, with
   ``safetensors.torch.save_file`` (the time floor the sync is compared with).
 
@@ -46,9 +46,8 @@ import torch.distributed as dist
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig
 from hpt_megatron.models.export import rank_export_buckets
 from hpt_megatron.models.provider import build_model_chunks, load_hf_config
-from hpt_megatron.orchestration.weight_sync import DiskSync, sync_weights
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
-from hpt_megatron.rollout.sglang.weight_sync.disk import write_snapshot
+from hpt_megatron.rollout.weight_sync.disk import DiskPusher, write_snapshot
 from tests.helpers.tiny_hf import QWEN25_05B_SHAPE
 
 
@@ -150,9 +149,8 @@ def main() -> None:
     dist.barrier(group=ctx.cpu_group)
     with PeakRSS() as new_mem:
         t0 = time.perf_counter()
-        model_bytes = sync_weights(
-            sink, chunks, hf, ctx, 1, bucket_bytes=bucket, disk=DiskSync(work / "new")
-        )
+        pusher = DiskPusher(work / "new", chunks, hf, ctx, bucket_bytes=bucket)
+        model_bytes = pusher.push(1, sink)
         new_s = time.perf_counter() - t0
     _trim()
     dist.barrier(group=ctx.cpu_group)

@@ -8,18 +8,13 @@ advantages, and hands back a :class:`RolloutBatch` that every rank trains on.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from hpt_megatron.algorithms import AlgorithmSpec
 from hpt_megatron.config import HPTConfig
 from hpt_megatron.config.data import RewardConfig
-from hpt_megatron.config.rollout import RolloutConfig
 from hpt_megatron.data import build_prompt_dataset, build_sampler
 from hpt_megatron.data.dataset import PromptDataset
 from hpt_megatron.data.records import PromptRecord
@@ -35,17 +30,19 @@ from hpt_megatron.orchestration.batch_rules import (
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.rewards import RewardPool
 from hpt_megatron.rollout.base import RolloutEngine, SamplingParams
-from hpt_megatron.rollout.factory import sampling_params
+from hpt_megatron.rollout.factory import build_rollout_engine, sampling_params
+from hpt_megatron.rollout.plan import RolloutPlan
+from hpt_megatron.rollout.seeds import derive_seed
 
 if TYPE_CHECKING:
-    from hpt_megatron.rollout.cpu_engine import HFCpuEngine
     from hpt_megatron.rollout.sglang.nodes import NodeServerGroup
 
 MAX_REFILL_ROUNDS = 4  # DAPO dynamic sampling: extra prompt batches drawn to refill a step
 
 
 class Driver:
-    """Rank 0's sampler, datasets, rollout engine and reward pool; rollouts and validation."""
+    """Rank 0's sampler, datasets, rollout engine and reward pool; rollouts and validation
+    accuracy (:meth:`evaluate`)."""
 
     def __init__(
         self,
@@ -67,6 +64,7 @@ class Driver:
     def build(
         cls,
         cfg: HPTConfig,
+        plan: RolloutPlan,
         hf: HFModelConfig,
         tokenizer: Any,
         run_dir: Path,
@@ -74,7 +72,7 @@ class Driver:
         nodes: NodeServerGroup | None = None,
     ) -> Driver:
         train_set = build_prompt_dataset(cfg.data, tokenizer, "train")
-        sampler = build_sampler(cfg.data, train_set, cfg.run.seed)
+        sampler = build_sampler(cfg.data, train_set, derive_seed(cfg.run.seed, "sampler"))
         val_set = None
         if cfg.data.val or (cfg.data.train == "arithmetic" and cfg.run.val_every):
             val_cfg = cfg.data if cfg.data.val else dataclasses.replace(cfg.data, val="arithmetic")
@@ -86,7 +84,7 @@ class Driver:
             memory_limit_mb=reward.memory_limit_mb,
         )
         try:
-            engine = build_rollout_engine(cfg, hf, tokenizer, run_dir, ctx, nodes)
+            engine = build_rollout_engine(plan, cfg, hf, tokenizer, run_dir, ctx, nodes)
         except BaseException:
             pool.close()
             raise
@@ -102,7 +100,7 @@ class Driver:
         cfg = self.cfg
         return sampling_params(
             cfg.rollout,
-            seed=cfg.run.seed * 100_003 + step,
+            seed=derive_seed(cfg.run.seed, "rollout", step),
             max_new_tokens=min(cfg.rollout.max_new_tokens, cfg.data.max_response_tokens),
             stop_token_ids=[self.tokenizer.eos_token_id],
         )
@@ -145,7 +143,7 @@ class Driver:
         histograms = {"reward/per_prompt_success": _success_rates(rollouts)}
         return RolloutBatch(kept, step, {**metrics, **timings}, histograms, sampler_state)
 
-    def validate(self) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """Greedy accuracy on the validation set ({} without one)."""
         if self.val_set is None:
             return {}
@@ -155,7 +153,7 @@ class Driver:
             self.cfg.rollout,
             n=1,
             temperature=0.0,
-            seed=0,
+            seed=0,  # greedy: no draw
             max_new_tokens=self.cfg.data.max_response_tokens,
             stop_token_ids=[self.tokenizer.eos_token_id],
         )
@@ -224,165 +222,6 @@ def grade_samples(pool: RewardPool, samples: list[Sample], cfg: RewardConfig) ->
     )
     for sample, reward in zip(samples, rewards):
         sample.reward = float(reward)
-
-
-def build_rollout_engine(
-    cfg: HPTConfig,
-    hf: HFModelConfig,
-    tokenizer: Any,
-    run_dir: Path,
-    ctx: ParallelContext,
-    nodes: NodeServerGroup | None = None,
-) -> RolloutEngine:
-    """The driver's rollout engine; its weights are overwritten from the trainer at step 0.
-    ``nodes``: the SGLang servers every node started (``start_rollout_nodes``)."""
-    if cfg.rollout.engine == "cpu":
-        if not data_parallel_generation(cfg, ctx.world_size):
-            return build_cpu_engine(cfg, hf, tokenizer)
-        from hpt_megatron.rollout.replicas import DataParallelEngine
-
-        local = build_cpu_engine(cfg, hf, tokenizer, data_parallel=True)
-        return DataParallelEngine(local, ctx)
-    from hpt_megatron.rollout.sglang import build_sglang_engine
-
-    # Serve the starting HF checkpoint when there is one (no random full-size copy to write).
-    return build_sglang_engine(
-        sglang_rollout(cfg),
-        hf=hf,
-        tokenizer=tokenizer,
-        run_dir=run_dir,
-        model_path=cfg.model.hf_weights,
-        nodes=nodes,
-    )
-
-
-def build_cpu_engine(
-    cfg: HPTConfig, hf: HFModelConfig, tokenizer: Any, data_parallel: bool = False
-) -> HFCpuEngine:
-    """The CPU engine (the driver's, or a rank's replica under data-parallel generation)."""
-    from hpt_megatron.rollout.cpu_engine import HFCpuEngine
-
-    return HFCpuEngine.from_config(
-        hf,
-        max_batch_rows=cfg.rollout.cpu.max_batch_rows,
-        threads=generation_threads(cfg, data_parallel),
-        seed=cfg.run.seed,
-        dtype=cfg.rollout.cpu.dtype,
-        tokenizer=tokenizer,
-        eos_token_ids=[tokenizer.eos_token_id],
-        pad_token_id=tokenizer.pad_token_id,
-        record_routing=cfg.algorithm.spec().routing_replay == "rollout",
-    )
-
-
-def sglang_rollout(cfg: HPTConfig) -> RolloutConfig:
-    """The ``rollout`` section as the SGLang servers take it: a served checkpoint is told the
-    trainer's RoPE settings (``model.rope_theta``, ``max_position_embeddings``), and CPU servers
-    their threads (``cpu_thread_split``)."""
-    rollout = cfg.rollout
-    split = cpu_thread_split(cfg)
-    if split is not None:  # the user's own rollout.sglang.env wins
-        env = {"OMP_NUM_THREADS": str(split[0]), **rollout.sglang.env}
-        rollout = dataclasses.replace(rollout, sglang=dataclasses.replace(rollout.sglang, env=env))
-    overrides = {k: getattr(cfg.model, k) for k in ("rope_theta", "max_position_embeddings")}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if overrides and cfg.model.hf_weights:
-        extra = [*rollout.sglang.extra_args, "--json-model-override-args", json.dumps(overrides)]
-        sglang = dataclasses.replace(rollout.sglang, extra_args=extra)
-        rollout = dataclasses.replace(rollout, sglang=sglang)
-    return rollout
-
-
-def launches_sglang_servers(cfg: HPTConfig) -> bool:
-    """Whether the run starts SGLang servers of its own (``rollout.engine: sglang`` without
-    ``urls``, not a replay of recorded batches)."""
-    rollout = cfg.rollout
-    return rollout.engine == "sglang" and not rollout.sglang.urls and not cfg.run.replay_rollouts
-
-
-def start_rollout_nodes(
-    cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, tokenizer: Any, run_dir: Path
-) -> NodeServerGroup | None:
-    """SGLang servers on every node, for a run over several nodes that launches its own
-    (``rollout.engine: sglang`` without ``urls``, not a replay); ``None`` otherwise. A
-    collective: every rank calls it. The driver first writes the folder they serve."""
-    if not launches_sglang_servers(cfg):
-        return None
-    from hpt_megatron.rollout.sglang.engine import serve_path
-    from hpt_megatron.rollout.sglang.nodes import NodeInfo, start_node_servers
-
-    nodes = NodeInfo.from_env()
-    if nodes.num_nodes == 1:
-        return None  # the driver launches them (SGLangEngine.launch)
-    model_path = None
-    if ctx.is_driver:
-        model_path = serve_path(hf, tokenizer, run_dir, cfg.model.hf_weights)
-    return start_node_servers(
-        sglang_rollout(cfg).sglang,
-        model_path=model_path,
-        run_dir=run_dir,
-        group=ctx.cpu_group,
-        nodes=nodes,
-    )
-
-
-def cpu_thread_split(cfg: HPTConfig, cores: int | None = None) -> tuple[int, int | None] | None:
-    """The threads of each CPU SGLang server the run launches on a node, and of each trainer rank
-    of that node (``None``: as torch set them); ``None`` when the run launches no CPU servers.
-
-    ``cores``: the cores this process may run on (the node's, by default). Colocated, generation
-    and training take turns, so the node's servers share all its cores (without it a server
-    inherits torchrun's ``OMP_NUM_THREADS=1`` and generates on one core while the trainer ranks
-    wait) and the trainer keeps its threads. Disaggregated, both run at the same time: the
-    servers take half the cores and the node's trainer ranks (``LOCAL_WORLD_SIZE``) the rest.
-    Each running as many OpenMP threads as there are cores, on the same cores, made both about
-    2x slower (``benchmarks/async_speedup.py``: the update took 10-14 s against 1 s alone).
-    ``rollout.sglang.cpu_threads`` sets the servers' share.
-    """
-    sglang = cfg.rollout.sglang
-    if not launches_sglang_servers(cfg) or sglang.device != "cpu":
-        return None
-    cores = cores or len(os.sched_getaffinity(0))
-    colocated = cfg.run.placement == "colocated"
-    share = cores if colocated else max(1, cores // 2)
-    server = sglang.cpu_threads or max(1, share // sglang.servers_per_node)
-    if colocated:
-        return server, None
-    node_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return server, max(1, (cores - server * sglang.servers_per_node) // node_ranks)
-
-
-def data_parallel_generation(cfg: HPTConfig, world_size: int) -> bool:
-    """Whether every rank holds a CPU engine replica and generates its share of the prompts
-    (``rollout.cpu.data_parallel``; auto: colocated CPU-engine runs over several ranks)."""
-    if cfg.rollout.cpu.data_parallel is False or world_size == 1:
-        return False
-    # (preflight rejected ``true`` where it cannot run)
-    rollout, run = cfg.rollout, cfg.run
-    return rollout.engine == "cpu" and run.placement == "colocated" and not run.replay_rollouts
-
-
-def generation_threads(cfg: HPTConfig, data_parallel: bool = False) -> int:
-    """The CPU engine's intra-op threads while it generates (``rollout.cpu.threads``).
-
-    Auto, colocated with data-parallel generation: every rank of the node generates at once, so
-    each takes its share of the cores (at least its own threads). Auto, colocated without it: the
-    other trainer ranks of this node wait in a collective while the driver generates (gloo's wait
-    does not spin), so their threads go to generation: the node's ranks (torchrun's
-    ``LOCAL_WORLD_SIZE``) times this rank's threads, at most the cores this process may run on.
-    Auto, disaggregated: the producer generates while the trainer trains, so this rank's own
-    threads.
-    """
-    if cfg.rollout.cpu.threads:
-        return cfg.rollout.cpu.threads
-    own = torch.get_num_threads()
-    if cfg.run.placement != "colocated":
-        return own
-    node_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cores = len(os.sched_getaffinity(0))
-    if data_parallel:
-        return max(own, cores // node_ranks)
-    return max(1, min(node_ranks * own, cores))
 
 
 def _server_metrics(engine: RolloutEngine) -> dict[str, float]:

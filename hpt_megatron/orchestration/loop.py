@@ -4,8 +4,9 @@
 
 The trainer side (models, optimizers, update, checkpoints) is ``trainer/run.Trainer``; the
 rollouts ``orchestration/rollouts.py`` (the driver's generation and batch rule); the weight push
-``orchestration/weight_sync.py``. Validation comes after the push (it scores the new weights) and
-before the save (a new best score is saved as ``best``).
+``rollout/weight_sync/`` (one pusher, chosen once by the rollout plan, ``rollout/plan.py``).
+Validation comes after the push (it scores the new weights) and before the save (a new best
+score is saved as ``best``).
 
 Colocated placement generates each batch in line, after the previous step's weights were
 loaded. Disaggregated placement generates in a background producer under the staleness bound
@@ -33,25 +34,21 @@ from hpt_megatron.models.provider import (
     hf_config_with_overrides,
     load_hf_config,
 )
-from hpt_megatron.orchestration.driver import (
-    Driver,
-    build_cpu_engine,
-    cpu_thread_split,
-    data_parallel_generation,
-    start_rollout_nodes,
-)
+from hpt_megatron.orchestration.driver import Driver
 from hpt_megatron.orchestration.faults import NonFiniteGuard, Preemption
 from hpt_megatron.orchestration.metrics import MetricsLogger, derived_metrics
 from hpt_megatron.orchestration.rollouts import ReplayRollouts, make_rollouts
 from hpt_megatron.orchestration.watchdog import Watchdog
-from hpt_megatron.orchestration.weight_sync import disk_sync_for, sync_weights
 from hpt_megatron.parallel.runtime import (
     ParallelContext,
     broadcast_from_driver,
     init_distributed,
     shutdown_distributed,
 )
+from hpt_megatron.rollout.factory import build_replica, start_rollout_nodes
+from hpt_megatron.rollout.plan import rollout_plan
 from hpt_megatron.rollout.replicas import serve_requests
+from hpt_megatron.rollout.weight_sync import WeightPusher, build_weight_pusher
 from hpt_megatron.trainer.engine import PhaseMarker
 from hpt_megatron.trainer.run import Trainer
 
@@ -79,10 +76,15 @@ def train(cfg: HPTConfig) -> dict[str, float]:
     ctx = init_distributed(
         cfg.parallel, seed=cfg.run.seed, timeout_s=cfg.fault.collective_timeout_s
     )
-    split = cpu_thread_split(cfg)
-    if split is not None and split[1] is not None:  # CPU servers generate while this rank trains
-        torch.set_num_threads(split[1])
-        _log.info("CPU threads: %d per SGLang server, %d per trainer rank", *split)
+    plan = rollout_plan(cfg, ctx.world_size)
+    threads = plan.threads
+    if threads.trainer is not None:  # CPU servers generate while this rank trains
+        torch.set_num_threads(threads.trainer)
+        _log.info(
+            "CPU threads: %d per SGLang server, %d per trainer rank",
+            threads.server,
+            threads.trainer,
+        )
     run_dir = Path(cfg.run.run_dir)
     watchdog = Watchdog(cfg.fault, run_dir, ctx.rank, ctx.world_size)
     driver = nodes = replica = None
@@ -90,16 +92,17 @@ def train(cfg: HPTConfig) -> dict[str, float]:
         tokenizer = _prepare_run_dir(cfg, ctx, hf, run_dir)
         trainer = Trainer.build(cfg, ctx, hf, spec, tokenizer, phase=watchdog.phase)
         # Over several nodes, each node's local rank 0 starts that node's SGLang servers.
-        nodes = start_rollout_nodes(cfg, ctx, hf, tokenizer, run_dir)
+        nodes = start_rollout_nodes(plan, cfg, ctx, hf, tokenizer, run_dir)
         # A replay of recorded batches (run.replay_rollouts) has no driver and no engine.
-        build = ctx.is_driver and not cfg.run.replay_rollouts
-        driver = Driver.build(cfg, hf, tokenizer, run_dir, ctx, nodes) if build else None
-        if not ctx.is_driver and data_parallel_generation(cfg, ctx.world_size):
-            replica = build_cpu_engine(cfg, hf, tokenizer, data_parallel=True)
+        build = ctx.is_driver and plan.engine is not None
+        driver = Driver.build(cfg, plan, hf, tokenizer, run_dir, ctx, nodes) if build else None
+        replica = build_replica(plan, cfg, hf, tokenizer, ctx)
+        weights = build_weight_pusher(plan, trainer.chunks, hf, ctx, tokenizer)
+        pusher = WeightPush(weights, ctx, replica, watchdog.phase)
         watchdog.start()
         preemption = Preemption(cfg.fault.preempt_signals)
         try:
-            return _train(cfg, ctx, spec, trainer, driver, replica, watchdog.phase, preemption)
+            return _train(cfg, ctx, spec, trainer, driver, pusher, watchdog.phase, preemption)
         finally:
             preemption.close()
             watchdog.stop()
@@ -134,12 +137,11 @@ def _train(
     spec: AlgorithmSpec,
     trainer: Trainer,
     driver: Driver | None,
-    replica: HFCpuEngine | None,
+    pusher: WeightPush,
     phase: PhaseMarker,
     preemption: Preemption,
 ) -> dict[str, float]:
-    """Resume, push the starting weights, then the steps. ``replica``: this rank's CPU engine
-    under data-parallel generation (not the driver's)."""
+    """Resume, push the starting weights, then the steps."""
     resumed = trainer.resume()
     start = 0 if resumed is None else resumed.step
     if resumed is not None and driver is not None:
@@ -154,7 +156,6 @@ def _train(
         progress_bar=cfg.logging.progress_bar,
         start_step=start,
     )
-    pusher = WeightPush(cfg, ctx, trainer, replica, phase)
     engine = driver.engine if driver is not None else None
     pusher.start(engine, start)
     rollouts: Rollouts
@@ -171,6 +172,7 @@ def _train(
             cfg.rollout.partial,
         )
     colocated = engine if cfg.run.placement == "colocated" else None
+    replica = pusher.replica
     parts = LoopParts(trainer, rollouts, pusher, logger, preemption, phase, replica, colocated)
     try:
         metrics, preempted = StepLoop(cfg, ctx, spec, parts).run(start)
@@ -184,42 +186,35 @@ def _train(
 
 
 class WeightPush:
-    """The policy's weights to the rollout engines (``orchestration/weight_sync.py``): once
-    before the first step, then after every update; nothing when replaying recorded batches."""
+    """The policy's weights to the rollout engines through the run's pusher
+    (``rollout/weight_sync/``): once before the first step, then after every update; nothing
+    when replaying recorded batches (no pusher)."""
 
     def __init__(
         self,
-        cfg: HPTConfig,
+        pusher: WeightPusher | None,
         ctx: ParallelContext,
-        trainer: Trainer,
         replica: HFCpuEngine | None,
         phase: PhaseMarker,
     ) -> None:
+        self.pusher = pusher
         self.ctx = ctx
-        self.trainer = trainer
         self.replica = replica  # this rank's engine under data-parallel generation
         self.phase = phase
-        self.syncing = not cfg.run.replay_rollouts  # a replay trains recorded batches
-        self.disk = disk_sync_for(cfg, trainer.tokenizer) if self.syncing else None
-        self.every_rank = data_parallel_generation(cfg, ctx.world_size)  # each rank a replica
 
     def start(self, engine: Any, start: int) -> None:
         """The starting weights (version ``start``) to the driver's engine and the replicas."""
-        if self.syncing:
+        if self.pusher is not None:
             with self.phase("weight_sync", start):
-                self._sync(engine if self.ctx.is_driver else self.replica, start)
+                self.pusher.push(start, engine if self.ctx.is_driver else self.replica)
 
     def push(self, rollouts: Rollouts, version: int) -> None:
         """The weights after an update, to ``rollouts.weight_sink`` (colocated: the engine;
         disaggregated: queued for the producer, not loaded here) and the replicas."""
         with self.phase("weight_sync"):
-            if self.syncing:
-                self._sync(rollouts.weight_sink if self.ctx.is_driver else self.replica, version)
-
-    def _sync(self, sink: Any, version: int) -> None:
-        chunks, hf, ctx = self.trainer.chunks, self.trainer.hf, self.ctx
-        disk, every_rank = self.disk, self.every_rank
-        sync_weights(sink, chunks, hf, ctx, version, disk=disk, every_rank=every_rank)
+            if self.pusher is not None:
+                sink = rollouts.weight_sink if self.ctx.is_driver else self.replica
+                self.pusher.push(version, sink)
 
 
 class Rollouts(Protocol):

@@ -26,6 +26,7 @@ from hpt_megatron.models.provider import (
 )
 from hpt_megatron.parallel.runtime import check_world_size
 from hpt_megatron.rewards.registry import resolve_reward
+from hpt_megatron.rollout.plan import data_parallel_refusal
 
 
 def preflight(cfg: HPTConfig, world_size: int) -> None:
@@ -75,19 +76,12 @@ def _check_replay(cfg: HPTConfig) -> None:
 
 
 def _check_schedule(cfg: HPTConfig) -> None:
-    if cfg.rollout.cpu.data_parallel:
-        why = None
-        if cfg.rollout.engine != "cpu":
-            why = f"rollout.engine is {cfg.rollout.engine} (SGLang servers are data-parallel)"
-        elif cfg.run.placement != "colocated":
-            why = "disaggregated placement generates in the driver while the other ranks train"
-        elif cfg.run.replay_rollouts:
-            why = "run.replay_rollouts trains recorded batches and generates nothing"
-        if why:
-            raise ConfigError(
-                f"rollout.cpu.data_parallel: every rank generating with its own CPU engine "
-                f"cannot run here: {why}; set it to null (auto) or false"
-            )
+    why = data_parallel_refusal(cfg)
+    if cfg.rollout.cpu.data_parallel and why:
+        raise ConfigError(
+            f"rollout.cpu.data_parallel: every rank generating with its own CPU engine "
+            f"cannot run here: {why}; set it to null (auto) or false"
+        )
     if cfg.rollout.partial and cfg.run.placement != "disaggregated":
         raise ConfigError(
             "rollout.partial: partial rollouts continue generations across weight pushes, which "

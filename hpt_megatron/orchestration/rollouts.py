@@ -77,7 +77,7 @@ class InlineRollouts:
         return batch
 
     def validate(self) -> dict[str, float]:
-        return self.driver.validate() if self.driver is not None else {}
+        return self.driver.evaluate() if self.driver is not None else {}
 
     def next_sampler_state(self, step: int) -> dict[str, Any] | None:
         """The sampler position before step ``step + 1``'s batch (checkpoint of ``step``)."""
@@ -142,7 +142,7 @@ class AsyncRollouts:
         """Validation with the newest pushed weights (waits for the batch being generated)."""
         with self._engine_lock:
             self._load_pending()
-            return self.driver.validate()
+            return self.driver.evaluate()
 
     def next_sampler_state(self, step: int) -> dict[str, Any]:
         with self._cond:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,15 +146,17 @@ class HFCpuEngine:
         **kwargs: object,
     ) -> HFCpuEngine:
         """A randomly initialised model from an HF config (ours or transformers', a folder or a
-        config.json), its weights in ``dtype``."""
+        config.json), its weights in ``dtype``, drawn from ``seed`` (torch's global generator is
+        left as it was)."""
         if dtype not in _DTYPES:
             raise ValueError(f"rollout dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
         if isinstance(config, HFModelConfig):
             config = config.to_transformers()
         elif not isinstance(config, PretrainedConfig):
             config = AutoConfig.from_pretrained(config)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
+        with torch.random.fork_rng(devices=[]):  # HF's init draws from the global generator
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
         return cls(model, **kwargs)  # type: ignore[arg-type]
 
     # -- routing ------------------------------------------------------------------------------
@@ -182,7 +185,7 @@ class HFCpuEngine:
                 raise ValueError(f"prompt {i} is empty: at least one token is needed")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: build the engine with one")
-        seed = params.seed if params.seed is not None else int(torch.seed() % (2**63))
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
         per_chunk = max(1, self.max_batch_rows // params.n)
         out: list[Generation] = []

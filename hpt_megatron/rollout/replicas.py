@@ -15,9 +15,9 @@ driver makes a batch:
 - other ranks: :func:`serve_requests` takes every broadcast, generates its share of each
   request, and returns the first broadcast object that is not a request (the step's batch).
 
-Each replica's share is sampled with its own seed (the step's seed mixed with the replica's
-index), so a run is reproducible at a given world size. Weights reach every replica through the
-in-memory weight sync (``orchestration/weight_sync.py``, ``every_rank``).
+Each replica's share is sampled with its own seed (the call's seed mixed with the replica's
+index, ``rollout/seeds.py``), so a run is reproducible at a given world size. Weights reach every
+replica through the in-memory weight pusher (``rollout/weight_sync/memory.py``, ``every_rank``).
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ import torch.distributed as dist
 
 from hpt_megatron.parallel.runtime import ParallelContext, broadcast_from_driver
 from hpt_megatron.rollout.base import Generation, SamplingParams, WeightBucket
+from hpt_megatron.rollout.seeds import derive_seed
 
 if TYPE_CHECKING:
     from hpt_megatron.rollout.cpu_engine import HFCpuEngine
-
-_SEED_STRIDE = 1_000_003  # seed of replica r's share: seed * stride + r
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +48,7 @@ class GenerateRequest:
         seed = self.params.seed
         if seed is None:
             return self.params
-        return dataclasses.replace(self.params, seed=seed * _SEED_STRIDE + replica)
+        return dataclasses.replace(self.params, seed=derive_seed(seed, "replica", rank=replica))
 
 
 def split_prompts(prompts: list[list[int]], replicas: int) -> list[list[list[int]]]:
@@ -99,12 +98,12 @@ class DataParallelEngine:
         return out
 
     def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
-        """The driver's replica only: the weight sync hands every rank its buckets."""
+        """The driver's replica only: the weight pusher hands every rank its buckets."""
         self.local.update_weights(buckets, version)
 
     def update_weights_from_disk(self, path: str | Path, version: int) -> None:
         # Disk sync is SGLang's; loading here would leave the other replicas behind.
-        raise RuntimeError("replicas take their weights in memory, on every rank (weight_sync)")
+        raise RuntimeError("replicas take their weights in memory, on every rank (MemoryPusher)")
 
     def release_memory(self) -> None:
         self.local.release_memory()

@@ -1,4 +1,4 @@
-"""Disk weight sync without a funnel through rank 0 (``orchestration/weight_sync.py``), at TP=2 and
+"""Disk weight sync without a funnel through rank 0 (``rollout/weight_sync/disk.py``), at TP=2 and
 PP=2: every exporting rank writes its own shards, the driver writes the index, and a real engine
 loads the folder tensor for tensor equal to the policy (fp32, tiny Qwen2 with tied embeddings)."""
 

@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from hpt_megatron.config.schema import load_config
     from hpt_megatron.data.tokenizer import load_tokenizer
     from hpt_megatron.orchestration.loop import resolve_model_config
-    from hpt_megatron.rollout.sglang.engine import _write_init_model
+    from hpt_megatron.rollout.sglang.build import _write_init_model
 
     path = tmp_path_factory.mktemp("tiny_llama")
     cfg = load_config(ROOT / "examples" / "tiny_cpu.yaml")

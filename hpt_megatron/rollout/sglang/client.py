@@ -22,6 +22,7 @@ import torch
 
 from hpt_megatron.data.sample import compact_expert_ids
 from hpt_megatron.rollout.base import Generation, SamplingParams
+from hpt_megatron.rollout.seeds import derive_seed
 from hpt_megatron.rollout.sglang.server import ServerStartError
 
 logger = logging.getLogger(__name__)
@@ -240,8 +241,9 @@ class SGLangClient:
             asks["return_routed_experts"] = True
         per_sample: dict[str, Any] | list[dict[str, Any]] = sampling
         if self.seeded_sampling and params.seed is not None:
+            seed = params.seed
             per_sample = [
-                {**sampling, "sampling_seed": (params.seed * 1_000_003 + index * n + j) % 2**31}
+                {**sampling, "sampling_seed": derive_seed(seed, "sample", rank=index * n + j)}
                 for j in range(n)
             ]
         if self.router is not None and isinstance(per_sample, list) and n > 1:

@@ -7,28 +7,26 @@ and weight transports are asynchronous; the protocol is synchronous), and one we
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import os
-import secrets
 import threading
 from collections.abc import Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 
-from hpt_megatron.config.rollout import (
-    RolloutConfig,
-    SGLangConfig,
-    sglang_server_args,
-    sglang_server_env,
-)
+from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.base import Generation, SamplingParams, WeightBucket
 from hpt_megatron.rollout.sampling import validate_sampling
 from hpt_megatron.rollout.sglang.client import Endpoint, ServerPool, SGLangClient
-from hpt_megatron.rollout.sglang.nodes import NodeServerGroup, bind_host, is_loopback
+from hpt_megatron.rollout.sglang.launch import (
+    bind_host,
+    launch_servers,
+    resolve_api_key,
+    server_api_key,
+    with_router_metrics,
+)
 from hpt_megatron.rollout.sglang.router import (
     launch_router,
     router_workers,
@@ -36,18 +34,9 @@ from hpt_megatron.rollout.sglang.router import (
     tell_router_restarted,
     use_router,
 )
-from hpt_megatron.rollout.sglang.server import (
-    ExternalServer,
-    ServerLaunch,
-    ServerStartError,
-    SGLangServer,
-    free_port,
-)
-from hpt_megatron.rollout.sglang.weight_sync import WeightTransport
-from hpt_megatron.rollout.sglang.weight_sync.disk import DiskTransport, check_loaded
-
-if TYPE_CHECKING:
-    from hpt_megatron.models.hf_config import HFModelConfig
+from hpt_megatron.rollout.sglang.server import ExternalServer, ServerStartError
+from hpt_megatron.rollout.weight_sync import WeightTransport
+from hpt_megatron.rollout.weight_sync.disk import DiskTransport, check_loaded
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,48 +57,6 @@ class _LoopThread:
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
-
-
-def launch_servers(
-    cfg: SGLangConfig,
-    *,
-    model_path: str | Path,
-    log_dir: str | Path,
-    api_key: str | None,
-    host: str = "127.0.0.1",
-    name: str = "sglang_server",
-) -> list[SGLangServer]:
-    """Start ``cfg.servers_per_node`` servers on this node in parallel, bound to ``host``; all
-    healthy, or none left running. Logs are ``<log_dir>/<name>_<i>.log``."""
-    model_path = str(model_path)
-    if not Path(model_path).is_dir():
-        raise ValueError(f"rollout model path {model_path} is not a directory")
-    servers = []
-    for i in range(cfg.servers_per_node):
-        port = cfg.base_port + i if cfg.base_port else free_port(host)
-        args = sglang_server_args(cfg, model_path=model_path, port=port, server_index=i, host=host)
-        launch = ServerLaunch(
-            python=cfg.python_executable(),
-            args=args,
-            host=host,
-            port=port,
-            log_path=Path(log_dir) / f"{name}_{i}.log",
-            env=sglang_server_env(cfg),
-            api_key=api_key,
-            startup_timeout_s=cfg.startup_timeout_s,
-            movable_port=not cfg.base_port,
-        )
-        servers.append(SGLangServer(launch))
-    try:
-        for server in servers:
-            server.start(wait=False)
-        with ThreadPoolExecutor(len(servers)) as pool:
-            list(pool.map(lambda s: s.wait_healthy(), servers))
-    except BaseException:
-        for server in servers:
-            server.stop()
-        raise
-    return servers
 
 
 class SGLangEngine:
@@ -399,27 +346,6 @@ class SGLangEngine:
             raise RuntimeError("the SGLang rollout engine was shut down")
 
 
-def resolve_api_key(cfg: SGLangConfig) -> str | None:
-    """The API key of ``cfg.api_key_env`` (``None`` when no variable is named)."""
-    if not cfg.api_key_env:
-        return None
-    api_key = os.environ.get(cfg.api_key_env)
-    if not api_key:
-        raise ValueError(
-            f"rollout.sglang.api_key_env: environment variable {cfg.api_key_env} is unset"
-        )
-    return api_key
-
-
-def server_api_key(cfg: SGLangConfig, host: str, generated: str | None = None) -> str | None:
-    """The key of servers we launch bound to ``host``: ``api_key_env``'s; else, for anything but
-    loopback, ``generated`` (or a new one): such a server never runs without a key."""
-    key = resolve_api_key(cfg)
-    if key or is_loopback(host):
-        return key
-    return generated or secrets.token_urlsafe(32)
-
-
 def server_counters(server: Endpoint, timeout_s: float = 5.0) -> tuple[float, float] | None:
     """(``/generate`` requests answered, prompt tokens found in the prefix cache) of a server,
     from its Prometheus ``/metrics``; ``None`` when it exports none (no ``--enable-metrics``)."""
@@ -443,66 +369,6 @@ def server_counters(server: Endpoint, timeout_s: float = 5.0) -> tuple[float, fl
     return (requests, cached) if seen or "sglang:" in text else None
 
 
-def with_router_metrics(cfg: SGLangConfig, num_servers: int) -> SGLangConfig:
-    """Behind the router, each server's own ``/metrics`` is what counts its requests: servers
-    launched for a routed engine get ``--enable-metrics``."""
-    if use_router(cfg, num_servers) and "--enable-metrics" not in cfg.extra_args:
-        return dataclasses.replace(cfg, extra_args=[*cfg.extra_args, "--enable-metrics"])
-    return cfg
-
-
 def _transport(cfg: SGLangConfig, run_dir: str | Path) -> WeightTransport:
     # weight_sync is auto or disk: the config allows nothing else
     return DiskTransport(cfg.sync_dir(run_dir))
-
-
-def build_sglang_engine(
-    cfg: RolloutConfig,
-    *,
-    hf: HFModelConfig,
-    tokenizer: Any,
-    run_dir: str | Path,
-    model_path: str | Path | None = None,
-    nodes: NodeServerGroup | None = None,
-) -> SGLangEngine:
-    """The scheduler's entry point for ``rollout.engine: sglang``.
-
-    With ``nodes`` (a run over several nodes), the engine drives the servers every node started
-    (``nodes.start_node_servers``). Otherwise it launches this node's servers on ``serve_path``'s
-    folder, or connects to ``rollout.sglang.urls``.
-    """
-    if cfg.sglang.urls:  # the user's servers serve their own model; the trainer's weights follow
-        engine = SGLangEngine.connect(cfg.sglang, run_dir=run_dir)
-    elif nodes is not None:
-        assert nodes.endpoints is not None, "the driver holds every node's endpoints"
-        endpoints, key = nodes.endpoints, nodes.api_key
-        engine = SGLangEngine.over(endpoints, cfg.sglang, run_dir=run_dir, api_key=key)
-    else:
-        model_path = serve_path(hf, tokenizer, run_dir, model_path)
-        engine = SGLangEngine.launch(cfg.sglang, model_path=model_path, run_dir=run_dir)
-    if cfg.sglang.routed_experts:
-        engine.record_routing(hf.num_experts_per_tok)
-    return engine
-
-
-def serve_path(
-    hf: HFModelConfig, tokenizer: Any, run_dir: str | Path, model_path: str | Path | None
-) -> Path:
-    """The folder the servers start from: ``model_path`` (an HF folder) when given; otherwise a
-    randomly initialised model of config ``hf`` plus ``tokenizer`` in
-    ``<run_dir>/sglang_init_model``, the trainer then overwriting the weights at step 0 (fine for
-    small models; for large ones pass the checkpoint folder)."""
-    if model_path is not None:
-        return Path(model_path)
-    path = Path(run_dir) / "sglang_init_model"
-    if not (path / "config.json").is_file():
-        _write_init_model(hf, tokenizer, path)
-    return path
-
-
-def _write_init_model(hf: HFModelConfig, tokenizer: Any, path: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_config(hf.to_transformers()).save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)

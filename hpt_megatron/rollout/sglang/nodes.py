@@ -14,8 +14,6 @@ A one-node run keeps the driver's own launch (``SGLangEngine.launch``); this mod
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -29,6 +27,14 @@ from typing import Any
 import torch.distributed as dist
 
 from hpt_megatron.config.rollout import SGLangConfig
+from hpt_megatron.rollout.sglang.launch import (
+    advertised_host,
+    bind_host,
+    is_loopback,
+    launch_servers,
+    resolve_api_key,
+    with_router_metrics,
+)
 from hpt_megatron.rollout.sglang.server import ExternalServer, ServerStartError, SGLangServer
 
 logger = logging.getLogger(__name__)
@@ -59,40 +65,6 @@ class NodeInfo:
             num_nodes=nodes,
             local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def node_address() -> str:
-    """What this node's hostname resolves to; when that is a loopback address (a Debian-style
-    ``/etc/hosts``), the address of the interface that routes to ``MASTER_ADDR``."""
-    with contextlib.suppress(OSError):
-        address = socket.gethostbyname(socket.gethostname())
-        if not is_loopback(address):
-            return address
-    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.connect((master, int(os.environ.get("MASTER_PORT", "29500"))))
-        return sock.getsockname()[0]
-
-
-def bind_host(cfg: SGLangConfig, num_nodes: int) -> str:
-    """The address this node's servers bind to (``rollout.sglang.host``, or the default)."""
-    if cfg.host:
-        return cfg.host
-    return "127.0.0.1" if num_nodes == 1 else node_address()
-
-
-def advertised_host(host: str) -> str:
-    """The address others use for a server bound to ``host`` (a wildcard bind: the node's)."""
-    return node_address() if host in ("0.0.0.0", "::", "") else host
 
 
 class NodeServer(ExternalServer):
@@ -186,22 +158,41 @@ def start_node_servers(
     they serve. Raises on every rank, naming the node, when any node cannot start its servers;
     no server is left running then.
     """
-    from hpt_megatron.rollout.sglang.engine import (
-        launch_servers,
-        resolve_api_key,
-        with_router_metrics,
-    )
-
     nodes = nodes or NodeInfo.from_env()
     cfg = with_router_metrics(cfg, cfg.servers_per_node * nodes.num_nodes)
-    rank = dist.get_rank()
-    log_dir = cfg.logs_dir(run_dir)
-    sync_dir = cfg.sync_dir(run_dir)
-    # The driver's facts: the model folder, a marker in the sync folder (every server must read
-    # the weights written there), and a per-run key for non-loopback servers. Never logged.
+    facts = _driver_facts(cfg, model_path, run_dir, group)
+    report: dict[str, Any] | None = None
+    own: NodeServers | None = None
+    if nodes.is_leader:
+        report, own = _start_own(cfg, nodes, facts, run_dir)
+    reports: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, report, group=group)
+    found = sorted((r for r in reports if r is not None), key=lambda r: r["node"])
+    failed = [r for r in found if r["error"]]
+    if failed:
+        if own is not None:
+            own.close()
+        why = "\n".join(f"node {r['node']}: {r['error']}" for r in failed)
+        raise ServerStartError(f"SGLang servers could not start on every node:\n{why}")
+    if dist.get_rank() != 0:
+        return NodeServerGroup(own, None, None)
+    key = facts["key"] if any(r.get("keyed") for r in found) else None
+    return NodeServerGroup(own, _driver_endpoints(cfg, found, key, run_dir), key)
+
+
+def _driver_facts(
+    cfg: SGLangConfig,
+    model_path: str | Path | None,
+    run_dir: str | Path,
+    group: dist.ProcessGroup | None,
+) -> dict[str, Any]:
+    """Collective: the driver's facts on every rank: the model folder, a marker in the sync
+    folder (every server must read the weights written there), and a per-run key for
+    non-loopback servers. Never logged."""
     shared: list[Any] = [None]
-    if rank == 0:
+    if dist.get_rank() == 0:
         try:
+            sync_dir = cfg.sync_dir(run_dir)
             sync_dir.mkdir(parents=True, exist_ok=True)
             token = secrets.token_hex(8)
             (sync_dir / f".node_check_{token}").write_text(token)
@@ -213,61 +204,62 @@ def start_node_servers(
     facts = shared[0]
     if "error" in facts:
         raise ServerStartError(f"SGLang servers could not start on every node:\n{facts['error']}")
-    report: dict[str, Any] | None = None
+    return facts
+
+
+def _start_own(
+    cfg: SGLangConfig, nodes: NodeInfo, facts: dict[str, Any], run_dir: str | Path
+) -> tuple[dict[str, Any], NodeServers | None]:
+    """(a node's local rank 0) Start this node's servers: the report for the driver (their
+    URLs and pids, or the error) and the supervised servers (``None`` if none started)."""
+    report: dict[str, Any] = {"node": nodes.node_rank, "urls": [], "pids": [], "error": None}
     own: NodeServers | None = None
-    if nodes.is_leader:
-        report = {"node": nodes.node_rank, "urls": [], "pids": [], "error": None}
-        try:
-            host = bind_host(cfg, nodes.num_nodes)
-            _check_reachable(host, nodes)
-            _check_shared(Path(facts["model_path"]), sync_dir, facts["token"])
-            key = facts["key"] if (cfg.api_key_env or not is_loopback(host)) else None
-            servers = launch_servers(
-                cfg,
-                model_path=facts["model_path"],
-                log_dir=log_dir,
-                api_key=key,
-                host=host,
-                name=f"node{nodes.node_rank}_server",
-            )
-            own = NodeServers(servers, node_rank=nodes.node_rank, max_restarts=cfg.max_restarts)
-            public = advertised_host(host)
-            report["urls"] = [f"http://{public}:{s.launch.port}" for s in servers]
-            report["pids"] = [s.proc.pid if s.proc else None for s in servers]
-            report["keyed"] = key is not None
-        except (ServerStartError, OSError, ValueError) as err:
-            report["error"] = str(err)
-    reports: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, report, group=group)
-    found = sorted((r for r in reports if r is not None), key=lambda r: r["node"])
-    failed = [r for r in found if r["error"]]
-    if failed:
-        if own is not None:
-            own.close()
-        why = "\n".join(f"node {r['node']}: {r['error']}" for r in failed)
-        raise ServerStartError(f"SGLang servers could not start on every node:\n{why}")
-    endpoints = None
-    if rank == 0:
-        if sync_dir.is_dir():
-            for marker in sync_dir.glob(".node_check_*"):
-                marker.unlink(missing_ok=True)
-        keyed = any(r.get("keyed") for r in found)
-        key = facts["key"] if keyed else None
-        endpoints = [
-            NodeServer(url, node_rank=r["node"], api_key=key, timeout_s=cfg.startup_timeout_s)
-            for r in found
-            for url in r["urls"]
-        ]
-        listing = [
-            {"node": r["node"], "url": url, "pid": pid}
-            for r in found
-            for url, pid in zip(r["urls"], r["pids"])
-        ]
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "servers.json").write_text(json.dumps(listing, indent=1) + "\n")
-        logger.info("SGLang servers on %d nodes: %s", len(found), [e.url for e in endpoints])
-        return NodeServerGroup(own, endpoints, key)
-    return NodeServerGroup(own, None, None)
+    try:
+        host = bind_host(cfg, nodes.num_nodes)
+        _check_reachable(host, nodes)
+        _check_shared(Path(facts["model_path"]), cfg.sync_dir(run_dir), facts["token"])
+        key = facts["key"] if (cfg.api_key_env or not is_loopback(host)) else None
+        servers = launch_servers(
+            cfg,
+            model_path=facts["model_path"],
+            log_dir=cfg.logs_dir(run_dir),
+            api_key=key,
+            host=host,
+            name=f"node{nodes.node_rank}_server",
+        )
+        own = NodeServers(servers, node_rank=nodes.node_rank, max_restarts=cfg.max_restarts)
+        public = advertised_host(host)
+        report["urls"] = [f"http://{public}:{s.launch.port}" for s in servers]
+        report["pids"] = [s.proc.pid if s.proc else None for s in servers]
+        report["keyed"] = key is not None
+    except (ServerStartError, OSError, ValueError) as err:
+        report["error"] = str(err)  # the caller stops ``own`` once every node's report is in
+    return report, own
+
+
+def _driver_endpoints(
+    cfg: SGLangConfig, found: list[dict[str, Any]], key: str | None, run_dir: str | Path
+) -> list[NodeServer]:
+    """(driver) Every node's servers as endpoints, listed in ``<log_dir>/servers.json``; the
+    sync folder's node markers removed."""
+    sync_dir, log_dir = cfg.sync_dir(run_dir), cfg.logs_dir(run_dir)
+    if sync_dir.is_dir():
+        for marker in sync_dir.glob(".node_check_*"):
+            marker.unlink(missing_ok=True)
+    endpoints = [
+        NodeServer(url, node_rank=r["node"], api_key=key, timeout_s=cfg.startup_timeout_s)
+        for r in found
+        for url in r["urls"]
+    ]
+    listing = [
+        {"node": r["node"], "url": url, "pid": pid}
+        for r in found
+        for url, pid in zip(r["urls"], r["pids"])
+    ]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "servers.json").write_text(json.dumps(listing, indent=1) + "\n")
+    logger.info("SGLang servers on %d nodes: %s", len(found), [e.url for e in endpoints])
+    return endpoints
 
 
 def _check_reachable(host: str, nodes: NodeInfo) -> None:

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node N replica_generation.py --tp T --hf DIR
 
 Every rank loads the HF folder ``--hf`` into its Megatron chunks and builds a CPU engine with
-other random weights (a different seed per rank); ``sync_weights(..., every_rank=True)`` must
+other random weights (a different seed per rank); ``MemoryPusher(..., every_rank=True)`` must
 bring every replica to the policy's weights. Then the driver generates through a
 ``DataParallelEngine`` while the others serve it (``serve_requests``), greedy and sampled, and
 finally broadcasts a non-request object that ends the others' serving. The driver prints one JSON
@@ -24,7 +24,6 @@ from hpt_megatron.config.sections import ModelConfig, ParallelConfig
 from hpt_megatron.models.hf_io import HFCheckpointReader
 from hpt_megatron.models.loading import load_hf_weights
 from hpt_megatron.models.provider import build_model_chunks, load_hf_config
-from hpt_megatron.orchestration.weight_sync import sync_weights
 from hpt_megatron.parallel.runtime import (
     broadcast_from_driver,
     init_distributed,
@@ -38,6 +37,7 @@ from hpt_megatron.rollout.replicas import (
     serve_requests,
     split_prompts,
 )
+from hpt_megatron.rollout.weight_sync.memory import MemoryPusher
 
 PROMPTS = [[5, 9, 13], [7, 1, 2, 3, 4, 8], [11], [4, 4, 4, 4], [20, 30, 40, 50, 60]]
 GREEDY = SamplingParams(n=1, temperature=0.0, max_new_tokens=10)
@@ -67,7 +67,7 @@ def main() -> None:
     torch.manual_seed(1000 + ctx.rank)  # other weights than the trainer's, per rank
     local = HFCpuEngine(AutoModelForCausalLM.from_config(hf.to_transformers()), threads=1)
     engine = DataParallelEngine(local, ctx) if ctx.is_driver else local
-    sync_weights(engine, chunks, hf, ctx, version=1, bucket_bytes=4096, every_rank=True)
+    MemoryPusher(chunks, hf, ctx, every_rank=True, bucket_bytes=4096).push(1, engine)
     original = HFCheckpointReader(args.hf)
     state = local.model.state_dict()
     diff = max((state[n] - original.get(n)).abs().max().item() for n in original.weight_map)

@@ -3,11 +3,11 @@
     torchrun ... weight_sync_disk.py --tp 2 --pp 1 --hf DIR --root DIR
 
 Every rank loads the HF folder ``--hf`` into its Megatron chunks and takes part in
-``sync_weights(..., disk=DiskSync(root))`` twice (versions 1 and 2, the parameters shifted by +1
+``DiskPusher(root, ...).push`` twice (versions 1 and 2, the parameters shifted by +1
 in between). The driver's sink is an ``HFCpuEngine`` built with other (random) weights, which
 loads each version folder from disk. The driver prints one JSON line: the files of each version
 folder, the biggest difference between the engine's tensors and the exported policy after each
-version, and the byte count ``sync_weights`` returned.
+version, and the byte count ``push`` returned.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from hpt_megatron.config.sections import ModelConfig, ParallelConfig
 from hpt_megatron.models.hf_io import HFCheckpointReader
 from hpt_megatron.models.loading import load_hf_weights
 from hpt_megatron.models.provider import build_model_chunks, load_hf_config
-from hpt_megatron.orchestration.weight_sync import DiskSync, sync_weights
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
+from hpt_megatron.rollout.weight_sync.disk import DiskPusher
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
 
         torch.manual_seed(123)  # other weights than the trainer's
         engine = HFCpuEngine(AutoModelForCausalLM.from_config(hf.to_transformers()))
-    disk = DiskSync(Path(args.root))
+    disk = DiskPusher(Path(args.root), chunks, hf, ctx, bucket_bytes=4096)
     report: dict = {"files": {}, "max_diff": {}, "bytes": {}}
     original = HFCheckpointReader(args.hf)
     for version, shift in ((1, 0.0), (2, 1.0)):
@@ -56,7 +56,7 @@ def main() -> None:
             for chunk in chunks:
                 for param in chunk.parameters():
                     param.add_(shift)
-        got = sync_weights(engine, chunks, hf, ctx, version, bucket_bytes=4096, disk=disk)
+        got = disk.push(version, engine)
         if engine is not None:
             folder = disk.root / f"v{version}"
             report["files"][version] = sorted(p.name for p in folder.iterdir())

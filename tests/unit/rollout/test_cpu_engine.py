@@ -203,7 +203,7 @@ def test_threads_used_while_generating_and_restored(model: torch.nn.Module) -> N
 
 def test_generation_threads_auto_gives_idle_ranks_cores(monkeypatch) -> None:
     from hpt_megatron.config import load_config
-    from hpt_megatron.orchestration.driver import generation_threads
+    from hpt_megatron.rollout.plan import generation_threads
 
     own = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))
@@ -223,8 +223,8 @@ def test_generation_threads_auto_gives_idle_ranks_cores(monkeypatch) -> None:
 
 def test_data_parallel_generation_is_on_where_it_runs_and_rejected_where_not(tmp_path) -> None:
     from hpt_megatron.config import ConfigError, load_config
-    from hpt_megatron.orchestration.driver import data_parallel_generation
     from hpt_megatron.orchestration.preflight import preflight
+    from hpt_megatron.rollout.plan import data_parallel_generation
 
     tiny = "examples/tiny_cpu.yaml"
     auto = load_config(tiny)

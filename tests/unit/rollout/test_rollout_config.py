@@ -140,7 +140,7 @@ def test_cpu_servers_and_trainer_ranks_split_the_cores(monkeypatch: pytest.Monke
     Disaggregated (at once): servers half, the node's trainer ranks the rest. The servers get it
     as OMP_NUM_THREADS, which overrides torchrun's 1 but not the user's own env."""
     from hpt_megatron.config import load_config
-    from hpt_megatron.orchestration.driver import cpu_thread_split, sglang_rollout
+    from hpt_megatron.rollout.plan import cpu_thread_split, sglang_rollout
 
     sglang = ["rollout.engine=sglang", "rollout.sglang.device=cpu"]
     off = [*sglang, "run.placement=disaggregated", "run.max_staleness=2"]

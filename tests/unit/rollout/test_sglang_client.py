@@ -105,7 +105,7 @@ def test_api_key_is_sent(model_dir: Path, tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_a_non_loopback_server_gets_a_generated_key(tmp_path: Path) -> None:
-    from hpt_megatron.rollout.sglang.engine import server_api_key
+    from hpt_megatron.rollout.sglang.launch import server_api_key
 
     cfg = _cfg()
     assert server_api_key(cfg, "127.0.0.1") is None and server_api_key(cfg, "localhost") is None
@@ -311,7 +311,7 @@ def test_a_taken_port_moves_only_when_it_was_picked_here(
     the server moves to a free one; on a port the user gave (``base_port``) it is an error."""
     import socket
 
-    from hpt_megatron.rollout.sglang import engine as engine_module
+    from hpt_megatron.rollout.sglang import launch as engine_module
 
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))

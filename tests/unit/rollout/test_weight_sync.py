@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hpt_megatron.rollout.sglang.weight_sync.disk import write_safetensors, write_snapshot
+from hpt_megatron.rollout.weight_sync.disk import write_safetensors, write_snapshot
 
 
 def _bucket() -> list[tuple[str, torch.Tensor]]:

@@ -1,14 +1,20 @@
 """Weight sync through the file system: HF safetensors folders, then ``/update_weights_from_disk``.
 
 Works for every placement (CPU, colocated, disaggregated on a shared file system). Each version
-is a folder ``<dir>/v<version>``, loaded by every server; once it is loaded, older versions in
-``<dir>`` are deleted. The newest stays on disk so that a restarted server can be brought to the
-current weights.
+is a folder ``<root>/v<version>`` (written as ``v<version>.tmp`` and renamed when complete,
+``folder.py``), loaded by every server; once it is loaded, older versions in ``<root>`` are
+deleted. The newest stays on disk so that a restarted server can be brought to the current
+weights.
 
-``hpt train`` writes the folders from every pipeline stage at once, each exporting rank its own
-shards (``orchestration/weight_sync.py``), and calls :meth:`DiskTransport.load`;
-:meth:`DiskTransport.push` (``SGLangEngine.update_weights`` with buckets in hand) writes one
-file per bucket from this process (``<dir>/v<version>.tmp``, renamed when complete).
+- Trainer side (:class:`DiskPusher`, ``hpt train``): each exporting rank writes its own
+  safetensors shards straight into the version folder, bucket by bucket, so no rank holds more
+  than its own stage's buckets plus one bucket in flight; after a barrier the driver writes the
+  index (from the shard names every rank reports: small metadata), config.json and the
+  tokenizer files, publishes the folder and hands it to its sink, which loads it on every
+  server.
+- Server side (:class:`DiskTransport`, an ``SGLangEngine``'s): ``/update_weights_from_disk`` on
+  every server, resyncs of restarted servers, and :meth:`DiskTransport.push` for buckets in hand
+  (one file per bucket, written from this process).
 """
 
 from __future__ import annotations
@@ -18,30 +24,106 @@ import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
+import torch
+import torch.distributed as dist
 
-from hpt_megatron.models.hf_io import write_safetensors
+from hpt_megatron.models.export import DEFAULT_BUCKET_BYTES, merge_shard_index, write_rank_shards
+from hpt_megatron.models.hf_config import HFModelConfig
+from hpt_megatron.models.hf_io import copy_side_files, write_config, write_safetensors
+from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.rollout.base import WeightBucket
-from hpt_megatron.rollout.sglang.client import SGLangClient
+from hpt_megatron.rollout.weight_sync.base import WeightSink
+from hpt_megatron.rollout.weight_sync.folder import VersionFolder, dtype_name, write_version
+
+if TYPE_CHECKING:
+    from hpt_megatron.rollout.sglang.client import SGLangClient
+
+
+class DiskPusher:
+    """Every rank's shards into ``root/v<version>``, loaded by the driver's sink.
+
+    Args:
+        root: the folder of versions (``rollout.sglang.weight_sync_dir``, by default
+            ``<run_dir>/rollout_weights``), one every rank can write and every server read.
+        chunks: the policy's model chunks (wrapped or not).
+        hf: the policy's HF config.
+        ctx: this rank's parallel context.
+        tokenizer: the driver's; saved once under ``root/tokenizer`` and its files copied into
+            every version folder, so each one is a complete HF folder a server can start from.
+        bucket_bytes: the export's bucket size.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        chunks: list[torch.nn.Module],
+        hf: HFModelConfig,
+        ctx: ParallelContext,
+        *,
+        tokenizer: Any = None,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> None:
+        self.root = root
+        self.modules = [getattr(c, "module", c) for c in chunks]
+        self.hf = hf
+        self.ctx = ctx
+        self.tokenizer = tokenizer
+        self.bucket_bytes = bucket_bytes
+
+    def push(self, version: int, sink: WeightSink | None) -> int:
+        """Collective: the version folder written by every rank; the driver publishes it and
+        has ``sink`` load it. Returns the bytes written (on the driver)."""
+        ctx = self.ctx
+        folder = VersionFolder(self.root, version)
+        if ctx.is_driver:
+            folder.open()
+        if ctx.world_size > 1:
+            dist.barrier(group=ctx.cpu_group)  # the folder exists before anyone writes into it
+        try:
+            mine = write_rank_shards(
+                self.modules, self.hf, folder.tmp, ctx, bucket_bytes=self.bucket_bytes
+            )
+            total = merge_shard_index(folder.tmp, ctx, mine)  # a barrier: every shard on disk
+            if ctx.is_driver:
+                self._describe(folder.tmp)
+        except BaseException:
+            if ctx.is_driver:
+                folder.discard()
+            raise
+        if not ctx.is_driver:
+            return 0
+        final = folder.publish()
+        assert sink is not None
+        sink.update_weights_from_disk(final, version)
+        return total
+
+    def _describe(self, folder: Path) -> None:
+        """(driver) config.json and the tokenizer files next to the shards in ``folder``."""
+        params_dtype = cast(Any, self.modules[0]).config.params_dtype
+        write_config(self.hf, folder, torch_dtype=dtype_name(params_dtype))
+        if self.tokenizer is None:
+            return
+        saved = self.root / "tokenizer"
+        if not saved.is_dir():
+            self.tokenizer.save_pretrained(str(saved))
+        copy_side_files(saved, folder)
 
 
 def write_snapshot(buckets: Iterable[WeightBucket], directory: Path, version: int) -> Path:
     """Write ``buckets`` as ``<directory>/v<version>/bucket-NNNNN.safetensors``; return the dir."""
-    final = directory / f"v{version}"
-    tmp = directory / f"v{version}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    count = 0
-    for i, bucket in enumerate(buckets):
-        write_safetensors(tmp / f"bucket-{i:05d}.safetensors", bucket)
-        count += len(bucket)
-    if count == 0:
-        shutil.rmtree(tmp)
-        raise ValueError("update_weights: no tensors given")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
+
+    def fill(tmp: Path) -> None:
+        count = 0
+        for i, bucket in enumerate(buckets):
+            write_safetensors(tmp / f"bucket-{i:05d}.safetensors", bucket)
+            count += len(bucket)
+        if count == 0:
+            raise ValueError("update_weights: no tensors given")
+
+    return write_version(directory, version, fill)
 
 
 class DiskTransport:
