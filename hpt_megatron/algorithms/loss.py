@@ -34,8 +34,8 @@ from hpt_megatron.algorithms.parts import (
     kl_estimate,
     on_policy_terms,
 )
-from hpt_megatron.algorithms.presets import get_preset
-from hpt_megatron.algorithms.spec import AlgorithmSpec
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
+from hpt_megatron.config.presets import get_preset
 
 Metrics = dict[str, torch.Tensor]
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hpt_megatron.algorithms import AlgorithmSpec
 from hpt_megatron.config import HPTConfig
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 from hpt_megatron.config.data import RewardConfig
 from hpt_megatron.config.rollout import RolloutConfig
 from hpt_megatron.data import build_prompt_dataset, build_sampler

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
-from hpt_megatron.algorithms.spec import AlgorithmSpec
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 
 
 def sft() -> AlgorithmSpec:
