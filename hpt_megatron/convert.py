@@ -122,7 +122,7 @@ def megatron_to_hf(args: argparse.Namespace) -> None:
     from hpt_megatron.models.export import bucketed
     from hpt_megatron.models.hf_io import HFCheckpointWriter, copy_side_files, write_config
     from hpt_megatron.models.provider import check_hf_supported, load_hf_config
-    from hpt_megatron.models.torch_dist import (
+    from hpt_megatron.models.torch_dist_reader import (
         TorchDistCheckpoint,
         iter_checkpoint_hf_tensors,
     )
