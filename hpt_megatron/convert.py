@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from hpt_megatron.config.sections import ParamsDtype
     from hpt_megatron.models.hf_config import HFModelConfig
 
-_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_DTYPE_NAMES: dict[str, ParamsDtype] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -56,7 +57,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _hf_dtype(hf: HFModelConfig) -> str:
+def _hf_dtype(hf: HFModelConfig) -> ParamsDtype:
     return _DTYPE_NAMES.get(hf.torch_dtype or "float32", "fp32")
 
 

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -51,6 +51,7 @@ from hpt_megatron.models.loading import check_expert_tensors, local_tensor
 from hpt_megatron.models.mapping import Dims, rule_for, tp1_region
 
 if TYPE_CHECKING:
+    from hpt_megatron.config.sections import ParamsDtype
     from hpt_megatron.models.hf_config import HFModelConfig
 
 # What ``dist_checkpointing.save`` writes next to the DCP files (megatron-core 0.16).
@@ -86,7 +87,7 @@ class Schema:
     params: dict[str, torch.Tensor]  # parameter name -> meta tensor (shape, for checks)
 
 
-def megatron_schema(hf: HFModelConfig, dtype: str) -> Schema:
+def megatron_schema(hf: HFModelConfig, dtype: ParamsDtype) -> Schema:
     """What Megatron writes for the TP=PP=1 model of ``hf``, from a model built on ``meta``
     with local layers (GPU or not: TE layers would add FP8 state objects a CPU run lacks).
 
@@ -151,7 +152,8 @@ class _LazySavePlanner(DefaultSavePlanner):
             chunk = ChunkStorageMetadata(
                 offsets=torch.Size(piece.offsets), sizes=torch.Size((1,) * n + piece.shape)
             )
-            data = TensorWriteData(chunk=chunk, properties=properties, size=piece.global_shape)
+            size = torch.Size(piece.global_shape)
+            data = TensorWriteData(chunk=chunk, properties=properties, size=size)
             items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=data))
             self.by_index[index] = piece
         self.plan = SavePlan(items)
@@ -174,7 +176,7 @@ def write_checkpoint_from_hf(
     hf_folder: str | Path,
     out: str | Path,
     *,
-    dtype: Literal["fp32", "bf16", "fp16"],
+    dtype: ParamsDtype,
     schema: Schema | None = None,
     progress: bool = False,
 ) -> int:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -39,7 +40,7 @@ _EXPERT_READ_BYTES = 64 * 1024**2
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 
-class _IntoTensor:
+class _IntoTensor(DefaultLoadPlanner):
     """Where ``FileSystemReader.read_data`` puts what it reads: regions of one tensor.
 
     ``read_data`` calls only these two methods of its planner; the rest of DCP's load planning is
@@ -47,6 +48,7 @@ class _IntoTensor:
     """
 
     def __init__(self, dest: torch.Tensor) -> None:
+        super().__init__()
         self.dest = dest
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
@@ -125,7 +127,7 @@ class TorchDistCheckpoint:
             tensor = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         else:
             with open(path, "rb") as f:
-                record = _FileSlice(f, info.offset, info.length)
+                record = io.BufferedReader(_FileSlice(f, info.offset, info.length))
                 tensor = torch.load(record, map_location="cpu", weights_only=True)
         if tensor.shape != sizes:
             raise ValueError(
