@@ -153,18 +153,15 @@ def layer_offenders(pkg: pathlib.Path, layers: list[Layer]) -> list[str]:
 
 
 def test_the_documented_layer_table_holds():
-    assert not layer_offenders(PKG, read_layer_table(DOC.read_text()))
+    offenders = layer_offenders(PKG, read_layer_table(DOC.read_text()))
+    assert not offenders, "\n".join(offenders)
 
 
-def test_the_table_has_the_documented_rules():
+def test_the_table_keeps_the_pure_layers_pure():
+    """The rules DESIGN.md sets for the two pure layers stay in the table."""
     layers = {layer.name: layer for layer in read_layer_table(DOC.read_text())}
-    assert layers["config"].forbidden == ("torch",)
+    assert "torch" in layers["config"].forbidden
     assert {"torch.distributed", "megatron"} <= set(layers["algorithms"].forbidden)
-    assert "config" not in layers["config"].allowed and not layers["config"].allowed & {
-        "algorithms",
-        "models",
-        "trainer",
-    }
 
 
 def test_only_parallel_reads_megatron_parallel_state():
