@@ -102,7 +102,7 @@ class AlgorithmSpec:
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip_c: float = 3.0
-    # --- off-policy correction against the rollout engine (corrections.py) ------------------
+    # --- off-policy correction against the rollout engine (algorithms/corrections.py) -------
     tis_cap: float | None = None  # truncated IS weight min(rho, cap), rho = pi_old / pi_rollout
     tis_level: CorrectionLevel = "token"  # the level of the IS weight rho
     mis_high: float | None = None  # masked IS: drop where rho leaves [mis_low, mis_high]
@@ -262,7 +262,7 @@ def _validate_clip(s: AlgorithmSpec) -> None:
 
 
 def _validate_corrections(s: AlgorithmSpec) -> None:
-    """TIS's cap and MIS's band (``corrections.py``)."""
+    """TIS's cap and MIS's band (``algorithms/corrections.py``)."""
     if s.tis_cap is not None and s.tis_cap <= 0:
         raise OptionError("tis_cap", f"must be > 0, got {s.tis_cap}")
     if s.mis_high is not None and s.mis_high <= 0:
