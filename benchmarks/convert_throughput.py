@@ -92,7 +92,8 @@ else:
     import torch, megatron.core.models.gpt, megatron.core.dist_checkpointing
     from hpt_megatron import convert
     # the modules the converter imports when it runs, so that only the work is timed
-    import hpt_megatron.models.torch_dist, hpt_megatron.models.provider
+    import hpt_megatron.models.torch_dist, hpt_megatron.models.torch_dist_reader
+    import hpt_megatron.models.provider
     import hpt_megatron.parallel.runtime, megatron.core.models.gpt.gpt_layer_specs
 base = rss("VmRSS")
 t0 = time.perf_counter()

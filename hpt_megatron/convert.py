@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from hpt_megatron.config.sections import ParamsDtype
     from hpt_megatron.models.hf_config import HFModelConfig
 
-_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_DTYPE_NAMES: dict[str, ParamsDtype] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -56,7 +57,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _hf_dtype(hf: HFModelConfig) -> str:
+def _hf_dtype(hf: HFModelConfig) -> ParamsDtype:
     return _DTYPE_NAMES.get(hf.torch_dtype or "float32", "fp32")
 
 
@@ -122,7 +123,7 @@ def megatron_to_hf(args: argparse.Namespace) -> None:
     from hpt_megatron.models.export import bucketed
     from hpt_megatron.models.hf_io import HFCheckpointWriter, copy_side_files, write_config
     from hpt_megatron.models.provider import check_hf_supported, load_hf_config
-    from hpt_megatron.models.torch_dist import (
+    from hpt_megatron.models.torch_dist_reader import (
         TorchDistCheckpoint,
         iter_checkpoint_hf_tensors,
     )

@@ -22,11 +22,14 @@ import json
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hpt_megatron.parallel.logprobs import final_hidden_states, output_logprobs_entropy
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
 
 
 def read_sequences(path: str | Path) -> list[list[int]]:
@@ -82,7 +85,7 @@ def _forward_step(
 
 
 def score_sequences(
-    chunks: list[torch.nn.Module],
+    chunks: list[GPTModel],
     seqs: Sequence[list[int]],
     *,
     vocab_size: int,

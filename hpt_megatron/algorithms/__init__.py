@@ -2,9 +2,12 @@
 
 Public API::
 
-    from hpt_megatron.algorithms import policy_loss, compute_advantages, hpt_route, get_preset
+    from hpt_megatron.algorithms import policy_loss, compute_advantages, hpt_route
 
-See docs/algorithms.md for the four parts, every preset and the trainer contract.
+The spec they compute with (``AlgorithmSpec``) and the presets are pure data, so they live in
+``hpt_megatron.config.algorithm_spec`` and ``hpt_megatron.config.presets``, which the config
+loads without torch. See docs/algorithms.md for the four parts, every preset and the trainer
+contract.
 """
 
 from hpt_megatron.algorithms.advantages import (
@@ -24,8 +27,6 @@ from hpt_megatron.algorithms.loss import (
     zero_gradient_rows,
 )
 from hpt_megatron.algorithms.parts import kl_estimate
-from hpt_megatron.algorithms.presets import PRESETS, get_preset
-from hpt_megatron.algorithms.spec import AlgorithmSpec, OptionError
 from hpt_megatron.algorithms.value import (
     explained_variance,
     prompt_explained_variance_bound,
@@ -33,17 +34,13 @@ from hpt_megatron.algorithms.value import (
 )
 
 __all__ = [
-    "PRESETS",
-    "AlgorithmSpec",
     "HPTGate",
     "HPTPlan",
-    "OptionError",
     "compute_advantages",
     "dynamic_sampling_keep",
     "explained_variance",
     "fold_kl_into_rewards",
     "gae",
-    "get_preset",
     "hpt_batch_plan",
     "hpt_gate",
     "hpt_route",

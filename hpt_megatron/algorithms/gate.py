@@ -11,37 +11,13 @@ beta = 1 - alpha.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 
 from hpt_megatron.algorithms._checks import Vector, as_vector, check_rewards, group_index
+from hpt_megatron.config.algorithm_spec import parse_gamma
 
 _TOL = 1e-6  # counts compared as k > gamma * n; keeps 0.29 * 100 from reading as 28.99..
-
-
-def parse_gamma(gamma: int | float | str) -> tuple[str, float]:
-    """``gamma`` as ("count", c) for an int, or ("fraction", f) for a float or a "k/n" string.
-
-    An int is a number of correct responses out of n (``2`` with n = 8 is 2/8); a float in
-    [0, 1] is a fraction; ``"2/8"`` is the fraction 0.25.
-    """
-    if isinstance(gamma, bool):
-        raise ValueError(f"gamma: expected a count, a fraction or 'k/n', got {gamma!r}")
-    if isinstance(gamma, int):
-        if gamma < 0:
-            raise ValueError(f"gamma: a count must be >= 0, got {gamma}")
-        return "count", float(gamma)
-    if isinstance(gamma, str):
-        try:
-            value = float(Fraction(gamma.strip()))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"gamma: cannot read {gamma!r} as a fraction like '2/8'") from None
-    else:
-        value = float(gamma)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"gamma: a fraction must be in [0, 1], got {value}")
-    return "fraction", value
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,8 @@ from hpt_megatron.algorithms.parts import (
     kl_estimate,
     on_policy_terms,
 )
-from hpt_megatron.algorithms.presets import get_preset
-from hpt_megatron.algorithms.spec import AlgorithmSpec
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
+from hpt_megatron.config.presets import get_preset
 
 Metrics = dict[str, torch.Tensor]
 
@@ -197,22 +197,13 @@ def policy_loss(
         logprobs.dtype,
         (demo_b, rl_b, sft_b),
         (global_num_tokens, global_num_seqs),
-        (
-            global_num_tokens if metric_num_tokens is None else metric_num_tokens,
-            global_num_seqs if metric_num_seqs is None else metric_num_seqs,
-        ),
+        (metric_num_tokens, metric_num_seqs),
     )
     metrics: Metrics = {}
     pg_loss, terms = _rl_term(
         spec, ctx, logprobs, old_logprobs, advantages, rollout_logprobs, metrics
     )
-    sft_loss = agg.aggregate(
-        -logprobs, ctx.mask, sft_b, "token_mean", num_tokens=ctx.loss_tokens["sft"], num_seqs=1
-    )
-    loss = pg_loss + spec.sft_coef * sft_loss
-    loss = loss + _regularisers(spec, ctx, logprobs, entropy, ref_logprobs, metrics)
-    if spec.normalization == "microbatch":
-        loss = loss / dp_world_size
+    loss = _total_loss(spec, ctx, pg_loss, logprobs, entropy, ref_logprobs, metrics, dp_world_size)
     metrics.update(_core_metrics(loss, pg_loss, logprobs, old_logprobs, terms, ctx, spec))
     return loss, metrics
 
@@ -241,13 +232,22 @@ def _context(
     loss_totals: tuple[agg.Totals | float | None, agg.Totals | float | None],
     metric_totals: tuple[agg.Totals | float | None, agg.Totals | float | None],
 ) -> _Context:
+    """The call's context; a metric total left None is the loss's (``loss_totals``)."""
     demo_b, rl_b, sft_b = weights
     rows = agg.term_rows(rl_b, sft_b)
     local_tokens, local_seqs = agg.count_totals(mask_bt.sum(-1), rows)
     loss_tokens = agg.resolve_totals(loss_totals[0], local_tokens, "global_num_tokens")
     loss_seqs = agg.resolve_totals(loss_totals[1], local_seqs, "global_num_seqs")
-    metric_tokens = agg.resolve_totals(metric_totals[0], local_tokens, "metric_num_tokens")
-    metric_seqs = agg.resolve_totals(metric_totals[1], local_seqs, "metric_num_seqs")
+    metric_tokens = agg.resolve_totals(
+        loss_totals[0] if metric_totals[0] is None else metric_totals[0],
+        local_tokens,
+        "metric_num_tokens",
+    )
+    metric_seqs = agg.resolve_totals(
+        loss_totals[1] if metric_totals[1] is None else metric_totals[1],
+        local_seqs,
+        "metric_num_seqs",
+    )
     if spec.normalization == "microbatch":
         loss_tokens = agg.resolve_totals(None, local_tokens, "")
         loss_seqs = agg.resolve_totals(None, local_seqs, "")
@@ -308,6 +308,28 @@ def _rl_term(
         constant=spec.loss_agg_constant,
     )
     return pg_loss, terms
+
+
+def _total_loss(
+    spec: AlgorithmSpec,
+    ctx: _Context,
+    pg_loss: torch.Tensor,
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    metrics: Metrics,
+    dp_world_size: int,
+) -> torch.Tensor:
+    """``L_RL + sft_coef * L_SFT`` plus the regularisers; under ``normalization='microbatch'``
+    divided by ``dp_world_size`` (FSDP's average over ranks in the paper's code)."""
+    sft_loss = agg.aggregate(
+        -logprobs, ctx.mask, ctx.sft_b, "token_mean", num_tokens=ctx.loss_tokens["sft"], num_seqs=1
+    )
+    loss = pg_loss + spec.sft_coef * sft_loss
+    loss = loss + _regularisers(spec, ctx, logprobs, entropy, ref_logprobs, metrics)
+    if spec.normalization == "microbatch":
+        loss = loss / dp_world_size
+    return loss
 
 
 def _mismatch_metrics(

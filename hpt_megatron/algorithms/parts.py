@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpt_megatron.algorithms.spec import AlgorithmSpec
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 
 _MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: keeps fp32 ratios of garbage inputs finite
 

@@ -12,7 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hpt_megatron.algorithms.spec import AGGREGATION_ALIASES, AlgorithmSpec, OptionError
+from hpt_megatron.config.algorithm_spec import AGGREGATION_ALIASES, AlgorithmSpec, OptionError
+from hpt_megatron.config.presets import get_preset
 
 STALE_TIS_CAP = 2.0  # decoupled PPO's default truncation for stale batches (verl's too)
 
@@ -96,8 +97,8 @@ class CriticConfig:
 
 @dataclass(kw_only=True)
 class AlgorithmConfig:
-    """``preset`` names an entry of ``hpt_megatron.algorithms.PRESETS``; ``options`` override its
-    fields by name (``algorithm.options.clip_high=0.28``). See docs/algorithms.md."""
+    """``preset`` names an entry of ``PRESETS`` (``presets.py``); ``options`` override its fields
+    by name (``algorithm.options.clip_high=0.28``). See docs/algorithms.md."""
 
     preset: str = "hpt"
     options: AlgorithmOptions = field(default_factory=AlgorithmOptions)  # type: ignore[valid-type]
@@ -117,8 +118,6 @@ class AlgorithmConfig:
         correct against the rollout engine (``tis_cap`` or ``mis_high``; see
         ``algorithms/corrections.py``).
         """
-        from hpt_megatron.algorithms.presets import get_preset
-
         try:
             base = get_preset(self.preset)
         except ValueError as err:

@@ -39,51 +39,82 @@ def _closest(name: str, options: list[str], prefix: str) -> str:
 def check_value(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against type ``tp`` (converting int->float and str->Path), or raise.
 
+    One checker per kind of type: unions (``X | None`` included), ``Literal``, lists and tuples,
+    mappings, nested sections (dataclasses) and plain classes.
+
     Raises:
         ConfigError: ``"<key>: <why>"``.
     """
-    origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return check_value(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        if len(errors) == 1:
-            raise ConfigError(errors[0])
-        raise ConfigError(f"{key}: {value!r} matches none of {tp}")
+        return _check_union(value, tp, key)
     if origin is typing.Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            match = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f"; did you mean {match[0]!r}?" if match else ""
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{hint}")
-        return value
+        return _check_literal(value, tp, key)
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        items = [check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
+        return _check_sequence(value, tp, key)
     if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        _, val_tp = typing.get_args(tp) or (Any, Any)
-        return {k: check_value(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+        return _check_mapping(value, tp, key)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, prefix=key)  # type: ignore[arg-type]
+        return _check_section(value, tp, key)
+    return _check_plain(value, tp, key)
+
+
+def _check_union(value: Any, tp: Any, key: str) -> Any:
+    """The first member that accepts ``value``; one member's error when only one could."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return check_value(value, arg, key)
+        except ConfigError as err:
+            errors.append(str(err))
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    raise ConfigError(f"{key}: {value!r} matches none of {tp}")
+
+
+def _check_literal(value: Any, tp: Any, key: str) -> Any:
+    allowed = typing.get_args(tp)
+    if value not in allowed:
+        match = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f"; did you mean {match[0]!r}?" if match else ""
+        raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{hint}")
+    return value
+
+
+def _check_sequence(value: Any, tp: Any, key: str) -> list[Any] | tuple[Any, ...]:
+    """A list or tuple of ``tp``'s first item type, as ``tp``'s kind of sequence."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+    (item_tp, *_) = typing.get_args(tp) or (Any,)
+    items = [check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    return items if typing.get_origin(tp) is list else tuple(items)
+
+
+def _check_mapping(value: Any, tp: Any, key: str) -> dict[Any, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+    _, val_tp = typing.get_args(tp) or (Any, Any)
+    return {k: check_value(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+
+
+def _check_section(value: Any, tp: type[T], key: str) -> T:
+    """A nested section: the section itself, or a mapping built into it (``from_dict``)."""
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+    return from_dict(tp, value, prefix=key)
+
+
+def _check_plain(value: Any, tp: Any, key: str) -> Any:
+    """A value of a plain class (an int is a float, a str a Path; a bool is no number)."""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is Path and isinstance(value, str):

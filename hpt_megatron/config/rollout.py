@@ -87,7 +87,7 @@ class SGLangConfig:
     # device cpu: the threads each server's forward runs on (its OMP_NUM_THREADS). None: the
     # node's cores divided among its servers, colocated (generation and training take turns);
     # disaggregated, half of that, the trainer ranks of the node taking the other half
-    # (orchestration/driver.py: cpu_thread_split). Both running all the cores' worth of OpenMP
+    # (rollout/plan.py: cpu_thread_split). Both running all the cores' worth of OpenMP
     # threads at once slowed each about 2x (benchmarks/async_speedup.py).
     cpu_threads: int | None = None
     extra_args: list[str] = field(default_factory=list)  # passed through to launch_server
@@ -115,6 +115,16 @@ class SGLangConfig:
     log_dir: str | None = None  # None: <run_dir>/sglang_logs
 
     def validate(self) -> None:
+        self._validate_numbers()
+        self._validate_weight_sync()
+        self._validate_urls()
+        reserved = {"--model-path", "--port", "--host", "--api-key", "--tp-size", "--base-gpu-id"}
+        clash = sorted(reserved.intersection(a.split("=")[0] for a in self.extra_args))
+        if clash:
+            raise ValueError(f"extra_args: {clash} are set from this section; remove them")
+
+    def _validate_numbers(self) -> None:
+        """Counts, ports, memory and time limits in their ranges."""
         for key in ("servers_per_node", "tp_size", "gpu_id_step", "max_concurrency"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
@@ -138,6 +148,9 @@ class SGLangConfig:
         for key in ("startup_timeout_s", "request_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
+
+    def _validate_weight_sync(self) -> None:
+        """``tensor`` and ``distributed`` are not wired into ``hpt train`` (and need GPUs)."""
         if self.weight_sync in ("tensor", "distributed"):
             how = "CUDA IPC" if self.weight_sync == "tensor" else "NCCL"
             if self.device == "cpu":
@@ -149,6 +162,9 @@ class SGLangConfig:
                 f"weight_sync: {self.weight_sync} ({how}) is not wired into hpt train yet; use "
                 "auto or disk (every pipeline stage writes its own shards)"
             )
+
+    def _validate_urls(self) -> None:
+        """The user's servers: base URLs, each once, and then no servers of ours."""
         for i, url in enumerate(self.urls):
             problem = _url_problem(url)
             if problem:
@@ -160,10 +176,6 @@ class SGLangConfig:
                 "servers_per_node: servers are launched only without urls; with urls, list every "
                 "server there"
             )
-        reserved = {"--model-path", "--port", "--host", "--api-key", "--tp-size", "--base-gpu-id"}
-        clash = sorted(reserved.intersection(a.split("=")[0] for a in self.extra_args))
-        if clash:
-            raise ValueError(f"extra_args: {clash} are set from this section; remove them")
 
     def sync_dir(self, run_dir: str | os.PathLike[str]) -> Path:
         """The disk transport's folder of weight versions (absolute: servers have their own

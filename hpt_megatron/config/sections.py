@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+ParamsDtype = Literal["fp32", "bf16", "fp16"]  # the weights' dtype in Megatron
+
 
 @dataclass(kw_only=True)
 class RunConfig:
@@ -62,7 +64,7 @@ class ModelConfig:
     tokenizer: str | None = None
     rope_theta: float | None = None  # override (the paper: 40000 for Qwen2.5-Math-7B)
     max_position_embeddings: int | None = None  # override (the paper: 16384)
-    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    params_dtype: ParamsDtype = "fp32"
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     fp8: Literal["e4m3", "hybrid"] | None = None
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"

@@ -243,13 +243,13 @@ def _moe_fields(get: _Reader, arch: Architecture, layers: int) -> dict[str, Any]
                 f"{get.source}: {key}={get.raw[key]!r} asks for {feature}, which {arch.name} "
                 f"models here do not support"
             )
-    key = next((k for k in family.num_experts_keys if get.raw.get(k) is not None), None)
-    experts = get.integer(key) if key else family.num_experts
+    count_key = next((k for k in family.num_experts_keys if get.raw.get(k) is not None), None)
+    experts = get.integer(count_key) if count_key else family.num_experts
     top_k = get.integer("num_experts_per_tok", family.top_k)
     step = get.integer("decoder_sparse_step", 1)
     dense = get.value("mlp_only_layers", [], (list,))
     if experts < 1:
-        raise ConfigError(f"{get.source}: {key or 'num_experts'}={experts} must be >= 1")
+        raise ConfigError(f"{get.source}: {count_key or 'num_experts'}={experts} must be >= 1")
     if not 1 <= top_k <= experts:
         raise ConfigError(
             f"{get.source}: num_experts_per_tok={top_k} must be in [1, {experts}] (num_experts)"

@@ -145,8 +145,7 @@ class HFCheckpointReader:
         if fused is not None:
             fused_name, expert, part = fused
             meta = self._check_expert(name, fused_name, expert)
-            shard = self.weight_map[fused_name]
-            with safe_open(self.folder / shard, framework="pt") as f:
+            with safe_open(self.folder / self.weight_map[fused_name], framework="pt") as f:
                 view = f.get_slice(fused_name)
                 if part == "down":
                     data = view[expert]
@@ -266,13 +265,13 @@ def write_safetensors_stream(
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, dtype, shape in entries:
-            got, tensor = next(tensors, (None, None))
-            found = None if tensor is None else (got, tensor.dtype, tuple(tensor.shape))
-            if found != (name, dtype, tuple(shape)):
+            item = next(tensors, None)
+            found = None if item is None else (item[0], item[1].dtype, tuple(item[1].shape))
+            if item is None or found != (name, dtype, tuple(shape)):
                 raise ValueError(f"{path}: expected {(name, dtype, shape)}, got {found}")
-            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            flat = item[1].detach().cpu().contiguous().reshape(-1)
             if flat.numel():
-                f.write(memoryview(flat.view(torch.uint8).numpy()))
+                f.write(flat.view(torch.uint8).numpy().data)  # the bytes in place, no copy
 
 
 def write_safetensors(path: str | Path, bucket: Sequence[tuple[str, torch.Tensor]]) -> None:

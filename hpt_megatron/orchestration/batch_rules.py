@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 import torch
 
 from hpt_megatron.algorithms import (
-    AlgorithmSpec,
     compute_advantages,
     dynamic_sampling_keep,
     hpt_batch_plan,
     hpt_gate,
     overlong_penalty,
 )
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 from hpt_megatron.data.records import PromptRecord
 from hpt_megatron.data.sample import Sample
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpt_megatron.algorithms import AlgorithmSpec
 from hpt_megatron.config import HPTConfig
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 from hpt_megatron.config.data import RewardConfig
 from hpt_megatron.data import build_prompt_dataset, build_sampler
 from hpt_megatron.data.dataset import PromptDataset

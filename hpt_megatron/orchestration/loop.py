@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from hpt_megatron.algorithms import AlgorithmSpec
 from hpt_megatron.config import HPTConfig, dump_yaml
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 from hpt_megatron.data.tokenizer import load_tokenizer
 from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.models.provider import (

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from hpt_megatron.algorithms import AlgorithmSpec
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 from hpt_megatron.data.sample import RolloutBatch
 from hpt_megatron.orchestration.driver import Driver
 from hpt_megatron.rollout.base import RolloutEngine, WeightBucket

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 
 from hpt_megatron.algorithms import (
-    AlgorithmSpec,
     compute_advantages,
     explained_variance,
     gae,
@@ -36,6 +35,7 @@ from hpt_megatron.algorithms import (
 )
 from hpt_megatron.algorithms import value_loss as clipped_value_loss
 from hpt_megatron.config.algorithm import CriticConfig
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
 from hpt_megatron.data.sample import Sample
 from hpt_megatron.models.hf_config import HFModelConfig

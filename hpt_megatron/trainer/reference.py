@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from hpt_megatron.algorithms import AlgorithmSpec, kl_estimate, kl_penalised_advantages
+from hpt_megatron.algorithms import kl_estimate, kl_penalised_advantages
 from hpt_megatron.config.algorithm import ReferenceConfig
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
 from hpt_megatron.data.sample import Sample
 from hpt_megatron.models.hf_config import HFModelConfig

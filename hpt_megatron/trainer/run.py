@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from hpt_megatron.algorithms import AlgorithmSpec
 from hpt_megatron.config import HPTConfig
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 from hpt_megatron.data.sample import Sample
 from hpt_megatron.models.export import save_hf_folder
 from hpt_megatron.models.hf_config import HFModelConfig

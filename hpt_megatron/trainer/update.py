@@ -34,12 +34,12 @@ from typing import Any, Protocol
 import torch
 
 from hpt_megatron.algorithms import (
-    AlgorithmSpec,
     loss_totals,
     policy_loss,
     unpack_totals,
     zero_gradient_rows,
 )
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 from hpt_megatron.data.sample import Sample
 from hpt_megatron.models.moe import RouterStats
 from hpt_megatron.trainer.batching import (

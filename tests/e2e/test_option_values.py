@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from hpt_megatron.algorithms import PRESETS
 from hpt_megatron.cli import main
 from hpt_megatron.config import ConfigError, HPTConfig, load_config
+from hpt_megatron.config.presets import PRESETS
 from tests.e2e.test_train_e2e import PRESETS as TRAINED_PRESETS
 from tests.helpers.forked import run_cli
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from train_parity import ARCHS
 
-from hpt_megatron.algorithms import get_preset
 from hpt_megatron.config.algorithm import CriticConfig
+from hpt_megatron.config.presets import get_preset
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
 from hpt_megatron.data.sample import Sample
 from hpt_megatron.models.provider import load_hf_config

@@ -13,8 +13,8 @@ import json
 import torch
 from train_parity import ARCHS, make_samples
 
-from hpt_megatron.algorithms import get_preset
 from hpt_megatron.config.algorithm import ReferenceConfig
+from hpt_megatron.config.presets import get_preset
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
 from hpt_megatron.models.provider import build_model_chunks, load_hf_config
 from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed

@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
-from hpt_megatron.algorithms import AlgorithmSpec, get_preset, policy_loss
+from hpt_megatron.algorithms import policy_loss
 from hpt_megatron.config import load_config
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
+from hpt_megatron.config.presets import get_preset
 from hpt_megatron.trainer.engine import _combine
 
 F64 = torch.float64

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from hpt_megatron.algorithms import AlgorithmSpec, get_preset, kl_estimate, policy_loss
+from hpt_megatron.algorithms import kl_estimate, policy_loss
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
+from hpt_megatron.config.presets import get_preset
 
 # one row, four tokens: (A > 0, r above), (A > 0, r below), (A < 0, r above), (A < 0, r below)
 ADV = torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=torch.float64)

@@ -7,7 +7,8 @@ Shapes: B rows, T positions.
 import pytest
 import torch
 
-from hpt_megatron.algorithms import PRESETS, get_preset, policy_loss
+from hpt_megatron.algorithms import policy_loss
+from hpt_megatron.config.presets import PRESETS, get_preset
 
 B, T = 6, 5
 

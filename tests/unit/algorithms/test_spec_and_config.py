@@ -5,16 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from hpt_megatron.algorithms import (
-    PRESETS,
-    OptionError,
-    dynamic_sampling_keep,
-    get_preset,
-    overlong_penalty,
-    policy_loss,
-)
+from hpt_megatron.algorithms import dynamic_sampling_keep, overlong_penalty, policy_loss
 from hpt_megatron.config.algorithm import AlgorithmConfig
+from hpt_megatron.config.algorithm_spec import OptionError
 from hpt_megatron.config.base import ConfigError, from_dict
+from hpt_megatron.config.presets import PRESETS, get_preset
 from hpt_megatron.config.schema import load_config
 
 

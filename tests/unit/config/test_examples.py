@@ -5,8 +5,8 @@ import pathlib
 
 import pytest
 
-from hpt_megatron.algorithms.gate import parse_gamma
 from hpt_megatron.config import load_config
+from hpt_megatron.config.algorithm_spec import parse_gamma
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[3] / "examples"
 PAPER = {

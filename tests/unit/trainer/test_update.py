@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hpt_megatron.algorithms import get_preset, policy_loss
+from hpt_megatron.algorithms import policy_loss
+from hpt_megatron.config.presets import get_preset
 from hpt_megatron.data.sample import RolloutBatch, Sample
 from hpt_megatron.trainer.batching import MicroBatch, collate
 from hpt_megatron.trainer.engine import StepResult

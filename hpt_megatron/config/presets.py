@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
-from hpt_megatron.algorithms.spec import AlgorithmSpec
+from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 
 
 def sft() -> AlgorithmSpec:
@@ -100,7 +100,7 @@ def dapo() -> AlgorithmSpec:
     drops groups whose rewards are all equal, soft overlong punishment (4096-token buffer).
 
     Deviation: ``overlong_max_len`` defaults to the rollout's max new tokens (DAPO: 20480).
-    Dynamic sampling and overlong shaping run in the scheduler (``dapo.py`` functions).
+    Dynamic sampling and overlong shaping run in the scheduler (``algorithms/dapo.py`` functions).
     """
     return AlgorithmSpec(
         name="dapo",
@@ -244,9 +244,10 @@ def hpt_paper() -> AlgorithmSpec:
 
     Gate gamma = 0 (count), hard. RL: group-mean advantage (no std), ratio pi / pi_old without
     clipping, token sum / 8192; SFT: token mean of the demonstrations, sft_coef 1.0; entropy bonus
-    0.001 (token mean over all rows); no KL. Normalisation per micro-batch (see ``loss.py``): the
-    SFT and entropy means are over the micro-batch, micro-batch losses are summed and averaged
-    over data-parallel ranks. Use ``gate_gamma=2`` for LLaMA-3.1-8B, ``sft_coef=0.3`` for 1.5B.
+    0.001 (token mean over all rows); no KL. Normalisation per micro-batch (see
+    ``algorithms/loss.py``): the SFT and entropy means are over the micro-batch, micro-batch losses
+    are summed and averaged over data-parallel ranks. Use ``gate_gamma=2`` for LLaMA-3.1-8B,
+    ``sft_coef=0.3`` for 1.5B.
 
     Deviation: none intended; the paper's equation 11 (clip, std) is not what its code ran.
     """

@@ -2,7 +2,8 @@
 
 A preset (``presets.py``) is an ``AlgorithmSpec`` with chosen values; users override any field by
 name (``spec.with_options(clip_high=0.28)``, or ``algorithm.options.clip_high=0.28`` in YAML).
-Field names are the option names.
+Field names are the option names. Pure data and checks, no torch: the ``algorithm`` config section
+(``algorithm.py``) is generated from it, and ``hpt_megatron.algorithms`` computes with it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Literal
+
+from hpt_megatron.config.base import ConfigError, check_value
 
 AdvantageKind = Literal[
     "one", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp", "srft", "gae"
@@ -47,6 +51,31 @@ class OptionError(ValueError):
         self.detail = message
 
 
+def parse_gamma(gamma: int | float | str) -> tuple[str, float]:
+    """``gamma`` as ("count", c) for an int, or ("fraction", f) for a float or a "k/n" string.
+
+    The reading of the HPT gate's threshold (``gate_gamma``; ``algorithms/gate.py`` applies it).
+    An int is a number of correct responses out of n (``2`` with n = 8 is 2/8); a float in
+    [0, 1] is a fraction; ``"2/8"`` is the fraction 0.25.
+    """
+    if isinstance(gamma, bool):
+        raise ValueError(f"gamma: expected a count, a fraction or 'k/n', got {gamma!r}")
+    if isinstance(gamma, int):
+        if gamma < 0:
+            raise ValueError(f"gamma: a count must be >= 0, got {gamma}")
+        return "count", float(gamma)
+    if isinstance(gamma, str):
+        try:
+            value = float(Fraction(gamma.strip()))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"gamma: cannot read {gamma!r} as a fraction like '2/8'") from None
+    else:
+        value = float(gamma)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"gamma: a fraction must be in [0, 1], got {value}")
+    return "fraction", value
+
+
 @dataclass(frozen=True, kw_only=True)
 class AlgorithmSpec:
     """The four parts of the estimator plus the extras (see docs/algorithms.md).
@@ -73,7 +102,7 @@ class AlgorithmSpec:
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip_c: float = 3.0
-    # --- off-policy correction against the rollout engine (corrections.py) ------------------
+    # --- off-policy correction against the rollout engine (algorithms/corrections.py) -------
     tis_cap: float | None = None  # truncated IS weight min(rho, cap), rho = pi_old / pi_rollout
     tis_level: CorrectionLevel = "token"  # the level of the IS weight rho
     mis_high: float | None = None  # masked IS: drop where rho leaves [mis_low, mis_high]
@@ -151,8 +180,6 @@ class AlgorithmSpec:
         Raises:
             OptionError: an unknown name (with the closest valid one), a wrong type or a bad value.
         """
-        from hpt_megatron.config.base import ConfigError, check_value
-
         hints = typing.get_type_hints(AlgorithmSpec)
         names = [f.name for f in dataclasses.fields(self) if f.name != "name"]
         clean = {}
@@ -200,6 +227,19 @@ class AlgorithmSpec:
 
 
 def _validate_parts(s: AlgorithmSpec) -> None:
+    _validate_mask(s)
+    _validate_clip(s)
+    _validate_corrections(s)
+    if s.luffy_gamma is not None and s.luffy_gamma <= 0:
+        raise OptionError("luffy_gamma", f"must be > 0, got {s.luffy_gamma}")
+    if s.adv_eps < 0:
+        raise OptionError("adv_eps", f"must be >= 0, got {s.adv_eps}")
+    if not (0 <= s.gae_gamma <= 1 and 0 <= s.gae_lambda <= 1):
+        raise OptionError("gae_gamma", "gae_gamma and gae_lambda must be in [0, 1]")
+
+
+def _validate_mask(s: AlgorithmSpec) -> None:
+    """The mask against the denominator it is defined for."""
     if s.mask in ("clip", "dual_clip", "cispo") and s.denominator != "old":
         raise OptionError("mask", f"'{s.mask}' needs denominator 'old', got '{s.denominator}'")
     if s.mask == "seq_clip" and s.denominator != "gspo":
@@ -208,6 +248,9 @@ def _validate_parts(s: AlgorithmSpec) -> None:
         raise OptionError(
             "mask", f"denominator 'gspo' takes mask 'none' or 'seq_clip', not '{s.mask}'"
         )
+
+
+def _validate_clip(s: AlgorithmSpec) -> None:
     if not 0 <= s.clip_low <= 1:
         raise OptionError("clip_low", f"must be in [0, 1], got {s.clip_low}")
     if s.clip_high < 0:
@@ -216,6 +259,10 @@ def _validate_parts(s: AlgorithmSpec) -> None:
         raise OptionError("dual_clip_c", f"must be > 1, got {s.dual_clip_c}")
     if s.loss_agg_constant <= 0:
         raise OptionError("loss_agg_constant", f"must be > 0, got {s.loss_agg_constant}")
+
+
+def _validate_corrections(s: AlgorithmSpec) -> None:
+    """TIS's cap and MIS's band (``algorithms/corrections.py``)."""
     if s.tis_cap is not None and s.tis_cap <= 0:
         raise OptionError("tis_cap", f"must be > 0, got {s.tis_cap}")
     if s.mis_high is not None and s.mis_high <= 0:
@@ -225,12 +272,6 @@ def _validate_parts(s: AlgorithmSpec) -> None:
             raise OptionError("mis_low", "masked IS is on only with mis_high; set it too")
         if not 0 <= s.mis_low <= s.mis_high:
             raise OptionError("mis_low", f"must be in [0, mis_high={s.mis_high}], got {s.mis_low}")
-    if s.luffy_gamma is not None and s.luffy_gamma <= 0:
-        raise OptionError("luffy_gamma", f"must be > 0, got {s.luffy_gamma}")
-    if s.adv_eps < 0:
-        raise OptionError("adv_eps", f"must be >= 0, got {s.adv_eps}")
-    if not (0 <= s.gae_gamma <= 1 and 0 <= s.gae_lambda <= 1):
-        raise OptionError("gae_gamma", "gae_gamma and gae_lambda must be in [0, 1]")
 
 
 def _validate_extras(s: AlgorithmSpec) -> None:
@@ -242,8 +283,6 @@ def _validate_extras(s: AlgorithmSpec) -> None:
     if s.batch_rule == "sft_then_rl" and (s.switch_step is None or s.switch_step < 0):
         raise OptionError("switch_step", "sft_then_rl needs the (>= 0) step at which RL starts")
     if s.batch_rule == "hpt_gate":
-        from hpt_megatron.algorithms.gate import parse_gamma
-
         try:
             parse_gamma(s.gate_gamma)
         except ValueError as err:
