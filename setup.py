@@ -26,7 +26,15 @@ setup(
         "aiohttp",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "ruff==0.17.6", "mypy==2.4.1", "matplotlib"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout",
+            "pytest-xdist",
+            "radon",
+            "ruff==0.17.6",
+            "mypy==2.4.1",
+            "matplotlib",
+        ],
         "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["hpt=hpt_megatron.cli:main"]},
