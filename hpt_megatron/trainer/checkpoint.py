@@ -203,8 +203,6 @@ class Checkpointer:
             self._holds.append(self.pending.staged)
         if is_best:
             self._save_best(engine, state)
-        if self.critic is not None and self.ctx.is_driver:
-            self._prune_critic()
         return True
 
     def _save_best(self, engine: TrainEngine, state: dict[str, Any]) -> None:
@@ -259,6 +257,10 @@ class Checkpointer:
             if self.describe is not None:
                 self.describe(path)
             prune_checkpoints(self.root, self.keep_last)
+            if self.critic is not None:
+                # Only once the policy's step_N is in place: during a background save it is
+                # still step_N.tmp, and the critic's step_N would be taken for an orphan.
+                self._prune_critic()
 
     close = wait
 

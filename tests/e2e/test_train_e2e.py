@@ -207,9 +207,11 @@ def _kill_after(out: pathlib.Path, steps: int, *extra: str, kill_at: int) -> Non
 def test_resume_after_sigkill_reproduces_uninterrupted_run(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     _run(full, 2, 6, "parallel.tp=2")
-    _kill_after(killed, 6, "parallel.tp=2", kill_at=3)
+    # Killed once step 4 is logged: step 4's save waited for step 2's, so a checkpoint is there.
+    _kill_after(killed, 6, "parallel.tp=2", kill_at=4)
     assert 6 not in hpt_train.metrics(killed)
-    _run(killed, 2, 6, "parallel.tp=2")
+    proc = _run(killed, 2, 6, "parallel.tp=2")
+    assert "resumed from" in proc.stderr
     want, got = hpt_train.metrics(full), hpt_train.metrics(killed)
     assert sorted(got) == list(range(1, 7))
     for step in range(1, 7):
@@ -225,9 +227,10 @@ def test_ppo_resume_after_sigkill_reproduces_the_critic(tmp_path):
     extra += ["algorithm.critic.lr=1e-3", "run.val_every=0"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     _run(full, 2, 6, *extra)
-    _kill_after(killed, 6, *extra, kill_at=3)
+    _kill_after(killed, 6, *extra, kill_at=4)  # after step 2's save completed (see above)
     assert 6 not in hpt_train.metrics(killed)
-    _run(killed, 2, 6, *extra)
+    proc = _run(killed, 2, 6, *extra)
+    assert "resumed from" in proc.stderr  # with the critic of that checkpoint
     want, got = hpt_train.metrics(full), hpt_train.metrics(killed)
     assert sorted(got) == list(range(1, 7))
     assert (killed / "checkpoints" / "critic" / "step_000006").is_dir()
