@@ -1,5 +1,6 @@
 """``hpt train`` with ``rollout.engine=sglang``: a real SGLang server on CPU serves the rollouts of
-a TP=2 run, receives the trainer's weights after every step, and the run validates on it."""
+a TP=2 run, receives the trainer's weights after every step, is restarted when killed, and the run
+validates on it; Qwen3-MoE at EP=2 trains with the experts SGLang routed."""
 
 from __future__ import annotations
 
@@ -13,31 +14,6 @@ from tests.helpers import hpt_train
 from tests.helpers.sglang_cpu import require_sglang
 
 pytestmark = pytest.mark.sglang
-
-
-def test_hpt_train_with_sglang_rollouts(tmp_path):
-    require_sglang()
-    out = tmp_path / "run"
-    overrides = ["run.steps=3", "run.val_every=3", "run.val_max_prompts=8"]
-    overrides += ["data.prompts_per_step=4", "rollout.n=4", "logging.progress_bar=false"]
-    hpt_train.run(hpt_train.TINY, out, *overrides, *hpt_train.SGLANG_CPU, timeout=900)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(r["response/length_mean"] > 0 and r["time/weight_sync_s"] > 0 for r in rows)
-    assert "val/accuracy" in rows[-1]
-    # The weights the server loaded after the last step (version 3) are the exported policy.
-    from safetensors.torch import load_file
-
-    synced: dict = {}
-    for shard in sorted((out / "rollout_weights" / "v3").glob("*.safetensors")):
-        synced.update(load_file(shard))
-    final: dict = {}
-    for shard in sorted((out / "hf").glob("*.safetensors")):
-        final.update(load_file(shard))
-    assert synced.keys() == final.keys() and synced
-    for name, tensor in final.items():
-        assert synced[name].float().equal(tensor.float()), name
-    assert (out / "sglang_logs").is_dir()
 
 
 def test_moe_at_ep2_trains_with_the_experts_sglang_routed(tmp_path):
@@ -93,37 +69,76 @@ def _sglang_servers_under(root_pid: int) -> list[int]:
     return [p for p, cmd in commands.items() if b"sglang.launch_server" in cmd and descends(p)]
 
 
-def test_run_goes_on_when_the_server_is_killed_during_the_run(tmp_path):
-    """SIGKILL the SGLang server once step 1 is logged: the client re-sends its requests, the
-    server is restarted with the current weights, every step is trained, and the restart is
-    counted in ``rollout/server_restarts_total``."""
+@pytest.fixture(scope="module")
+def killed_server_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One TP=2 run (under torchrun) on a real CPU server, whose server is SIGKILLed once step 1
+    is logged; the tests below read their assertions from it."""
     import os
     import signal
     import time
 
     require_sglang()
-    out = tmp_path / "run"
-    overrides = ["parallel.tp=1", "run.steps=4", "run.val_every=0", "checkpoint.export_hf=false"]
+    out = tmp_path_factory.mktemp("sglang_train") / "run"
+    overrides = ["parallel.tp=2", "run.steps=4", "run.val_every=4", "run.val_max_prompts=8"]
     overrides += ["data.prompts_per_step=4", "rollout.n=4", "logging.progress_bar=false"]
     proc = subprocess.Popen(
-        hpt_train.command(hpt_train.TINY, out, *overrides, *hpt_train.SGLANG_CPU, nproc=1),
+        hpt_train.command(hpt_train.TINY, out, *overrides, *hpt_train.SGLANG_CPU, nproc=2),
         cwd=hpt_train.ROOT,
         env=hpt_train.env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 600
-    while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read()[-5000:] if proc.stderr else ""
-        time.sleep(0.2)
-    servers = _sglang_servers_under(proc.pid)
-    assert len(servers) == 1, servers
-    os.killpg(servers[0], signal.SIGKILL)  # the server and its scheduler processes
-    _, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err[-5000:]
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 600
+        while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()[-5000:] if proc.stderr else ""
+            time.sleep(0.2)
+        servers = _sglang_servers_under(proc.pid)
+        if len(servers) == 1:
+            os.killpg(servers[0], signal.SIGKILL)  # the server and its scheduler processes
+        _, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    rows = [json.loads(line) for line in lines]
+    return {"out": out, "servers": servers, "code": proc.returncode, "err": err, "rows": rows}
+
+
+def test_tp2_run_trains_on_sglang_rollouts_and_syncs_every_step(killed_server_run):
+    """Every step's rollouts come from the server, which loads the trainer's weights after every
+    step (the last load equals the HF export) and serves the validation."""
+    from safetensors.torch import load_file
+
+    run = killed_server_run
+    out, rows = run["out"], run["rows"]
+    assert run["code"] == 0, run["err"][-5000:]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["response/length_mean"] > 0 and r["time/weight_sync_s"] > 0 for r in rows)
+    assert "val/accuracy" in rows[-1]
+    # The weights the server loaded after the last step (version 4) are the exported policy.
+    synced: dict = {}
+    for shard in sorted((out / "rollout_weights" / "v4").glob("*.safetensors")):
+        synced.update(load_file(shard))
+    final: dict = {}
+    for shard in sorted((out / "hf").glob("*.safetensors")):
+        final.update(load_file(shard))
+    assert synced.keys() == final.keys() and synced
+    for name, tensor in final.items():
+        assert synced[name].float().equal(tensor.float()), name
+    assert (out / "sglang_logs").is_dir()
+
+
+def test_run_goes_on_when_the_server_is_killed_during_the_run(killed_server_run):
+    """The SIGKILL after step 1: the client re-sends its requests, the server is restarted with
+    the current weights, every step is trained, and the restart is counted in
+    ``rollout/server_restarts_total``."""
+    run = killed_server_run
+    assert len(run["servers"]) == 1, run["servers"]
+    assert run["code"] == 0, run["err"][-5000:]
+    rows = run["rows"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[0]["rollout/server_restarts_total"] == 0.0
     assert rows[-1]["rollout/server_restarts_total"] == 1.0
