@@ -14,7 +14,6 @@ prompt of the sampler's data order is trained exactly once, at its step, and the
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -30,6 +29,7 @@ from hpt_megatron.data.tokenizer import load_tokenizer
 from hpt_megatron.trainer.checkpoint_files import list_checkpoints, verify_checkpoint
 from tests.helpers import hpt_train
 from tests.helpers.forked import run_cli
+from tests.helpers.procs import kill_tree
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = hpt_train.TINY
@@ -79,7 +79,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> int:
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # the launcher and its ranks (each in a session of its own)
         proc.wait()
         raise
 

@@ -4,9 +4,7 @@ SIGKILL reproducing the uninterrupted run, and falling back from a damaged check
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import pytest
 from hpt_megatron.data.sample import RolloutBatch
 from tests.helpers import hpt_train
 from tests.helpers.forked import run_cli
+from tests.helpers.procs import kill_tree
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.distributed
@@ -200,7 +199,7 @@ def _kill_after(out: pathlib.Path, steps: int, *extra: str, kill_at: int) -> Non
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # the launcher and its ranks (each in a session of its own)
         proc.wait()
 
 

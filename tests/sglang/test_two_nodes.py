@@ -24,7 +24,7 @@ import pytest
 
 from tests.distributed.launch import free_port
 from tests.helpers import hpt_train
-from tests.helpers.procs import pids_with
+from tests.helpers.procs import kill_tree, pids_with
 from tests.helpers.sglang_cpu import require_sglang
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -133,7 +133,7 @@ def test_two_nodes_each_serve_and_node1_restarts_its_server(tmp_path: Path) -> N
     finally:
         for proc in procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)  # the launch and its rank (in a session of its own)
     rows = hpt_train.metrics(out)
     steps = max(rows)
     assert sorted(rows) == list(range(1, steps + 1)) and steps < 400
@@ -181,6 +181,6 @@ def test_sigterm_of_both_launches_leaves_no_server(tmp_path: Path) -> None:
     finally:
         for proc in procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)  # the launch and its rank (in a session of its own)
     assert max(hpt_train.metrics(out)) < 50  # it stopped early, on the signal
     _no_server_left(out)
