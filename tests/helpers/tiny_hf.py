@@ -153,3 +153,20 @@ def teacher_forced_logprobs(
         logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
     logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
     return logp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
+def assert_same_hf_weights(got: Path, want: Path) -> None:
+    """Every tensor of the HF folder ``want`` is in ``got``, bit for bit (as float), and nothing
+    else is; neither folder is empty."""
+    from safetensors.torch import load_file
+
+    folders: list[dict[str, torch.Tensor]] = []
+    for folder in (got, want):
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            tensors.update(load_file(shard))
+        folders.append(tensors)
+    synced, final = folders
+    assert synced.keys() == final.keys() and synced
+    for name, tensor in final.items():
+        assert synced[name].float().equal(tensor.float()), name

@@ -25,6 +25,7 @@ from hpt_megatron.rollout.sglang import ServerStartError, SGLangEngine
 from hpt_megatron.rollout.sglang.engine import server_counters
 from hpt_megatron.rollout.sglang.server import free_port
 from tests.helpers.sglang_cpu import require_sglang, server_config
+from tests.helpers.tiny_hf import assert_same_hf_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 # Two CPU servers start in about a minute on an idle machine, much longer on a loaded one.
@@ -185,8 +186,6 @@ def test_hpt_eval_launches_its_own_server(
 def test_hpt_train_on_external_servers(launched: SGLangEngine, tmp_path: Path) -> None:
     """``hpt train`` with ``rollout.sglang.urls``: both servers serve its rollouts (counted in
     the metrics), they hold the exported policy after the last step, and keep running."""
-    from safetensors.torch import load_file
-
     from tests.helpers import hpt_train
 
     out = tmp_path / "run"
@@ -204,15 +203,7 @@ def test_hpt_train_on_external_servers(launched: SGLangEngine, tmp_path: Path) -
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[-1]["rollout/requests/server_0"] > 0 and rows[-1]["rollout/requests/server_1"] > 0
     assert all(s.health() for s in launched.servers)  # the run stopped neither
-    synced: dict = {}
-    for shard in sorted((out / "rollout_weights" / "v2").glob("*.safetensors")):
-        synced.update(load_file(shard))
-    final: dict = {}
-    for shard in sorted((out / "hf").glob("*.safetensors")):
-        final.update(load_file(shard))
-    assert synced.keys() == final.keys() and synced
-    for name, tensor in final.items():
-        assert synced[name].float().equal(tensor.float()), name
+    assert_same_hf_weights(out / "rollout_weights" / "v2", out / "hf")
 
 
 def test_router_keeps_a_prompts_samples_on_one_server(launched: SGLangEngine) -> None:

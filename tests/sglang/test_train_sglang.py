@@ -12,6 +12,7 @@ import pytest
 
 from tests.helpers import hpt_train
 from tests.helpers.sglang_cpu import require_sglang
+from tests.helpers.tiny_hf import assert_same_hf_weights
 
 # A CPU server's start-up alone can take minutes on a busy host (as in the other SGLang modules).
 pytestmark = [pytest.mark.sglang, pytest.mark.timeout(1800)]
@@ -111,8 +112,6 @@ def killed_server_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_tp2_run_trains_on_sglang_rollouts_and_syncs_every_step(killed_server_run):
     """Every step's rollouts come from the server, which loads the trainer's weights after every
     step (the last load equals the HF export) and serves the validation."""
-    from safetensors.torch import load_file
-
     run = killed_server_run
     out, rows = run["out"], run["rows"]
     assert run["code"] == 0, run["err"][-5000:]
@@ -120,15 +119,7 @@ def test_tp2_run_trains_on_sglang_rollouts_and_syncs_every_step(killed_server_ru
     assert all(r["response/length_mean"] > 0 and r["time/weight_sync_s"] > 0 for r in rows)
     assert "val/accuracy" in rows[-1]
     # The weights the server loaded after the last step (version 4) are the exported policy.
-    synced: dict = {}
-    for shard in sorted((out / "rollout_weights" / "v4").glob("*.safetensors")):
-        synced.update(load_file(shard))
-    final: dict = {}
-    for shard in sorted((out / "hf").glob("*.safetensors")):
-        final.update(load_file(shard))
-    assert synced.keys() == final.keys() and synced
-    for name, tensor in final.items():
-        assert synced[name].float().equal(tensor.float()), name
+    assert_same_hf_weights(out / "rollout_weights" / "v4", out / "hf")
     assert (out / "sglang_logs").is_dir()
 
 
