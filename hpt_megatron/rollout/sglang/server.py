@@ -250,6 +250,12 @@ class SGLangServer:
         if args is not None:
             self.launch.args = args
         self.restarts += 1
+        # The restarted server keeps its URL: a killed server's processes can hold its port for
+        # a while after the kill (their exit is slow on a loaded machine), and a start meanwhile
+        # would fail with the port taken.
+        deadline = time.monotonic() + PORT_RELEASE_S
+        while port_listeners(self.launch.port) and time.monotonic() < deadline:
+            time.sleep(0.2)
         logger.warning("restarting sglang server at %s (restart %d)", self.url, self.restarts)
         self.start(wait=True)
 
@@ -318,11 +324,12 @@ class ExternalServer:
 
 
 PORT_MOVES = 3
+PORT_RELEASE_S = 60.0  # how long a restart waits for the old process to free its port
 
 
-def port_taken(port: int, pid: int) -> bool:
-    """Whether some process other than ``pid`` listens on TCP ``port`` of this host (from
-    ``/proc/net``; ``False`` where there is none to read)."""
+def port_listeners(port: int) -> set[str]:
+    """The sockets (``socket:[inode]``) listening on TCP ``port`` of this host, from
+    ``/proc/net`` (empty where there is none to read)."""
     listeners: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -333,6 +340,12 @@ def port_taken(port: int, pid: int) -> bool:
             cols = row.split()
             if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
                 listeners.add(f"socket:[{cols[9]}]")
+    return listeners
+
+
+def port_taken(port: int, pid: int) -> bool:
+    """Whether some process other than ``pid`` listens on TCP ``port`` of this host."""
+    listeners = port_listeners(port)
     if not listeners:
         return False
     try:

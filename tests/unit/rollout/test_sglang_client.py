@@ -334,6 +334,29 @@ def test_a_taken_port_moves_only_when_it_was_picked_here(
             )
 
 
+def test_a_restart_waits_for_the_killed_server_to_free_its_port(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A killed server's processes can hold its port a while (slow exits on a loaded machine);
+    the restart keeps the URL, so it waits for the port instead of failing with it taken."""
+    import socket
+
+    server = launch_servers(_cfg(), model_path=model_dir, log_dir=tmp_path, api_key=None)[0]
+    port = server.launch.port
+    server.stop()
+    lingering = socket.socket()  # the old server's last process, still exiting
+    lingering.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lingering.bind(("127.0.0.1", port))
+    lingering.listen()
+    threading.Timer(1.5, lingering.close).start()
+    try:
+        server.restart()
+        assert server.launch.port == port and server.health() and server.restarts == 1
+    finally:
+        server.stop()
+        lingering.close()
+
+
 def test_startup_timeout(model_dir: Path, tmp_path: Path) -> None:
     cfg = _cfg(env={"PYTHONPATH": str(FAKE)}, startup_timeout_s=0.01)
     with pytest.raises(ServerStartError, match="not healthy after"):
