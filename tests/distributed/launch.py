@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.helpers.forked import run_ranks
+from tests.helpers.procs import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["free_port", "launch", "torchrun"]
 
 
 def launch(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600) -> str:

@@ -18,12 +18,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import runpy
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tests.helpers.procs import free_port
 
 PRELOAD = [
     "hpt_megatron.cli",
@@ -96,19 +97,13 @@ def _rank(argv: list[str], env: dict[str, str], out: str, err: str, cwd: str) ->
         sys.stderr.flush()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_ranks(
     argv: list[str], nproc: int, logs: str, extra_env: dict[str, str] | None = None
 ) -> list:
     """Fork ``nproc`` ranks of ``python ARGV`` (``ARGV`` a script and its arguments, or ``-m
     MODULE ...``) with torchrun's worker environment; rank R writes ``LOGS/out<R>`` and
     ``LOGS/err<R>``."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(nproc):
         env = {

@@ -2,7 +2,33 @@
 
 from __future__ import annotations
 
+import random
+import socket
 from pathlib import Path
+
+
+def free_port() -> int:
+    """A free loopback TCP port below the kernel's ephemeral range.
+
+    A port taken with ``bind(0)`` comes from the ephemeral range, where every outgoing connection
+    (gloo's, HTTP clients') and every other ``bind(0)`` also draws its port: between the pick and
+    the launcher's own bind, one of them can take it (a loaded run of the distributed tier failed
+    with ``EADDRINUSE`` on a rank's store this way). Below that range only explicit binds land.
+    """
+    low = 20000
+    try:
+        top = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        top = 32768
+    for _ in range(200):
+        port = random.randrange(low, max(low + 1, top))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free TCP port in [{low}, {top})")
 
 
 def pids_with(*needles: bytes) -> list[int]:
