@@ -1,9 +1,15 @@
-"""Step metrics to TensorBoard event files, a JSONL file, and a console progress bar."""
+"""Step metrics to TensorBoard event files, a JSONL file, and a console progress bar.
+
+A resumed run starts both files at its checkpoint's step: TensorBoard purges the later events
+(``purge_step``), and ``metrics.jsonl`` is cut to the rows of the steps up to the resumed one
+(:func:`truncate_jsonl`), so that every step appears once.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,7 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
         if jsonl:
+            truncate_jsonl(run_dir / "metrics.jsonl", start_step)
             self._jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115
         if wandb_project:
             import wandb
@@ -79,6 +86,24 @@ class MetricsLogger:
                 handle.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the rows of ``path`` whose step is at most ``last_step`` (the steps a resumed run
+    logs again are dropped, as is a line cut short by a crash); replaced atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _is_number(value: Any) -> bool:

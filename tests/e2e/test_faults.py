@@ -109,8 +109,11 @@ def _rank(proc: subprocess.Popen, rank: int) -> psutil.Process:
 
 
 def _check_nothing_lost(out: pathlib.Path, steps: int) -> None:
-    """Every step logged; each step trained exactly the prompts the sampler's order gives it."""
+    """Every step logged once (a resume cuts ``metrics.jsonl`` to its step); each step trained
+    exactly the prompts the sampler's order gives it."""
     assert sorted(hpt_train.metrics(out)) == list(range(1, steps + 1))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1))
     cfg = load_config(out / "config.yaml")
     tokenizer = load_tokenizer(cfg.model.tokenizer_source, out)
     train_set = build_prompt_dataset(cfg.data, tokenizer, "train")
