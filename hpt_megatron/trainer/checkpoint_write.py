@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hpt_megatron.disk import space_note
 from hpt_megatron.trainer.checkpoint_files import (
     COMPLETE,
     STATE_FILE,
@@ -27,7 +28,6 @@ from hpt_megatron.trainer.checkpoint_files import (
     fsync_dir,
     gather_objects,
     sharded_model,
-    space_note,
     write_rank_manifest,
 )
 from hpt_megatron.trainer.engine import StateHold
