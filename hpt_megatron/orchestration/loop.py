@@ -26,6 +26,7 @@ import torch
 
 from hpt_megatron.config import HPTConfig
 from hpt_megatron.config.algorithm_spec import AlgorithmSpec
+from hpt_megatron.disk import writing
 from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.models.provider import (
     check_hf_supported,
@@ -160,15 +161,30 @@ def _train(
     colocated = engine if cfg.run.placement == "colocated" else None
     replica = pusher.replica
     parts = LoopParts(trainer, rollouts, pusher, logger, preemption, phase, replica, colocated)
+    failed = True
     try:
         metrics, preempted = StepLoop(cfg, ctx, spec, parts).run(start)
         trainer.finish()
+        failed = False
     finally:
+        if failed:
+            trainer.abandon()  # a save still being written: its partial folder removed
         rollouts.close()
-        logger.close()
+        logger.close(quiet=failed)  # a failed run's own error stays the one reported
     if cfg.checkpoint.export_hf and not preempted:
         trainer.export()
     return metrics
+
+
+def record_batch(batch: RolloutBatch, folder: Path, step: int) -> Path:
+    """``logging.save_rollouts``: the batch of ``step`` (1-based) as
+    ``folder/step_NNNNNN.jsonl``; a file that cannot be written whole is removed
+    (a :class:`~hpt_megatron.disk.WriteError`)."""
+    path = folder / f"step_{step:06d}.jsonl"
+    with writing(path, "recorded rollouts", partial=path):
+        folder.mkdir(exist_ok=True)
+        batch.save_jsonl(path)
+    return path
 
 
 class WeightPush:
@@ -338,9 +354,7 @@ class StepLoop:
             batch = self._from_driver(made)
         assert batch is not None
         if self.ctx.is_driver and self.cfg.logging.save_rollouts:
-            folder = Path(self.cfg.run.run_dir) / "rollouts"
-            folder.mkdir(exist_ok=True)
-            batch.save_jsonl(folder / f"step_{step + 1:06d}.jsonl")
+            record_batch(batch, Path(self.cfg.run.run_dir) / "rollouts", step + 1)
         return batch
 
     def _update(self, samples: list[Sample], spec: AlgorithmSpec, step: int) -> dict[str, float]:

@@ -4,7 +4,10 @@
   failure summary), with no rank's traceback;
 - Ctrl-C (SIGINT) and a scheduler's SIGTERM sent to the torchrun launcher, as a terminal and
   Slurm send them: the ranks checkpoint at the step they reached, torchrun exits 1 (its own
-  ``SignalException``, the code docs/operations.md states), and the resume continues.
+  ``SignalException``, the code docs/operations.md states), and the resume continues;
+- the whole output directory on a 5 MB tmpfs (the issue's case, one process): one message
+  naming the path and the space left, exit 1, no traceback, no partial folder, the newest
+  checkpoint intact. Each write site on its own: ``tests/unit/orchestration/test_write_errors.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import pytest
 from hpt_megatron.trainer.checkpoint_files import list_checkpoints, verify_checkpoint
 from tests.e2e.test_faults import SMALL, _check_nothing_lost, _finish, _log, _wait_for_step
 from tests.helpers import hpt_train
+from tests.helpers.forked import run_cli
+from tests.helpers.tmpfs import tmpfs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = hpt_train.TINY
@@ -98,3 +103,19 @@ def test_ctrl_c_and_sigterm_to_the_launcher_checkpoint_and_the_resume_continues(
     second = _stopped_at(out, "SIGTERM")
     assert first < second < steps
     _check_nothing_lost(out, second)  # every step up to there once, in the data order
+
+
+def test_a_full_output_disk_is_one_message_and_leaves_no_partial_folder(tmp_path):
+    with tmpfs(tmp_path / "disk", "5m") as disk:
+        out = disk / "run"
+        args = ["train", TINY, f"run.output_dir={out}", "run.steps=4", *SMALL]
+        args += ["logging.tensorboard=true", "checkpoint.save_every=1", "checkpoint.keep_last=5"]
+        code, log = run_cli(args, tmp_path / "run.log")
+        assert code == 1, log[-4000:]
+        last = log.strip().splitlines()[-1]
+        assert last.startswith("hpt train: ") and f"{disk}" in last, log[-4000:]
+        assert "no space left on device" in last.lower() and "bytes free" in last, last
+        assert "Traceback" not in log
+        assert not list(out.rglob("*.tmp")), list(out.rglob("*"))
+        for checkpoint in list_checkpoints(out / "checkpoints"):
+            assert verify_checkpoint(checkpoint) is None
