@@ -51,8 +51,14 @@ def is_secondary(err: BaseException) -> bool:
     return _peer_lost(err)
 
 
+# What a collective raises (not a RuntimeError of ours, such as ServerStartError).
+COLLECTIVE_ERRORS = ("RuntimeError", "DistError", "DistBackendError", "DistNetworkError")
+
+
 def _peer_lost(err: BaseException) -> bool:
-    return isinstance(err, RuntimeError) and any(words in str(err) for words in PEER_LOST)
+    if type(err).__name__ not in COLLECTIVE_ERRORS:
+        return False
+    return any(words in str(err) for words in PEER_LOST)
 
 
 def report(message: str, code: int, *, secondary: bool = False) -> int:

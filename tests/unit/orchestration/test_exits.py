@@ -31,6 +31,8 @@ def test_user_errors_exit_2_and_stops_of_the_run_exit_1():
     assert describe(ServerStartError("no server")) == "no server"
     assert describe(CheckpointError("disk")) == "CheckpointError: disk"
     assert is_secondary(RuntimeError(GLOO_LOST)) and not is_secondary(ValueError("x"))
+    unreachable = ServerStartError("rollout.sglang.urls: ... (Connection reset by peer)")
+    assert not is_secondary(unreachable) and exit_code(unreachable) == 2
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
