@@ -77,14 +77,15 @@ def _train(argv: list[str]) -> int:
     except ValueError as err:
         print(f"hpt train: {err}\n{TRAIN_USAGE}", file=sys.stderr)
         return 2
+    from hpt_megatron.orchestration.exits import describe, exit_code, is_secondary, report
+
     try:
         cfg = load_config(args.config, args.overrides)
         from hpt_megatron.orchestration.preflight import preflight
 
         preflight(cfg, _world_size(args))
     except ConfigError as err:
-        print(f"hpt train: config error: {err}", file=sys.stderr)
-        return 2
+        return report(f"hpt train: config error: {err}", 2)
     if args.dry_run:
         if os.environ.get("RANK", "0") == "0":
             import yaml
@@ -97,9 +98,11 @@ def _train(argv: list[str]) -> int:
 
     try:
         train(cfg)
-    except ValueError as err:  # user errors found while building the run (data, model, ...)
-        print(f"hpt train: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # a recognised error is one message (orchestration/exits.py)
+        code = exit_code(err)
+        if code is None:
+            raise
+        return report(f"hpt train: {describe(err)}", code, secondary=is_secondary(err))
     return 0
 
 
@@ -112,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
-        return _train(rest)
+        # An unexpected exception is written to torchrun's error file with its traceback.
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_train)(rest) or 0
     if command == "eval":
         from hpt_megatron.eval.cli import main as eval_main
 

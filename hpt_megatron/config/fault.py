@@ -36,8 +36,9 @@ class FaultConfig:
     # Fixed bounds for some phases (seconds), overriding the two rules above.
     phase_timeout_s: dict[str, float] = field(default_factory=dict)
     watchdog_poll_s: float = 1.0
-    # Signals that stop the run after the current step with a checkpoint (a second one: at once).
-    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # Signals that stop the run after the current step with a checkpoint (a second one: at once);
+    # SIGINT is Ctrl-C.
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
     # Updates skipped in a row for a non-finite loss or gradient norm before the run stops
     # (0: never stop, keep skipping).
     max_nonfinite_steps: int = 3

@@ -1,10 +1,16 @@
 """How a run stops on purpose: preemption signals and the non-finite update guard.
 
 Preemption. The first of ``fault.preempt_signals`` (SIGTERM, what Slurm and Kubernetes send
-before a kill; SIGUSR1 with ``sbatch --signal``) only sets a flag; at the end of every step the
-ranks agree on it (a MAX all-reduce of the flag, so a signal that reached one rank stops all of
-them after the same step), write a checkpoint, stop the rollout engine and exit 0. A second signal
-exits at once with 128 + the signal number.
+before a kill; SIGUSR1 with ``sbatch --signal``; SIGINT, Ctrl-C) only sets a flag; at the end of
+every step the ranks agree on it (a MAX all-reduce of the flag, so a signal that reached one rank
+stops all of them after the same step), write a checkpoint, stop the rollout engine and exit 0.
+A second signal exits at once with 128 + the signal number.
+
+Under torchrun the ranks run in sessions of their own: Ctrl-C and a scheduler's SIGTERM reach
+the launcher, which forwards the signal to each rank's process group and waits for them (30 s,
+``--shutdown-timeout``) before it kills them; a second signal to the launcher makes it send
+SIGTERM at once, the ranks' second signal. The reward workers ignore SIGINT (the rank closes
+its pool).
 
 Non-finite guard. The engine skips an update whose loss or gradient norm is not finite; this guard
 counts the skips and stops the run after ``fault.max_nonfinite_steps`` in a row.

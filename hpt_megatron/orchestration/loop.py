@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from hpt_megatron.config import HPTConfig, dump_yaml
+from hpt_megatron.config import HPTConfig
 from hpt_megatron.config.algorithm_spec import AlgorithmSpec
-from hpt_megatron.data.tokenizer import load_tokenizer
+from hpt_megatron.disk import writing
 from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.models.provider import (
     check_hf_supported,
@@ -38,6 +38,7 @@ from hpt_megatron.orchestration.driver import Driver
 from hpt_megatron.orchestration.faults import NonFiniteGuard, Preemption
 from hpt_megatron.orchestration.metrics import MetricsLogger, derived_metrics
 from hpt_megatron.orchestration.rollouts import ReplayRollouts, make_rollouts
+from hpt_megatron.orchestration.run_dir import check_run_dir, prepare_run_dir
 from hpt_megatron.orchestration.watchdog import Watchdog
 from hpt_megatron.parallel.runtime import (
     ParallelContext,
@@ -72,6 +73,8 @@ def resolve_model_config(cfg: HPTConfig) -> HFModelConfig:
 def train(cfg: HPTConfig) -> dict[str, float]:
     """Run (or resume) a training run; returns the last step's metrics on the driver."""
     hf = resolve_model_config(cfg)  # model-vs-parallel errors before any process group starts
+    run_dir = Path(cfg.run.run_dir)
+    check_run_dir(run_dir, hf)  # another run's folder: an error before anything is written
     spec = cfg.algorithm.spec(max_staleness=cfg.run.max_staleness)
     ctx = init_distributed(
         cfg.parallel, seed=cfg.run.seed, timeout_s=cfg.fault.collective_timeout_s
@@ -85,11 +88,10 @@ def train(cfg: HPTConfig) -> dict[str, float]:
             threads.server,
             threads.trainer,
         )
-    run_dir = Path(cfg.run.run_dir)
     watchdog = Watchdog(cfg.fault, run_dir, ctx.rank, ctx.world_size)
     driver = nodes = replica = None
     try:
-        tokenizer = _prepare_run_dir(cfg, ctx, hf, run_dir)
+        tokenizer = prepare_run_dir(cfg, ctx, hf, run_dir)
         trainer = Trainer.build(cfg, ctx, hf, spec, tokenizer, phase=watchdog.phase)
         # Over several nodes, each node's local rank 0 starts that node's SGLang servers.
         nodes = start_rollout_nodes(plan, cfg, ctx, hf, tokenizer, run_dir)
@@ -114,21 +116,6 @@ def train(cfg: HPTConfig) -> dict[str, float]:
         if nodes is not None:
             nodes.close()
         shutdown_distributed()
-
-
-def _prepare_run_dir(cfg: HPTConfig, ctx: ParallelContext, hf: HFModelConfig, run_dir: Path) -> Any:
-    """Collective: the run directory with the resolved config in it; the tokenizer."""
-    if ctx.is_driver:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, run_dir / "config.yaml")
-    if ctx.world_size > 1:
-        torch.distributed.barrier(group=ctx.cpu_group)
-    tokenizer = load_tokenizer(cfg.model.tokenizer_source, run_dir)
-    if len(tokenizer) > hf.vocab_size:
-        raise ValueError(
-            f"model vocab_size {hf.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
-        )
-    return tokenizer
 
 
 def _train(
@@ -174,15 +161,30 @@ def _train(
     colocated = engine if cfg.run.placement == "colocated" else None
     replica = pusher.replica
     parts = LoopParts(trainer, rollouts, pusher, logger, preemption, phase, replica, colocated)
+    failed = True
     try:
         metrics, preempted = StepLoop(cfg, ctx, spec, parts).run(start)
         trainer.finish()
+        failed = False
     finally:
+        if failed:
+            trainer.abandon()  # a save still being written: its partial folder removed
         rollouts.close()
-        logger.close()
+        logger.close(quiet=failed)  # a failed run's own error stays the one reported
     if cfg.checkpoint.export_hf and not preempted:
         trainer.export()
     return metrics
+
+
+def record_batch(batch: RolloutBatch, folder: Path, step: int) -> Path:
+    """``logging.save_rollouts``: the batch of ``step`` (1-based) as
+    ``folder/step_NNNNNN.jsonl``; a file that cannot be written whole is removed
+    (a :class:`~hpt_megatron.disk.WriteError`)."""
+    path = folder / f"step_{step:06d}.jsonl"
+    with writing(path, "recorded rollouts", partial=path):
+        folder.mkdir(exist_ok=True)
+        batch.save_jsonl(path)
+    return path
 
 
 class WeightPush:
@@ -352,9 +354,7 @@ class StepLoop:
             batch = self._from_driver(made)
         assert batch is not None
         if self.ctx.is_driver and self.cfg.logging.save_rollouts:
-            folder = Path(self.cfg.run.run_dir) / "rollouts"
-            folder.mkdir(exist_ok=True)
-            batch.save_jsonl(folder / f"step_{step + 1:06d}.jsonl")
+            record_batch(batch, Path(self.cfg.run.run_dir) / "rollouts", step + 1)
         return batch
 
     def _update(self, samples: list[Sample], spec: AlgorithmSpec, step: int) -> dict[str, float]:

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import multiprocessing as mp
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,11 @@ _PRELOAD = ["hpt_megatron.rewards._warm", "hpt_megatron.rewards.multiple_choice"
 
 
 def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
-    """Worker loop: receive ``(index, spec, response, ground_truth)``, send ``(index, score)``."""
+    """Worker loop: receive ``(index, spec, response, ground_truth)``, send ``(index, score)``.
+
+    Ctrl-C reaches the rank's whole process group: the rank decides what it means (a preemption,
+    ``orchestration/faults.py``) and closes the pool; the worker ignores it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if memory_limit_mb:
         import resource
 

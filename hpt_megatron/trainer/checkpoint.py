@@ -264,6 +264,14 @@ class Checkpointer:
 
     close = wait
 
+    def abandon(self) -> None:
+        """Not collective: the run failed elsewhere; a save still being written is given up
+        (this rank's writes waited for, the partial ``step_N.tmp`` removed), so the newest
+        complete checkpoint stays the one a resume takes."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.abandon()
+
 
 def keep_initial_weights(
     path: Path,

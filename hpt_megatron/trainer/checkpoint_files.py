@@ -51,18 +51,6 @@ def flat_model_state(model_sd: dict[str, Any]) -> dict[str, Any]:
     return {f"{chunk}.{key}": value for chunk, sd in model_sd.items() for key, value in sd.items()}
 
 
-def space_note(path: Path) -> str:
-    """What the filesystem of ``path`` has left, the likely cause of a failed write (torch's zip
-    writer reports a full disk as an ``unexpected pos`` error, not as ENOSPC)."""
-    try:
-        free = shutil.disk_usage(path if path.exists() else path.parent).free
-    except OSError:
-        return ""
-    if free < 16 * 1024**2:
-        return f"; the disk is full (no space left on device: {free} bytes free)"
-    return f"; {free / 1024**2:.0f} MiB free on that disk"
-
-
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written; the message says where and why."""
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hpt_megatron.disk import NOT_SPACE, space_note
 from hpt_megatron.trainer.checkpoint_files import (
     COMPLETE,
     STATE_FILE,
@@ -27,7 +28,6 @@ from hpt_megatron.trainer.checkpoint_files import (
     fsync_dir,
     gather_objects,
     sharded_model,
-    space_note,
     write_rank_manifest,
 )
 from hpt_megatron.trainer.engine import StateHold
@@ -211,6 +211,19 @@ class PendingSave:
                 f"checkpoint {self.final.name} could not be written to {self.tmp} ({where}); "
                 "its partial files were removed; the newest loadable checkpoint is unchanged"
             )
+        try:
+            self._finalize(rank)
+        except OSError as err:  # e.g. the disk filled up under the metadata or a manifest
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"checkpoint {self.final.name} could not be written to {self.tmp} (rank {rank}: "
+                f"{type(err).__name__}: {err}{space_note(self.tmp)}); its partial files were "
+                "removed; the newest loadable checkpoint is unchanged"
+            ) from None
+        return self.final
+
+    def _finalize(self, rank: int) -> None:
+        """Collective: Megatron's metadata, the manifests, ``COMPLETE``, the rename."""
         if self.request is not None:
             for fn in self.request.finalize_fns:  # Megatron's: global metadata, collective
                 fn()
@@ -228,7 +241,15 @@ class PendingSave:
             os.replace(self.tmp, self.final)
             fsync_dir(self.final.parent)
         barrier(self.group)
-        return self.final
+
+    def abandon(self) -> None:
+        """Not collective (the other ranks may be gone): after a failure elsewhere, wait for
+        this rank's writes and remove the partial folder."""
+        if self.thread is not None:
+            self.thread.join()
+        if self.buffers is not None:
+            self.buffers.release()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def begin_save(
@@ -259,7 +280,13 @@ def begin_save(
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as err:  # a read-only or full disk
+            note = space_note(tmp, may_be_full=err.errno not in NOT_SPACE)
+            raise CheckpointError(
+                f"checkpoint {final.name} could not be written to {tmp}: {err}{note}"
+            ) from None
     barrier(group)
     model_sd = sharded_model(chunks)
     sharded: dict[str, Any] = {"model": model_sd}
@@ -273,9 +300,11 @@ def begin_save(
             sharded, str(tmp), sharded_strategy=strategy, async_sharded_save=True
         )
     except OSError as err:  # the common part (rank 0) failed, e.g. a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
-            f"checkpoint {final.name} could not be written to {tmp}: {err}"
-        ) from err
+            f"checkpoint {final.name} could not be written to {tmp}: {err}{space_note(tmp)}; "
+            "its partial files were removed"
+        ) from None
     return PendingSave(tmp, final, request, state, group, buffers).start(background)
 
 

@@ -23,6 +23,7 @@ import torch
 from hpt_megatron.config import HPTConfig
 from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 from hpt_megatron.data.sample import Sample
+from hpt_megatron.disk import writing
 from hpt_megatron.models.export import save_hf_folder
 from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.models.hf_io import write_config
@@ -177,25 +178,33 @@ class Trainer:
         with self.phase("checkpoint"):
             self.checkpointer.wait()
 
+    def abandon(self) -> None:
+        """Not collective: after a failure, a checkpoint still being written is removed."""
+        self.checkpointer.abandon()
+
     def export(self) -> Path:
         """Collective: the policy as an HF folder ``<run_dir>/hf`` (config, shards, tokenizer);
-        the critic beside it as ``hf_critic``, for ``AutoModelForTokenClassification``."""
+        the critic beside it as ``hf_critic``, for ``AutoModelForTokenClassification``. A
+        write that fails is a :class:`~hpt_megatron.disk.WriteError`, the partial folder
+        removed."""
         run_dir = Path(self.cfg.run.run_dir)
         out = run_dir / "hf"
         modules = [getattr(c, "module", c) for c in self.policy.model_chunks]
         dtype = _DTYPE_NAMES[modules[0].config.params_dtype]
-        save_hf_folder(modules, self.hf, out, self.ctx, torch_dtype=dtype)
-        if self.ctx.is_driver:
-            self.tokenizer.save_pretrained(str(out))
+        with writing(out, "HF export", partial=out):  # a failing rank removes the partial folder
+            save_hf_folder(modules, self.hf, out, self.ctx, torch_dtype=dtype)
+            if self.ctx.is_driver:
+                self.tokenizer.save_pretrained(str(out))
         if self.update.critic is not None:
             from hpt_megatron.models.value import save_value_hf_folder
 
             critic = [getattr(c, "module", c) for c in self.update.critic.engine.model_chunks]
             critic_dtype = _DTYPE_NAMES[critic[0].config.params_dtype]
             folder = run_dir / "hf_critic"
-            save_value_hf_folder(critic, self.hf, folder, self.ctx, torch_dtype=critic_dtype)
-            if self.ctx.is_driver:
-                self.tokenizer.save_pretrained(str(folder))
+            with writing(folder, "critic's HF export", partial=folder):
+                save_value_hf_folder(critic, self.hf, folder, self.ctx, torch_dtype=critic_dtype)
+                if self.ctx.is_driver:
+                    self.tokenizer.save_pretrained(str(folder))
         return out
 
 

@@ -30,6 +30,7 @@ from hpt_megatron.trainer.checkpoint_files import list_checkpoints, verify_check
 from tests.helpers import hpt_train
 from tests.helpers.forked import run_cli
 from tests.helpers.procs import kill_tree
+from tests.helpers.tmpfs import mount_tmpfs, umount
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = hpt_train.TINY
@@ -109,8 +110,11 @@ def _rank(proc: subprocess.Popen, rank: int) -> psutil.Process:
 
 
 def _check_nothing_lost(out: pathlib.Path, steps: int) -> None:
-    """Every step logged; each step trained exactly the prompts the sampler's order gives it."""
+    """Every step logged once (a resume cuts ``metrics.jsonl`` to its step); each step trained
+    exactly the prompts the sampler's order gives it."""
     assert sorted(hpt_train.metrics(out)) == list(range(1, steps + 1))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1))
     cfg = load_config(out / "config.yaml")
     tokenizer = load_tokenizer(cfg.model.tokenizer_source, out)
     train_set = build_prompt_dataset(cfg.data, tokenizer, "train")
@@ -191,17 +195,10 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_resume_continues(tmp_p
     _check_nothing_lost(out, 4)
 
 
-def _mount_tmpfs(path: pathlib.Path, size: str) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)])
-    if done.returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-
-
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
-    _mount_tmpfs(ckpts, "15m")  # two checkpoints of the tiny model (about 7 MB each) fit
+    mount_tmpfs(ckpts, "15m")  # two checkpoints of the tiny model (about 7 MB each) fit
     try:
         proc = _start(out, 4, "checkpoint.save_every=1", "checkpoint.keep_last=10")
         assert _finish(proc) != 0
@@ -217,7 +214,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
         assert f"resumed from {ckpts / 'step_000002'}" in _log(out)
         _check_nothing_lost(out, 4)
     finally:
-        subprocess.run(["umount", "-l", str(ckpts)])
+        umount(ckpts)
 
 
 def test_failing_rewards_and_a_malformed_row_are_counted_and_the_run_goes_on(tmp_path):

@@ -87,8 +87,8 @@ def run(
 
 
 def metrics(out: pathlib.Path) -> dict[int, dict]:
-    """The last record of every step in ``OUT/metrics.jsonl`` (a resumed run logs the replayed
-    steps again); empty while the file does not exist yet."""
+    """The record of every step in ``OUT/metrics.jsonl`` (a resumed run cut the file to its
+    step first); empty while the file does not exist yet."""
     rows: dict[int, dict] = {}
     path = out / "metrics.jsonl"
     if path.is_file():

@@ -30,6 +30,7 @@ import aiohttp
 import torch
 import torch.distributed as dist
 
+from hpt_megatron.disk import writing
 from hpt_megatron.models.export import DEFAULT_BUCKET_BYTES, merge_shard_index, write_rank_shards
 from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.models.hf_io import copy_side_files, write_config, write_safetensors
@@ -78,24 +79,28 @@ class DiskPusher:
         has ``sink`` load it. Returns the bytes written (on the driver)."""
         ctx = self.ctx
         folder = VersionFolder(self.root, version)
+        what = "weight-sync folder"
         if ctx.is_driver:
-            folder.open()
+            with writing(folder.tmp, what):
+                folder.open()
         if ctx.world_size > 1:
             dist.barrier(group=ctx.cpu_group)  # the folder exists before anyone writes into it
         try:
-            mine = write_rank_shards(
-                self.modules, self.hf, folder.tmp, ctx, bucket_bytes=self.bucket_bytes
-            )
-            total = merge_shard_index(folder.tmp, ctx, mine)  # a barrier: every shard on disk
-            if ctx.is_driver:
-                self._describe(folder.tmp)
+            with writing(folder.tmp, what):
+                mine = write_rank_shards(
+                    self.modules, self.hf, folder.tmp, ctx, bucket_bytes=self.bucket_bytes
+                )
+                total = merge_shard_index(folder.tmp, ctx, mine)  # a barrier: all shards on disk
+                if ctx.is_driver:
+                    self._describe(folder.tmp)
         except BaseException:
             if ctx.is_driver:
                 folder.discard()
             raise
         if not ctx.is_driver:
             return 0
-        final = folder.publish()
+        with writing(folder.final, what):
+            final = folder.publish()
         assert sink is not None
         sink.update_weights_from_disk(final, version)
         return total

@@ -147,3 +147,19 @@ def test_non_finite_guard_counts_skips_and_stops_after_n_in_a_row(tmp_path: Path
     message = str(err.value)
     assert message.startswith("step 5: grad_norm is inf for 2 updates in a row since step 4")
     assert f"Last good checkpoint: {tmp_path / 'step_000003'}." in message
+
+
+def _ctrl_c_twice() -> None:
+    Preemption(FaultConfig().preempt_signals)  # Ctrl-C is a preemption signal by default
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+    os._exit(0)
+
+
+def test_ctrl_c_stops_like_sigterm_and_a_second_exits_at_once_with_130():
+    proc = multiprocessing.get_context("fork").Process(target=_ctrl_c_twice)
+    proc.start()
+    proc.join(10)
+    assert proc.exitcode == 130

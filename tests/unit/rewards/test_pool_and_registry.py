@@ -85,3 +85,17 @@ def test_multiple_choice_reward():
     assert multiple_choice_reward("ANSWER: B", "C") == 0.0
     assert multiple_choice_reward("C is tempting but ANSWER: B", "C") == 0.0
     assert multiple_choice_reward("\\boxed{C}", "\\boxed{C}") == 1.0
+
+
+def test_ctrl_c_to_the_process_group_leaves_the_workers_grading():
+    """The rank decides what Ctrl-C means (a preemption) and closes the pool itself."""
+    import os
+    import signal
+
+    with RewardPool(num_workers=1) as pool:
+        assert pool.grade(["\\boxed{1}"], ["1"]) == [1.0]  # the worker is up
+        for worker in pool._workers:
+            os.kill(worker.process.pid, signal.SIGINT)
+        time.sleep(0.2)
+        assert pool.grade(["\\boxed{2}"], ["2"]) == [1.0]
+        assert pool.stats.crashes == 0
