@@ -26,7 +26,15 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A user error in a configuration: the message names the dotted key."""
+    """A user error in a configuration: the message names the dotted key.
+
+    Several problems found at once (a dry run's) are given as several arguments: ``problems``
+    lists them, the message is one line each.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
 
 
 def _closest(name: str, options: list[str], prefix: str) -> str:
