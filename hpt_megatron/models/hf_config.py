@@ -188,6 +188,8 @@ class HFModelConfig:
             ValueError: no ``config.json``, invalid JSON, or as :meth:`from_dict`.
         """
         path = Path(path)
+        if not path.exists():
+            raise ValueError(f"{path} does not exist (no Hugging Face config.json to read)")
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,11 +127,23 @@ def find_problems(cfg: HPTConfig, world_size: int, target: Target) -> Findings:
     else:  # a replay builds no rollout engine
         found.attempt(_check_sglang, cfg, target)
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir():
-        found.problems.append(f"run.resume: {cfg.run.resume} is not a checkpoint directory")
+        found.problems.append(_resume_problem(Path(cfg.run.resume)))
     problems, warnings = layout_problems(cfg, found.hf, found.dp, target.gpus_per_node)
     found.problems += problems
     found.warnings += warnings
     return found
+
+
+def _resume_problem(path: Path) -> str:
+    """``run.resume`` names no folder; a checkpoint's name is ``step_`` and six digits."""
+    problem = f"run.resume: {path} is not a checkpoint directory"
+    match = re.fullmatch(r"step_(\d+)", path.name)
+    if match is None:
+        return problem + " (a run's checkpoints/step_000004, with six digits)"
+    padded = path.with_name(f"step_{int(match[1]):06d}")
+    if padded != path and padded.is_dir():
+        return f"{problem}; the checkpoint folders have six digits: {padded}"
+    return problem
 
 
 def _check_replay(cfg: HPTConfig) -> None:
