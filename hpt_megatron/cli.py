@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 USAGE = """usage: hpt {train,eval,convert} ...
 
@@ -144,6 +146,14 @@ def _train(argv: list[str]) -> int:
             for line in summary_lines(cfg, _world_size(args), findings, target):
                 print(line, file=sys.stderr)
         return 0
+    if os.environ.get("RANK", "0") == "0":
+        logging.getLogger("hpt_megatron").info(
+            "config %s%s: run directory %s (world size %d)",
+            args.config,
+            f" with {len(args.overrides)} override(s)" if args.overrides else "",
+            os.path.abspath(cfg.run.run_dir),
+            _world_size(args),
+        )
     from hpt_megatron.orchestration.loop import train
 
     try:
@@ -154,10 +164,31 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def tidy_warnings(rank: str) -> None:
+    """Python warnings as one line each, each first sentence once, and those of other packages
+    on rank 0 only: Megatron says "Transformer Engine and Apex are not installed" from six
+    modules, on every rank, with a source line each. The project's own warnings show on every
+    rank (once per sentence)."""
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        text = str(message)
+        ours = f"{os.sep}hpt_megatron{os.sep}" in filename
+        key = text.split(". ")[0]
+        if key in seen or (rank != "0" and not ours):
+            return
+        seen.add(key)
+        where = Path(filename).parent.name + "/" + Path(filename).name
+        print(f"WARNING {category.__name__} ({where}): {text}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines drown the progress bar
+    tidy_warnings(os.environ.get("RANK", "0"))
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2

@@ -5,13 +5,8 @@ checkpoint size, the SGLang servers and an estimate of the memory per GPU
 from __future__ import annotations
 
 from hpt_megatron.config import HPTConfig
-from hpt_megatron.models.hf_config import HFModelConfig
-from hpt_megatron.orchestration.estimate import (
-    GIB,
-    checkpoint_bytes,
-    estimate_memory,
-    parameter_count,
-)
+from hpt_megatron.models.hf_config import HFModelConfig, parameter_count
+from hpt_megatron.orchestration.estimate import GIB, checkpoint_bytes, estimate_memory
 from hpt_megatron.orchestration.layout_checks import gib
 from hpt_megatron.orchestration.preflight import Findings, Target
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from hpt_megatron.config import HPTConfig
-from hpt_megatron.models.hf_config import HFModelConfig
+from hpt_megatron.models.hf_config import HFModelConfig, parameter_count
 
 GIB = 1024**3
 
@@ -59,28 +59,6 @@ def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
     """Megatron pads the vocabulary to a multiple of ``make_vocab_size_divisible_by * tp``."""
     multiple = divisible_by * tp
     return -(-vocab_size // multiple) * multiple
-
-
-def parameter_count(hf: HFModelConfig, vocab: int | None = None) -> int:
-    """Parameters of the decoder ``hf`` describes (gated MLPs, as every supported family).
-
-    Per layer: attention ``H*(nh + 2*nkv)*hd + nh*hd*H`` (+ q/k/v biases, + q/k norms), two
-    RMSNorms ``2*H``, and either a dense MLP ``3*H*I`` or ``E`` experts ``E*3*H*I_moe`` with a
-    router ``H*E``; then embeddings ``V*H``, an untied output layer ``V*H`` and the final norm.
-    ``vocab`` replaces ``hf.vocab_size`` (Megatron's padded vocabulary).
-    """
-    h, hd = hf.hidden_size, hf.head_dim
-    nh, nkv = hf.num_attention_heads, hf.num_key_value_heads
-    attention = h * (nh + 2 * nkv) * hd + nh * hd * h
-    if hf.attention_bias:
-        attention += (nh + 2 * nkv) * hd
-    if hf.qk_norm:
-        attention += 2 * hd
-    dense = 3 * h * hf.intermediate_size + (2 * hf.intermediate_size + h if hf.mlp_bias else 0)
-    sparse = hf.num_experts * 3 * h * hf.moe_intermediate_size + h * hf.num_experts
-    layers = sum(attention + 2 * h + (sparse if s else dense) for s in hf.moe_layers)
-    v = hf.vocab_size if vocab is None else vocab
-    return layers + v * h * (1 if hf.tie_word_embeddings else 2) + h
 
 
 def checkpoint_bytes(params: int, params_dtype: str) -> int:

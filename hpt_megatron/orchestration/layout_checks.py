@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 from hpt_megatron.config import HPTConfig
-from hpt_megatron.models.hf_config import HFModelConfig
-from hpt_megatron.orchestration.estimate import GIB, checkpoint_bytes, parameter_count
+from hpt_megatron.models.hf_config import HFModelConfig, parameter_count
+from hpt_megatron.orchestration.estimate import GIB, checkpoint_bytes
 
 Found = tuple[list[str], list[str]]  # (problems, warnings)
 

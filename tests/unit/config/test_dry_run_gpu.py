@@ -12,6 +12,7 @@ import pytest
 
 from hpt_megatron.cli import main
 from hpt_megatron.config import load_config
+from hpt_megatron.models.hf_config import parameter_count
 from hpt_megatron.models.provider import load_hf_config
 from hpt_megatron.orchestration import layout_checks
 from hpt_megatron.orchestration.estimate import (
@@ -19,7 +20,6 @@ from hpt_megatron.orchestration.estimate import (
     checkpoint_bytes,
     estimate_memory,
     gpu_memory_gib,
-    parameter_count,
 )
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[3] / "examples"
