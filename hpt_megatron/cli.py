@@ -12,6 +12,10 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hpt_megatron.orchestration.preflight import Target
 
 USAGE = """usage: hpt {train,eval,convert} ...
 
@@ -100,7 +104,8 @@ def _world_size(args: TrainArgs) -> int:
     return args.world_size or 1
 
 
-def _target(args: TrainArgs):  # -> preflight.Target (imported late: torch)
+def _target(args: TrainArgs) -> Target:
+    """The machine a run is checked for (preflight imports torch: imported here, late)."""
     from hpt_megatron.orchestration.estimate import gpu_memory_gib
     from hpt_megatron.orchestration.preflight import Target
 

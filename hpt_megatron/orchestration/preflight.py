@@ -58,7 +58,9 @@ class Target:
     gpu_memory_gib: float | None = None
 
     @classmethod
-    def this_machine(cls, gpus_per_node: int | None = None, gpu_memory_gib: float | None = None):
+    def this_machine(
+        cls, gpus_per_node: int | None = None, gpu_memory_gib: float | None = None
+    ) -> Target:
         """This machine: its visible GPUs (count and the first one's memory, unless given)."""
         if not torch.cuda.is_available():
             return cls(False, True, gpus_per_node, gpu_memory_gib)
@@ -68,7 +70,9 @@ class Target:
         return cls(True, True, gpus_per_node or count or None, gpu_memory_gib)
 
     @classmethod
-    def gpu_node(cls, gpus_per_node: int | None = None, gpu_memory_gib: float | None = None):
+    def gpu_node(
+        cls, gpus_per_node: int | None = None, gpu_memory_gib: float | None = None
+    ) -> Target:
         """A GPU node elsewhere (``--target gpu``)."""
         return cls(True, False, gpus_per_node, gpu_memory_gib)
 

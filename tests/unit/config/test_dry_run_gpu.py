@@ -227,3 +227,18 @@ def test_the_memory_estimate_by_hand(tmp_path):
     )
     mem = estimate_memory(saver, hf, dp=4, device_bytes=80 * GIB)
     assert mem.sglang_released and mem.peak == mem.trainer_state + 40 * GIB
+
+
+def test_this_machine_with_gpus_counts_them_and_reads_the_first_ones_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from hpt_megatron.orchestration import preflight
+
+    cuda = preflight.torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "device_count", lambda: 8)
+    props = SimpleNamespace(total_memory=80 * GIB)
+    monkeypatch.setattr(cuda, "get_device_properties", lambda index: props)
+    assert preflight.Target.this_machine() == preflight.Target(True, True, 8, 80.0)
+    assert preflight.Target.this_machine(4, 141.0) == preflight.Target(True, True, 4, 141.0)
+    assert preflight.Target.gpu_node() == preflight.Target(True, False, None, None)
