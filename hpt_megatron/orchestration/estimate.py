@@ -70,7 +70,7 @@ def checkpoint_bytes(params: int, params_dtype: str) -> int:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per GPU (the busiest rank: the first pipeline stage, which holds the embeddings)."""
+    """Bytes per GPU, the model split evenly over the ``tp x pp`` ranks of a replica."""
 
     weights: int
     grads: int

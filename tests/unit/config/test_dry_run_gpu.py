@@ -242,3 +242,20 @@ def test_this_machine_with_gpus_counts_them_and_reads_the_first_ones_memory(monk
     assert preflight.Target.this_machine() == preflight.Target(True, True, 8, 80.0)
     assert preflight.Target.this_machine(4, 141.0) == preflight.Target(True, True, 4, 141.0)
     assert preflight.Target.gpu_node() == preflight.Target(True, False, None, None)
+
+
+def test_config_errors_of_every_section_at_once(capsys):
+    overrides = [
+        "trainer.lrr=1",
+        "rollout.n=0",
+        "model.params_dtype=bf16x",
+        "data.prompts_per_step=0",
+    ]
+    code, out, err = _dry_run(capsys, str(EXAMPLES / "tiny_cpu.yaml"), "--dry-run", *overrides)
+    assert code == 2 and out == ""
+    assert _problems(err) == [
+        "model.params_dtype",
+        "unknown key 'trainer.lrr'; did you mean 'trainer.lr'?",
+        "data.prompts_per_step",
+        "rollout.n",
+    ]
