@@ -1,8 +1,9 @@
 """Grading throughput: the process pool against one-by-one grading in the main process.
 
 Builds N realistic responses from the MATH-500 / Minerva / OlympiadBench ground truths in the
-shared data folder (a few kB of reasoning each, then: the right answer, an equivalent rewriting,
-a wrong answer, or no box) and grades them both ways in the same run.
+benchmark data folder (``--data-root``, else ``$HPT_DATA_ROOT``, else ``data/``: as ``hpt eval``)
+(a few kB of reasoning each, then: the right answer, an equivalent rewriting, a wrong answer, or
+no box) and grades them both ways in the same run.
 
     python benchmarks/grading_throughput.py [--n 2000] [--workers 2] [--data-root ../shared/data]
 """

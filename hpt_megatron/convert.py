@@ -186,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tools/convert.py`` and ``hpt convert``; returns the exit status."""
     args = _parse(argv)
     try:
+        for flag in ("hf", "load", "hf_config"):
+            path = getattr(args, flag, None)
+            if path is not None and not Path(path).exists():
+                raise ValueError(f"--{flag.replace('_', '-')}: {path} does not exist")
         if args.command == "hf-to-megatron":
             hf_to_megatron(args)
         elif args.command == "critic-to-hf":

@@ -26,7 +26,15 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A user error in a configuration: the message names the dotted key."""
+    """A user error in a configuration: the message names the dotted key.
+
+    Several problems found at once (a dry run's) are given as several arguments: ``problems``
+    lists them, the message is one line each.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
 
 
 def _closest(name: str, options: list[str], prefix: str) -> str:
@@ -137,28 +145,46 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     aliases: dict[str, dict[Any, Any]] = getattr(cls, "ALIASES", {})
-    for name in data:  # unknown keys first: a typo is the likeliest mistake
-        if name not in fields:
-            key = f"{prefix}.{name}" if prefix else name
-            raise ConfigError(f"unknown key '{key}'{_closest(name, sorted(fields), prefix)}")
+    problems = [  # unknown keys first: a typo is the likeliest mistake
+        f"unknown key '{key}'{_closest(name, sorted(fields), prefix)}"
+        for name in data
+        if name not in fields
+        for key in [f"{prefix}.{name}" if prefix else name]
+    ]
     kwargs = {}
     for name, value in data.items():
+        if name not in fields:
+            continue
         key = f"{prefix}.{name}" if prefix else name
         if name in aliases and isinstance(value, str):
             value = aliases[name].get(value, value)
-        kwargs[name] = check_value(value, hints[name], key)
+        try:
+            kwargs[name] = check_value(value, hints[name], key)
+        except ConfigError as err:  # every field's problem, not only the first
+            problems += err.problems
+    if problems:
+        raise ConfigError(*problems)
     obj = cls(**kwargs)
     validate_tree(obj, prefix, recurse=False)
     return obj
 
 
 def validate_tree(obj: Any, prefix: str = "", recurse: bool = True) -> None:
-    """Call ``validate()`` on ``obj`` (and nested sections), prefixing errors with the key."""
+    """Call ``validate()`` on ``obj`` (and nested sections), prefixing errors with the key.
+
+    The problems of every nested section are raised together; ``obj``'s own ``validate()`` runs
+    only when its sections are valid (it may rely on them)."""
+    problems = []
     if recurse:
         for f in dataclasses.fields(obj):
             child = getattr(obj, f.name)
             if dataclasses.is_dataclass(child):
-                validate_tree(child, f"{prefix}.{f.name}" if prefix else f.name)
+                try:
+                    validate_tree(child, f"{prefix}.{f.name}" if prefix else f.name)
+                except ConfigError as err:
+                    problems += err.problems
+    if problems:
+        raise ConfigError(*problems)
     check = getattr(obj, "validate", None)
     if check is None:
         return

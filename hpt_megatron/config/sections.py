@@ -134,6 +134,9 @@ class TrainerConfig:
     lr: float = 1e-5
     min_lr: float = 0.0
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Optimizer updates (mini_batches_per_step x epochs_per_step per step) of linear warm-up from
+    # lr 0: update k uses lr * (k-1) / warmup_steps, so the first runs at lr 0 (it moves no
+    # weight) and update warmup_steps+1 reaches lr.
     warmup_steps: int = 0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9

@@ -215,16 +215,38 @@ def read_examples(
     rows = {"parquet": _rows_parquet, "json": _rows_json, "jsonl": _rows_jsonl}[kind](path)
     report = ReadReport(file=str(path))
     examples = []
+    columns: dict[str, None] = {}  # the rows' top-level keys, in order of appearance
     for index, row in rows:
         report.rows += 1
+        if isinstance(row, dict):
+            columns.update(dict.fromkeys(row))
         try:
             if isinstance(row, BadRowError):
                 raise row
             examples.append(parse_row(row, fields, str(path), index))
         except BadRowError as err:
             report.bad.append(BadRow(str(path), index, str(err)))
+    _check_fields(report, fields, list(columns), max_bad_share)
     _check_report(report, max_bad_share)
     return examples, report
+
+
+def _check_fields(
+    report: ReadReport, fields: FieldMap, columns: list[str], max_bad_share: float
+) -> None:
+    """A prompt or answer field missing from too many rows is a renamed or mistyped column: one
+    message listing the file's columns, instead of a warning per row."""
+    answer = fields.answer or ", ".join(_ANSWER_KEYS)
+    for reason, what in (
+        ("missing prompt", f"prompt field '{fields.prompt}' (data.prompt_key)"),
+        ("missing ground truth", f"answer field ({answer}: data.answer_key)"),
+    ):
+        missing = sum(b.reason.startswith(reason) for b in report.bad)
+        if missing and (missing == report.rows or missing / report.rows > max_bad_share):
+            raise ValueError(
+                f"{report.file}: {missing} of {report.rows} rows have no {what}; the file's "
+                f"columns: {', '.join(columns) or 'none'}"
+            )
 
 
 def _check_report(report: ReadReport, max_bad_share: float) -> None:

@@ -1,4 +1,5 @@
-"""The paper's benchmarks by name, mapped onto the files in the shared data folder."""
+"""The paper's benchmarks by name, mapped onto the files of a benchmark data folder
+(``--data-root``, ``$HPT_DATA_ROOT``, else ``data/``: :func:`find_data_root`)."""
 
 from __future__ import annotations
 
@@ -45,19 +46,29 @@ BENCHMARKS: dict[str, Benchmark] = {
 MATH_BENCHMARKS = ("aime24", "aime25", "amc", "math500", "minerva", "olympiadbench")
 
 
+DATA_HELP = (
+    "the named benchmarks read eval/unify/*.json (TsinghuaC3I/Unify-Post-Training's "
+    "data/*/test.json) and eval/luffy/*.parquet (ElliottYan/LUFFY's data/*.parquet) under the "
+    "data folder: pass --data-root DIR or set HPT_DATA_ROOT"
+)
+
+
 def find_data_root(explicit: str | Path | None = None) -> Path:
-    """The shared data folder: ``explicit``, ``$HPT_DATA_ROOT``, or ``../shared/data``."""
-    candidates = [explicit] if explicit else []
-    if os.environ.get("HPT_DATA_ROOT"):
-        candidates.append(os.environ["HPT_DATA_ROOT"])
-    candidates += [Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
-    for candidate in candidates:
-        if Path(candidate).is_dir():
-            return Path(candidate)
-    raise ValueError(
-        f"benchmark data folder not found (tried {[str(c) for c in candidates]}); "
-        "pass --data-root or set HPT_DATA_ROOT"
-    )
+    """The benchmark data folder: ``explicit`` (``--data-root``), else ``$HPT_DATA_ROOT``, else
+    ``data`` in the working directory (a checkout's own ``data/``).
+
+    Raises:
+        ValueError: naming the folder it looked in, and where that came from.
+    """
+    if explicit:
+        root, source = Path(explicit), "--data-root"
+    elif os.environ.get("HPT_DATA_ROOT"):
+        root, source = Path(os.environ["HPT_DATA_ROOT"]), "$HPT_DATA_ROOT"
+    else:
+        root, source = Path("data"), "the default, data/ in the working directory"
+    if not root.is_dir():
+        raise ValueError(f"benchmark data folder {root} ({source}) does not exist; {DATA_HELP}")
+    return root
 
 
 def _dedupe(examples: list[RawExample]) -> list[RawExample]:
@@ -78,7 +89,7 @@ def load_benchmark(
 
     Args:
         name_or_path: A name in :data:`BENCHMARKS` or a dataset file (parquet/JSON/JSONL).
-        data_root: The shared data folder (see :func:`find_data_root`); unused for a file.
+        data_root: The benchmark data folder (see :func:`find_data_root`); unused for a file.
         reward: Override of the benchmark's reward spec.
 
     Raises:
@@ -87,9 +98,13 @@ def load_benchmark(
     if name_or_path in BENCHMARKS:
         bench = BENCHMARKS[name_or_path]
         path = find_data_root(data_root) / bench.file
+        if not path.is_file():
+            raise ValueError(f"benchmark '{bench.name}': {path} does not exist; {DATA_HELP}")
     elif Path(name_or_path).suffix:
         path = Path(name_or_path)
         bench = Benchmark(name=path.stem, file=str(path))
+        if not path.is_file():
+            raise ValueError(f"benchmark file {path} does not exist")
     else:
         raise ValueError(
             f"unknown benchmark '{name_or_path}': use one of {sorted(BENCHMARKS)} or a file path"
@@ -104,3 +119,35 @@ def load_benchmark(
     if not examples:
         raise ValueError(f"benchmark '{bench.name}': no problems in {path}")
     return bench, examples
+
+
+def load_benchmarks(
+    names: list[str], data_root: str | Path | None = None
+) -> list[tuple[Benchmark, list[RawExample]]]:
+    """Every benchmark of ``names`` (each once), read before any model loads; every unknown name
+    or missing file is reported in one ``ValueError``."""
+    loaded, problems = [], []
+    for name in dict.fromkeys(names):
+        try:
+            loaded.append(load_benchmark(name, data_root))
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ValueError("\n".join(dict.fromkeys(problems)))
+    return loaded
+
+
+def split_names(values: list[str]) -> list[str]:
+    """``--benchmarks`` values, space- or comma-separated (``aime24 math500``, ``aime24,math500``
+    or both), in order; every name that is neither a benchmark nor a file name (with a suffix)
+    is reported in one ``ValueError``."""
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS and not Path(n).suffix]
+    if unknown:
+        raise ValueError(
+            f"--benchmarks: unknown benchmark(s) {unknown}: use names of {sorted(BENCHMARKS)} "
+            "or dataset files (.json, .jsonl, .parquet)"
+        )
+    if not names:
+        raise ValueError("--benchmarks: no benchmark given")
+    return names

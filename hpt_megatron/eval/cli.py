@@ -11,8 +11,13 @@ from typing import Any, Literal
 
 from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.data.templates import QWEN_MATH_SYSTEM_PROMPT, PromptTemplate
-from hpt_megatron.eval.benchmarks import BENCHMARKS, MATH_BENCHMARKS
-from hpt_megatron.eval.runner import EvalOptions, format_table, run_eval
+from hpt_megatron.eval.benchmarks import (
+    BENCHMARKS,
+    MATH_BENCHMARKS,
+    load_benchmarks,
+    split_names,
+)
+from hpt_megatron.eval.runner import EvalOptions, evaluate_loaded, format_table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--benchmarks",
-        default=",".join(MATH_BENCHMARKS),
-        help=f"comma-separated names ({', '.join(BENCHMARKS)}) or dataset files",
+        nargs="+",
+        default=list(MATH_BENCHMARKS),
+        help=f"names ({', '.join(BENCHMARKS)}) or dataset files, space- or comma-separated "
+        "(default: the six math benchmarks)",
     )
     parser.add_argument(
-        "--data-root", help="shared data folder (default: $HPT_DATA_ROOT, ../shared/data)"
+        "--data-root",
+        help="the benchmark data folder, holding eval/unify/*.json and eval/luffy/*.parquet "
+        "(default: $HPT_DATA_ROOT, else data/ in the working directory)",
     )
     parser.add_argument("--output-dir", default="eval_out", help="responses.jsonl and summary.json")
     parser.add_argument("--temperature", type=float, default=0.6)
@@ -50,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grade-workers", type=int, default=2)
     parser.add_argument("--grade-timeout", type=float, default=5.0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
     sgl = parser.add_argument_group("SGLang (--engine sglang)")
     parser.add_argument(
         "--engine",
@@ -105,6 +115,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         limit=args.limit,
         num_workers=args.grade_workers,
         grade_timeout_s=args.grade_timeout,
+        progress=not args.no_progress,
     )
 
 
@@ -186,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        args.benchmarks = split_names(args.benchmarks)  # names before any conversion
         with tempfile.TemporaryDirectory(prefix="hpt-eval-") as tmp:
             if args.megatron_checkpoint:
                 args.model = _convert(args.megatron_checkpoint, args.hf_config, tmp)
@@ -213,24 +225,34 @@ def _convert(checkpoint: str, hf_config: str | None, tmp: str) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    """Settings, then the model folder and the benchmark files, then the engine (the model
+    loads last: a mistake in the others is reported at once)."""
     options = options_from_args(args)
     sglang = sglang_config(args)
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--model: '{args.model}' is not a folder")
+    loaded = load_benchmarks(args.benchmarks, args.data_root)
     if args.engine == "sglang":
         engine, tokenizer = load_sglang_engine(args.model, sglang, args.output_dir)
     else:
         engine, tokenizer = load_engine(args.model)
-    benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    settings = {
+        "model": args.megatron_checkpoint or args.model,
+        "engine": args.engine,
+        "benchmarks": args.benchmarks,
+    }
     try:
-        results = run_eval(
+        results = evaluate_loaded(
             engine,
             tokenizer,
-            benchmarks,
+            loaded,
             options=options,
-            data_root=args.data_root,
             output_dir=args.output_dir,
+            settings=settings,
         )
     finally:
         engine.shutdown()
     print(format_table(results))
-    print(f"responses and scores: {Path(args.output_dir) / 'responses.jsonl'}")
+    out = Path(args.output_dir)
+    print(f"responses and scores: {out / 'responses.jsonl'}; summary: {out / 'summary.json'}")
     return 0

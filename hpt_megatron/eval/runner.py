@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from hpt_megatron.data.dataset import PromptDataset, TokenizeOptions, tokenize_examples
+from hpt_megatron.data.records import RawExample
 from hpt_megatron.data.templates import PromptTemplate
-from hpt_megatron.eval.benchmarks import Benchmark, load_benchmark
+from hpt_megatron.eval.benchmarks import Benchmark, load_benchmarks
 from hpt_megatron.eval.metrics import benchmark_scores
 from hpt_megatron.rewards.pool import RewardPool
 from hpt_megatron.rollout.base import RolloutEngine, SamplingParams
@@ -38,6 +39,22 @@ class EvalOptions:
     limit: int | None = None
     num_workers: int = 2
     grade_timeout_s: float = 5.0
+    progress: bool = True  # a progress bar (stderr) per benchmark while generating
+
+    def settings(self) -> dict[str, Any]:
+        """The protocol as ``summary.json`` records it."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "k": self.k,
+            "pass_ks": list(self.pass_ks),
+            "seed": self.seed,
+            "limit": self.limit,
+            "template": self.template.kind,
+            "system_prompt": self.template.system_prompt,
+            "max_prompt_tokens": self.max_prompt_tokens,
+        }
 
     def validate(self) -> None:
         if self.k is not None and self.k < 1:
@@ -57,14 +74,21 @@ class BenchmarkResult:
 
 
 def _generate(
-    engine: RolloutEngine, dataset: PromptDataset, params: SamplingParams, per_call: int
+    engine: RolloutEngine,
+    dataset: PromptDataset,
+    params: SamplingParams,
+    per_call: int,
+    bar: Any | None = None,
 ) -> list[list[Any]]:
-    """Generations per problem, in dataset order."""
+    """Generations per problem, in dataset order (``bar``, a tqdm bar, counts the samples)."""
     per_problem: list[list[Any]] = [[] for _ in dataset]
     for start in range(0, len(dataset), per_call):
         chunk = [r.prompt_ids for r in dataset.records[start : start + per_call]]
-        for gen in engine.generate(chunk, params):
+        gens = engine.generate(chunk, params)
+        for gen in gens:
             per_problem[start + gen.prompt_index].append(gen)
+        if bar is not None:
+            bar.update(len(gens))
     for i, gens in enumerate(per_problem):
         if len(gens) != params.n:
             raise RuntimeError(
@@ -100,7 +124,16 @@ def evaluate_benchmark(
         seed=options.seed,
     )
     logger.info("%s: %d problems x %d samples", bench.name, len(dataset), k)
-    generations = _generate(engine, dataset, params, options.prompts_per_call)
+    from tqdm import tqdm
+
+    with tqdm(
+        total=len(dataset) * k,
+        desc=f"{bench.name} (generating)",
+        unit="sample",
+        disable=not options.progress,
+        dynamic_ncols=True,
+    ) as bar:
+        generations = _generate(engine, dataset, params, options.prompts_per_call, bar)
     texts = [
         [tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in gens]
         for gens in generations
@@ -135,6 +168,7 @@ def run_eval(
     options: EvalOptions | None = None,
     data_root: str | Path | None = None,
     output_dir: str | Path | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> list[BenchmarkResult]:
     """Evaluate a policy (behind ``engine``) on benchmarks by name or file.
 
@@ -143,16 +177,33 @@ def run_eval(
         tokenizer: The policy's tokenizer (templates prompts, decodes responses).
         benchmarks: Names from :data:`hpt_megatron.eval.benchmarks.BENCHMARKS` or file paths.
         options: The sampling protocol (default: the paper's).
-        data_root: The shared data folder for named benchmarks.
+        data_root: The benchmark data folder for named benchmarks.
         output_dir: Where ``responses.jsonl`` (every response and score) and ``summary.json``
             go; None writes nothing.
+        settings: More settings for ``summary.json`` (the CLI's model and engine).
 
     Returns:
         One result per benchmark, in order.
     """
+    loaded = load_benchmarks(benchmarks, data_root)  # fail before generating
+    return evaluate_loaded(
+        engine, tokenizer, loaded, options=options, output_dir=output_dir, settings=settings
+    )
+
+
+def evaluate_loaded(
+    engine: RolloutEngine,
+    tokenizer: Any,
+    loaded: list[tuple[Benchmark, list[RawExample]]],
+    *,
+    options: EvalOptions | None = None,
+    output_dir: str | Path | None = None,
+    settings: dict[str, Any] | None = None,
+) -> list[BenchmarkResult]:
+    """:func:`run_eval` on benchmarks already read (``load_benchmarks``: ``hpt eval`` reads them
+    before it loads the model)."""
     options = options or EvalOptions()
     options.validate()
-    loaded = [load_benchmark(name, data_root) for name in benchmarks]  # fail before generating
     out_dir = Path(output_dir) if output_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,9 +219,33 @@ def run_eval(
             if out is not None:
                 out.close()
     if out_dir is not None:
-        summary = [r.__dict__ for r in results]
+        summary = summary_rows(results, {**(settings or {}), **options.settings()})
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return results
+
+
+def mean_metrics(results: list[BenchmarkResult]) -> dict[str, float]:
+    """Each metric's mean over the benchmarks that report it (avg@k over all of them)."""
+    names = {m for r in results for m in r.metrics}
+    return {
+        m: sum(have) / len(have)
+        for m in sorted(names, key=lambda m: (m != "avg", len(m), m))
+        for have in [[r.metrics[m] for r in results if m in r.metrics]]
+    }
+
+
+def summary_rows(results: list[BenchmarkResult], settings: dict[str, Any]) -> list[dict]:
+    """``summary.json``: a row per benchmark, then their ``mean``; each row carries the
+    settings it was evaluated with (``k`` there: the override, None for the benchmarks' own)."""
+    rows = [{**r.__dict__, "settings": settings} for r in results]
+    mean = {
+        "name": "mean",
+        "num_problems": sum(r.num_problems for r in results),
+        "k": None,
+        "metrics": mean_metrics(results),
+        "settings": settings,
+    }
+    return [*rows, mean]
 
 
 def format_table(results: list[BenchmarkResult]) -> str:
@@ -185,10 +260,8 @@ def format_table(results: list[BenchmarkResult]) -> str:
         for r in results
     ]
     if len(results) > 1:
-        mean = [sum(r.metrics["avg"] for r in results) / len(results)]
-        for c in columns:
-            have = [r.metrics[c] for r in results if c in r.metrics]
-            mean.append(sum(have) / len(have) if have else float("nan"))
+        means = mean_metrics(results)
+        mean = [means["avg"], *(means[c] for c in columns)]
         rows.append(
             [
                 "mean",

@@ -188,6 +188,8 @@ class HFModelConfig:
             ValueError: no ``config.json``, invalid JSON, or as :meth:`from_dict`.
         """
         path = Path(path)
+        if not path.exists():
+            raise ValueError(f"{path} does not exist (no Hugging Face config.json to read)")
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
@@ -287,3 +289,25 @@ def _rope(get: _Reader) -> tuple[float, Mapping[str, Any] | None]:
     if kind == "default":
         return theta, None
     return theta, MappingProxyType({k: v for k, v in scaling.items() if k != "rope_theta"})
+
+
+def parameter_count(hf: HFModelConfig, vocab: int | None = None) -> int:
+    """Parameters of the decoder ``hf`` describes (gated MLPs, as every supported family).
+
+    Per layer: attention ``H*(nh + 2*nkv)*hd + nh*hd*H`` (+ q/k/v biases, + q/k norms), two
+    RMSNorms ``2*H``, and either a dense MLP ``3*H*I`` or ``E`` experts ``E*3*H*I_moe`` with a
+    router ``H*E``; then embeddings ``V*H``, an untied output layer ``V*H`` and the final norm.
+    ``vocab`` replaces ``hf.vocab_size`` (Megatron's padded vocabulary).
+    """
+    h, hd = hf.hidden_size, hf.head_dim
+    nh, nkv = hf.num_attention_heads, hf.num_key_value_heads
+    attention = h * (nh + 2 * nkv) * hd + nh * hd * h
+    if hf.attention_bias:
+        attention += (nh + 2 * nkv) * hd
+    if hf.qk_norm:
+        attention += 2 * hd
+    dense = 3 * h * hf.intermediate_size + (2 * hf.intermediate_size + h if hf.mlp_bias else 0)
+    sparse = hf.num_experts * 3 * h * hf.moe_intermediate_size + h * hf.num_experts
+    layers = sum(attention + 2 * h + (sparse if s else dense) for s in hf.moe_layers)
+    v = hf.vocab_size if vocab is None else vocab
+    return layers + v * h * (1 if hf.tie_word_embeddings else 2) + h

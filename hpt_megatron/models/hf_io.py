@@ -7,11 +7,12 @@ import re
 import shutil
 import struct
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 if TYPE_CHECKING:
     from hpt_megatron.models.hf_config import HFModelConfig
@@ -59,6 +60,20 @@ def fused_expert_view(fused: torch.Tensor, expert: int, part: str) -> torch.Tens
     return fused[expert, :rows] if part == "gate" else fused[expert, rows:]
 
 
+@contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open(path)``; a truncated or corrupt file is a ``ValueError`` naming it (not
+    safetensors' own ``SafetensorError``)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except SafetensorError as err:
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt (an "
+            "interrupted download or copy?): fetch or export it again"
+        ) from None
+
+
 class HFCheckpointReader:
     """Lazily read tensors from ``model.safetensors`` or a sharded folder with an index.
 
@@ -76,7 +91,7 @@ class HFCheckpointReader:
         if index.is_file():
             self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         elif (self.folder / SINGLE).is_file():
-            with safe_open(self.folder / SINGLE, framework="pt") as f:
+            with open_safetensors(self.folder / SINGLE) as f:
                 self.weight_map = dict.fromkeys(f.keys(), SINGLE)
         else:
             raise ValueError(f"{self.folder}: neither {INDEX} nor {SINGLE} found")
@@ -131,7 +146,7 @@ class HFCheckpointReader:
         if self._headers is None:
             self._headers = {}
             for shard in sorted(set(self.weight_map.values())):
-                with safe_open(self.folder / shard, framework="pt") as f:
+                with open_safetensors(self.folder / shard) as f:
                     for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
                         view = f.get_slice(key)
                         self._headers[key] = (view.get_shape(), view.get_dtype())
@@ -145,7 +160,7 @@ class HFCheckpointReader:
         if fused is not None:
             fused_name, expert, part = fused
             meta = self._check_expert(name, fused_name, expert)
-            with safe_open(self.folder / self.weight_map[fused_name], framework="pt") as f:
+            with open_safetensors(self.folder / self.weight_map[fused_name]) as f:
                 view = f.get_slice(fused_name)
                 if part == "down":
                     data = view[expert]
@@ -158,7 +173,7 @@ class HFCheckpointReader:
             raise ValueError(f"{self.folder}: tensor {name!r} is not in the checkpoint")
         # Open per tensor: a kept-open handle keeps its memory map's touched pages resident,
         # which would grow the process by the whole checkpoint.
-        with safe_open(self.folder / shard, framework="pt") as f:
+        with open_safetensors(self.folder / shard) as f:
             return f.get_tensor(name)
 
 

@@ -8,6 +8,7 @@ advantages, and hands back a :class:`RolloutBatch` that every rank trains on.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 MAX_REFILL_ROUNDS = 4  # DAPO dynamic sampling: extra prompt batches drawn to refill a step
 
+log = logging.getLogger(__name__)
+
 
 class Driver:
     """Rank 0's sampler, datasets, rollout engine and reward pool; rollouts and validation
@@ -59,6 +62,7 @@ class Driver:
         self.val_set = val_set
         self.engine = engine
         self.pool = pool
+        self._generated = False  # the first generation is announced in the log
 
     @classmethod
     def build(
@@ -83,11 +87,19 @@ class Driver:
             timeout_s=reward.timeout_s,
             memory_limit_mb=reward.memory_limit_mb,
         )
+        _log_data(cfg, train_set, val_set)
         try:
+            t0 = time.perf_counter()
             engine = build_rollout_engine(plan, cfg, hf, tokenizer, run_dir, ctx, nodes)
         except BaseException:
             pool.close()
             raise
+        log.info(
+            "rollout engine %s ready (%s placement) in %.1f s",
+            cfg.rollout.engine,
+            cfg.run.placement,
+            time.perf_counter() - t0,
+        )
         return cls(cfg, tokenizer, sampler, val_set, engine, pool)
 
     def close(self) -> None:
@@ -122,9 +134,21 @@ class Driver:
         rollouts: list[Sample] = []
         metrics: dict[str, float] = {}
         for round_ in range(MAX_REFILL_ROUNDS + 1):
+            if not self._generated:
+                log.info(
+                    "step %d: generating %d responses (%d prompts x %d, up to %d tokens each)",
+                    step + 1,
+                    len(prompts) * params.n,
+                    len(prompts),
+                    params.n,
+                    params.max_new_tokens,
+                )
             t0 = time.perf_counter()
             fresh = self._generate(prompts, params, group_offset=len(rollouts) // params.n)
             t1 = time.perf_counter()
+            if not self._generated:
+                self._generated = True
+                log.info("step %d: generated in %.1f s; grading and training", step + 1, t1 - t0)
             grade_samples(self.pool, fresh, self.cfg.reward)
             timings["time/generation_s"] += t1 - t0
             timings["time/grading_s"] += time.perf_counter() - t1
@@ -248,3 +272,22 @@ def _rollout_metrics(rollouts: list[Sample]) -> dict[str, float]:
         "response/clipped_share": sum(s.finish_reason == "length" for s in rollouts)
         / len(rollouts),
     }
+
+
+def _log_data(cfg: HPTConfig, train_set: PromptDataset, val_set: PromptDataset | None) -> None:
+    """The start-up line of the data: prompts kept of each set, and a step's share."""
+    data, stats = cfg.data, train_set.stats
+    val = f"; val {data.val or 'arithmetic'}: {len(val_set)} prompts" if val_set else ""
+    log.info(
+        "data: train %s: %d prompts (of %d rows: %d bad, %d over the length limits), %d per "
+        "step (%d steps: %.2g epochs)%s",
+        data.train,
+        len(train_set),
+        stats.rows,
+        stats.bad_rows,
+        stats.overlong_filtered,
+        data.prompts_per_step,
+        cfg.run.steps,
+        cfg.run.steps * data.prompts_per_step / max(1, len(train_set)),
+        val,
+    )

@@ -1,15 +1,24 @@
 """Checks of a run that need no training: ``hpt train --dry-run`` runs them, ``hpt train`` too.
 
 The loader (``load_config``) already checked every key's type and each section's values; here the
-config meets this machine: the world size against the parallel layout, the model config against
-the layout, the files it names, the reward functions, the devices and the SGLang install. Every
-problem is a ``ConfigError`` whose message starts with the dotted key.
+config meets the machine it is for: the world size against the parallel layout, the model config
+against the layout and the SGLang servers, the files it names, the directories it writes, the
+reward functions, the devices and the SGLang install. Every problem is found (not only the first)
+and named by its dotted key; ``preflight`` raises them together as one ``ConfigError``.
+
+The machine is this one (:meth:`Target.here`), or a GPU node described by ``hpt train --dry-run
+--target gpu`` from a CPU login node (:meth:`Target.gpu_node`): GPU-only settings are then
+allowed, and what only the GPU node can answer (a visible device, Transformer Engine and the
+SGLang python installed there) is not checked.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,33 +33,121 @@ from hpt_megatron.models.provider import (
     hf_config_with_overrides,
     load_hf_config,
 )
+from hpt_megatron.orchestration.layout_checks import layout_problems
 from hpt_megatron.parallel.runtime import check_world_size
 from hpt_megatron.rewards.registry import resolve_reward
 from hpt_megatron.rollout.plan import data_parallel_refusal
 
 
-def preflight(cfg: HPTConfig, world_size: int) -> None:
+@dataclass(frozen=True)
+class Target:
+    """The machine a config is checked for.
+
+    Attributes:
+        gpu: GPU-only settings (bf16 weights, recomputation, the distributed optimizer, nccl,
+            SGLang on cuda...) can run there.
+        here: it is this machine: its devices and installs (Transformer Engine, the SGLang
+            python) are checked.
+        gpus_per_node: GPUs of one node (SGLang's servers x tp_size must fit); None: unknown.
+        gpu_memory_gib: one GPU's memory, for the memory estimate; None: unknown.
+    """
+
+    gpu: bool
+    here: bool = True
+    gpus_per_node: int | None = None
+    gpu_memory_gib: float | None = None
+
+    @classmethod
+    def this_machine(
+        cls, gpus_per_node: int | None = None, gpu_memory_gib: float | None = None
+    ) -> Target:
+        """This machine: its visible GPUs (count and the first one's memory, unless given)."""
+        if not torch.cuda.is_available():
+            return cls(False, True, gpus_per_node, gpu_memory_gib)
+        count = torch.cuda.device_count()
+        if count and gpu_memory_gib is None:
+            gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / 1024**3
+        return cls(True, True, gpus_per_node or count or None, gpu_memory_gib)
+
+    @classmethod
+    def gpu_node(
+        cls, gpus_per_node: int | None = None, gpu_memory_gib: float | None = None
+    ) -> Target:
+        """A GPU node elsewhere (``--target gpu``)."""
+        return cls(True, False, gpus_per_node, gpu_memory_gib)
+
+
+@dataclass
+class Findings:
+    """What preflight found: problems (the run cannot start), warnings, and the model config."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    hf: HFModelConfig | None = None
+    dp: int | None = None
+
+    def attempt(self, check: Callable[..., object], *args: object) -> object:
+        """Run ``check``, recording its ``ConfigError`` as problems; its result, or None."""
+        try:
+            return check(*args)
+        except ConfigError as err:
+            self.problems.extend(err.problems)
+            return None
+
+
+def preflight(cfg: HPTConfig, world_size: int, target: Target | None = None) -> Findings:
     """Check everything about ``cfg`` that can be checked without training.
 
     Args:
         cfg: a loaded (hence already validated) config.
         world_size: the number of processes the run has (torchrun's ``WORLD_SIZE``).
+        target: the machine it is for; None: this one.
+
+    Returns:
+        The findings (warnings, the model config, the data-parallel size) when there is no
+        problem.
 
     Raises:
-        ConfigError: naming the dotted key of the first problem.
+        ConfigError: every problem found, each naming its dotted key (``err.problems``).
     """
-    check_world_size(cfg.parallel, world_size)
-    _check_schedule(cfg)
-    _check_model(cfg)
-    _check_devices(cfg)
-    _check_data(cfg)
-    _check_rewards(cfg)
+    findings = find_problems(cfg, world_size, target or Target.this_machine())
+    if findings.problems:
+        raise ConfigError(*findings.problems)
+    return findings
+
+
+def find_problems(cfg: HPTConfig, world_size: int, target: Target) -> Findings:
+    """Every check, each group's problems recorded (a group stops at its first)."""
+    found = Findings()
+    found.dp = found.attempt(check_world_size, cfg.parallel, world_size)  # type: ignore[assignment]
+    found.attempt(_check_schedule, cfg)
+    found.hf = found.attempt(_check_model, cfg)  # type: ignore[assignment]
+    found.problems += _path_problems(cfg)
+    found.problems += _device_problems(cfg, target)
+    found.attempt(_check_data, cfg)
+    found.attempt(_check_rewards, cfg)
     if cfg.run.replay_rollouts:
-        _check_replay(cfg)
+        found.attempt(_check_replay, cfg)
     else:  # a replay builds no rollout engine
-        _check_sglang(cfg)
+        found.attempt(_check_sglang, cfg, target)
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir():
-        raise ConfigError(f"run.resume: {cfg.run.resume} is not a checkpoint directory")
+        found.problems.append(_resume_problem(Path(cfg.run.resume)))
+    problems, warnings = layout_problems(cfg, found.hf, found.dp, target.gpus_per_node)
+    found.problems += problems
+    found.warnings += warnings
+    return found
+
+
+def _resume_problem(path: Path) -> str:
+    """``run.resume`` names no folder; a checkpoint's name is ``step_`` and six digits."""
+    problem = f"run.resume: {path} is not a checkpoint directory"
+    match = re.fullmatch(r"step_(\d+)", path.name)
+    if match is None:
+        return problem + " (a run's checkpoints/step_000004, with six digits)"
+    padded = path.with_name(f"step_{int(match[1]):06d}")
+    if padded != path and padded.is_dir():
+        return f"{problem}; the checkpoint folders have six digits: {padded}"
+    return problem
 
 
 def _check_replay(cfg: HPTConfig) -> None:
@@ -94,7 +191,8 @@ def _check_schedule(cfg: HPTConfig) -> None:
         )
 
 
-def _check_model(cfg: HPTConfig) -> None:
+def _check_model(cfg: HPTConfig) -> HFModelConfig:
+    """The model's config.json against the parallel layout and the algorithm; returns it."""
     model = cfg.model
     try:
         hf = load_hf_config(model.hf_config or dict(model.inline))
@@ -105,63 +203,72 @@ def _check_model(cfg: HPTConfig) -> None:
     check_parallel_against_model(hf, cfg.parallel)
     _check_routing_replay(cfg, hf.is_moe, hf.model_type)
     _check_sglang_moe(cfg, hf)
-    for key in ("hf_weights", "load"):
-        path = getattr(model, key)
-        if path is not None and not Path(path).is_dir():
-            raise ConfigError(f"model.{key}: {path} is not a directory")
-    reference = cfg.algorithm.reference
-    for key in ("hf_weights", "load"):
-        path = getattr(reference, key)
-        if path is not None and not Path(path).is_dir():
-            raise ConfigError(f"algorithm.reference.{key}: {path} is not a directory")
-    critic_load = cfg.algorithm.critic.load
-    if critic_load is not None and not Path(critic_load).is_dir():
-        raise ConfigError(f"algorithm.critic.load: {critic_load} is not a directory")
-    source = model.tokenizer_source
+    return hf
+
+
+def _path_problems(cfg: HPTConfig) -> list[str]:
+    """The weights, checkpoints and tokenizer the config names exist."""
+    folders = {
+        "model.hf_weights": cfg.model.hf_weights,
+        "model.load": cfg.model.load,
+        "algorithm.reference.hf_weights": cfg.algorithm.reference.hf_weights,
+        "algorithm.reference.load": cfg.algorithm.reference.load,
+        "algorithm.critic.load": cfg.algorithm.critic.load,
+    }
+    problems = [
+        f"{key}: {path} is not a directory"
+        for key, path in folders.items()
+        if path is not None and not Path(path).is_dir()
+    ]
+    source = cfg.model.tokenizer_source
     if source not in (None, "arithmetic") and not Path(source).exists():
-        raise ConfigError(f"model.tokenizer: {source} does not exist")
+        problems.append(f"model.tokenizer: {source} does not exist")
+    return problems
 
 
-def _check_devices(cfg: HPTConfig) -> None:
-    gpu = torch.cuda.is_available()
-    model = cfg.model
+def _device_problems(cfg: HPTConfig, target: Target) -> list[str]:
+    """GPU-only settings on a machine without GPUs (each one: a CPU config has all of them)."""
+    gpu, model, problems = target.gpu, cfg.model, []
     if model.transformer_impl == "transformer_engine":
         if not gpu:
-            raise ConfigError("model.transformer_impl: transformer_engine needs a GPU; use auto")
-        if importlib.util.find_spec("transformer_engine") is None:
-            raise ConfigError("model.transformer_impl: transformer_engine is not installed")
+            problems.append("model.transformer_impl: transformer_engine needs a GPU; use auto")
+        elif target.here and importlib.util.find_spec("transformer_engine") is None:
+            problems.append("model.transformer_impl: transformer_engine is not installed")
     if model.fp8 is not None and (not gpu or model.transformer_impl == "local"):
-        raise ConfigError(
+        problems.append(
             f"model.fp8: {model.fp8}: FP8 training needs transformer_engine layers on a GPU"
         )
     if cfg.trainer.packing and gpu and model.transformer_impl != "local":
-        raise ConfigError(
+        problems.append(
             "trainer.packing: packed rows run on Megatron's local attention (a block-diagonal "
             "mask); Transformer Engine's THD format is not wired in; set model.transformer_impl: "
             "local, or packing: false"
         )
-    if model.params_dtype != "fp32" and not gpu:
-        raise ConfigError(
+    if gpu:
+        return problems
+    if model.params_dtype != "fp32":
+        problems.append(
             f"model.params_dtype: {model.params_dtype} training needs a GPU (Megatron's "
             "mixed-precision optimizer takes CUDA tensors); use fp32 on CPU"
         )
-    if model.recompute_granularity is not None and not gpu:
-        raise ConfigError(
+    if model.recompute_granularity is not None:
+        problems.append(
             f"model.recompute_granularity: {model.recompute_granularity} recomputation needs a GPU "
             "(Megatron builds the recomputed attention mask on cuda); leave it null on CPU"
         )
-    if cfg.trainer.use_distributed_optimizer and not gpu:
-        raise ConfigError(
+    if cfg.trainer.use_distributed_optimizer:
+        problems.append(
             "trainer.use_distributed_optimizer: Megatron's distributed optimizer takes CUDA "
             "tensors; needs a GPU (set false on CPU)"
         )
-    if cfg.algorithm.reference.offload and not gpu:
-        raise ConfigError(
+    if cfg.algorithm.reference.offload:
+        problems.append(
             "algorithm.reference.offload: moving the reference's weights to host memory between "
             "uses needs a GPU (on CPU they are in host memory already); set false"
         )
-    if cfg.parallel.backend == "nccl" and not gpu:
-        raise ConfigError("parallel.backend: nccl needs GPUs; none are visible (use auto or gloo)")
+    if cfg.parallel.backend == "nccl":
+        problems.append("parallel.backend: nccl needs GPUs; none are visible (use auto or gloo)")
+    return problems
 
 
 def _check_data(cfg: HPTConfig) -> None:
@@ -257,10 +364,19 @@ def _check_routing_replay(cfg: HPTConfig, is_moe: bool, model_type: str) -> None
         )
 
 
-def _check_sglang(cfg: HPTConfig) -> None:
+def _check_sglang(cfg: HPTConfig, target: Target | None = None) -> None:
+    """SGLang's python (and sglang-router) installed, the API key set, a GPU for the servers;
+    none of it for a GPU node checked from elsewhere (``--target gpu``)."""
     if cfg.rollout.engine != "sglang":
         return
+    target = target or Target.this_machine()
+    if not target.here:
+        return
     sglang = cfg.rollout.sglang
+    if sglang.api_key_env and not os.environ.get(sglang.api_key_env):
+        raise ConfigError(
+            f"rollout.sglang.api_key_env: environment variable {sglang.api_key_env} is unset"
+        )
     python = sglang.python_executable()
     # With urls nothing is launched, except a router asked for by name.
     launches = not sglang.urls or sglang.router is True
@@ -277,13 +393,9 @@ def _check_sglang(cfg: HPTConfig) -> None:
                 f"rollout.sglang.router: true needs sglang-router in {python}'s environment "
                 "(tools/sglang_env.sh installs it), or router=auto to balance in the client"
             )
-    if sglang.api_key_env and not os.environ.get(sglang.api_key_env):
-        raise ConfigError(
-            f"rollout.sglang.api_key_env: environment variable {sglang.api_key_env} is unset"
-        )
     if sglang.urls:
         return  # the user's servers run wherever they run
-    if sglang.device == "cuda" and not torch.cuda.is_available():
+    if sglang.device == "cuda" and not target.gpu:
         raise ConfigError(
             "rollout.sglang.device: cuda needs a GPU for rollout.engine sglang; none are visible "
             "(use rollout.sglang.device=cpu, or rollout.engine=cpu)"

@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Pretrai
 
 from hpt_megatron.data.sample import compact_expert_ids
 from hpt_megatron.models.hf_config import HFModelConfig
-from hpt_megatron.models.hf_io import fused_expert_slot, fused_expert_view
+from hpt_megatron.models.hf_io import fused_expert_slot, fused_expert_view, open_safetensors
 from hpt_megatron.rollout.base import Generation, SamplingParams, WeightBucket
 from hpt_megatron.rollout.sampling import sample_tokens, validate_sampling
 from hpt_megatron.rollout.stop import StopStringMatcher
@@ -130,6 +130,9 @@ class HFCpuEngine:
             raise ValueError(f"rollout model path {path}: no config.json (not an HF model folder)")
         if dtype not in _DTYPES:
             raise ValueError(f"rollout dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+        for shard in sorted(path.glob("*.safetensors")):  # a truncated one, named
+            with open_safetensors(shard):
+                pass
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
         tokenizer = None
         if load_tokenizer:

@@ -14,6 +14,7 @@ Every method is collective: every rank calls it with the same arguments.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 from hpt_megatron.data.sample import Sample
 from hpt_megatron.disk import writing
 from hpt_megatron.models.export import save_hf_folder
-from hpt_megatron.models.hf_config import HFModelConfig
+from hpt_megatron.models.hf_config import HFModelConfig, parameter_count
 from hpt_megatron.models.hf_io import write_config
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.trainer.batching import microbatch_count_multiple, token_multiple
@@ -88,6 +89,7 @@ class Trainer:
         """Collective: build every model of the run (weights still to be set: :meth:`resume`).
         ``phase``: the hang watchdog's phase marker, around the optimizer steps too."""
         routing_replay = spec.routing_replay == "rollout"
+        t0 = time.perf_counter()
         policy = build_policy(
             hf,
             cfg.model,
@@ -120,6 +122,8 @@ class Trainer:
         layout = _layout(cfg, ctx, tokenizer, routing_replay)
         update = PolicyUpdate(policy, layout, reference, critic)
         checkpointer = _checkpointer(cfg, ctx, hf, tokenizer, critic)
+        if ctx.is_driver:
+            _log_models(cfg, hf, reference is not None, critic is not None, t0)
         return cls(cfg, ctx, hf, tokenizer, policy, update, checkpointer, phase=phase)
 
     @property
@@ -150,6 +154,11 @@ class Trainer:
             ref_cfg = cfg.algorithm.reference
             reference.load_weights(self.policy, self.hf, cfg.model, ref_cfg, saved, state is None)
         if state is None:
+            if self.ctx.is_driver:
+                log.info(
+                    "no checkpoint to resume from (run.resume=%s): starting at step 1",
+                    cfg.run.resume,
+                )
             return None
         return Resumed(int(state["step"]), state.get("sampler"))
 
@@ -205,7 +214,39 @@ class Trainer:
                 save_value_hf_folder(critic, self.hf, folder, self.ctx, torch_dtype=critic_dtype)
                 if self.ctx.is_driver:
                     self.tokenizer.save_pretrained(str(folder))
+        if self.ctx.is_driver:
+            log.info("exported the final policy as a Hugging Face folder: %s", out.absolute())
         return out
+
+
+def _log_models(
+    cfg: HPTConfig, hf: HFModelConfig, reference: bool, critic: bool, t0: float
+) -> None:
+    """The start-up line of the model build, and what warm-up does to the first updates."""
+    others = [name for name, built in (("reference", reference), ("critic", critic)) if built]
+    log.info(
+        "model: %s, %.4g M parameters (tp %d x pp %d shards, %s)%s, built in %.1f s",
+        hf.model_type,
+        parameter_count(hf) / 1e6,
+        cfg.parallel.tp,
+        cfg.parallel.pp,
+        cfg.model.params_dtype,
+        f", with a {' and a '.join(others)}" if others else "",
+        time.perf_counter() - t0,
+    )
+    warmup = cfg.trainer.warmup_steps
+    if warmup:
+        log.info(
+            "trainer.warmup_steps=%d: update k uses lr %g * (k-1)/%d, so update 1 runs at lr 0 "
+            "(it moves no weight; its gradient feeds Adam's moments) and update %d reaches %g; "
+            "the logged lr is the one each update used (an update: one of "
+            "trainer.mini_batches_per_step x epochs_per_step per step)",
+            warmup,
+            cfg.trainer.lr,
+            warmup,
+            warmup + 1,
+            cfg.trainer.lr,
+        )
 
 
 def _layout(

@@ -297,6 +297,10 @@ class PolicyUpdate:
                     "lr": result.lr,
                     "train/skipped_update": float(result.skipped),
                 }
+        if not any(s.rl_weight != 0 and not s.is_demo for s in samples):
+            # No rollout in the RL term (an all-SFT step): the trainer-versus-rollout log-prob
+            # mismatch is undefined, and left out rather than reported as a perfect 0.
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("mismatch/")}
         metrics.update(extra)
         metrics.update(self._router_metrics())
         metrics["train/rows"] = float(len(samples))

@@ -299,3 +299,11 @@ def test_no_row_is_elided_under_an_entropy_bonus_or_kl():
         assert elided == 0 and kept == samples
     kept, elided = gradient_rows(get_preset("hpt").with_options(entropy_coef=0.0), samples)
     assert elided == 9 and all(s.is_demo for s in kept)  # the demonstrations keep SFT weight
+
+
+def test_the_rollout_mismatch_of_a_step_without_rollouts_is_absent_not_zero():
+    samples = hpt_batch()
+    assert "mismatch/k3_kl" in run_update(samples, SPEC)[1]
+    demos = [s for s in samples if s.is_demo]  # an all-SFT step (every group failed)
+    metrics = run_update(demos, SPEC)[1]
+    assert "loss" in metrics and not any(k.startswith("mismatch/") for k in metrics)
