@@ -243,13 +243,22 @@ def hpt_paper() -> AlgorithmSpec:
     """HPT exactly as the released runs of Lv et al. 2025 did it (docs/paper.md).
 
     Gate gamma = 0 (count), hard. RL: group-mean advantage (no std), ratio pi / pi_old without
-    clipping, token sum / 8192; SFT: token mean of the demonstrations, sft_coef 1.0; entropy bonus
-    0.001 (token mean over all rows); no KL. Normalisation per micro-batch (see
+    clipping, token sum / the run's ``data.max_response_tokens`` (``loss_agg_constant`` None; a
+    number set as an option wins); SFT: token mean of the demonstrations, sft_coef 1.0; entropy
+    bonus 0.001 (token mean over all rows); no KL. Normalisation per micro-batch (see
     ``algorithms/loss.py``): the SFT and entropy means are over the micro-batch, micro-batch losses
     are summed and averaged over data-parallel ranks. Use ``gate_gamma=2`` for LLaMA-3.1-8B,
     ``sft_coef=0.3`` for 1.5B.
 
+    The divisor: Unify-Post-Training's ``compute_policy_loss`` (hpt/verl/verl/trainer/ppo/
+    core_algos.py:316-317, ``loss_remove_token_mean=True``) divides the token sum by
+    ``eos_mask.shape[-1]``, the padded response width, which its rollout pads to
+    ``response_length = data.max_response_length`` (mix_vllm_rollout.py:293-295): 8192 in its
+    runs, the run's response budget in general. Used without a run (no budget):
+    ``RELEASED_RESPONSE_BUDGET`` (8192).
+
     Deviation: none intended; the paper's equation 11 (clip, std) is not what its code ran.
+    docs/paper.md lists what still differs from the official code.
     """
     return AlgorithmSpec(
         name="hpt_paper",
@@ -258,7 +267,7 @@ def hpt_paper() -> AlgorithmSpec:
         mask="none",
         demo_term="sft",
         aggregation="token_sum_norm",
-        loss_agg_constant=8192.0,
+        loss_agg_constant=None,
         normalization="microbatch",
         sft_coef=1.0,
         entropy_coef=0.001,

@@ -34,6 +34,10 @@ class HPTConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
+    def __post_init__(self) -> None:
+        # The algorithm's spec divides by the response budget where its preset says so.
+        self.algorithm.response_budget = self.data.max_response_tokens
+
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> HPTConfig:
     """Load a YAML file (or nothing) over the defaults, apply ``key.sub=value`` overrides, resolve
