@@ -167,6 +167,11 @@ class TrainerConfig:
             raise ValueError("max_tokens_per_microbatch: must be >= 1")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip: must be >= 0, got {self.grad_clip}")
+        if self.skip_update_grad_norm is not None and self.skip_update_grad_norm <= 0:
+            raise ValueError(
+                f"skip_update_grad_norm: must be > 0 (or null: no limit), "
+                f"got {self.skip_update_grad_norm}"
+            )
         if self.mini_batches_per_step < 1 or self.epochs_per_step < 1:
             raise ValueError("mini_batches_per_step and epochs_per_step must be >= 1")
 
