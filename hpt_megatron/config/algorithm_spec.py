@@ -133,6 +133,9 @@ class AlgorithmSpec:
     gate_temperature: float = 0.1  # sigmoid soft gate width
     success_threshold: float = 0.0  # a response counts as correct when reward > this
     demos_per_group: int = 1
+    # demo_in_group: the demonstrations take rollouts' places, n - demos_per_group rollouts per
+    # prompt (the official LUFFY: 7 + 1 of n = 8); False: n rollouts + the demonstrations
+    demos_replace_rollouts: bool = False
     overlong_buffer: int | None = None  # DAPO soft overlong punishment length
     overlong_max_len: int | None = None  # None: the rollout's max new tokens
     overlong_penalty: float = 1.0

@@ -203,9 +203,15 @@ def srft() -> AlgorithmSpec:
 
 
 def luffy() -> AlgorithmSpec:
-    """LUFFY (Yan et al. 2025): one demonstration added to each group (advantage over on- and
-    off-policy rows, with std), off-policy tokens with pi_ref = 1 and policy shaping
-    f(pi) = pi / (pi + 0.1); on-policy rows pi_old with clip 0.2; token mean.
+    """LUFFY (Yan et al. 2025): one demonstration in each group of n, in place of a rollout
+    (n - 1 rollouts + 1 demonstration; advantage over on- and off-policy rows, with std),
+    off-policy tokens with pi_ref = 1 and policy shaping f(pi) = pi / (pi + 0.1); on-policy rows
+    pi_old with clip 0.2; token mean.
+
+    The group as the official code builds it: with ``rollout.n=8`` and ``n_prefix=1`` at prefix
+    ratio 1.0 (Unify-Post-Training exp_scripts/train_luffy.sh:63,87-89), each prompt's 8 samples
+    are 1 whole demonstration and 7 generations (hpt/verl/verl/mix_src/mix_vllm_rollout.py:
+    187-204, 227). ``demos_replace_rollouts=false`` keeps n rollouts + the demonstration.
 
     Note: the HPT paper's LUFFY baseline runs used no std, no clip and sum / 8192
     (``advantage=dr_grpo, mask=none, aggregation=token_sum_norm``).
@@ -220,6 +226,7 @@ def luffy() -> AlgorithmSpec:
         luffy_gamma=0.1,
         aggregation="token_mean",
         batch_rule="demo_in_group",
+        demos_replace_rollouts=True,
     )
 
 

@@ -25,6 +25,7 @@ from hpt_megatron.orchestration.batch_rules import (
     apply_batch_rule,
     attach_advantages,
     demo_sample,
+    rollouts_per_prompt,
     shape_overlong,
 )
 from hpt_megatron.parallel.runtime import ParallelContext
@@ -118,6 +119,7 @@ class Driver:
             sft_metrics = {"sft/rows": float(len(samples)), **timings}
             return RolloutBatch(samples, step, sft_metrics, sampler_state=sampler_state)
         params = self.sampling_params(step)
+        params.n = rollouts_per_prompt(spec, params.n)
         kept: list[Sample] = []
         rollouts: list[Sample] = []
         metrics: dict[str, float] = {}
