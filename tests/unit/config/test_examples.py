@@ -86,6 +86,12 @@ def test_paper_optimizer_is_the_official_adamw(name):
     assert t.adam_eps == 1e-8  # torch's AdamW default, which the worker does not override
 
 
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_examples_cut_over_long_demonstrations(name):
+    """As the official code (tests/unit/data/test_official_demonstrations.py)."""
+    assert load_config(EXAMPLES / name).data.overlong == "truncate_demos"
+
+
 def test_qwen_long_context():
     for name in ("qwen2.5-math-7b-hpt.yaml", "qwen2.5-math-1.5b-hpt.yaml"):
         cfg = load_config(EXAMPLES / name)
