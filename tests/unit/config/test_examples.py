@@ -92,6 +92,20 @@ def test_paper_examples_cut_over_long_demonstrations(name):
     assert load_config(EXAMPLES / name).data.overlong == "truncate_demos"
 
 
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_examples_validate_as_officially(name):
+    """avg@8 at 0.6 / 0.95 every 10 steps, best by the mean over the benchmarks
+    (tests/unit/orchestration/test_validation_protocol.py)."""
+    run = load_config(EXAMPLES / name).run
+    assert (run.val_every, run.val_n, run.val_temperature, run.val_top_p) == (10, 8, 0.6, 0.95)
+    assert run.val_score == "source_mean"
+
+
+def test_tiny_configs_validate_greedily():
+    run = load_config(EXAMPLES / "tiny_cpu.yaml").run
+    assert (run.val_n, run.val_temperature, run.val_score) == (1, 0.0, "pooled")
+
+
 def test_qwen_long_context():
     for name in ("qwen2.5-math-7b-hpt.yaml", "qwen2.5-math-1.5b-hpt.yaml"):
         cfg = load_config(EXAMPLES / name)
