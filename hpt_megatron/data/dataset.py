@@ -36,7 +36,7 @@ class TokenizeOptions:
     ``"truncate"`` keeps the prompt's last ``max_prompt_tokens`` tokens (so the generation prompt
     survives) and the demonstration's first ``max_response_tokens`` tokens (without EOS);
     ``"truncate_demos"`` is the official HPT/LUFFY code's rule: an over-long prompt is dropped
-    (Unify-Post-Training hpt/verl/verl/utils/dataset/rl_dataset.py:150-157, ``filter_prompts``),
+    (Unify-Post-Training hpt/verl/verl/utils/dataset/rl_dataset.py:151-159, ``filter_prompts``),
     an over-long demonstration kept as the first ``max_response_tokens`` tokens of demonstration
     + EOS (rl_dataset_with_target.py:147-157 cuts it to ``max_prefix_len``, the rollout appends
     EOS and cuts the response to ``response_length``: mix_vllm_rollout.py:163-166, 288).

@@ -6,7 +6,7 @@ it to ``max_prefix_len`` tokens (hpt/verl/verl/mix_src/rl_dataset_with_target.py
 and cuts the response to ``response_length = data.max_response_length`` (line 288). So with
 both at the budget L, a demonstration of d tokens trains on ``(demo + [EOS])[:L]``: whole with
 EOS when d < L, its first L tokens without EOS otherwise. Prompts over ``max_prompt_length``
-are dropped (``filter_prompts``, hpt/verl/verl/utils/dataset/rl_dataset.py:150-157). A leading
+are dropped (``filter_prompts``, hpt/verl/verl/utils/dataset/rl_dataset.py:151-159). A leading
 ``<think>\\n`` of the demonstration is dropped when the prompt ends with one
 (rl_dataset_with_target.py:138-139).
 """
