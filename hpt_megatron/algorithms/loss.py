@@ -305,7 +305,7 @@ def _rl_term(
         spec.aggregation,
         num_tokens=ctx.loss_tokens["rl"],
         num_seqs=ctx.loss_seqs["rl"],
-        constant=spec.loss_agg_constant,
+        constant=spec.agg_constant,
     )
     return pg_loss, terms
 

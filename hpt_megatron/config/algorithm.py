@@ -104,6 +104,9 @@ class AlgorithmConfig:
     options: AlgorithmOptions = field(default_factory=AlgorithmOptions)  # type: ignore[valid-type]
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    # The run's data.max_response_tokens, bound by ``HPTConfig`` (not a key of the file): the
+    # divisor of ``token_sum_norm`` when the spec's ``loss_agg_constant`` is None.
+    response_budget: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def overrides(self) -> dict[str, Any]:
         """The options that are set (not ``None``)."""
@@ -117,6 +120,9 @@ class AlgorithmConfig:
         correction, ``tis_cap: 2`` at token level, unless the preset or the options already
         correct against the rollout engine (``tis_cap`` or ``mis_high``; see
         ``algorithms/corrections.py``).
+
+        A ``loss_agg_constant`` left None by the preset (``hpt_paper``) and the options becomes
+        the run's ``response_budget`` (``data.max_response_tokens``) when one is bound.
         """
         try:
             base = get_preset(self.preset)
@@ -126,6 +132,8 @@ class AlgorithmConfig:
             spec = base.with_options(**self.overrides())
         except OptionError as err:
             raise ValueError(f"options.{err.key}: {err.detail}") from None
+        if spec.loss_agg_constant is None and self.response_budget is not None:
+            spec = spec.with_options(loss_agg_constant=float(self.response_budget))
         if max_staleness > 0 and not spec.corrects_rollout:
             spec = spec.with_options(tis_cap=STALE_TIS_CAP)
         return spec

@@ -42,6 +42,12 @@ AGGREGATION_ALIASES = {
 }
 
 
+# The response budget of the HPT paper's released runs (``data.max_response_length=8192`` in
+# Unify-Post-Training's exp_scripts/train.sh:51): the divisor of a spec whose
+# ``loss_agg_constant`` is None (the run's budget) when it is used without a run.
+RELEASED_RESPONSE_BUDGET = 8192.0
+
+
 class OptionError(ValueError):
     """A bad algorithm option; ``key`` is the option's name (for config messages)."""
 
@@ -110,7 +116,9 @@ class AlgorithmSpec:
     mis_level: CorrectionLevel = "token"  # token: drop tokens; sequence/geometric: whole rows
     # --- aggregation --------------------------------------------------------------------------
     aggregation: Aggregation = "token_mean"
-    loss_agg_constant: float = 8192.0  # divisor of token_sum_norm
+    # Divisor of token_sum_norm. None: the run's data.max_response_tokens (the padded response
+    # width the official code divides by); a spec used without a run: RELEASED_RESPONSE_BUDGET.
+    loss_agg_constant: float | None = 8192.0
     normalization: Normalization = "global"
     # --- extra loss terms --------------------------------------------------------------------
     sft_coef: float = 1.0
@@ -125,6 +133,9 @@ class AlgorithmSpec:
     gate_temperature: float = 0.1  # sigmoid soft gate width
     success_threshold: float = 0.0  # a response counts as correct when reward > this
     demos_per_group: int = 1
+    # demo_in_group: the demonstrations take rollouts' places, n - demos_per_group rollouts per
+    # prompt (the official LUFFY: 7 + 1 of n = 8); False: n rollouts + the demonstrations
+    demos_replace_rollouts: bool = False
     overlong_buffer: int | None = None  # DAPO soft overlong punishment length
     overlong_max_len: int | None = None  # None: the rollout's max new tokens
     overlong_penalty: float = 1.0
@@ -137,6 +148,14 @@ class AlgorithmSpec:
     def needs_old_logprobs(self) -> bool:
         """Whether the trainer must supply ``old_logprobs`` (recomputed or from the rollout)."""
         return self.denominator in ("old", "gspo") or self.corrects_rollout
+
+    @property
+    def agg_constant(self) -> float:
+        """The divisor of ``token_sum_norm``: ``loss_agg_constant``, or when that is None (the
+        run's budget, not resolved: a spec used without a run) ``RELEASED_RESPONSE_BUDGET``."""
+        if self.loss_agg_constant is None:
+            return RELEASED_RESPONSE_BUDGET
+        return self.loss_agg_constant
 
     @property
     def needs_ref_logprobs(self) -> bool:
@@ -257,7 +276,7 @@ def _validate_clip(s: AlgorithmSpec) -> None:
         raise OptionError("clip_high", f"must be >= 0, got {s.clip_high}")
     if s.dual_clip_c <= 1:
         raise OptionError("dual_clip_c", f"must be > 1, got {s.dual_clip_c}")
-    if s.loss_agg_constant <= 0:
+    if s.loss_agg_constant is not None and s.loss_agg_constant <= 0:
         raise OptionError("loss_agg_constant", f"must be > 0, got {s.loss_agg_constant}")
 
 

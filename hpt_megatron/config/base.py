@@ -198,10 +198,11 @@ def validate_tree(obj: Any, prefix: str = "", recurse: bool = True) -> None:
 
 def to_dict(obj: Any) -> Any:
     """Plain YAML-serialisable form of a config tree (a section with ``OMIT_NONE`` leaves out
-    its ``None`` fields: the algorithm options that keep the preset's value)."""
+    its ``None`` fields: the algorithm options that keep the preset's value; fields the loader
+    does not read, ``init=False``, are derived and left out)."""
     if dataclasses.is_dataclass(obj):
         omit = getattr(obj, "OMIT_NONE", False)
-        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
         return {k: to_dict(v) for k, v in values.items() if not (omit and v is None)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]

@@ -44,7 +44,9 @@ class DataConfig:
     template: Literal["chat", "llama_zero", "raw"] = "chat"
     system_prompt: str | None = "qwen_math"  # "qwen_math", literal text, or null for none
     drop_dataset_system: bool = True
-    overlong: Literal["filter", "truncate"] = "filter"
+    # Prompts or demonstrations over the limits: filter drops the example; truncate cuts both;
+    # truncate_demos (the official HPT code) drops over-long prompts, cuts over-long demonstrations
+    overlong: Literal["filter", "truncate", "truncate_demos"] = "filter"
     max_bad_row_share: float = 0.05
     shuffle: bool = True
     seed: int | None = None  # None: run.seed

@@ -203,9 +203,15 @@ def srft() -> AlgorithmSpec:
 
 
 def luffy() -> AlgorithmSpec:
-    """LUFFY (Yan et al. 2025): one demonstration added to each group (advantage over on- and
-    off-policy rows, with std), off-policy tokens with pi_ref = 1 and policy shaping
-    f(pi) = pi / (pi + 0.1); on-policy rows pi_old with clip 0.2; token mean.
+    """LUFFY (Yan et al. 2025): one demonstration in each group of n, in place of a rollout
+    (n - 1 rollouts + 1 demonstration; advantage over on- and off-policy rows, with std),
+    off-policy tokens with pi_ref = 1 and policy shaping f(pi) = pi / (pi + 0.1); on-policy rows
+    pi_old with clip 0.2; token mean.
+
+    The group as the official code builds it: with ``rollout.n=8`` and ``n_prefix=1`` at prefix
+    ratio 1.0 (Unify-Post-Training exp_scripts/train_luffy.sh:63,87-89), each prompt's 8 samples
+    are 1 whole demonstration and 7 generations (hpt/verl/verl/mix_src/mix_vllm_rollout.py:
+    187-204, 227). ``demos_replace_rollouts=false`` keeps n rollouts + the demonstration.
 
     Note: the HPT paper's LUFFY baseline runs used no std, no clip and sum / 8192
     (``advantage=dr_grpo, mask=none, aggregation=token_sum_norm``).
@@ -220,6 +226,7 @@ def luffy() -> AlgorithmSpec:
         luffy_gamma=0.1,
         aggregation="token_mean",
         batch_rule="demo_in_group",
+        demos_replace_rollouts=True,
     )
 
 
@@ -243,13 +250,22 @@ def hpt_paper() -> AlgorithmSpec:
     """HPT exactly as the released runs of Lv et al. 2025 did it (docs/paper.md).
 
     Gate gamma = 0 (count), hard. RL: group-mean advantage (no std), ratio pi / pi_old without
-    clipping, token sum / 8192; SFT: token mean of the demonstrations, sft_coef 1.0; entropy bonus
-    0.001 (token mean over all rows); no KL. Normalisation per micro-batch (see
+    clipping, token sum / the run's ``data.max_response_tokens`` (``loss_agg_constant`` None; a
+    number set as an option wins); SFT: token mean of the demonstrations, sft_coef 1.0; entropy
+    bonus 0.001 (token mean over all rows); no KL. Normalisation per micro-batch (see
     ``algorithms/loss.py``): the SFT and entropy means are over the micro-batch, micro-batch losses
     are summed and averaged over data-parallel ranks. Use ``gate_gamma=2`` for LLaMA-3.1-8B,
     ``sft_coef=0.3`` for 1.5B.
 
+    The divisor: Unify-Post-Training's ``compute_policy_loss`` (hpt/verl/verl/trainer/ppo/
+    core_algos.py:316-317, ``loss_remove_token_mean=True``) divides the token sum by
+    ``eos_mask.shape[-1]``, the padded response width, which its rollout pads to
+    ``response_length = data.max_response_length`` (mix_vllm_rollout.py:293-295): 8192 in its
+    runs, the run's response budget in general. Used without a run (no budget):
+    ``RELEASED_RESPONSE_BUDGET`` (8192).
+
     Deviation: none intended; the paper's equation 11 (clip, std) is not what its code ran.
+    docs/paper.md lists what still differs from the official code.
     """
     return AlgorithmSpec(
         name="hpt_paper",
@@ -258,7 +274,7 @@ def hpt_paper() -> AlgorithmSpec:
         mask="none",
         demo_term="sft",
         aggregation="token_sum_norm",
-        loss_agg_constant=8192.0,
+        loss_agg_constant=None,
         normalization="microbatch",
         sft_coef=1.0,
         entropy_coef=0.001,

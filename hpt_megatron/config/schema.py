@@ -34,6 +34,22 @@ class HPTConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
+    def __post_init__(self) -> None:
+        # The algorithm's spec divides by the response budget where its preset says so.
+        self.algorithm.response_budget = self.data.max_response_tokens
+
+    def validate(self) -> None:
+        """Checks across sections (each section checks its own keys)."""
+        spec = self.algorithm.spec()
+        replaces = spec.batch_rule == "demo_in_group" and spec.demos_replace_rollouts
+        if replaces and self.rollout.n <= spec.demos_per_group:
+            raise ValueError(
+                f"rollout.n: {self.rollout.n} leaves no rollout beside the "
+                f"{spec.demos_per_group} demonstration(s) per group (preset "
+                f"'{self.algorithm.preset}' puts them in rollouts' places); raise rollout.n "
+                "or set algorithm.options.demos_replace_rollouts=false"
+            )
+
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> HPTConfig:
     """Load a YAML file (or nothing) over the defaults, apply ``key.sub=value`` overrides, resolve

@@ -22,6 +22,15 @@ class RunConfig:
     max_staleness: int = 0
     val_every: int = 0  # steps between validations on data.val (0: never)
     val_max_prompts: int | None = None
+    # Validation sampling: val_n responses per prompt (avg@val_n) at val_temperature / val_top_p
+    # (the default: greedy, one each). The official HPT protocol: 8, 0.6, 0.95.
+    val_n: int = 1
+    val_temperature: float = 0.0
+    val_top_p: float = 1.0
+    # The score val/accuracy reports and "best" is chosen by: pooled, the share of correct
+    # responses over all prompts; source_mean, the mean over data sources (benchmarks) of each
+    # one's share (the official code's avg_score).
+    val_score: Literal["pooled", "source_mean"] = "pooled"
     # A folder of recorded batches (a run's rollouts/ with logging.save_rollouts): train on them
     # in order, step_000001.jsonl first, without a rollout engine or weight sync.
     replay_rollouts: str | None = None
@@ -31,6 +40,7 @@ class RunConfig:
             raise ValueError(f"steps: must be >= 1, got {self.steps}")
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness: must be >= 0, got {self.max_staleness}")
+        self._validate_validation()
         if self.replay_rollouts is not None and not self.replay_rollouts:
             raise ValueError("replay_rollouts: must be a folder of step_N.jsonl files, got ''")
         if self.replay_rollouts and self.val_every:
@@ -41,6 +51,19 @@ class RunConfig:
         if self.placement == "colocated" and self.max_staleness:
             raise ValueError(
                 "max_staleness: colocated runs are synchronous; set placement: disaggregated"
+            )
+
+    def _validate_validation(self) -> None:
+        if self.val_n < 1:
+            raise ValueError(f"val_n: must be >= 1, got {self.val_n}")
+        if self.val_temperature < 0:
+            raise ValueError(f"val_temperature: must be >= 0, got {self.val_temperature}")
+        if not 0 < self.val_top_p <= 1:
+            raise ValueError(f"val_top_p: must be in (0, 1], got {self.val_top_p}")
+        if self.val_n > 1 and self.val_temperature == 0:
+            raise ValueError(
+                f"val_n: {self.val_n} greedy responses per prompt are all the same; "
+                "set run.val_temperature > 0 (the official protocol: 0.6) or val_n: 1"
             )
 
     @property
@@ -170,6 +193,11 @@ class TrainerConfig:
             raise ValueError("max_tokens_per_microbatch: must be >= 1")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip: must be >= 0, got {self.grad_clip}")
+        if self.skip_update_grad_norm is not None and self.skip_update_grad_norm <= 0:
+            raise ValueError(
+                f"skip_update_grad_norm: must be > 0 (or null: no limit), "
+                f"got {self.skip_update_grad_norm}"
+            )
         if self.mini_batches_per_step < 1 or self.epochs_per_step < 1:
             raise ValueError("mini_batches_per_step and epochs_per_step must be >= 1")
 

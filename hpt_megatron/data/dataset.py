@@ -12,7 +12,8 @@ from hpt_megatron.data.templates import PromptTemplate
 
 logger = logging.getLogger(__name__)
 
-Overlong = Literal["filter", "truncate"]
+Overlong = Literal["filter", "truncate", "truncate_demos"]
+THINK_OPEN = "<think>\n"
 
 
 @dataclass
@@ -33,7 +34,12 @@ class TokenizeOptions:
 
     ``overlong="filter"`` drops (and counts) an example whose prompt or demonstration is too long;
     ``"truncate"`` keeps the prompt's last ``max_prompt_tokens`` tokens (so the generation prompt
-    survives) and the demonstration's first ``max_response_tokens`` tokens (without EOS).
+    survives) and the demonstration's first ``max_response_tokens`` tokens (without EOS);
+    ``"truncate_demos"`` is the official HPT/LUFFY code's rule: an over-long prompt is dropped
+    (Unify-Post-Training hpt/verl/verl/utils/dataset/rl_dataset.py:151-159, ``filter_prompts``),
+    an over-long demonstration kept as the first ``max_response_tokens`` tokens of demonstration
+    + EOS (rl_dataset_with_target.py:147-157 cuts it to ``max_prefix_len``, the rollout appends
+    EOS and cuts the response to ``response_length``: mix_vllm_rollout.py:163-166, 288).
     """
 
     max_prompt_tokens: int = 1024
@@ -65,6 +71,14 @@ def _eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
+def demonstration_text(demonstration: str, prompt_text: str) -> str:
+    """The demonstration as trained on: without its leading ``<think>\n`` when the prompt
+    (a reasoning model's generation prompt) already ends with one."""
+    if prompt_text.endswith(THINK_OPEN) and demonstration.startswith(THINK_OPEN):
+        return demonstration[len(THINK_OPEN) :]
+    return demonstration
+
+
 def tokenize_examples(
     examples: list[RawExample],
     tokenizer: Any,
@@ -76,12 +90,18 @@ def tokenize_examples(
     """Template and tokenise examples into a :class:`PromptDataset`.
 
     Prompts go through ``template``; demonstrations are tokenised without special tokens and
-    closed with EOS. Examples over the length limits are filtered or truncated per ``options``.
+    closed with EOS, a leading ``<think>\n`` dropped when the prompt already ends with one (as
+    the official code: rl_dataset_with_target.py:138-139). Examples over the length limits are
+    filtered or truncated per ``options``.
     """
     stats = stats or DatasetStats(rows=len(examples))
     texts = [template.render(ex.messages, tokenizer) for ex in examples]
     prompt_ids = tokenizer(texts, add_special_tokens=template.adds_special_tokens)["input_ids"]
-    demo_texts = [ex.demonstration for ex in examples if ex.demonstration is not None]
+    demo_texts = [
+        demonstration_text(ex.demonstration, text)
+        for ex, text in zip(examples, texts)
+        if ex.demonstration is not None
+    ]
     demo_ids_iter = iter(
         tokenizer(demo_texts, add_special_tokens=False)["input_ids"] if demo_texts else []
     )
@@ -91,7 +111,8 @@ def tokenize_examples(
         demo = None if ex.demonstration is None else [*next(demo_ids_iter), eos]
         prompt_over = len(ids) > options.max_prompt_tokens
         demo_over = demo is not None and len(demo) > options.max_response_tokens
-        if (prompt_over or demo_over) and options.overlong == "filter":
+        drop_demo = demo_over and options.overlong == "filter"
+        if drop_demo or (prompt_over and options.overlong != "truncate"):
             stats.overlong_filtered += 1
             continue
         if prompt_over:

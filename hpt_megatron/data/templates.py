@@ -59,5 +59,11 @@ class PromptTemplate:
 
     @property
     def adds_special_tokens(self) -> bool:
-        """Chat templates write BOS themselves; the others get the tokenizer's special tokens."""
-        return self.kind != "chat"
+        """Whether the prompt text is tokenised with the tokenizer's special tokens (BOS).
+
+        Only ``"raw"`` is. Chat templates write BOS themselves; ``"llama_zero"`` gets none, as
+        in the official code: its LLaMA runs (Unify-Post-Training exp_scripts/train_llama.sh:
+        51-53, ``data.zero``) format the text and tokenise it with ``add_special_tokens=False``
+        (hpt/verl/verl/utils/torch_functional.py:236, via rl_dataset_with_target.py:110-124).
+        """
+        return self.kind == "raw"

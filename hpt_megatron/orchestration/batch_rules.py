@@ -53,6 +53,14 @@ def demo_sample(
     )
 
 
+def rollouts_per_prompt(spec: AlgorithmSpec, n: int) -> int:
+    """How many responses to generate per prompt for groups of ``n`` (``rollout.n``): fewer by
+    the demonstrations when they take rollouts' places (``demos_replace_rollouts``)."""
+    if spec.batch_rule == "demo_in_group" and spec.demos_replace_rollouts:
+        return n - spec.demos_per_group
+    return n
+
+
 def shape_overlong(spec: AlgorithmSpec, samples: list[Sample], max_new_tokens: int) -> None:
     """DAPO's soft overlong punishment, added to the rewards in place."""
     if spec.overlong_buffer is None:

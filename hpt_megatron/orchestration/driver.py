@@ -26,6 +26,7 @@ from hpt_megatron.orchestration.batch_rules import (
     apply_batch_rule,
     attach_advantages,
     demo_sample,
+    rollouts_per_prompt,
     shape_overlong,
 )
 from hpt_megatron.parallel.runtime import ParallelContext
@@ -130,6 +131,7 @@ class Driver:
             sft_metrics = {"sft/rows": float(len(samples)), **timings}
             return RolloutBatch(samples, step, sft_metrics, sampler_state=sampler_state)
         params = self.sampling_params(step)
+        params.n = rollouts_per_prompt(spec, params.n)
         kept: list[Sample] = []
         rollouts: list[Sample] = []
         metrics: dict[str, float] = {}
@@ -168,23 +170,28 @@ class Driver:
         return RolloutBatch(kept, step, {**metrics, **timings}, histograms, sampler_state)
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy on the validation set ({} without one)."""
+        """Accuracy on the validation set ({} without one): ``run.val_n`` responses per prompt
+        at ``run.val_temperature`` / ``run.val_top_p`` (default greedy, one), scored as
+        :func:`validation_metrics` with ``run.val_score``."""
         if self.val_set is None:
             return {}
         t0 = time.perf_counter()
-        prompts = list(self.val_set)[: self.cfg.run.val_max_prompts]
+        run = self.cfg.run
+        prompts = list(self.val_set)[: run.val_max_prompts]
         params = sampling_params(
             self.cfg.rollout,
-            n=1,
-            temperature=0.0,
-            seed=0,  # greedy: no draw
+            n=run.val_n,
+            temperature=run.val_temperature,
+            top_p=run.val_top_p,
+            # greedy: no draw; sampled: the same draws at every validation (comparable scores)
+            seed=derive_seed(run.seed, "validation") if run.val_temperature > 0 else 0,
             max_new_tokens=self.cfg.data.max_response_tokens,
             stop_token_ids=[self.tokenizer.eos_token_id],
         )
         samples = self._generate(prompts, params)
         grade_samples(self.pool, samples, self.cfg.reward)
-        accuracy = sum(float((s.reward or 0.0) > 0) for s in samples) / max(1, len(samples))
-        return {"val/accuracy": accuracy, "time/validation_s": time.perf_counter() - t0}
+        metrics = validation_metrics(samples, run.val_score)
+        return {**metrics, "time/validation_s": time.perf_counter() - t0}
 
     def _generate(
         self, prompts: list[PromptRecord], params: SamplingParams, group_offset: int = 0
@@ -246,6 +253,24 @@ def grade_samples(pool: RewardPool, samples: list[Sample], cfg: RewardConfig) ->
     )
     for sample, reward in zip(samples, rewards):
         sample.reward = float(reward)
+
+
+def validation_metrics(samples: list[Sample], score: str = "pooled") -> dict[str, float]:
+    """``val/accuracy/<data source>``: each source's share of correct responses (avg@k over its
+    prompts' k responses each), and ``val/accuracy``: the pooled share over all responses
+    (``score="pooled"``) or the mean of the sources' shares (``"source_mean"``, the official
+    HPT code's ``avg_score``: Unify-Post-Training hpt/verl/verl/trainer/ppo/ray_trainer.py:
+    484-496 and mix_trainer.py:1242-1245, which also picks the best checkpoint by it)."""
+    per_source: dict[str, list[float]] = {}
+    for s in samples:
+        source = str(s.metadata.get("data_source", ""))
+        per_source.setdefault(source, []).append(float((s.reward or 0.0) > 0))
+    shares = {k: sum(v) / len(v) for k, v in sorted(per_source.items())}
+    if score == "source_mean":
+        accuracy = sum(shares.values()) / max(1, len(shares))
+    else:
+        accuracy = sum(map(sum, per_source.values())) / max(1, len(samples))
+    return {"val/accuracy": accuracy, **{f"val/accuracy/{k}": v for k, v in shares.items()}}
 
 
 def _server_metrics(engine: RolloutEngine) -> dict[str, float]:

@@ -10,15 +10,19 @@
 - ``sample``: an SGLang server's ``sampling_seed`` for the ``rank``-th response of one call:
   ``(seed * 1_000_003 + rank) % 2**31``.
 
+- ``validation``: every sampled validation (``run.val_temperature > 0``), the same draws each
+  time so that checkpoints compare on equal terms: ``seed * 100_003 + 100_002`` (the rollout
+  seed of a step no run reaches). Greedy validation (the default) draws nothing.
+
 ``replica`` and ``sample`` mix the seed of one ``generate`` call (``SamplingParams.seed``, itself
-``rollout``'s), which is what the engine holds. Validation decodes greedily and draws nothing.
+``rollout``'s or ``validation``'s), which is what the engine holds.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-Purpose = Literal["sampler", "engine_init", "rollout", "replica", "sample"]
+Purpose = Literal["sampler", "engine_init", "rollout", "replica", "sample", "validation"]
 
 _STEP_STRIDE = 100_003  # primes: distinct (seed, step) and (seed, rank) pairs do not collide
 _RANK_STRIDE = 1_000_003
@@ -31,6 +35,8 @@ def derive_seed(seed: int, purpose: Purpose, step: int = 0, rank: int = 0) -> in
         return seed
     if purpose == "rollout":
         return seed * _STEP_STRIDE + step
+    if purpose == "validation":
+        return seed * _STEP_STRIDE + _STEP_STRIDE - 1
     if purpose == "replica":
         return seed * _RANK_STRIDE + rank
     if purpose == "sample":

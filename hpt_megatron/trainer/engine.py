@@ -250,9 +250,7 @@ class TrainEngine:
         opt = self.optimizer
         found_inf = opt.prepare_grads()
         grad_norm = float(opt.get_grad_norm()) if not found_inf else float("inf")
-        limit = self.cfg.skip_update_grad_norm
-        too_big = limit is not None and grad_norm > limit
-        if skip or found_inf or not math.isfinite(grad_norm) or too_big:
+        if skip or found_inf or skips_update(grad_norm, self.cfg.skip_update_grad_norm):
             opt.zero_grad()
             return grad_norm, True
         if self.cfg.grad_clip > 0:
@@ -270,6 +268,17 @@ class TrainEngine:
         self._holds.clear()
         opt.step_with_ready_grads()
         return grad_norm, False
+
+
+def skips_update(grad_norm: float, limit: float | None) -> bool:
+    """Whether an update with this (pre-clip) gradient norm is skipped: a non-finite norm, or
+    one above ``limit`` (``trainer.skip_update_grad_norm``; None: no limit).
+
+    The official HPT actor's rule (Unify-Post-Training, hpt/verl/verl/mix_src/mix_actor.py:
+    505-513): the norm ``clip_grad_norm_`` returns is compared before clipping, strictly
+    (``grad_norm > max_grad_norm``), and the gradients are dropped instead of stepped.
+    """
+    return not math.isfinite(grad_norm) or (limit is not None and grad_norm > limit)
 
 
 def _combine(key: str, acc: float | None, value: float) -> float:

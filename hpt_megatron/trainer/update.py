@@ -275,7 +275,8 @@ class PolicyUpdate:
 
     def update(self, samples: list[Sample], spec: AlgorithmSpec, step: int = 0) -> dict[str, float]:
         """Train on ``samples`` with ``spec`` at ``step`` (0-based; the critic's warm-up); returns
-        the last update's metrics and timings."""
+        the last update's metrics and timings, with ``train/skipped_updates``: how many of the
+        step's updates (mini-batches x epochs) were skipped."""
         if not samples:
             return {"train/skipped_empty": 1.0}
         rows = self._cut(samples, spec)
@@ -286,11 +287,13 @@ class PolicyUpdate:
             if step < self.critic.cfg.critic_warmup_steps:  # the critic learns alone first
                 return {**extra, **timings, "train/critic_warmup": 1.0}
         metrics: dict[str, float] = {}
+        skipped = 0  # updates of this step skipped (non-finite, or over skip_update_grad_norm)
         for _ in range(self.layout.epochs):
             for microbatches, loss_fn in zip(rows.local, rows.losses):
                 t0 = time.perf_counter()
                 result = self.engine.train_step(microbatches, loss_fn)
                 timings["time/train_s"] += time.perf_counter() - t0
+                skipped += int(result.skipped)
                 metrics = {
                     **result.metrics,
                     "grad_norm": result.grad_norm,
@@ -301,6 +304,7 @@ class PolicyUpdate:
             # No rollout in the RL term (an all-SFT step): the trainer-versus-rollout log-prob
             # mismatch is undefined, and left out rather than reported as a perfect 0.
             metrics = {k: v for k, v in metrics.items() if not k.startswith("mismatch/")}
+        metrics["train/skipped_updates"] = float(skipped)
         metrics.update(extra)
         metrics.update(self._router_metrics())
         metrics["train/rows"] = float(len(samples))

@@ -45,12 +45,24 @@ def _run(out: pathlib.Path, nproc: int, steps: int, *extra: str) -> subprocess.C
 def test_tp2_run_writes_metrics_checkpoints_and_hf_export(tmp_path):
     out = tmp_path / "tp2"
     # Under torchrun itself, as the README launches it (the other runs fork their ranks).
-    args = ["run.steps=4", *SMALL, "parallel.tp=2"]
+    # Validation by the official protocol (avg@2 sampled at 0.6 / 0.95, the mean over sources);
+    # the other runs of this module validate greedily.
+    official_val = [
+        "run.val_n=2",
+        "run.val_temperature=0.6",
+        "run.val_top_p=0.95",
+        "run.val_score=source_mean",
+    ]
+    args = ["run.steps=4", *SMALL, "parallel.tp=2", *official_val]
     hpt_train.run(hpt_train.TINY, out, *args, nproc=2, launcher="torchrun")
     metrics = hpt_train.metrics(out)
     assert sorted(metrics) == [1, 2, 3, 4]
     assert all(m["train/rows"] > 0 and m["grad_norm"] > 0 for m in metrics.values())
     assert "val/accuracy" in metrics[3]
+    per_source = {k: v for k, v in metrics[3].items() if k.startswith("val/accuracy/")}
+    assert per_source  # one benchmark (the arithmetic task's level): the mean is its avg@2
+    assert metrics[3]["val/accuracy"] == sum(per_source.values()) / len(per_source)
+    assert all(v * 16 == round(v * 16) for v in per_source.values())  # shares of 8 x 2
     assert (out / "config.yaml").is_file()
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     # keep_last=2 keeps the two newest: step 4 (the end) and step 3 (saved as a new best)
