@@ -123,6 +123,10 @@ def _check_model(cfg: HPTConfig) -> None:
 
 
 def _check_devices(cfg: HPTConfig) -> None:
+    """Only what needs a GPU: Transformer Engine layers, FP8 (on TE), NCCL, sequence
+    parallelism (TE layers), the reference's host offload. bf16 with fp32 main weights, the
+    distributed optimizer and activation recomputation run on the CPU too (``_compat/cpu.py``
+    redirects the CUDA names Megatron uses for them)."""
     gpu = torch.cuda.is_available()
     model = cfg.model
     if model.transformer_impl == "transformer_engine":
@@ -130,7 +134,8 @@ def _check_devices(cfg: HPTConfig) -> None:
             raise ConfigError("model.transformer_impl: transformer_engine needs a GPU; use auto")
         if importlib.util.find_spec("transformer_engine") is None:
             raise ConfigError("model.transformer_impl: transformer_engine is not installed")
-    if model.fp8 is not None and (not gpu or model.transformer_impl == "local"):
+    local_layers = not gpu or model.transformer_impl == "local"
+    if model.fp8 is not None and local_layers:
         raise ConfigError(
             f"model.fp8: {model.fp8}: FP8 training needs transformer_engine layers on a GPU"
         )
@@ -140,20 +145,11 @@ def _check_devices(cfg: HPTConfig) -> None:
             "mask); Transformer Engine's THD format is not wired in; set model.transformer_impl: "
             "local, or packing: false"
         )
-    if model.params_dtype != "fp32" and not gpu:
+    if cfg.parallel.sequence_parallel and local_layers:
         raise ConfigError(
-            f"model.params_dtype: {model.params_dtype} training needs a GPU (Megatron's "
-            "mixed-precision optimizer takes CUDA tensors); use fp32 on CPU"
-        )
-    if model.recompute_granularity is not None and not gpu:
-        raise ConfigError(
-            f"model.recompute_granularity: {model.recompute_granularity} recomputation needs a GPU "
-            "(Megatron builds the recomputed attention mask on cuda); leave it null on CPU"
-        )
-    if cfg.trainer.use_distributed_optimizer and not gpu:
-        raise ConfigError(
-            "trainer.use_distributed_optimizer: Megatron's distributed optimizer takes CUDA "
-            "tensors; needs a GPU (set false on CPU)"
+            "parallel.sequence_parallel: Megatron's local layers (the only ones without a GPU, "
+            "or with model.transformer_impl: local) do not support sequence parallelism (their "
+            "torch norm refuses it); it needs Transformer Engine layers on GPUs (set false)"
         )
     if cfg.algorithm.reference.offload and not gpu:
         raise ConfigError(
