@@ -11,7 +11,11 @@ from hpt_megatron.config import load_config, to_dict
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[3] / "examples"
 TINY = str(EXAMPLES / "tiny_cpu.yaml")
-CPU_EXAMPLES = ("tiny_cpu.yaml", "tiny_moe_cpu.yaml")  # tiny_moe_cpu: tests/unit/config/test_moe
+CPU_EXAMPLES = (
+    "tiny_cpu.yaml",
+    "tiny_moe_cpu.yaml",
+    "paper_tiny_cpu.yaml",
+)  # tiny_moe_cpu: tests/unit/config/test_moe
 PAPER = sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name not in CPU_EXAMPLES)
 
 
