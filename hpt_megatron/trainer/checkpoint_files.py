@@ -98,6 +98,7 @@ def load_checkpoint(
     it too. ``chunks`` may be DDP-wrapped or bare.
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = Path(path)
     if not (path / COMPLETE).is_file() and not (path / "metadata.json").is_file():
@@ -112,7 +113,17 @@ def load_checkpoint(
         sharded["optimizer"] = optimizer.sharded_state_dict(
             flat, is_loading=True, metadata=OPTIMIZER_METADATA
         )
-    loaded = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
+    except (KeyError, CheckpointException) as err:  # torch's loader wraps a rank's KeyError
+        if "optimizer.distributed." not in str(err):
+            raise
+        raise ValueError(
+            f"{path}: its distributed-optimizer state does not fit this layout: the "
+            f"{OPTIMIZER_METADATA['distrib_optim_sharding_type']} format loads only at the "
+            "tensor/pipeline-parallel sizes it was saved with (any data-parallel size); resume "
+            "with those, or start from its weights alone (model.load)"
+        ) from err
     for key, chunk in zip(model_sd, chunks):
         _unwrap(chunk).load_state_dict(loaded["model"][key], strict=strict)
     if optimizer is not None:

@@ -1,7 +1,8 @@
 """The paper configs' training path on CPU (``workers/paper_path.py``): bf16 weights with
 Megatron's mixed-precision optimizer (fp32 main weights and Adam state), the distributed
 optimizer at DP=2 and TP=2 x DP=2 (policy and critic) with its sharded state saved and resumed
-at DP=2 and DP=1, and activation recomputation (``full`` uniform and block, ``selective``).
+at DP=2 and DP=1 (and refused, saying why, at another TP), and activation recomputation
+(``full`` uniform and block, ``selective``).
 One launch of two ranks checks every variant against the plain fp32 run from the same start."""
 
 import json
@@ -79,6 +80,15 @@ def test_sharded_optimizer_state_resumes_at_dp2_and_dp1(dp2, tmp_path):
     dp1 = json.loads(out.read_text())
     assert dp1["dp"] == 1
     assert dp1["resumed"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+
+
+def test_sharded_optimizer_state_at_another_tp_is_refused_clearly(dp2, tmp_path):
+    ckpt, _ = dp2
+    out = tmp_path / "tp2.json"
+    with pytest.raises(RuntimeError) as err:
+        launch(WORKER, "--phase", "resume", "--tp", "2", "--ckpt", str(ckpt), "--out", str(out))
+    assert "its distributed-optimizer state does not fit this layout" in str(err.value)
+    assert "at the tensor/pipeline-parallel sizes it was saved with" in str(err.value)
 
 
 def test_distributed_optimizer_at_tp2_dp2_matches_and_resumes(tmp_path):
