@@ -9,9 +9,15 @@ patched on import), once per process, and only for the Megatron versions we have
 
 How:
 - a ``TorchFunctionMode`` rewrites any CUDA ``device=`` argument (and ``Tensor.cuda()``) to CPU;
+- ``Tensor.type()`` (no argument) names a CPU tensor's CUDA type, which Megatron's mixed-precision
+  and distributed optimizers check their parameters against;
 - ``torch.cuda.current_device``/``synchronize``/streams/RNG functions become CPU equivalents;
 - Megatron's RNG state helpers use the CPU generator;
 - gradient clipping uses a CPU implementation with the same semantics;
+- the causal mask of the local attention's softmax is built on the CPU (recomputation rebuilds it
+  inside backward, where the device mode does not reach);
+- the distributed optimizer's checkpoint state around torch's Adam (a fresh optimizer's step,
+  one step tensor per parameter after a load);
 - the MoE router's gating GEMM takes its torch path (a TE-only name is defined as ``None``), and
   the alltoall dispatcher's split sizes become the numpy arrays it makes of CUDA tensors.
 """
@@ -39,6 +45,18 @@ def _is_cuda(device: Any) -> bool:
     return False
 
 
+def _cuda_type_name(tensor: torch.Tensor) -> str:
+    """``tensor.type()`` as a CUDA tensor of its dtype would give it: Megatron's mixed-precision
+    and distributed optimizers sort parameters by ``param.type()`` against the names
+    ``torch.cuda.{Float,Half,BFloat16}Tensor`` and refuse any other (``optimizer.py``
+    ``Float16OptimizerWithFloat16Params.__init__``, ``distrib_optimizer.py``
+    ``_build_model_and_main_param_groups``); on the CPU the same dtypes are ``torch.*Tensor``."""
+    name = torch.Tensor.type(tensor)
+    if tensor.device.type == "cpu" and name.startswith("torch.") and "cuda" not in name:
+        return "torch.cuda." + name[len("torch.") :]
+    return name
+
+
 class _CudaToCpu(TorchFunctionMode):
     """Rewrite CUDA device arguments to CPU for every torch function call."""
 
@@ -46,6 +64,8 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return _cuda_type_name(args[0])
         if "device" in kwargs and (_is_cuda(kwargs["device"]) or isinstance(kwargs["device"], int)):
             kwargs = {**kwargs, "device": "cpu"}
         if (
@@ -151,6 +171,69 @@ def _patch_megatron() -> None:
 
     moe_utils.maybe_move_tensor_to_cpu = move_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
+
+    # Activation recomputation reruns the attention's softmax inside ``torch.autograd.backward``,
+    # which the device mode does not reach (a TorchFunctionMode is off while it handles a call,
+    # and backward is one call): the default causal mask's ``device="cuda"`` must name the CPU.
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
+
+    def causal_mask_cpu(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    transformer_utils.get_default_causal_mask = causal_mask_cpu
+    fused_softmax.get_default_causal_mask = causal_mask_cpu
+
+    _patch_distributed_optimizer_state()
+
+
+def _patch_distributed_optimizer_state() -> None:
+    """Without Apex or TE the distributed optimizer wraps torch's Adam, whose ``step`` lives in
+    each parameter's state; two places of Megatron 0.16's ``DistributedOptimizer`` get it wrong:
+
+    - ``state_dict`` asserts there is exactly one step value; before the first step there is
+      none, so a fresh optimizer cannot plan a checkpoint load (``sharded_state_dict(
+      is_loading=True)`` calls ``state_dict`` first; the TE/Apex branch takes "no step yet" as
+      None). An unstepped optimizer first gets the state torch's Adam creates on its first step
+      (zero moments, step 0), which the load then overwrites.
+    - ``load_state_dict`` sets every parameter's step to one shared tensor (torch's Adam then
+      increments it once per parameter), and the ``dp_reshardable`` parameter state it loads
+      next copies the *loading* optimizer's own step over it (``step`` is a
+      ``LocalNonpersistentObject`` there: with TE/Apex the step lives in the param groups).
+      After the load each parameter gets its own tensor holding the checkpoint's step, the one
+      in the param groups.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    if distrib_optimizer.HAVE_APEX_OR_TE or getattr(cls.state_dict, "_hpt_cpu", False):
+        return
+    original_state_dict, original_load = cls.state_dict, cls.load_state_dict
+
+    def state_dict(self: Any) -> Any:
+        inner = self.optimizer
+        if not inner.state and self.init_state_fn is not None:
+            self.init_state_fn(inner, self.config)
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    inner.state[param]["step"] = torch.tensor(0.0)
+        return original_state_dict(self)
+
+    def load_state_dict(self: Any, state: Any) -> None:
+        original_load(self, state)
+        set_checkpoint_step(self.optimizer, state)
+
+    state_dict._hpt_cpu = True  # type: ignore[attr-defined]
+    cls.state_dict = state_dict
+    cls.load_state_dict = load_state_dict
+
+
+def set_checkpoint_step(inner: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Give each parameter of torch optimizer ``inner`` its own tensor holding the step of the
+    distributed optimizer's state dict ``state`` (the one step of its param groups)."""
+    (step,) = {group["step"] for group in state["optimizer"]["param_groups"]}
+    for param_state in inner.state.values():
+        param_state["step"] = torch.tensor(float(step))
 
 
 def enable_cpu_mode() -> None:

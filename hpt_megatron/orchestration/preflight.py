@@ -227,14 +227,18 @@ def _path_problems(cfg: HPTConfig) -> list[str]:
 
 
 def _device_problems(cfg: HPTConfig, target: Target) -> list[str]:
-    """GPU-only settings on a machine without GPUs (each one: a CPU config has all of them)."""
+    """Only what needs a GPU: Transformer Engine layers, FP8 (on TE), NCCL, sequence
+    parallelism (TE layers), the reference's host offload. bf16 with fp32 main weights, the
+    distributed optimizer and activation recomputation run on the CPU too (``_compat/cpu.py``
+    redirects the CUDA names Megatron uses for them)."""
     gpu, model, problems = target.gpu, cfg.model, []
     if model.transformer_impl == "transformer_engine":
         if not gpu:
             problems.append("model.transformer_impl: transformer_engine needs a GPU; use auto")
         elif target.here and importlib.util.find_spec("transformer_engine") is None:
             problems.append("model.transformer_impl: transformer_engine is not installed")
-    if model.fp8 is not None and (not gpu or model.transformer_impl == "local"):
+    local_layers = not gpu or model.transformer_impl == "local"
+    if model.fp8 is not None and local_layers:
         problems.append(
             f"model.fp8: {model.fp8}: FP8 training needs transformer_engine layers on a GPU"
         )
@@ -244,23 +248,14 @@ def _device_problems(cfg: HPTConfig, target: Target) -> list[str]:
             "mask); Transformer Engine's THD format is not wired in; set model.transformer_impl: "
             "local, or packing: false"
         )
+    if cfg.parallel.sequence_parallel and local_layers:
+        problems.append(
+            "parallel.sequence_parallel: Megatron's local layers (the only ones without a GPU, "
+            "or with model.transformer_impl: local) do not support sequence parallelism (their "
+            "torch norm refuses it); it needs Transformer Engine layers on GPUs (set false)"
+        )
     if gpu:
         return problems
-    if model.params_dtype != "fp32":
-        problems.append(
-            f"model.params_dtype: {model.params_dtype} training needs a GPU (Megatron's "
-            "mixed-precision optimizer takes CUDA tensors); use fp32 on CPU"
-        )
-    if model.recompute_granularity is not None:
-        problems.append(
-            f"model.recompute_granularity: {model.recompute_granularity} recomputation needs a GPU "
-            "(Megatron builds the recomputed attention mask on cuda); leave it null on CPU"
-        )
-    if cfg.trainer.use_distributed_optimizer:
-        problems.append(
-            "trainer.use_distributed_optimizer: Megatron's distributed optimizer takes CUDA "
-            "tensors; needs a GPU (set false on CPU)"
-        )
     if cfg.algorithm.reference.offload:
         problems.append(
             "algorithm.reference.offload: moving the reference's weights to host memory between "

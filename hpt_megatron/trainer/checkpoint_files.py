@@ -6,7 +6,9 @@ A checkpoint directory ``step_000123/`` holds the dist-checkpointing (torch_dist
 model (and optionally the optimizer) plus ``hpt_state.json`` (step, data position, RNG, scheduler
 state), one ``manifest_<rank>.json`` per writing rank (size and CRC32 of each file) and a
 ``COMPLETE`` marker written last. Because dist-checkpointing stores global tensor keys, a
-checkpoint loads at any TP/PP layout. Writing lives in ``trainer/checkpoint_write.py``; when to
+checkpoint's model loads at any TP/PP/DP layout, and so does the state of the plain optimizer;
+the distributed optimizer's sharded state (:data:`OPTIMIZER_METADATA`) resumes at the same TP/PP
+and any DP size. Writing lives in ``trainer/checkpoint_write.py``; when to
 save, what to keep and where to resume in ``trainer/checkpoint.py``.
 """
 
@@ -34,6 +36,12 @@ BEST = "best"
 COMPLETE = "COMPLETE"
 STATE_FILE = "hpt_state.json"
 MANIFEST = "manifest.json"
+# How the distributed optimizer lays out its sharded state (the plain optimizer ignores it).
+# Megatron-core 0.16's own default, ``fully_sharded_model_space``, builds flattened-range shards
+# that its checkpointing refuses ("ShardedTensor.flattened_range is not supported");
+# ``dp_reshardable`` (Megatron-LM's default) writes each rank's contiguous part of the buffers,
+# in parallel and without gathering, and loads at any data-parallel size with the same TP/PP.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -78,6 +86,7 @@ def load_checkpoint(
     it too. ``chunks`` may be DDP-wrapped or bare.
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = Path(path)
     if not (path / COMPLETE).is_file() and not (path / "metadata.json").is_file():
@@ -89,12 +98,28 @@ def load_checkpoint(
     sharded: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         flat = flat_model_state(model_sd)
-        sharded["optimizer"] = optimizer.sharded_state_dict(flat, is_loading=True)
-    loaded = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            flat, is_loading=True, metadata=OPTIMIZER_METADATA
+        )
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
+    except (KeyError, CheckpointException) as err:  # torch's loader wraps a rank's KeyError
+        if "optimizer.distributed." not in str(err):
+            raise
+        raise ValueError(
+            f"{path}: its distributed-optimizer state does not fit this layout: the "
+            f"{OPTIMIZER_METADATA['distrib_optim_sharding_type']} format loads only at the "
+            "tensor/pipeline-parallel sizes it was saved with (any data-parallel size); resume "
+            "with those, or start from its weights alone (model.load)"
+        ) from err
     for key, chunk in zip(model_sd, chunks):
         _unwrap(chunk).load_state_dict(loaded["model"][key], strict=strict)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # Without autograd: with fp32 weights the distributed optimizer's main parameters are
+        # views of the model's (leaf tensors that require grad), which its dp_reshardable load
+        # copies into in place.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
     state_file = path / STATE_FILE
     return json.loads(state_file.read_text()) if state_file.is_file() else {}
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from hpt_megatron.disk import NOT_SPACE, space_note
 from hpt_megatron.trainer.checkpoint_files import (
     COMPLETE,
+    OPTIMIZER_METADATA,
     STATE_FILE,
     CheckpointError,
     barrier,
@@ -291,7 +292,9 @@ def begin_save(
     model_sd = sharded_model(chunks)
     sharded: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(flat_model_state(model_sd))
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            flat_model_state(model_sd), metadata=OPTIMIZER_METADATA
+        )
     strategy: Any = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=2)  # 2 files a rank
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         strategy = FullyParallelSaveStrategyWrapper(strategy, group)

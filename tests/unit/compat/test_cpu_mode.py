@@ -1,5 +1,6 @@
-"""enable_cpu_mode(): version guard, idempotence, CUDA -> CPU redirection, Megatron's RNG tracker
-and the CPU gradient clip.
+"""enable_cpu_mode(): version guard, idempotence, CUDA -> CPU redirection, Megatron's RNG tracker,
+the CPU gradient clip, CUDA type names for the mixed-precision optimizers, the causal mask
+rebuilt in backward, and the distributed optimizer's step around torch's Adam.
 
 The mode patches torch.cuda and Megatron process-wide, so every check runs in one fresh Python
 process (importing Megatron costs seconds); it prints a JSON report the tests below read.
@@ -155,6 +156,59 @@ SCRIPT = textwrap.dedent(
             "clipped_norm": float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in got]))),
         }
     dist.destroy_process_group()
+
+    # Megatron's optimizers sort parameters by Tensor.type() against CUDA type names.
+    half = torch.ones(2, dtype=torch.float16)
+    report["types"] = {
+        "bf16": torch.ones(2, dtype=torch.bfloat16).type(),
+        "fp32": torch.nn.Parameter(torch.ones(2)).type(),
+        "fp16": half.type(),
+        "conversion": half.type(torch.float64).dtype == torch.float64,
+    }
+
+    # The causal mask is rebuilt inside backward (recomputation), out of the device mode's reach.
+    from megatron.core.fusions import fused_softmax
+
+    class MaskInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad + fused_softmax.get_default_causal_mask(3).float().sum()
+
+    x = torch.zeros(2, requires_grad=True)
+    report["mask_in_backward"] = fails(lambda: MaskInBackward.apply(x).sum().backward())
+    report["mask"] = fused_softmax.get_default_causal_mask(3).int().tolist()
+
+    # The distributed optimizer around torch's Adam: a fresh one's state dict, a load's steps.
+    from types import SimpleNamespace
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))]
+    adam = torch.optim.Adam(params)
+
+    def init_state_fn(opt, config=None):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                opt.state[p]["exp_avg"] = torch.zeros_like(p)
+                opt.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+
+    fresh = SimpleNamespace(optimizer=adam, init_state_fn=init_state_fn, config=None)
+    fresh.grad_scaler = None
+    fresh_sd = DistributedOptimizer.state_dict(fresh)
+    report["fresh_steps"] = [g["step"] for g in fresh_sd["optimizer"]["param_groups"]]
+    report["fresh_moments_zero"] = all(
+        float(s[k].abs().sum()) == 0 for s in adam.state.values() for k in ("exp_avg", "exp_avg_sq")
+    )
+    shared = torch.tensor(0.0)
+    for s in adam.state.values():
+        s["step"] = shared  # as Megatron's load leaves it
+    cpu.set_checkpoint_step(adam, {"optimizer": {"param_groups": [{"step": 7}]}})
+    steps = [s["step"] for s in adam.state.values()]
+    report["loaded_steps"] = [float(t) for t in steps]
+    report["steps_distinct"] = steps[0] is not steps[1] and steps[0] is not shared
     print("REPORT " + json.dumps(report))
     """
 )
@@ -220,3 +274,23 @@ def test_clip_leaves_grads_under_the_limit(report):
     clip = report["clip"]["under_limit"]
     assert clip["ref_norm"] < 1e3 and clip["unchanged"] is True and clip["max_grad_err"] == 0.0
     assert clip["norm_rel_err"] < 1e-6
+
+
+def test_tensor_type_names_the_cuda_type(report):
+    types = report["types"]
+    assert types["bf16"] == "torch.cuda.BFloat16Tensor"
+    assert types["fp32"] == "torch.cuda.FloatTensor"
+    assert types["fp16"] == "torch.cuda.HalfTensor"
+    assert types["conversion"] is True
+
+
+def test_causal_mask_is_built_on_cpu_inside_backward(report):
+    assert report["mask_in_backward"] is None
+    assert report["mask"] == [[0, 1, 1], [0, 0, 1], [0, 0, 0]]
+
+
+def test_distributed_optimizer_step_around_torch_adam(report):
+    assert report["fresh_steps"] == [0.0]
+    assert report["fresh_moments_zero"] is True
+    assert report["loaded_steps"] == [7.0, 7.0]
+    assert report["steps_distinct"] is True

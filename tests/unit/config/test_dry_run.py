@@ -11,7 +11,11 @@ from hpt_megatron.config import load_config, to_dict
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[3] / "examples"
 TINY = str(EXAMPLES / "tiny_cpu.yaml")
-CPU_EXAMPLES = ("tiny_cpu.yaml", "tiny_moe_cpu.yaml")  # tiny_moe_cpu: tests/unit/config/test_moe
+CPU_EXAMPLES = (
+    "tiny_cpu.yaml",
+    "tiny_moe_cpu.yaml",
+    "paper_tiny_cpu.yaml",
+)  # tiny_moe_cpu: tests/unit/config/test_moe
 PAPER = sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name not in CPU_EXAMPLES)
 
 
@@ -128,12 +132,42 @@ def test_bad_flags(capsys, args, message):
             "rollout.partial: only the CPU engine",
         ),
         (["run.max_staleness=-1"], "run.max_staleness: must be >= 0"),
+        (
+            ["model.transformer_impl=transformer_engine"],
+            "model.transformer_impl: transformer_engine needs a GPU",
+        ),
+        (
+            ["model.params_dtype=bf16", "model.fp8=hybrid"],
+            "model.fp8: hybrid: FP8 training needs transformer_engine layers on a GPU",
+        ),
+        (["parallel.backend=nccl"], "parallel.backend: nccl needs GPUs"),
+        (
+            ["parallel.tp=2", "parallel.sequence_parallel=true"],
+            "parallel.sequence_parallel: Megatron's local layers",
+        ),
     ],
 )
 def test_preflight_names_the_key(capsys, overrides, message):
     code, out, err = _dry_run(capsys, TINY, "--dry-run", "--world-size", "4", *overrides)
     assert code == 2 and out == ""
     assert err.startswith("hpt train: config error: ") and message in err, err
+
+
+@pytest.mark.parametrize(
+    "recompute",
+    [
+        ["model.recompute_granularity=full", "model.recompute_method=uniform"],
+        ["model.recompute_granularity=full", "model.recompute_method=block"],
+        ["model.recompute_granularity=selective"],
+    ],
+    ids=["full-uniform", "full-block", "selective"],
+)
+def test_paper_training_settings_pass_on_cpu(capsys, recompute):
+    """bf16 with fp32 main weights, the distributed optimizer and recomputation train on the
+    CPU (tests/distributed/test_paper_path.py): preflight lets them through."""
+    paper = ["model.params_dtype=bf16", "trainer.use_distributed_optimizer=true", *recompute]
+    code, _, err = _dry_run(capsys, TINY, "--dry-run", "--world-size", "2", *paper)
+    assert code == 0, err
 
 
 def test_data_files_are_read(capsys, tmp_path):

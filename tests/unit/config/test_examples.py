@@ -113,3 +113,35 @@ def test_qwen_long_context():
         assert cfg.data.system_prompt == "qwen_math"
     llama = load_config(EXAMPLES / "llama3.1-8b-hpt.yaml")
     assert llama.model.rope_theta is None and llama.data.system_prompt is None
+
+
+def test_paper_tiny_cpu_keeps_the_paper_settings():
+    """examples/paper_tiny_cpu.yaml is the 1.5B paper config shrunk to CPU: only the model, the
+    data, the batch shape, the layout and the engines differ (tests/e2e trains it)."""
+    import dataclasses
+
+    tiny = load_config(EXAMPLES / "paper_tiny_cpu.yaml")
+    paper = load_config(EXAMPLES / "qwen2.5-math-1.5b-hpt.yaml")
+    assert tiny.algorithm == paper.algorithm
+    assert dataclasses.replace(tiny.trainer, max_tokens_per_microbatch=0) == dataclasses.replace(
+        paper.trainer, max_tokens_per_microbatch=0
+    )
+    for key in (
+        "params_dtype",
+        "recompute_granularity",
+        "recompute_method",
+        "recompute_num_layers",
+    ):
+        assert getattr(tiny.model, key) == getattr(paper.model, key), key
+    sampling = ("n", "temperature", "top_p", "top_k")
+    assert [getattr(tiny.rollout, k) for k in sampling] == [
+        getattr(paper.rollout, k) for k in sampling
+    ]
+    assert (tiny.run.steps, tiny.run.seed, tiny.run.placement) == (
+        paper.run.steps,
+        paper.run.seed,
+        paper.run.placement,
+    )
+    assert tiny.parallel.tp == 1 and tiny.parallel.backend == "gloo"
+    assert tiny.rollout.engine == "cpu" and tiny.data.train == "arithmetic"
+    assert tiny.data.prompts_per_step < paper.data.prompts_per_step
