@@ -163,12 +163,40 @@ class DiskTransport:
         error of a live server, or every server down, raises.
         """
         payload = {"model_path": str(path), "weight_version": str(version), "flush_cache": True}
+        if index is not None:  # a resync: the newest version is what it loads, and stays so
+            await self._post(client, [index], payload, path, resync=True)
+            return
+        # The newest version from now on (the folder is complete): a restart that ends during
+        # this load resyncs to it (``SGLangEngine._after_restart`` loops until ``latest`` holds).
+        self.latest, self.latest_version = Path(path), version
         # A server being restarted is left out: it loads the newest folder once it is back
         # (``resync``), and a load reaching it mid-resync would race with that one.
-        if index is None:
-            targets = [i for i, state in enumerate(client.pool.state) if state == "up"]
-        else:
-            targets = [index]
+        targets = self._up(client)
+        down = await self._post(client, targets, payload, path)
+        if not targets or down == len(targets):
+            raise RuntimeError(f"update_weights_from_disk({path}): every server is down")
+        # A restart that ended while this load was under way resynced an older version (it
+        # compared ``latest`` before this load began): this one goes to it too.
+        late = [i for i in self._up(client) if i not in targets]
+        if late:
+            await self._post(client, late, payload, path)
+        if Path(path).parent.resolve() == self.directory.resolve():
+            self._forget_older_than(version)  # one of this transport's own version folders
+
+    @staticmethod
+    def _up(client: SGLangClient) -> list[int]:
+        return [i for i, state in enumerate(client.pool.state) if state == "up"]
+
+    @staticmethod
+    async def _post(
+        client: SGLangClient,
+        targets: list[int],
+        payload: dict[str, Any],
+        path: str | Path,
+        resync: bool = False,
+    ) -> int:
+        """Post the load to ``targets``; returns how many were found dead (left to the pool's
+        restart, except in a ``resync``, where that raises)."""
         answers = await asyncio.gather(
             *(client.post(i, "/update_weights_from_disk", payload) for i in targets),
             return_exceptions=True,
@@ -176,7 +204,7 @@ class DiskTransport:
         down = 0
         for i, answer in zip(targets, answers):
             if isinstance(answer, _LOST):
-                if index is None and await client.pool.report_failure(i, grace_s=_DYING_S):
+                if not resync and await client.pool.report_failure(i, grace_s=_DYING_S):
                     down += 1
                     continue
                 raise RuntimeError(f"update_weights_from_disk({path}) failed: {answer!r}")
@@ -184,13 +212,7 @@ class DiskTransport:
                 raise answer
             if not (isinstance(answer, dict) and answer.get("success")):
                 raise RuntimeError(f"update_weights_from_disk({path}) failed: {answer}")
-        if not targets or down == len(targets):
-            raise RuntimeError(f"update_weights_from_disk({path}): every server is down")
-        if index is not None:
-            return  # a resync: the newest version is what it loaded, and stays so
-        self.latest, self.latest_version = Path(path), version
-        if Path(path).parent.resolve() == self.directory.resolve():
-            self._forget_older_than(version)  # one of this transport's own version folders
+        return down
 
     async def resync(self, client: SGLangClient, index: int) -> None:
         """Bring a restarted server ``index`` to the newest pushed weights (if any)."""

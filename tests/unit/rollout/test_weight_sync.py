@@ -73,3 +73,35 @@ def test_loading_a_version_removes_only_older_folders(tmp_path: Path) -> None:
         assert sorted(p.name for p in root.iterdir()) == ["v2", "v3.tmp", "vendor"]
         engine.update_weights_from_disk(outside, version=5)  # any folder loads
     assert outside.is_dir() and (root / "v2").is_dir()
+
+
+def test_a_restart_ending_during_a_load_gets_that_version(tmp_path: Path) -> None:
+    """Server 1 is being restarted when version 6's load begins, so the load leaves it out; its
+    restart ends while the load is under way, having resynced the version it saw (5). The load
+    sends 6 to it too, and from its start names 6 as the newest (a resync then takes 6).
+
+    The order of events is forced with a stand-in client: the two-node SGLang test met this
+    race on a loaded machine (``check_weights`` found version 5 on the restarted server)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from hpt_megatron.rollout.weight_sync.disk import DiskTransport
+
+    transport = DiskTransport(tmp_path)
+    transport.latest, transport.latest_version = tmp_path / "v5", 5
+    posts: list[tuple[int, str]] = []
+    newest_during_load: list[Path | None] = []
+
+    async def post(i: int, route: str, payload: dict) -> dict:
+        assert route == "/update_weights_from_disk"
+        posts.append((i, payload["weight_version"]))
+        if i == 0:  # while server 0 loads version 6, server 1's restart ends
+            newest_during_load.append(transport.latest)
+            client.pool.state[1] = "up"
+        return {"success": True}
+
+    client = SimpleNamespace(pool=SimpleNamespace(state=["up", "restarting"]), post=post)
+    asyncio.run(transport.load(client, tmp_path / "v6", 6))  # type: ignore[arg-type]
+    assert posts == [(0, "6"), (1, "6")]
+    assert newest_during_load == [tmp_path / "v6"]
+    assert (transport.latest, transport.latest_version) == (tmp_path / "v6", 6)
