@@ -11,7 +11,8 @@ kept in ``<run_dir>/wandb_run_id`` (:func:`wandb_run_id`): a resumed run continu
 run. wandb refuses a step at or below the last one it holds, so it cannot replace the steps a
 resume logs again (those after the checkpoint): it keeps their first values. Online, the resumed
 run knows its last step and the replayed steps are not sent (one line says so); offline, each
-start writes its own ``wandb/offline-run-*-<id>`` folder and ``wandb sync`` drops them.
+start writes its own ``wandb/offline-run-*-<id>`` folder with all its steps, and ``wandb sync``
+uploads the folders in start order into the one run, where the same rule applies.
 """
 
 from __future__ import annotations
