@@ -34,8 +34,9 @@ setup(
             "ruff==0.17.6",
             "mypy==2.4.1",
             "matplotlib",
+            "wandb>=0.17",  # tests/unit/orchestration/test_wandb_logging.py
         ],
-        "wandb": ["wandb"],
+        "wandb": ["wandb>=0.17"],
     },
     entry_points={"console_scripts": ["hpt=hpt_megatron.cli:main"]},
 )

@@ -4,6 +4,15 @@ A file that cannot be written (a full disk) is a :class:`~hpt_megatron.disk.Writ
 it. A resumed run starts both files at its checkpoint's step: TensorBoard purges the later events
 (``purge_step``), and ``metrics.jsonl`` is cut to the rows of the steps up to the resumed one
 (:func:`truncate_jsonl`), so that every step appears once.
+
+With ``logging.wandb_project`` the steps go to Weights & Biases too (the ``wandb`` extra;
+``WANDB_MODE`` picks online, offline or disabled, as wandb itself reads it). The run's wandb id is
+kept in ``<run_dir>/wandb_run_id`` (:func:`wandb_run_id`): a resumed run continues the same wandb
+run. wandb refuses a step at or below the last one it holds, so it cannot replace the steps a
+resume logs again (those after the checkpoint): it keeps their first values. Online, the resumed
+run knows its last step and the replayed steps are not sent (one line says so); offline, each
+start writes its own ``wandb/offline-run-*-<id>`` folder with all its steps, and ``wandb sync``
+uploads the folders in start order into the one run, where the same rule applies.
 """
 
 from __future__ import annotations
@@ -11,12 +20,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
 from hpt_megatron.disk import WriteError, remove, writing
 
-TB, JSONL = "TensorBoard events", "metrics"
+TB, JSONL, WANDB_ID = "TensorBoard events", "metrics", "wandb run id"
+WANDB_ID_FILE = "wandb_run_id"
 HEADLINE = ("reward/mean", "gate/sft_fraction", "val/accuracy", "loss", "time/step_s")
 
 
@@ -37,6 +49,7 @@ class MetricsLogger:
     ) -> None:
         self.enabled = enabled
         self._tb = self._jsonl = self._bar = self._wandb = None
+        self._wandb_from = 0  # the first step wandb accepts (a resumed online run's next step)
         self._tb_dir = Path(run_dir) / "tensorboard"
         self._jsonl_path = Path(run_dir) / "metrics.jsonl"
         if not enabled:
@@ -51,9 +64,7 @@ class MetricsLogger:
                 truncate_jsonl(self._jsonl_path, start_step)
                 self._jsonl = open(self._jsonl_path, "a")  # noqa: SIM115
         if wandb_project:
-            import wandb
-
-            self._wandb = wandb.init(project=wandb_project, dir=str(run_dir), resume="allow")
+            self._wandb, self._wandb_from = _start_wandb(wandb_project, Path(run_dir), start_step)
         if progress_bar:
             from tqdm import tqdm
 
@@ -76,7 +87,7 @@ class MetricsLogger:
             with writing(self._jsonl_path, JSONL):
                 self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
                 self._jsonl.flush()
-        if self._wandb is not None:
+        if self._wandb is not None and step >= self._wandb_from:
             self._wandb.log(scalars, step=step)
         if self._bar is not None:
             shown = {k.split("/")[-1]: f"{scalars[k]:.3g}" for k in HEADLINE if k in scalars}
@@ -108,6 +119,43 @@ class MetricsLogger:
                     raise
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def wandb_run_id(run_dir: Path, start_step: int) -> str:
+    """The wandb run id of the run in ``run_dir``: a resumed run (``start_step`` > 0) reads the
+    one kept in ``<run_dir>/wandb_run_id``; a run from step 0 (or one that had no id yet) draws
+    a new one (eight lowercase letters and digits, wandb's own form) and keeps it there."""
+    path = run_dir / WANDB_ID_FILE
+    if start_step > 0 and path.is_file():
+        kept = path.read_text().strip()
+        if kept:
+            return kept
+    alphabet = string.ascii_lowercase + string.digits
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    tmp = path.with_name(path.name + ".tmp")
+    with writing(path, WANDB_ID, partial=tmp):
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, path)
+    return run_id
+
+
+def _start_wandb(project: str, run_dir: Path, start_step: int) -> tuple[Any, int]:
+    """``wandb.init`` on the run's id (``resume="allow"``: the same run on a resume); the run
+    and the first step it accepts (online, a resumed run holds the steps up to its last one)."""
+    import wandb
+
+    run = wandb.init(
+        project=project, dir=str(run_dir), id=wandb_run_id(run_dir, start_step), resume="allow"
+    )
+    first = int(getattr(run, "starting_step", 0) or 0)
+    if first > start_step + 1:
+        print(
+            f"hpt: wandb run {run.id} already holds steps up to {first - 1}; steps "
+            f"{start_step + 1}-{first - 1} logged again after the resume keep their first values "
+            "there (metrics.jsonl and TensorBoard have the new ones)",
+            flush=True,
+        )
+    return run, first
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:

@@ -124,6 +124,7 @@ def find_problems(cfg: HPTConfig, world_size: int, target: Target) -> Findings:
     found.hf = found.attempt(_check_model, cfg)  # type: ignore[assignment]
     found.problems += _path_problems(cfg)
     found.problems += _device_problems(cfg, target)
+    found.problems += _logging_problems(cfg, target)
     found.attempt(_check_data, cfg)
     found.attempt(_check_rewards, cfg)
     if cfg.run.replay_rollouts:
@@ -264,6 +265,19 @@ def _device_problems(cfg: HPTConfig, target: Target) -> list[str]:
     if cfg.parallel.backend == "nccl":
         problems.append("parallel.backend: nccl needs GPUs; none are visible (use auto or gloo)")
     return problems
+
+
+def _logging_problems(cfg: HPTConfig, target: Target) -> list[str]:
+    """``logging.wandb_project`` needs wandb importable here (a GPU node checked from elsewhere
+    is not asked)."""
+    if not cfg.logging.wandb_project or not target.here:
+        return []
+    if importlib.util.find_spec("wandb") is None:
+        return [
+            f"logging.wandb_project: {cfg.logging.wandb_project} needs wandb, which is not "
+            "installed (pip install 'hpt-megatron[wandb]', or pip install wandb); or unset it"
+        ]
+    return []
 
 
 def _check_data(cfg: HPTConfig) -> None:

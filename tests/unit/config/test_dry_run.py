@@ -189,3 +189,16 @@ def test_packing_with_transformer_engine_layers_is_rejected(capsys, monkeypatch)
     code, out, err = _dry_run(capsys, TINY, "--dry-run", "parallel.tp=1", "trainer.packing=true")
     assert code == 2 and out == ""
     assert "trainer.packing: packed rows run on Megatron's local attention" in err, err
+
+
+def test_wandb_project_without_wandb_installed_is_a_problem(capsys, monkeypatch):
+    """A config naming a wandb project fails the dry run, not the start of training, where wandb
+    cannot be imported (``sys.modules[name] = None`` makes the import fail)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    args = [TINY, "--dry-run", "--world-size", "2", "logging.wandb_project=hpt"]
+    code, out, err = _dry_run(capsys, *args)
+    assert code == 2 and out == ""
+    assert "logging.wandb_project: hpt needs wandb, which is not installed" in err, err
+    assert "pip install 'hpt-megatron[wandb]'" in err, err
