@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_STOPPED = 1
@@ -29,7 +30,7 @@ SECONDARY_DELAY_S = 5
 
 def exit_code(err: BaseException) -> int | None:
     """The exit code of an error ``hpt train`` recognises; None for any other."""
-    if isinstance(err, ValueError):
+    if isinstance(err, ValueError) and _raised_here(err):
         return EXIT_USER_ERROR
     from hpt_megatron.disk import WriteError
     from hpt_megatron.orchestration.faults import NonFiniteError
@@ -42,6 +43,17 @@ def exit_code(err: BaseException) -> int | None:
         return EXIT_RUN_STOPPED
     return None
 
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether ``err`` was raised by this package's own code (a check that names what the user
+    got wrong), not inside a library, whose ``ValueError`` keeps its traceback."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is None or tb.tb_frame.f_code.co_filename.startswith(_PACKAGE)
+
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
 
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer")  # gloo's words
 

@@ -22,6 +22,7 @@ import math
 import os
 import secrets
 import string
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ class MetricsLogger:
 
             with writing(self._tb_dir, TB):
                 self._tb = SummaryWriter(str(self._tb_dir), purge_step=start_step + 1)
+                _quiet_tensorboard_thread()
         if jsonl:
             with writing(self._jsonl_path, JSONL):
                 truncate_jsonl(self._jsonl_path, start_step)
@@ -204,3 +206,21 @@ def derived_metrics(metrics: dict[str, float]) -> dict[str, float]:
         "throughput/tokens_per_s": metrics.get("train/tokens", 0.0) / step_s if step_s else 0.0,
         "time/overhead_share": max(0.0, step_s - work) / step_s if step_s else 0.0,
     }
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard's writer thread hands its write error (a full disk) to the thread that logs
+    next (``_check_worker_status``), which reports it as one ``WriteError``: the traceback the
+    writer thread would print on its way out is that same error again, and is left out."""
+    previous = threading.excepthook
+    if getattr(previous, "hpt_quiet_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        thread = type(args.thread).__name__ if args.thread is not None else ""
+        if thread == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    hook.hpt_quiet_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook

@@ -249,6 +249,13 @@ def _device_problems(cfg: HPTConfig, target: Target) -> list[str]:
             "mask); Transformer Engine's THD format is not wired in; set model.transformer_impl: "
             "local, or packing: false"
         )
+    if model.params_dtype != "fp32" and local_layers and not cfg.trainer.use_distributed_optimizer:
+        problems.append(
+            f"model.params_dtype: {model.params_dtype} on Megatron's local layers (the only ones "
+            "without a GPU) needs trainer.use_distributed_optimizer: true: their norms keep fp32 "
+            "weights, which the plain mixed-precision optimizer cannot write to a checkpoint "
+            "(Megatron maps only its 16-bit parameters there)"
+        )
     if cfg.parallel.sequence_parallel and local_layers:
         problems.append(
             "parallel.sequence_parallel: Megatron's local layers (the only ones without a GPU, "

@@ -70,5 +70,6 @@ def test_staleness_two_bounded_corrected_and_resumes_without_loss(tmp_path):
     assert sorted(got) == sorted(want) == list(range(6))
     assert got == want  # every step trained the same prompts: none lost, none twice
     trained = sum((c for c in got.values()), collections.Counter())
-    # 6 steps x 4 distinct prompts, each with rollout.n = 4 rollouts and LUFFY's demonstration
-    assert len(trained) == 6 * 4 and set(trained.values()) == {4 + 1}
+    # 6 steps x 4 distinct prompts, each a group of rollout.n = 4: LUFFY's 3 rollouts and its
+    # demonstration (the official n - 1 + 1, algorithm.options.demos_replace_rollouts)
+    assert len(trained) == 6 * 4 and set(trained.values()) == {3 + 1}

@@ -106,7 +106,8 @@ def test_ctrl_c_and_sigterm_to_the_launcher_checkpoint_and_the_resume_continues(
 
 
 def test_a_full_output_disk_is_one_message_and_leaves_no_partial_folder(tmp_path):
-    with tmpfs(tmp_path / "disk", "5m") as disk:
+    # 8 MB: room for the one checkpoint and export the dry run asks for, not for five
+    with tmpfs(tmp_path / "disk", "8m") as disk:
         out = disk / "run"
         args = ["train", TINY, f"run.output_dir={out}", "run.steps=4", *SMALL]
         args += ["logging.tensorboard=true", "checkpoint.save_every=1", "checkpoint.keep_last=5"]
