@@ -25,6 +25,21 @@ CPU_SERVER_ARGS = (
 )
 
 
+def check_sampling(
+    n: int, temperature: float, top_p: float, top_k: int = -1, *, prefix: str = ""
+) -> None:
+    """Raise ``ValueError`` naming the first sampling setting out of range, as ``PREFIX<name>``
+    (the rollout section, validation's ``run.val_*`` and the engines' ``SamplingParams``)."""
+    if n < 1:
+        raise ValueError(f"{prefix}n: must be >= 1, got {n}")
+    if temperature < 0:
+        raise ValueError(f"{prefix}temperature: must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{prefix}top_p: must be in (0, 1], got {top_p}")
+    if top_k == 0 or top_k < -1:
+        raise ValueError(f"{prefix}top_k: must be -1 (off) or >= 1, got {top_k}")
+
+
 @dataclass(kw_only=True)
 class CpuEngineConfig:
     """The in-process CPU engine (``rollout.engine: cpu``)."""
@@ -212,14 +227,7 @@ class RolloutConfig:
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
     def validate(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"n: must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"top_k: must be -1 (off) or >= 1, got {self.top_k}")
+        check_sampling(self.n, self.temperature, self.top_p, self.top_k)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
         if any(not s for s in self.stop):

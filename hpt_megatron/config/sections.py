@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from hpt_megatron.config.rollout import check_sampling
+
 ParamsDtype = Literal["fp32", "bf16", "fp16"]  # the weights' dtype in Megatron
 
 
@@ -54,12 +56,7 @@ class RunConfig:
             )
 
     def _validate_validation(self) -> None:
-        if self.val_n < 1:
-            raise ValueError(f"val_n: must be >= 1, got {self.val_n}")
-        if self.val_temperature < 0:
-            raise ValueError(f"val_temperature: must be >= 0, got {self.val_temperature}")
-        if not 0 < self.val_top_p <= 1:
-            raise ValueError(f"val_top_p: must be in (0, 1], got {self.val_top_p}")
+        check_sampling(self.val_n, self.val_temperature, self.val_top_p, prefix="val_")
         if self.val_n > 1 and self.val_temperature == 0:
             raise ValueError(
                 f"val_n: {self.val_n} greedy responses per prompt are all the same; "

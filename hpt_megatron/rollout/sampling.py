@@ -13,19 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from hpt_megatron.config.rollout import check_sampling
 from hpt_megatron.rollout.base import SamplingParams
 
 
 def validate_sampling(params: SamplingParams) -> None:
     """Raise ``ValueError`` naming the field of ``params`` that is out of range."""
-    if params.n < 1:
-        raise ValueError(f"sampling n must be >= 1, got {params.n}")
-    if params.temperature < 0:
-        raise ValueError(f"sampling temperature must be >= 0, got {params.temperature}")
-    if not 0 < params.top_p <= 1:
-        raise ValueError(f"sampling top_p must be in (0, 1], got {params.top_p}")
-    if params.top_k == 0 or params.top_k < -1:
-        raise ValueError(f"sampling top_k must be -1 (off) or >= 1, got {params.top_k}")
+    check_sampling(params.n, params.temperature, params.top_p, params.top_k, prefix="sampling ")
     if params.max_new_tokens < 1:
         raise ValueError(f"sampling max_new_tokens must be >= 1, got {params.max_new_tokens}")
 
