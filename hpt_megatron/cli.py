@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hpt_megatron.orchestration.preflight import Target
+
+# How long a rank that only lost another rank waits before it exits (cli._train).
+SECONDARY_EXIT_WAIT_S = 20.0
 
 USAGE = """usage: hpt {train,eval,convert} ...
 
@@ -168,7 +172,14 @@ def _train(argv: list[str]) -> int:
         code = exit_code(err)
         if code is None:
             raise
-        return report(f"hpt train: {describe(err)}", code, secondary=is_secondary(err))
+        secondary = is_secondary(err)
+        code = report(f"hpt train: {describe(err)}", code, secondary=secondary)
+        if secondary:
+            # The rank that failed first can still be closing its run (reward workers, servers)
+            # after its collective broke: torchrun ends the other ranks at the first exit it
+            # sees, so this one lets that rank exit first, with its own code.
+            time.sleep(SECONDARY_EXIT_WAIT_S)
+        return code
     return 0
 
 
