@@ -135,8 +135,10 @@ class Driver:
         kept: list[Sample] = []
         rollouts: list[Sample] = []
         metrics: dict[str, float] = {}
+        announce = not self._generated  # the run's first generation is announced in the log
+        self._generated = True
         for round_ in range(MAX_REFILL_ROUNDS + 1):
-            if not self._generated:
+            if announce:
                 log.info(
                     "step %d: generating %d responses (%d prompts x %d, up to %d tokens each)",
                     step + 1,
@@ -148,8 +150,8 @@ class Driver:
             t0 = time.perf_counter()
             fresh = self._generate(prompts, params, group_offset=len(rollouts) // params.n)
             t1 = time.perf_counter()
-            if not self._generated:
-                self._generated = True
+            if announce:
+                announce = False
                 log.info("step %d: generated in %.1f s; grading and training", step + 1, t1 - t0)
             grade_samples(self.pool, fresh, self.cfg.reward)
             timings["time/generation_s"] += t1 - t0

@@ -171,21 +171,17 @@ class DiskTransport:
         self.latest, self.latest_version = Path(path), version
         # A server being restarted is left out: it loads the newest folder once it is back
         # (``resync``), and a load reaching it mid-resync would race with that one.
-        targets = self._up(client)
+        targets = _up(client)
         down = await self._post(client, targets, payload, path)
         if not targets or down == len(targets):
             raise RuntimeError(f"update_weights_from_disk({path}): every server is down")
         # A restart that ended while this load was under way resynced an older version (it
         # compared ``latest`` before this load began): this one goes to it too.
-        late = [i for i in self._up(client) if i not in targets]
+        late = [i for i in _up(client) if i not in targets]
         if late:
             await self._post(client, late, payload, path)
         if Path(path).parent.resolve() == self.directory.resolve():
             self._forget_older_than(version)  # one of this transport's own version folders
-
-    @staticmethod
-    def _up(client: SGLangClient) -> list[int]:
-        return [i for i, state in enumerate(client.pool.state) if state == "up"]
 
     @staticmethod
     async def _post(
@@ -228,6 +224,11 @@ class DiskTransport:
                 shutil.rmtree(old, ignore_errors=True)
 
 
+def _up(client: SGLangClient) -> list[int]:
+    """The servers up now (one being restarted loads and is checked after its resync)."""
+    return [i for i, state in enumerate(client.pool.state) if state == "up"]
+
+
 _LOST = (aiohttp.ClientError, asyncio.TimeoutError, OSError)  # no answer from a server
 
 
@@ -250,10 +251,7 @@ async def check_loaded(client: SGLangClient, path: str | Path, index: int | None
         tensors.update(load_file(shard))
     if not tensors:
         raise RuntimeError(f"check_weights: no tensors in {path}")
-    if index is None:  # the servers up (one being restarted is checked after its resync)
-        indices = [i for i, state in enumerate(client.pool.state) if state == "up"]
-    else:
-        indices = [index]
+    indices = _up(client) if index is None else [index]
     for i in indices:
         url = client.pool.servers[i].url
         served_as: torch.dtype | None = None  # the server's precision, found on the first tensor
