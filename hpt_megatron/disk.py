@@ -10,6 +10,7 @@ same through ``CheckpointError`` (``trainer/checkpoint_write.py``), with :func:`
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +56,15 @@ def writing(path: str | Path, what: str, *, partial: str | Path | None = None) -
         reason = err.strerror or str(err) or type(err).__name__
         note = space_note(path, may_be_full=err.errno not in NOT_SPACE)
         raise WriteError(f"cannot write the {what} to {path}: {reason}{note}{removed}") from err
+
+
+def replace_text(path: Path, text: str, what: str) -> None:
+    """Write ``text`` to ``path`` through ``<path>.tmp`` and a rename: the file is whole, new or
+    as it was. A failure is a :class:`WriteError`, the partial ``.tmp`` removed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with writing(path, what, partial=tmp):
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def remove(path: Path) -> bool:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import secrets
 import string
 import threading
 from pathlib import Path
 from typing import Any
 
-from hpt_megatron.disk import WriteError, remove, writing
+from hpt_megatron.disk import WriteError, replace_text, writing
 
 TB, JSONL, WANDB_ID = "TensorBoard events", "metrics", "wandb run id"
 WANDB_ID_FILE = "wandb_run_id"
@@ -134,10 +133,7 @@ def wandb_run_id(run_dir: Path, start_step: int) -> str:
             return kept
     alphabet = string.ascii_lowercase + string.digits
     run_id = "".join(secrets.choice(alphabet) for _ in range(8))
-    tmp = path.with_name(path.name + ".tmp")
-    with writing(path, WANDB_ID, partial=tmp):
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, path)
+    replace_text(path, run_id + "\n", WANDB_ID)
     return run_id
 
 
@@ -173,13 +169,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
-    except OSError:
-        remove(tmp)
-        raise
+    replace_text(path, "".join(kept), JSONL)
 
 
 def _is_number(value: Any) -> bool:
