@@ -15,6 +15,10 @@ from typing import Any
 
 import torch
 
+# ``Sample.metadata["route"]`` of a rollout that HPT with a teacher trains with the distillation
+# part instead of SFT (no outcome advantage; ``orchestration/batch_rules.py`` sets it).
+TEACHER_ROUTE = "teacher"
+
 
 @dataclass(kw_only=True)
 class Sample:

@@ -28,7 +28,7 @@ import torch
 from hpt_megatron.algorithms import distill_advantages
 from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 from hpt_megatron.config.sections import ModelConfig, ParallelConfig, TrainerConfig
-from hpt_megatron.data.sample import Sample
+from hpt_megatron.data.sample import TEACHER_ROUTE, Sample
 from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.trainer.batching import MicroBatch
@@ -36,8 +36,6 @@ from hpt_megatron.trainer.engine import TrainEngine
 from hpt_megatron.trainer.rows import RowKey, gather_rows, owns_rows, response_rows
 
 log = logging.getLogger(__name__)
-
-TEACHER_ROUTE = "teacher"  # Sample.metadata["route"] of rows HPT routed to the teacher
 
 
 class TeacherPolicy:
