@@ -63,21 +63,29 @@ class ReferenceConfig:
 class TeacherConfig:
     """The teacher of the distillation part (built only when ``options.distill_coef > 0``).
 
-    ``hf_path``: a Hugging Face folder (``config.json``, safetensors, and its tokenizer when it
-    has one) of a model of any size in the policy's architecture family, sharing the policy's
-    vocabulary (checked by preflight). The trainer builds it frozen, in the policy's TP/PP
-    layout, and scores every rollout with it (``trainer/teacher.py``).
+    One source: ``hf_path``, a Hugging Face folder (``config.json``, safetensors, and its
+    tokenizer when it has one) of a model of any size in the policy's architecture family,
+    sharing the policy's vocabulary (checked by preflight), which the trainer builds frozen in
+    the policy's TP/PP layout (``trainer/teacher.py``); or ``urls``, SGLang servers the user
+    started with the teacher, which score every rollout's tokens before the update
+    (``rollout/sglang/scoring.py``; they must serve a model of the policy's vocabulary).
     """
 
     hf_path: str | None = None
+    urls: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.hf_path is not None and not self.hf_path:
             raise ValueError("hf_path: must name the teacher's Hugging Face folder, got ''")
+        if self.hf_path and self.urls:
+            raise ValueError("hf_path and urls: set one source of the teacher")
+        for i, url in enumerate(self.urls):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"urls[{i}]: {url!r} is not an http(s) URL")
 
     @property
     def is_set(self) -> bool:
-        return bool(self.hf_path)
+        return bool(self.hf_path or self.urls)
 
 
 @dataclass(kw_only=True)
@@ -171,7 +179,7 @@ class AlgorithmConfig:
             raise ValueError(
                 f"teacher.hf_path: algorithm.preset '{self.preset}' distils from a teacher "
                 f"(options.distill_coef={spec.distill_coef}); set algorithm.teacher.hf_path to "
-                "the teacher's Hugging Face folder"
+                "the teacher's Hugging Face folder (or algorithm.teacher.urls to its servers)"
             )
         if self.teacher.is_set and not spec.needs_teacher_logprobs:
             raise ValueError(

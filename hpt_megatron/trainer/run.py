@@ -123,9 +123,8 @@ class Trainer:
             )
             critic = Critic(engine, critic_cfg)
         teacher = None
-        if spec.needs_teacher_logprobs:
-            assert cfg.algorithm.teacher.hf_path is not None  # the config's check
-            path = cfg.algorithm.teacher.hf_path
+        path = cfg.algorithm.teacher.hf_path
+        if spec.needs_teacher_logprobs and path:  # else its servers score the samples
             teacher = TeacherPolicy.build(path, cfg.model, cfg.parallel, cfg.trainer, ctx)
         layout = _layout(cfg, ctx, tokenizer, routing_replay)
         update = PolicyUpdate(policy, layout, reference, critic, teacher)

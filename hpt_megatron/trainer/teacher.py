@@ -10,6 +10,10 @@ parallel layout (the same TP/PP ranks, no DDP, no optimizer), built like the ref
 teacher's own vocabulary) on the policy's micro-batches, so they line up with pi_old token for
 token. Teacher and policy share the tokenizer's vocabulary (preflight's check).
 
+With ``algorithm.teacher.urls`` instead, no model is built here: the driver has the teacher's
+SGLang servers score each rollout (``rollout/sglang/scoring.py``) and the log-probs come with
+the samples (``MicroBatch.teacher_logprobs_bs``).
+
 Per step, :func:`attach_teacher` adds the distillation part ``distill_coef * (log pi_T -
 log pi_old)`` (``algorithms/distill.py``) to the advantages of every on-policy RL token, in each
 last-stage rank's own micro-batches (no collective: every TP rank of the stage has the same
@@ -101,7 +105,8 @@ class TeacherPolicy:
 
 
 def attach_teacher(
-    teacher: TeacherPolicy,
+    ctx: ParallelContext,
+    teacher: TeacherPolicy | None,
     spec: AlgorithmSpec,
     minis: list[list[Sample]],
     local: list[list[MicroBatch]],
@@ -110,12 +115,14 @@ def attach_teacher(
     """Collective: the teacher's log-probs of every micro-batch; the distillation part added to
     ``advantages_bs`` of the on-policy RL tokens; the reverse-KL metrics (module docstring).
 
+    ``teacher`` None: the log-probs came with the samples (``algorithm.teacher.urls``: the
+    driver had the teacher's servers score them), as each micro-batch's ``teacher_logprobs_bs``.
     ``local[k]`` are this rank's micro-batches of ``minis[k]`` with ``old_logprobs_bs`` set (on
     last-stage ranks); ``owned[k]``: whether this rank holds rows of ``minis[k]``.
     """
     kl_local: dict[RowKey, torch.Tensor] = {}
     for k, microbatches in enumerate(local):
-        outputs = teacher.forward_logprobs(microbatches)
+        outputs = _teacher_logprobs(teacher, microbatches)
         if outputs is None:
             continue
         for mb, teacher_bs in zip(microbatches, outputs):
@@ -135,8 +142,32 @@ def attach_teacher(
                 for idx, kl_t in response_rows(kl_bs, mb).items():
                     if minis[k][idx].rl_weight != 0 and not minis[k][idx].is_demo:
                         kl_local[(k, idx)] = kl_t
-    kl_rows = gather_rows(teacher.engine.ctx, kl_local, owns_rows(teacher.engine.ctx))
+    kl_rows = gather_rows(ctx, kl_local, owns_rows(ctx))
     return _kl_metrics(minis, kl_rows)
+
+
+def _teacher_logprobs(
+    teacher: TeacherPolicy | None, microbatches: list[MicroBatch]
+) -> list[torch.Tensor] | None:
+    """log pi_T ``[B, S]`` of the micro-batches where pi_old is (the last stage), else None."""
+    if teacher is not None:
+        return teacher.forward_logprobs(microbatches)
+    if not microbatches or microbatches[0].old_logprobs_bs is None:
+        return None
+    out = []
+    for mb in microbatches:
+        assert mb.old_logprobs_bs is not None
+        if mb.teacher_logprobs_bs is not None:
+            out.append(mb.teacher_logprobs_bs.to(mb.old_logprobs_bs.device))
+            continue
+        rl_b = (mb.rl_weight_b != 0) & ~mb.is_demo_b
+        if mb.loss_mask_bs[rl_b].any():
+            raise ValueError(
+                "teacher: the distillation part is on, but the samples carry no teacher "
+                "log-probs (algorithm.teacher.urls scores them) and no teacher model was built"
+            )
+        out.append(torch.zeros_like(mb.old_logprobs_bs))  # no RL token: nothing to score
+    return out
 
 
 def _kl_metrics(minis: list[list[Sample]], kl_rows: dict[RowKey, torch.Tensor]) -> dict[str, float]:

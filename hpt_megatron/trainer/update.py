@@ -351,7 +351,7 @@ class PolicyUpdate:
         # The KL terms and the distillation part compare pi_old with pi_ref or pi_teacher, so a
         # reference or a teacher needs pi_old in any case.
         uses_ref = self.reference is not None and spec.needs_ref_logprobs
-        uses_teacher = self.teacher is not None and spec.needs_teacher_logprobs
+        uses_teacher = spec.needs_teacher_logprobs  # a model here, or scores with the samples
         if uses_ref or uses_teacher or (spec.needs_old_logprobs and updates > 1):
             t0 = time.perf_counter()
             for microbatches in rows.local:
@@ -366,10 +366,11 @@ class PolicyUpdate:
             )
             timings["time/ref_s"] = time.perf_counter() - t0
         if uses_teacher:  # after the reference, whose reward-mode KL rewrites the advantages
-            assert self.teacher is not None
             t0 = time.perf_counter()
-            extra |= attach_teacher(self.teacher, spec, rows.kept, rows.local, rows.owned)
-            timings["time/teacher_s"] = time.perf_counter() - t0
+            ctx = self.engine.ctx  # type: ignore[attr-defined]
+            extra |= attach_teacher(ctx, self.teacher, spec, rows.kept, rows.local, rows.owned)
+            if self.teacher is not None:  # the servers' scoring time is the driver's
+                timings["time/teacher_s"] = time.perf_counter() - t0
         return extra
 
     def _critic_phase(self, rows: _StepRows, spec: AlgorithmSpec) -> dict[str, float]:

@@ -47,6 +47,15 @@ def test_opd_without_a_teacher_names_the_key():
         load_config(TINY, ["algorithm.teacher.hf_path=/somewhere"])
     with pytest.raises(ConfigError, match=r"algorithm\.options\.advantage: 'none'"):
         load_config(TINY, ["algorithm.options.advantage=none"])
+    both = [
+        "algorithm.preset=opd",
+        "algorithm.teacher.hf_path=/t",
+        "algorithm.teacher.urls=[http://h:1]",
+    ]
+    with pytest.raises(ConfigError, match=r"algorithm\.teacher\.hf_path and urls: set one"):
+        load_config(TINY, both)
+    cfg = load_config(TINY, ["algorithm.preset=opd", "algorithm.teacher.urls=[http://h:1]"])
+    assert cfg.algorithm.teacher.urls == ["http://h:1"]
 
 
 def test_a_matching_teacher_passes_preflight(tmp_path):
