@@ -34,6 +34,7 @@ from hpt_megatron.rollout.sglang.router import (
     tell_router_restarted,
     use_router,
 )
+from hpt_megatron.rollout.sglang.scoring import score as score_tokens
 from hpt_megatron.rollout.sglang.server import ExternalServer, ServerStartError
 from hpt_megatron.rollout.weight_sync import WeightTransport
 from hpt_megatron.rollout.weight_sync.disk import DiskTransport, check_loaded
@@ -200,6 +201,12 @@ class SGLangEngine:
         if self.weight_version:
             self._loop.run(self._resync_restarted())
         return self._loop.run(self.client.generate(prompts, params, self.weight_version))
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log-probs of each response token after its prompt (``scoring.py``):
+        the servers as a distillation teacher."""
+        self._check_open()
+        return self._loop.run(score_tokens(self.client, prompts, responses))
 
     def record_routing(self, top_k: int) -> None:
         """Return each generation's routed experts (``Generation.routed_experts``, ``top_k`` per
