@@ -30,6 +30,7 @@ from hpt_megatron.rollout.sglang.launch import (
 from hpt_megatron.rollout.sglang.router import (
     launch_router,
     router_workers,
+    routing_counts,
     tell_router_down,
     tell_router_restarted,
     use_router,
@@ -282,7 +283,8 @@ class SGLangEngine:
 
         Through the router the client cannot see which worker answered: each worker's count is
         then its own ``/metrics`` (present when it runs with ``--enable-metrics``, which servers
-        launched behind the router get).
+        launched behind the router get); and, with the ``manual`` policy, how the router kept
+        each prompt's requests on one worker (``router.routing_counts``).
         """
         out: dict[str, float] = {}
         if self.cfg.check_weights:
@@ -294,6 +296,7 @@ class SGLangEngine:
             out["rollout/cached_prompt_tokens"] = float(sum(pool.cached_tokens))
             return out
         out["rollout/requests/router"] = float(self.client.routed_requests)
+        out.update(routing_counts(self.router))
         out["rollout/cached_prompt_tokens"] = float(self.client.routed_cached_tokens)
         for i, server in enumerate(self.servers):
             counters = server_counters(server)
