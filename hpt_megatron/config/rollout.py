@@ -225,9 +225,10 @@ class RolloutConfig:
     top_k: int = -1
     max_new_tokens: int = 1024
     stop: list[str] = field(default_factory=list)  # stop strings, besides EOS
-    # Partial rollouts (disaggregated, CPU engine): weights pushed mid-generation are loaded
-    # between two decode steps and the responses continue with them (each token keeps the
-    # version and log-prob it was sampled with).
+    # Partial rollouts (disaggregated): weights pushed mid-generation are loaded between two
+    # decode steps (CPU engine), or the requests in flight are aborted and sent again as prompt
+    # + partial response after the load (SGLang); the responses continue with the new weights
+    # (each token keeps the version and log-prob it was sampled with).
     partial: bool = False
     cpu: CpuEngineConfig = field(default_factory=CpuEngineConfig)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)

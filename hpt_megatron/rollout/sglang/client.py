@@ -242,9 +242,7 @@ class SGLangClient:
         self, index: int, prompt: list[int], params: SamplingParams, sampling: dict[str, Any]
     ) -> list[dict[str, Any]]:
         n = params.n
-        asks: dict[str, Any] = {"return_logprob": True}
-        if self.routed_top_k is not None:
-            asks["return_routed_experts"] = True
+        asks = self.asks()
         per_sample: dict[str, Any] | list[dict[str, Any]] = sampling
         if self.seeded_sampling and params.seed is not None:
             seed = params.seed
@@ -281,6 +279,28 @@ class SGLangClient:
         if len(items) != n:
             raise RuntimeError(f"/generate returned {len(items)} results for {n} samples")
         return items
+
+    async def abort_all(self) -> None:
+        """Abort the requests in flight on every up server (``POST /abort_request`` with
+        ``abort_all``): each aborted ``/generate`` answers with what it had generated. A server
+        that does not answer is only logged (its requests fail, and are sent again)."""
+        up = [i for i, state in enumerate(self.pool.state) if state == "up"]
+        results = await asyncio.gather(
+            *(self.post(i, "/abort_request", {"abort_all": True}, timeout_s=30.0) for i in up),
+            return_exceptions=True,
+        )
+        for index, result in zip(up, results):
+            if isinstance(result, BaseException):
+                logger.warning(
+                    "abort on sglang server %s failed: %r", self.pool.servers[index].url, result
+                )
+
+    def asks(self) -> dict[str, Any]:
+        """What every ``/generate`` asks for besides the tokens."""
+        asks: dict[str, Any] = {"return_logprob": True}
+        if self.routed_top_k is not None:
+            asks["return_routed_experts"] = True
+        return asks
 
     async def request(
         self,
