@@ -188,11 +188,6 @@ def _check_schedule(cfg: HPTConfig) -> None:
             "rollout.partial: partial rollouts continue generations across weight pushes, which "
             "only disaggregated placement makes (run.placement: disaggregated)"
         )
-    if cfg.rollout.partial and cfg.rollout.engine != "cpu":
-        raise ConfigError(
-            "rollout.partial: only the CPU engine continues a generation with new weights; "
-            "with SGLang it is not built yet (set false)"
-        )
 
 
 def _check_model(cfg: HPTConfig) -> HFModelConfig:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import time
+from array import array
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -26,6 +28,10 @@ from hpt_megatron.rollout.seeds import derive_seed
 from hpt_megatron.rollout.sglang.server import ServerStartError
 
 logger = logging.getLogger(__name__)
+
+# sglang-router's routing key: with ``--policy manual`` the requests of one key go to one worker
+# (the first one to the least-loaded, ``--assignment-mode min_load``).
+ROUTING_KEY_HEADER = "x-smg-routing-key"
 
 OnRestart = Callable[[int], Awaitable[None]]  # called with the server index once it is back
 
@@ -236,9 +242,7 @@ class SGLangClient:
         self, index: int, prompt: list[int], params: SamplingParams, sampling: dict[str, Any]
     ) -> list[dict[str, Any]]:
         n = params.n
-        asks: dict[str, Any] = {"return_logprob": True}
-        if self.routed_top_k is not None:
-            asks["return_routed_experts"] = True
+        asks = self.asks()
         per_sample: dict[str, Any] | list[dict[str, Any]] = sampling
         if self.seeded_sampling and params.seed is not None:
             seed = params.seed
@@ -248,13 +252,14 @@ class SGLangClient:
             ]
         if self.router is not None and isinstance(per_sample, list) and n > 1:
             # sglang-router takes one sampling_params per request: one request per seeded
-            # sample, which its cache-aware policy sends where the prompt's prefix is cached.
+            # sample, all with the prompt's routing key (one worker holds the group).
             singles = await asyncio.gather(
                 *(
                     self.request(
                         "/generate",
                         {"input_ids": prompt, "sampling_params": p, **asks},
                         timeout_s=self.request_timeout_s,
+                        group=prompt,
                     )
                     for p in per_sample
                 )
@@ -267,19 +272,50 @@ class SGLangClient:
             else per_sample[0],
             **asks,
         }
-        out = await self.request("/generate", payload, timeout_s=self.request_timeout_s)
+        out = await self.request(
+            "/generate", payload, timeout_s=self.request_timeout_s, group=prompt
+        )
         items = out if isinstance(out, list) else [out]
         if len(items) != n:
             raise RuntimeError(f"/generate returned {len(items)} results for {n} samples")
         return items
 
+    async def abort_all(self) -> None:
+        """Abort the requests in flight on every up server (``POST /abort_request`` with
+        ``abort_all``): each aborted ``/generate`` answers with what it had generated. A server
+        that does not answer is only logged (its requests fail, and are sent again)."""
+        up = [i for i, state in enumerate(self.pool.state) if state == "up"]
+        results = await asyncio.gather(
+            *(self.post(i, "/abort_request", {"abort_all": True}, timeout_s=30.0) for i in up),
+            return_exceptions=True,
+        )
+        for index, result in zip(up, results):
+            if isinstance(result, BaseException):
+                logger.warning(
+                    "abort on sglang server %s failed: %r", self.pool.servers[index].url, result
+                )
+
+    def asks(self) -> dict[str, Any]:
+        """What every ``/generate`` asks for besides the tokens."""
+        asks: dict[str, Any] = {"return_logprob": True}
+        if self.routed_top_k is not None:
+            asks["return_routed_experts"] = True
+        return asks
+
     async def request(
-        self, path: str, payload: dict[str, Any], *, timeout_s: float | None = None
+        self,
+        path: str,
+        payload: dict[str, Any],
+        *,
+        timeout_s: float | None = None,
+        group: list[int] | None = None,
     ) -> Any:
         """POST to one server (least loaded, or the router's pick for ``/generate``), retrying
-        after a failure."""
+        after a failure. ``group``: the prompt whose samples the request holds; through the
+        router its key (``routing_key``) sends every request of it to one worker."""
         if self.router is not None and path == "/generate":
-            return await self._request_via_router(path, payload, timeout_s)
+            headers = {ROUTING_KEY_HEADER: routing_key(group)} if group is not None else {}
+            return await self._request_via_router(path, payload, timeout_s, headers)
         last_error: BaseException | None = None
         for attempt in range(self.max_retries + 1):
             index = await self.pool.acquire()
@@ -305,7 +341,7 @@ class SGLangClient:
         raise RuntimeError(f"{path} failed after {self.max_retries + 1} attempts: {last_error!r}")
 
     async def _request_via_router(
-        self, path: str, payload: dict[str, Any], timeout_s: float | None
+        self, path: str, payload: dict[str, Any], timeout_s: float | None, headers: dict[str, str]
     ) -> Any:
         """POST through the router; after a failure, restart dead workers (in the background)
         and re-send once a worker is up again."""
@@ -314,7 +350,9 @@ class SGLangClient:
         for attempt in range(self.max_retries + 1):
             await self.pool.wait_any_up()
             try:
-                out = await self.post_to(self.router, path, payload, timeout_s=timeout_s)
+                out = await self.post_to(
+                    self.router, path, payload, timeout_s=timeout_s, headers=headers
+                )
                 self.routed_requests += 1
                 self.routed_cached_tokens += cached_tokens(out)
                 return out
@@ -361,12 +399,15 @@ class SGLangClient:
         payload: dict[str, Any],
         *,
         timeout_s: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
-        """POST ``payload`` to ``server``; raise ``aiohttp.ClientResponseError`` on 5xx and
-        ``RuntimeError`` (with the server's message) on other non-200 answers."""
+        """POST ``payload`` to ``server`` (with ``headers`` besides its auth); raise
+        ``aiohttp.ClientResponseError`` on 5xx and ``RuntimeError`` (with the server's message)
+        on other non-200 answers."""
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s)
+        sent = {**server.auth_headers(), **(headers or {})}
         async with self.session().post(
-            server.url + path, json=payload, headers=server.auth_headers(), timeout=timeout
+            server.url + path, json=payload, headers=sent, timeout=timeout
         ) as response:
             body = await response.read()
             if response.status >= 500:
@@ -389,6 +430,13 @@ class SGLangClient:
                 for i in range(len(self.pool.servers))
             )
         )
+
+
+def routing_key(prompt: list[int]) -> str:
+    """The sglang-router routing key of a prompt's requests (``ROUTING_KEY_HEADER``): a hash
+    of its token ids, so that its samples, its continuations (partial rollouts) and the same
+    prompt in a later step go to the worker that holds its prefix."""
+    return hashlib.blake2b(array("q", prompt).tobytes(), digest_size=8).hexdigest()
 
 
 def sampling_payload(params: SamplingParams) -> dict[str, Any]:
