@@ -18,7 +18,8 @@ import torch
 
 from hpt_megatron.rollout.base import Generation, SamplingParams
 from hpt_megatron.rollout.seeds import derive_seed
-from hpt_megatron.rollout.sglang.client import SGLangClient, parse_generation, sampling_payload
+from hpt_megatron.rollout.sglang.client import SGLangClient
+from hpt_megatron.rollout.sglang.protocol import parse_generation, sampling_payload
 
 
 @dataclass

@@ -4,7 +4,7 @@ The router (the ``sglang-router`` package, a Rust load balancer that SGLang ship
 the SGLang venv by ``tools/sglang_env.sh``) is started by the driver as a child process, the same
 way as a server (own process group, parent-death watchdog), with the workers' URLs. With the
 default ``manual`` policy every request of a prompt carries the prompt's routing key
-(``client.routing_key``), so a prompt's samples go to one worker and meet their cached prefix
+(``protocol.routing_key``), so a prompt's samples go to one worker and meet their cached prefix
 there, and a new prompt goes to the least-loaded worker; the cache-aware policy sends each request
 to the worker whose radix tree holds the longest prefix of it instead. ``/generate``
 goes through it; weight loads and cache flushes go to every worker directly. When a worker is

@@ -19,7 +19,7 @@ import torch
 from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.base import SamplingParams
 from hpt_megatron.rollout.sglang import ServerStartError, SGLangEngine, launch_servers
-from hpt_megatron.rollout.sglang.client import parse_generation
+from hpt_megatron.rollout.sglang.protocol import parse_generation
 
 FAKE = Path(__file__).parent / "fake_sglang"
 

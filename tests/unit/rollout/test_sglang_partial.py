@@ -10,8 +10,8 @@ import pytest
 from hpt_megatron.rollout.base import Generation, SamplingParams
 from hpt_megatron.rollout.sglang import SGLangEngine
 from hpt_megatron.rollout.sglang import engine as engine_module
-from hpt_megatron.rollout.sglang.client import parse_generation
 from hpt_megatron.rollout.sglang.partial import PartialSample, start_samples
+from hpt_megatron.rollout.sglang.protocol import parse_generation
 
 PROMPT = [1, 5, 6]
 

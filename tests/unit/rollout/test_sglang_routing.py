@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 from hpt_megatron.config.rollout import SGLangConfig
-from hpt_megatron.rollout.sglang.client import ROUTING_KEY_HEADER, routing_key
+from hpt_megatron.rollout.sglang.protocol import ROUTING_KEY_HEADER, routing_key
 from hpt_megatron.rollout.sglang.router import router_args, routing_counts
 from hpt_megatron.rollout.sglang.server import ServerLaunch
 
