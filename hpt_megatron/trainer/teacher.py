@@ -37,6 +37,7 @@ from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.trainer.batching import MicroBatch
 from hpt_megatron.trainer.engine import TrainEngine
+from hpt_megatron.trainer.reference import frozen_engine
 from hpt_megatron.trainer.rows import RowKey, gather_rows, owns_rows, response_rows
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,7 @@ class TeacherPolicy:
         policy's; its architecture overrides (RoPE theta, positions) are not applied.
         """
         from hpt_megatron.models.loading import load_hf_weights
-        from hpt_megatron.models.provider import (
-            build_model_chunks,
-            check_parallel_against_model,
-            load_hf_config,
-        )
+        from hpt_megatron.models.provider import check_parallel_against_model, load_hf_config
 
         hf = load_hf_config(path)
         check_parallel_against_model(hf, parallel)
@@ -82,12 +79,9 @@ class TeacherPolicy:
             rope_theta=None,
             max_position_embeddings=None,
         )
-        chunks = build_model_chunks(hf, own, parallel, pp_rank=ctx.pp_rank, init_weights=False)
-        for chunk in chunks:
-            chunk.requires_grad_(False)
-            chunk.eval()
+        engine = frozen_engine(hf, own, parallel, trainer, ctx)
         load_hf_weights(
-            chunks,
+            engine.model_chunks,
             hf,
             path,
             tp_rank=ctx.tp_rank,
@@ -96,7 +90,7 @@ class TeacherPolicy:
             etp_size=ctx.etp,
         )
         log.info("teacher: %s (%s), weights from %s", hf.model_type, hf.source, path)
-        return cls(TrainEngine(chunks, None, None, ctx, trainer, vocab_size=hf.vocab_size), hf)
+        return cls(engine, hf)
 
     def forward_logprobs(self, microbatches: list[MicroBatch]) -> list[torch.Tensor] | None:
         """log pi_T ``[B, S]`` of every micro-batch on last-stage ranks (None elsewhere)."""
