@@ -117,6 +117,7 @@ def test_first_signal_sets_the_flag_and_the_handlers_are_restored():
 
 
 def _twice() -> None:
+    os.environ.pop("SLURM_JOB_ID", None)  # outside Slurm (the suite may itself run in a job)
     Preemption(["SIGUSR1"])
     os.kill(os.getpid(), signal.SIGUSR1)
     time.sleep(0.1)
@@ -170,6 +171,7 @@ def test_non_finite_guard_counts_skips_and_stops_after_n_in_a_row(tmp_path: Path
 
 
 def _ctrl_c_twice() -> None:
+    os.environ.pop("SLURM_JOB_ID", None)  # outside Slurm (the suite may itself run in a job)
     Preemption(FaultConfig().preempt_signals)  # Ctrl-C is a preemption signal by default
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.1)
