@@ -121,8 +121,7 @@ def attach_teacher(
             continue
         for mb, teacher_bs in zip(microbatches, outputs):
             assert mb.old_logprobs_bs is not None  # the update computes pi_old first
-            rl_b = (mb.rl_weight_b != 0) & ~mb.is_demo_b
-            on_bs = mb.loss_mask_bs * rl_b[:, None].to(mb.loss_mask_bs.dtype)
+            on_bs = mb.loss_mask_bs * _rl_rows_b(mb)[:, None].to(mb.loss_mask_bs.dtype)
             teacher_bs = teacher_bs.float() * mb.loss_mask_bs
             part_bs = distill_advantages(
                 logprobs=mb.old_logprobs_bs,
@@ -154,14 +153,19 @@ def _teacher_logprobs(
         if mb.teacher_logprobs_bs is not None:
             out.append(mb.teacher_logprobs_bs.to(mb.old_logprobs_bs.device))
             continue
-        rl_b = (mb.rl_weight_b != 0) & ~mb.is_demo_b
-        if mb.loss_mask_bs[rl_b].any():
+        if mb.loss_mask_bs[_rl_rows_b(mb)].any():
             raise ValueError(
                 "teacher: the distillation part is on, but the samples carry no teacher "
                 "log-probs (algorithm.teacher.urls scores them) and no teacher model was built"
             )
         out.append(torch.zeros_like(mb.old_logprobs_bs))  # no RL token: nothing to score
     return out
+
+
+def _rl_rows_b(mb: MicroBatch) -> torch.Tensor:
+    """``[B]`` bool: the on-policy RL rows of ``mb`` (RL weight, not a demonstration), the rows
+    the distillation part applies to."""
+    return (mb.rl_weight_b != 0) & ~mb.is_demo_b
 
 
 def _kl_metrics(minis: list[list[Sample]], kl_rows: dict[RowKey, torch.Tensor]) -> dict[str, float]:
