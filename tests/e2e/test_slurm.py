@@ -17,15 +17,22 @@ from tests.helpers.procs import free_port
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(1200)]  # two launches
 STEPS, SAVE_EVERY = 6, 4
+GATED = "tests.helpers.gated_reward:held_while_gated"
 
 
-def _submit(c: slurm.Cluster, out: pathlib.Path, log: pathlib.Path) -> str:
+def _submit(c: slurm.Cluster, out: pathlib.Path, log: pathlib.Path, gate: pathlib.Path) -> str:
     """``sbatch --requeue`` the example script from the repository root, as its header says,
-    with the GPU-only lines overridden for a CPU job."""
+    with the GPU-only lines overridden for a CPU job; its reward holds a step while ``gate``
+    exists."""
     overrides = [f"run.output_dir={out}", f"run.steps={STEPS}", *SMALL]
-    overrides.append(f"checkpoint.save_every={SAVE_EVERY}")
+    overrides += [
+        f"checkpoint.save_every={SAVE_EVERY}",
+        f"reward.fn={GATED}",
+        "reward.timeout_s=600",
+    ]
     env = {
         **c.env,
+        "HPT_TEST_GATE": str(gate),
         "GPUS_PER_NODE": "2",  # processes per node
         "MASTER_PORT": str(free_port()),
         "HPT_PYTHON": sys.executable,
@@ -53,11 +60,14 @@ def test_a_preempted_job_checkpoints_is_requeued_and_finishes_every_step_once(tm
     finish their step, checkpoint and exit 0, torchrun exits 1, and the script requeues the job
     (Slurm does not requeue a job that ends inside its grace time: it would end FAILED). The
     requeued run resumes and finishes: every step logged once, the job COMPLETED, exit 0."""
-    out, log = tmp_path / "run", tmp_path / "job.out"
+    out, log, gate = tmp_path / "run", tmp_path / "job.out", tmp_path / "gate"
+    gate.touch()  # step 1 is held until the ranks have the signal: a fast machine would finish
     with slurm.cluster(grace=200) as c:
-        job_id = _submit(c, out, log)
-        c.wait_job(job_id, lambda j: 1 in hpt_train.metrics(out), 300, "step 1 logged")
+        job_id = _submit(c, out, log, gate)
+        c.wait_job(job_id, lambda j: (tmp_path / "held").exists(), 300, "step 1 held")
         c.cmd("sbatch", "--partition=high", f"--output={tmp_path}/high.out", "--wrap", "true")
+        c.wait_job(job_id, lambda j: "SIGTERM received" in log.read_text(), 120, "SIGTERM seen")
+        gate.unlink()
         c.wait_job(job_id, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", 300,
                    "requeued")  # fmt: skip
         # Slurm holds a requeued job for about 2 minutes (its BeginTime); start it now
@@ -69,8 +79,8 @@ def test_a_preempted_job_checkpoints_is_requeued_and_finishes_every_step_once(tm
     # what the batch script got from `bash launch_multinode.sh` when preempted: torchrun's 1
     assert f"job {job_id}: preempted; launcher exit 1; requeueing" in text, text[-5000:]
     assert "hpt: second SIGTERM" not in text
-    stopped = int(text.split("hpt: stopped by SIGTERM after step ")[1].split(";")[0])
-    assert 1 <= stopped < STEPS and stopped % SAVE_EVERY != 0  # saved because it was stopped
+    assert "hpt: stopped by SIGTERM after step 1;" in text, text[-5000:]
+    stopped = 1  # the held step; saved because it was stopped (SAVE_EVERY does not divide it)
     assert f"resumed from {out / 'checkpoints' / f'step_{stopped:06d}'} at step {stopped}" in text
     _check_nothing_lost(out, STEPS)
     newest = list_checkpoints(out / "checkpoints")[-1]
