@@ -13,7 +13,7 @@ from hpt_megatron.data.sample import RolloutBatch
 from tests.e2e.test_train_e2e import _kill_after, _run
 from tests.helpers import hpt_train
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # whole `hpt train` runs
 
 ASYNC = ["run.placement=disaggregated", "parallel.tp=2", "run.val_every=0"]
 SAME = ["reward/mean", "gate/sft_fraction", "loss", "grad_norm", "response/length_mean"]

@@ -13,7 +13,7 @@ import torch
 
 from tests.helpers import hpt_train
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # whole `hpt train` runs
 
 SMALL = [
     "run.val_every=0",

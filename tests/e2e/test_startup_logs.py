@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import hpt_train
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # whole `hpt train` runs
 
 
 def test_one_line_per_phase_and_each_warning_once(tmp_path):

@@ -17,7 +17,7 @@ from tests.helpers.forked import run_cli
 from tests.helpers.procs import kill_tree
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # whole `hpt train` runs
 
 SMALL = [
     "run.val_every=3",
