@@ -83,6 +83,22 @@ def test_checkpoint_loads_and_scores_like_hf(converted, tp, pp):
     _check_logprobs(converted, json.loads(out.strip().splitlines()[-1]))
 
 
+def test_in_trainer_teacher_scores_like_hf_at_tp2(converted):
+    """The distillation teacher built from the HF folders at TP=2 (``algorithm.teacher.hf_path``)
+    gives HF's log-probs to every response token (the SGLang teacher's are tested equal to HF's
+    in tests/sglang, so the two teachers agree)."""
+    folders = [str(converted[name]["hf"]) for name in MODELS]
+    out = launch(WORKERS / "teacher_scores.py", "--tp", "2", "--input", str(converted["input"]),
+                 *folders)  # fmt: skip
+    got = json.loads(out.strip().splitlines()[-1])
+    for name in MODELS:
+        rows = got[str(converted[name]["hf"])]
+        assert [len(r) for r in rows] == [len(s) - 1 for s in SEQS]
+        for ref, mine in zip(converted[name]["ref"], rows):
+            err = (torch.tensor(mine) - ref).abs().max().item()
+            assert err < 1e-4, (name, err)
+
+
 def test_checkpoint_loads_and_scores_like_hf_tp1(converted):
     ckpts = [str(converted[name]["mg"]) for name in MODELS]
     cmd = [sys.executable, str(WORKERS / "score_layouts.py"), "--input", str(converted["input"])]
