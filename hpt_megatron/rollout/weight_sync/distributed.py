@@ -11,7 +11,8 @@ TP rank). No rank gathers another's weights: each broadcasts its own stage's buc
   the driver names the servers (:meth:`DistributedTransport.targets`); the groups are (re)built
   when the set changed (a restarted server joins a fresh group); ``/begin_weight_update``; one
   ``/update_weights_from_distributed`` per bucket while its stage broadcasts it;
-  ``/end_weight_update``; with ``check_weights``, each stage reads its tensors back.
+  ``/end_weight_update``; with ``check_weights``, each bucket is read back from every
+  server right after its broadcast.
 - Server side (:class:`DistributedTransport`, an ``SGLangEngine``'s): the sessions, the groups'
   names, and the restarted servers, held out of generation until the next push resyncs them
   (their weights live only on the trainer ranks, which are busy while the driver generates).

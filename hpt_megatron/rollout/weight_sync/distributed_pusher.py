@@ -46,8 +46,8 @@ class DistributedPusher:
         ctx: this rank's parallel context.
         backend: ``gloo`` (CPU servers) or ``nccl``.
         timeout_s: the bound of every join, broadcast and server call.
-        check: ``rollout.sglang.check_weights``: each stage reads its tensors back from every
-            server after the push and compares them exactly.
+        check: ``rollout.sglang.check_weights``: each bucket is read back from every server
+            right after its broadcast and compared exactly with what was sent.
         bucket_bytes: the export's bucket size.
     """
 
@@ -95,15 +95,14 @@ class DistributedPusher:
             for stage in range(ctx.pp):
                 self._together(partial(self._join, stage, targets, generation))
         self._together(partial(self._on_driver, sink, partial(_session, targets, _BEGIN)))
-        sent = 0
+        done = [0, 0]  # bytes sent, tensors read back from each server (check_weights)
         try:
             for stage in range(ctx.pp):
-                sent += sum(self._together(partial(self._send, stage, version)))
+                outcomes = self._together(partial(self._send, stage, version, targets))
+                done = [done[0] + outcomes[ctx.rank][0], done[1] + sum(c for _, c in outcomes)]
         finally:
             self._together(partial(self._on_driver, sink, partial(_session, targets, _END)))
-        checked = 0
-        if self.check:
-            checked = sum(self._together(partial(self._read_back, targets)))
+        sent, checked = done
         loaded = partial(_loaded, version=version, targets=targets, checked=checked)
         self._together(partial(self._on_driver, sink, loaded))
         return sent
@@ -118,13 +117,15 @@ class DistributedPusher:
         self.group = UpdateGroup(name, targets, self.backend, self.timeout_s)
         self.group.join()
 
-    def _send(self, stage: int, version: int) -> int:
+    def _send(self, stage: int, version: int, targets: list[Target]) -> tuple[int, int]:
         """(the stage's ranks) The stage's buckets, broadcast by its exporting rank; every rank
-        of the stage runs the export (a TP collective) to its end, even after an error."""
+        of the stage runs the export (a TP collective) to its end, even after an error. With
+        ``check``, each bucket is read back from every server before the next is exported
+        (what was sent, against what each holds). Returns (bytes sent, tensors checked)."""
         if self.ctx.pp_rank != stage:
-            return 0
+            return 0, 0
         error: BaseException | None = None
-        sent = 0
+        sent = checked = 0
         buckets = rank_export_buckets(self.modules, self.hf, self.ctx, self.bucket_bytes)
         for bucket in buckets:
             if error is not None or self.group is None:
@@ -132,20 +133,13 @@ class DistributedPusher:
             try:
                 self.group.send(bucket, version)
                 sent += sum(t.numel() * t.element_size() for _, t in bucket)
-            except (SyncError, ValueError) as err:
+                if self.check:
+                    checked += read_back(targets, iter([bucket]), self.timeout_s)
+            except (SyncError, ValueError, RuntimeError) as err:
                 error = err
         if error is not None:
             raise error
-        return sent
-
-    def _read_back(self, targets: list[Target]) -> int:
-        """(every stage at once) The exporting rank's tensors read back from every server."""
-        buckets = rank_export_buckets(self.modules, self.hf, self.ctx, self.bucket_bytes)
-        if not self.exports:
-            for _ in buckets:
-                pass
-            return 0
-        return read_back(targets, buckets, self.timeout_s)
+        return sent, checked
 
     def _on_driver(self, sink: Any, call: Callable[[Any, DistributedTransport], T]) -> T | None:
         """``call(engine, transport)`` on the driver (``None`` elsewhere)."""

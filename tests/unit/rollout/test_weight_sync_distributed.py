@@ -140,3 +140,43 @@ def test_payload_checks_and_trainer_address() -> None:
         validate_bucket([("e", torch.ones(0))])
     local = [Target(0, "http://127.0.0.1:5/", {}), Target(1, "http://localhost:6", {})]
     assert trainer_host(local) == "127.0.0.1"
+
+
+def test_the_pusher_sends_reads_back_and_names_a_bad_tensor_on_every_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``DistributedPusher`` (one rank, one stage) through the engine's transport: the push
+    loads and checks every tensor; a payload no server could take fails before it is sent,
+    naming the tensor, and the session is closed so the next push goes through."""
+    from types import SimpleNamespace
+
+    from hpt_megatron.rollout.weight_sync import distributed_pusher
+    from hpt_megatron.rollout.weight_sync.distributed_pusher import DistributedPusher
+
+    buckets: list[list[tuple[str, torch.Tensor]]] = []
+    monkeypatch.setattr(
+        distributed_pusher, "rank_export_buckets", lambda modules, hf, ctx, size: iter(buckets)
+    )
+    ctx = SimpleNamespace(is_driver=True, world_size=1, rank=0, pp=1, pp_rank=0, tp_rank=0)
+    ctx.dp_rank = ctx.expert_dp_rank = 0
+    pusher = DistributedPusher(
+        [torch.nn.Linear(1, 1)],
+        None,
+        ctx,
+        backend="gloo",
+        timeout_s=20,
+        check=True,  # type: ignore[arg-type]
+    )
+    with _engine(tmp_path, servers=2) as engine:
+        engine.cfg.check_weights = True
+        buckets[:] = [[("w", torch.arange(4.0))], [("b", torch.ones(2))]]
+        assert pusher.push(1, engine) == 24
+        assert engine.weight_version == 1 and engine.checked_tensors == 2
+        buckets[:] = [[("ids", torch.arange(3))]]
+        with pytest.raises(SyncError, match="rank 0: weight sync: ids is torch.int64"):
+            pusher.push(2, engine)
+        buckets[:] = [[("w", torch.full((4,), 7.0))]]
+        pusher.push(3, engine)
+        assert engine.weight_version == 3
+        assert read_back(_targets(engine), iter(buckets), 10.0) == 1
+        pusher.close()
