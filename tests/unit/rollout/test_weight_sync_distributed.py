@@ -42,7 +42,7 @@ def _engine(tmp_path: Path, servers: int = 2) -> SGLangEngine:
         servers_per_node=servers,
         router=False,
         weight_sync="distributed",
-        weight_sync_timeout_s=20,
+        weight_sync_timeout_s=120,  # a fake imports torch at its first join: slow on a busy host
     )
     return SGLangEngine.launch(cfg, model_path=model, run_dir=tmp_path)
 
@@ -55,13 +55,12 @@ def _groups(engine: SGLangEngine, index: int) -> list[str]:
     return engine.admin(lambda client: client.get(index, "/model_info"))["groups"]
 
 
-@pytest.mark.slow  # a fake server killed and restarted (about 35 s)
 def test_pushes_read_back_equal_and_a_restarted_server_rejoins_fresh_groups(tmp_path: Path) -> None:
     first = [("w", torch.arange(6.0).view(2, 3)), ("b", torch.ones(3, dtype=torch.bfloat16))]
     second = [(name, tensor + 1) for name, tensor in first]
     with _engine(tmp_path) as engine:
         engine.update_weights([first], version=1)
-        assert read_back(_targets(engine), iter([first]), 10.0) == 2
+        assert read_back(_targets(engine), iter([first]), 60.0) == 2
         assert [len(_groups(engine, i)) for i in range(2)] == [1, 1]
         assert not (tmp_path / "rollout_weights").exists()  # nothing through the disk
 
@@ -79,7 +78,7 @@ def test_pushes_read_back_equal_and_a_restarted_server_rejoins_fresh_groups(tmp_
 
         engine.update_weights([second], version=2)
         assert engine.pool.held == set()
-        assert read_back(_targets(engine), iter([second]), 10.0) == 2
+        assert read_back(_targets(engine), iter([second]), 60.0) == 2
         # Fresh groups: the survivor left the old one; the restarted server holds only the new.
         assert _groups(engine, 0) == _groups(engine, 1) and len(_groups(engine, 0)) == 1
         pids = [server.proc.pid for server in engine.servers]
@@ -116,7 +115,7 @@ def test_bad_input_names_the_server_or_tensor_and_takes_no_server_down(tmp_path:
         engine.update_weights([[("w", torch.ones(2))]], version=1)  # the session was closed
         target = _targets(engine)[0]
         # A group name the server already holds: it refuses, named, within the timeout.
-        taken = UpdateGroup("taken", [target], "gloo", timeout_s=10.0)
+        taken = UpdateGroup("taken", [target], "gloo", timeout_s=120.0)
         taken.join()
         taken.destroy()  # (this side only: the server keeps it)
         started = time.monotonic()
@@ -129,7 +128,7 @@ def test_bad_input_names_the_server_or_tensor_and_takes_no_server_down(tmp_path:
             UpdateGroup("g", [wrong], "gloo", timeout_s=3.0).join()
         assert engine.health()
         engine.update_weights([[("w", torch.full((2,), 3.0))]], version=2)
-        assert read_back(_targets(engine), iter([[("w", torch.full((2,), 3.0))]]), 10.0) == 1
+        assert read_back(_targets(engine), iter([[("w", torch.full((2,), 3.0))]]), 60.0) == 1
 
 
 def test_payload_checks_and_trainer_address() -> None:
@@ -164,7 +163,7 @@ def test_the_pusher_sends_reads_back_and_names_a_bad_tensor_on_every_rank(
         None,
         ctx,
         backend="gloo",
-        timeout_s=20,
+        timeout_s=120,
         check=True,  # type: ignore[arg-type]
     )
     with _engine(tmp_path, servers=2) as engine:
@@ -178,5 +177,5 @@ def test_the_pusher_sends_reads_back_and_names_a_bad_tensor_on_every_rank(
         buckets[:] = [[("w", torch.full((4,), 7.0))]]
         pusher.push(3, engine)
         assert engine.weight_version == 3
-        assert read_back(_targets(engine), iter(buckets), 10.0) == 1
+        assert read_back(_targets(engine), iter(buckets), 60.0) == 1
         pusher.close()

@@ -80,6 +80,9 @@ RECEIVED = {}  # name -> tensor, from /update_weights_from_distributed
 def _join(body):
     """SGLang's ``init_custom_process_group``: a TCP store client, a PrefixStore named after the
     group, a new process group on it."""
+    name, size = body["group_name"], body["world_size"]
+    if name in GROUPS:
+        return {"success": False, "message": f"The specified group name {name} already exists"}
     from datetime import timedelta
 
     from torch.distributed.distributed_c10d import (
@@ -90,9 +93,6 @@ def _join(body):
         rendezvous,
     )
 
-    name, size = body["group_name"], body["world_size"]
-    if name in GROUPS:
-        return {"success": False, "message": f"The specified group name {name} already exists"}
     url = f"tcp://{body['master_address']}:{body['master_port']}"
     try:
         store, rank, _ = next(
