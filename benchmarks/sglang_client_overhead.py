@@ -26,7 +26,7 @@ import aiohttp
 from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.base import SamplingParams
 from hpt_megatron.rollout.sglang import SGLangEngine
-from hpt_megatron.rollout.sglang.client import sampling_payload
+from hpt_megatron.rollout.sglang.protocol import sampling_payload
 from tests.helpers.tiny_hf import build_tiny_model
 
 

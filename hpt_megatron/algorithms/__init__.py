@@ -18,6 +18,7 @@ from hpt_megatron.algorithms.advantages import (
 )
 from hpt_megatron.algorithms.aggregation import pack_totals, unpack_totals
 from hpt_megatron.algorithms.dapo import dynamic_sampling_keep, overlong_penalty
+from hpt_megatron.algorithms.distill import distill_advantages, reverse_kl_tokens
 from hpt_megatron.algorithms.gate import HPTGate, HPTPlan, hpt_batch_plan, hpt_gate, hpt_route
 from hpt_megatron.algorithms.loss import (
     loss_totals,
@@ -37,6 +38,7 @@ __all__ = [
     "HPTGate",
     "HPTPlan",
     "compute_advantages",
+    "distill_advantages",
     "dynamic_sampling_keep",
     "explained_variance",
     "fold_kl_into_rewards",
@@ -52,6 +54,7 @@ __all__ = [
     "policy_loss",
     "prompt_explained_variance_bound",
     "resolve_spec",
+    "reverse_kl_tokens",
     "row_weights",
     "zero_gradient_rows",
     "unpack_totals",

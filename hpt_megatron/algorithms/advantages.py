@@ -26,7 +26,7 @@ from hpt_megatron.algorithms._checks import (
 )
 
 GROUP_KINDS = ("grpo", "dr_grpo", "rloo", "srft")
-KINDS = ("one", "reinforce", *GROUP_KINDS, "reinforce_pp", "gae")
+KINDS = ("none", "one", "reinforce", *GROUP_KINDS, "reinforce_pp", "gae")
 
 
 def compute_advantages(
@@ -41,12 +41,14 @@ def compute_advantages(
     """Per-token advantages ``[B, T]`` (zero outside the response) of estimator ``kind``.
 
     Args:
-        kind: one of ``one`` (SFT: A = 1), ``reinforce`` (+1 if reward > ``threshold`` else -1),
+        kind: one of ``none`` (A = 0: no outcome part; the distillation part of
+            ``distill.py`` supplies the signal), ``one`` (SFT: A = 1), ``reinforce`` (+1 if
+            reward > ``threshold`` else -1),
             ``grpo`` ((R - mean_g) / (std_g + eps); unbiased std unless ``std_unbiased=False``,
             eps = 1e-6), ``dr_grpo`` (R - mean_g), ``rloo`` (R - mean of the others),
             ``srft`` (grpo over on-policy and demonstration rows together), ``reinforce_pp``
             (token returns whitened over the batch) or ``gae`` (needs ``values``).
-        rewards: ``[B]`` outcome reward per row (unused by ``one``).
+        rewards: ``[B]`` outcome reward per row (unused by ``none`` and ``one``).
         group_ids: ``[B]`` int group (prompt) id per row; needed by group kinds.
         response_mask: ``[B, T]``, 1 on response tokens.
         is_demo: ``[B]`` bool, True for offline demonstrations.
@@ -63,6 +65,9 @@ def compute_advantages(
     if kind == "one":
         _no_options(kind, options, ())
         return mask_bt.float()
+    if kind == "none":
+        _no_options(kind, options, ())
+        return torch.zeros_like(mask_bt, dtype=torch.float32)
     if rewards is None:
         raise ValueError(f"rewards: advantage kind '{kind}' needs rewards")
     rewards_b = check_rewards(rewards, batch)

@@ -111,8 +111,9 @@ def zero_gradient_rows(
     A row's RL term is its weight times its advantage (row-level here) times a finite factor,
     its SFT term its SFT weight times ``sft_coef``; the entropy bonus and the KL penalty reach
     every row, so with either on no row qualifies; nor does any with ``normalization:
-    microbatch`` (its denominators are the micro-batch's own rows) or with advantage ``gae`` (the
-    trainer sets the advantages from the critic's values after this choice). Such rows may be
+    microbatch`` (its denominators are the micro-batch's own rows), with advantage ``gae`` or
+    the distillation part on (the trainer sets per-token advantages from the critic's values or
+    the teacher's log-probs after this choice). Such rows may be
     left out of the forward and backward passes as long as they stay in the loss denominators
     (``loss_totals``).
     """
@@ -122,7 +123,8 @@ def zero_gradient_rows(
     rl_b = as_vector("rl_weight", rl_weight, torch.float64, batch)
     sft_b = as_vector("sft_weight", sft_weight, torch.float64, batch)
     microbatch = spec.normalization == "microbatch"
-    if spec.entropy_coef != 0 or spec.kl_coef != 0 or microbatch or spec.advantage == "gae":
+    per_token_later = spec.advantage == "gae" or spec.distill_coef != 0
+    if spec.entropy_coef != 0 or spec.kl_coef != 0 or microbatch or per_token_later:
         return torch.zeros(batch, dtype=torch.bool)
     no_rl = (adv_b == 0) | (rl_b == 0)
     no_sft = (sft_b == 0) | (spec.sft_coef == 0)

@@ -60,6 +60,35 @@ class ReferenceConfig:
 
 
 @dataclass(kw_only=True)
+class TeacherConfig:
+    """The teacher of the distillation part (built only when ``options.distill_coef > 0``).
+
+    One source: ``hf_path``, a Hugging Face folder (``config.json``, safetensors, and its
+    tokenizer when it has one) of a model of any size in the policy's architecture family,
+    sharing the policy's vocabulary (checked by preflight), which the trainer builds frozen in
+    the policy's TP/PP layout (``trainer/teacher.py``); or ``urls``, SGLang servers the user
+    started with the teacher, which score every rollout's tokens before the update
+    (``rollout/sglang/scoring.py``; they must serve a model of the policy's vocabulary).
+    """
+
+    hf_path: str | None = None
+    urls: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.hf_path is not None and not self.hf_path:
+            raise ValueError("hf_path: must name the teacher's Hugging Face folder, got ''")
+        if self.hf_path and self.urls:
+            raise ValueError("hf_path and urls: set one source of the teacher")
+        for i, url in enumerate(self.urls):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"urls[{i}]: {url!r} is not an http(s) URL")
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self.hf_path or self.urls)
+
+
+@dataclass(kw_only=True)
 class CriticConfig:
     """The value model of advantage ``gae`` (preset ``ppo``; built only then).
 
@@ -104,6 +133,7 @@ class AlgorithmConfig:
     options: AlgorithmOptions = field(default_factory=AlgorithmOptions)  # type: ignore[valid-type]
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     # The run's data.max_response_tokens, bound by ``HPTConfig`` (not a key of the file): the
     # divisor of ``token_sum_norm`` when the spec's ``loss_agg_constant`` is None.
     response_budget: int | None = field(default=None, init=False, repr=False, compare=False)
@@ -144,6 +174,17 @@ class AlgorithmConfig:
             raise ValueError(
                 f"{_first_set(self.reference)}: set, but preset '{self.preset}' has no KL term "
                 "that uses the reference (options.kl_coef is 0)"
+            )
+        if spec.needs_teacher_logprobs and not self.teacher.is_set:
+            raise ValueError(
+                f"teacher.hf_path: algorithm.preset '{self.preset}' distils from a teacher "
+                f"(options.distill_coef={spec.distill_coef}); set algorithm.teacher.hf_path to "
+                "the teacher's Hugging Face folder (or algorithm.teacher.urls to its servers)"
+            )
+        if self.teacher.is_set and not spec.needs_teacher_logprobs:
+            raise ValueError(
+                f"teacher.hf_path: set, but preset '{self.preset}' has no distillation part "
+                "(options.distill_coef is 0)"
             )
         if self.critic != CriticConfig() and spec.advantage != "gae":
             raise ValueError(

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from hpt_megatron.config.base import ConfigError, check_value
 
 AdvantageKind = Literal[
-    "one", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp", "srft", "gae"
+    "none", "one", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp", "srft", "gae"
 ]
 Denominator = Literal["current", "old", "one", "gspo"]
 DemoDenominator = Literal["one", "current"]
@@ -32,6 +32,7 @@ BatchRule = Literal["none", "hpt_gate", "demo_in_group", "dynamic_sampling", "sf
 DemoTerm = Literal["rl", "sft"]
 GateMode = Literal["hard", "linear", "sigmoid"]
 RoutingReplayMode = Literal["none", "rollout"]
+TeacherRoute = Literal["no_demo", "always"]
 
 # verl's spellings of the aggregation modes, accepted as options (``loss_agg_mode``).
 AGGREGATION_ALIASES = {
@@ -98,6 +99,9 @@ class AlgorithmSpec:
     gae_gamma: float = 1.0
     gae_lambda: float = 1.0
     gae_whiten: bool = True
+    # The distillation part (algorithms/distill.py): distill_coef * (log pi_teacher - log pi_old)
+    # per token, added to the outcome advantage of every on-policy RL row; needs a teacher.
+    distill_coef: float = 0.0
     # --- reference-policy denominator pi_ref --------------------------------------------------
     denominator: Denominator = "old"  # for on-policy rows
     demo_denominator: DemoDenominator = "one"  # for demonstration rows in the RL term
@@ -140,6 +144,10 @@ class AlgorithmSpec:
     overlong_max_len: int | None = None  # None: the rollout's max new tokens
     overlong_penalty: float = 1.0
     switch_step: int | None = None  # sft_then_rl: first step trained with RL
+    # hpt_gate with a teacher (distill_coef > 0): which prompts that fail the gate are trained
+    # with the distillation part on their own rollouts instead of SFT on a demonstration
+    # (no_demo: those without one; always: all of them)
+    teacher_route: TeacherRoute = "no_demo"
     # --- mixture of experts ------------------------------------------------------------------
     routing_replay: RoutingReplayMode = "none"  # rollout: train with the engine's chosen experts
 
@@ -161,6 +169,11 @@ class AlgorithmSpec:
     def needs_ref_logprobs(self) -> bool:
         """Whether a reference model must supply ``ref_logprobs``."""
         return self.kl_coef > 0
+
+    @property
+    def needs_teacher_logprobs(self) -> bool:
+        """Whether a teacher must score the rollouts (the distillation part is on)."""
+        return self.distill_coef > 0
 
     @property
     def corrects_rollout(self) -> bool:
@@ -294,10 +307,11 @@ def _validate_corrections(s: AlgorithmSpec) -> None:
 
 
 def _validate_extras(s: AlgorithmSpec) -> None:
-    for key in ("sft_coef", "entropy_coef", "kl_coef", "overlong_penalty"):
+    for key in ("sft_coef", "entropy_coef", "kl_coef", "overlong_penalty", "distill_coef"):
         if getattr(s, key) < 0:
             raise OptionError(key, f"must be >= 0, got {getattr(s, key)}")
-    if s.kl_mode == "reward" and s.kl_coef > 0 and s.advantage in ("one",):
+    _validate_distill(s)
+    if s.kl_mode == "reward" and s.kl_coef > 0 and s.advantage in ("one", "none"):
         raise OptionError("kl_mode", "KL folded into the reward needs a reward-based advantage")
     if s.batch_rule == "sft_then_rl" and (s.switch_step is None or s.switch_step < 0):
         raise OptionError("switch_step", "sft_then_rl needs the (>= 0) step at which RL starts")
@@ -318,3 +332,17 @@ def _validate_extras(s: AlgorithmSpec) -> None:
         and s.overlong_buffer >= s.overlong_max_len
     ):
         raise OptionError("overlong_buffer", "must be smaller than overlong_max_len")
+
+
+def _validate_distill(s: AlgorithmSpec) -> None:
+    """The distillation part (``distill_coef``) against the advantage and the gate's routing."""
+    if s.advantage == "none" and s.distill_coef == 0:
+        raise OptionError(
+            "advantage", "'none' (no outcome part) trains nothing without distill_coef > 0"
+        )
+    if s.distill_coef > 0 and s.advantage == "gae":
+        raise OptionError("distill_coef", "the distillation part is not combined with 'gae'")
+    if s.teacher_route != "no_demo" and s.distill_coef == 0:
+        raise OptionError(
+            "teacher_route", f"'{s.teacher_route}' routes prompts to the teacher: set distill_coef"
+        )

@@ -307,6 +307,28 @@ def hpt() -> AlgorithmSpec:
     )
 
 
+def opd() -> AlgorithmSpec:
+    """On-policy distillation: the student samples, a teacher scores every sampled token, and
+    the per-token advantage is the reverse-KL signal ``log pi_teacher - log pi_theta``
+    (``algorithms/distill.py``; Agarwal et al. 2024, GKD with reverse KL; Lu & Thinking Machines
+    Lab 2025, "On-Policy Distillation").
+
+    Table row (docs/algorithms.md): pi_ref = pi_theta, A = distill_coef * (log pi_T - log pi_old)
+    per token (no outcome part: advantage ``none``), no mask, token mean over the batch. Needs a
+    teacher (``algorithm.teacher``). Deviation from Thinking Machines: the gradient is grad
+    log pi (one update per step, so pi_old = pi_theta) rather than an importance-weighted one
+    against the sampler; rewards are still computed, for the metrics only.
+    """
+    return AlgorithmSpec(
+        name="opd",
+        advantage="none",
+        distill_coef=1.0,
+        denominator="current",
+        mask="none",
+        aggregation="token_mean",
+    )
+
+
 PRESETS: dict[str, Callable[[], AlgorithmSpec]] = {
     fn.__name__: fn
     for fn in (
@@ -325,6 +347,7 @@ PRESETS: dict[str, Callable[[], AlgorithmSpec]] = {
         sft_then_grpo,
         hpt_paper,
         hpt,
+        opd,
     )
 }
 

@@ -92,7 +92,13 @@ class SGLangConfig:
     # sglang-router in front of the servers (started by the driver with the workers' URLs):
     # auto = with two servers or more, when sglang-router is installed; else the client balances.
     router: bool | Literal["auto"] = "auto"
-    router_policy: Literal["cache_aware", "round_robin", "power_of_two", "random"] = "cache_aware"
+    # manual: a prompt's requests (its n samples, their continuations, the same prompt in a later
+    # step) carry one routing key, so they go to one worker, and a new prompt to the least-loaded
+    # one; the others are the router's choice per request (a seeded group's n requests, one
+    # per sample, may then be split between workers).
+    router_policy: Literal["manual", "cache_aware", "round_robin", "power_of_two", "random"] = (
+        "manual"
+    )
     # SGLang's --sleep-on-idle: an idle server's scheduler waits on its sockets instead of
     # polling them in a busy loop. None: on with device cpu, where the servers share the node's
     # cores with the trainer (busy-polling, it made the tiny run's update take 0.8 to 13.5 s on
@@ -229,9 +235,10 @@ class RolloutConfig:
     top_k: int = -1
     max_new_tokens: int = 1024
     stop: list[str] = field(default_factory=list)  # stop strings, besides EOS
-    # Partial rollouts (disaggregated, CPU engine): weights pushed mid-generation are loaded
-    # between two decode steps and the responses continue with them (each token keeps the
-    # version and log-prob it was sampled with).
+    # Partial rollouts (disaggregated): weights pushed mid-generation are loaded between two
+    # decode steps (CPU engine), or the requests in flight are aborted and sent again as prompt
+    # + partial response after the load (SGLang); the responses continue with the new weights
+    # (each token keeps the version and log-prob it was sampled with).
     partial: bool = False
     cpu: CpuEngineConfig = field(default_factory=CpuEngineConfig)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)

@@ -15,6 +15,10 @@ from typing import Any
 
 import torch
 
+# ``Sample.metadata["route"]`` of a rollout that HPT with a teacher trains with the distillation
+# part instead of SFT (no outcome advantage; ``orchestration/batch_rules.py`` sets it).
+TEACHER_ROUTE = "teacher"
+
 
 @dataclass(kw_only=True)
 class Sample:
@@ -35,6 +39,7 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]
     rollout_logprobs: list[float] | None = None
+    teacher_logprobs: list[float] | None = None  # a teacher's servers' scores of the response
     reward: float | None = None
     advantage: float = 0.0
     is_demo: bool = False
@@ -54,6 +59,13 @@ class Sample:
         ):
             raise ValueError(
                 f"sample {self.prompt_id}: {len(self.rollout_logprobs)} rollout log-probs for "
+                f"{len(self.response_ids)} response tokens"
+            )
+        if self.teacher_logprobs is not None and len(self.teacher_logprobs) != len(
+            self.response_ids
+        ):
+            raise ValueError(
+                f"sample {self.prompt_id}: {len(self.teacher_logprobs)} teacher log-probs for "
                 f"{len(self.response_ids)} response tokens"
             )
         experts = self.routed_experts

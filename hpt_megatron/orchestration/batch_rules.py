@@ -22,7 +22,7 @@ from hpt_megatron.algorithms import (
 )
 from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 from hpt_megatron.data.records import PromptRecord
-from hpt_megatron.data.sample import Sample
+from hpt_megatron.data.sample import TEACHER_ROUTE, Sample
 
 
 @dataclass
@@ -111,24 +111,49 @@ def _hpt(spec: AlgorithmSpec, prompts: list[PromptRecord], rollouts: list[Sample
         success_threshold=spec.success_threshold,
     )
     plan = hpt_batch_plan(gate, groups)
+    to_teacher = {g for g in plan.demo_groups if _routes_to_teacher(spec, prompts[g])}
     samples = []
     for sample, keep, weight in zip(rollouts, plan.keep_b.tolist(), plan.rl_weight_b.tolist()):
-        if keep:
+        if sample.group_id in to_teacher:
+            sample.rl_weight, sample.sft_weight = 1.0, 0.0
+            sample.metadata["route"] = TEACHER_ROUTE
+            samples.append(sample)
+        elif keep:
             sample.rl_weight, sample.sft_weight = float(weight), 0.0
             samples.append(sample)
+    sft_groups = 0
     for group, beta in zip(plan.demo_groups, plan.demo_sft_weight):
-        samples.append(demo_sample(prompts[group], group, sft_weight=float(beta), rl_weight=0.0))
-    return BatchPlan(samples, gate.metrics())
+        if group not in to_teacher:
+            samples.append(demo_sample(prompts[group], group, sft_weight=float(beta), rl_weight=0))
+            sft_groups += 1
+    metrics = gate.metrics()
+    if spec.needs_teacher_logprobs:
+        num = max(1, len(prompts))
+        metrics["hpt/route_rl_share"] = float(gate.route_rl_g.sum()) / num
+        metrics["hpt/route_sft_share"] = sft_groups / num
+        metrics["hpt/route_teacher_share"] = len(to_teacher) / num
+    return BatchPlan(samples, metrics)
+
+
+def _routes_to_teacher(spec: AlgorithmSpec, prompt: PromptRecord) -> bool:
+    """HPT with a teacher: a prompt that fails the gate is trained with the distillation part on
+    its own rollouts (route ``teacher``) when it has no demonstration, or always
+    (``teacher_route: always``); otherwise with SFT on its demonstration."""
+    if not spec.needs_teacher_logprobs:
+        return False
+    return spec.teacher_route == "always" or prompt.demo_ids is None
 
 
 def attach_advantages(spec: AlgorithmSpec, samples: list[Sample]) -> None:
     """Set each row's outcome advantage (the same for every token of a row) in place.
 
-    Only rows in the RL term get one (group statistics over those rows); SFT-only rows get 0.
+    Only rows in the RL term get one (group statistics over those rows); SFT-only rows and rows
+    routed to the teacher get 0.
     """
     for sample in samples:
         sample.advantage = 0.0
-    rl_rows = [s for s in samples if s.rl_weight != 0]
+    # Rows routed to the teacher get no outcome part (their signal is the distillation part).
+    rl_rows = [s for s in samples if s.rl_weight != 0 and s.metadata.get("route") != TEACHER_ROUTE]
     if not rl_rows or spec.advantage == "gae":  # GAE: the trainer, from the critic's values
         return
     dense: dict[int, int] = {}

@@ -37,6 +37,7 @@ from hpt_megatron.rollout.plan import RolloutPlan
 from hpt_megatron.rollout.seeds import derive_seed
 
 if TYPE_CHECKING:
+    from hpt_megatron.rollout.sglang.engine import SGLangEngine
     from hpt_megatron.rollout.sglang.nodes import NodeServerGroup
 
 MAX_REFILL_ROUNDS = 4  # DAPO dynamic sampling: extra prompt batches drawn to refill a step
@@ -56,8 +57,10 @@ class Driver:
         val_set: PromptDataset | None,
         engine: RolloutEngine,
         pool: RewardPool,
+        teacher: SGLangEngine | None = None,
     ) -> None:
         self.cfg = cfg
+        self.teacher = teacher  # algorithm.teacher.urls: the servers that score the rollouts
         self.tokenizer = tokenizer
         self.sampler = sampler
         self.val_set = val_set
@@ -101,11 +104,26 @@ class Driver:
             cfg.run.placement,
             time.perf_counter() - t0,
         )
-        return cls(cfg, tokenizer, sampler, val_set, engine, pool)
+        teacher = None
+        if cfg.algorithm.teacher.urls:
+            from hpt_megatron.config.rollout import SGLangConfig
+            from hpt_megatron.rollout.sglang.engine import SGLangEngine
+
+            try:
+                teacher = SGLangEngine.connect(
+                    SGLangConfig(urls=list(cfg.algorithm.teacher.urls)), run_dir=run_dir / "teacher"
+                )
+            except BaseException:
+                pool.close()
+                engine.shutdown()
+                raise
+        return cls(cfg, tokenizer, sampler, val_set, engine, pool, teacher)
 
     def close(self) -> None:
         self.pool.close()
         self.engine.shutdown()
+        if self.teacher is not None:
+            self.teacher.shutdown()
 
     # ------------------------------------------------------------------------------ rollouts
     def sampling_params(self, step: int) -> SamplingParams:
@@ -166,6 +184,10 @@ class Driver:
                 break
             prompts = self.sampler.next_batch()  # DAPO: refill with fresh prompts
         attach_advantages(spec, kept)
+        if self.teacher is not None:
+            t0 = time.perf_counter()
+            score_with_teacher(self.teacher, kept)
+            timings["time/teacher_s"] = time.perf_counter() - t0
         metrics.update(_rollout_metrics(rollouts))
         metrics.update(self.damage_metrics())
         histograms = {"reward/per_prompt_success": _success_rates(rollouts)}
@@ -242,6 +264,14 @@ class Driver:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
+
+
+def score_with_teacher(teacher: SGLangEngine, samples: list[Sample]) -> None:
+    """The teacher servers' log-probs of every on-policy RL row's response, in place."""
+    rows = [s for s in samples if s.rl_weight != 0 and not s.is_demo and s.response_ids]
+    scores = teacher.score([s.prompt_ids for s in rows], [s.response_ids for s in rows])
+    for sample, logprobs in zip(rows, scores):
+        sample.teacher_logprobs = logprobs
 
 
 def grade_samples(pool: RewardPool, samples: list[Sample], cfg: RewardConfig) -> None:

@@ -4,7 +4,10 @@ Preemption. The first of ``fault.preempt_signals`` (SIGTERM, what Slurm and Kube
 before a kill; SIGUSR1 with ``sbatch --signal``; SIGINT, Ctrl-C) only sets a flag; at the end of
 every step the ranks agree on it (a MAX all-reduce of the flag, so a signal that reached one rank
 stops all of them after the same step), write a checkpoint, stop the rollout engine and exit 0.
-A second signal exits at once with 128 + the signal number.
+A second signal exits at once with 128 + the signal number. In a Slurm job (``SLURM_JOB_ID``
+set) Slurm sends its SIGTERM to every process of the job step, torchrun and each rank, and
+torchrun forwards it to the ranks again: there a repeat of the first signal within
+``SLURM_REPEAT_S`` seconds is the same request, not a second one.
 
 Under torchrun the ranks run in sessions of their own: Ctrl-C and a scheduler's SIGTERM reach
 the launcher, which forwards the signal to each rank's process group and waits for them (30 s,
@@ -24,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +38,21 @@ from hpt_megatron.parallel.runtime import ParallelContext
 
 log = logging.getLogger(__name__)
 
+SLURM_REPEAT_S = 10.0  # in a Slurm job, the same signal again within this is the same request
+
 
 class Preemption:
-    """Installs the handlers of ``signals`` (main thread only); :meth:`agreed` is collective."""
+    """Installs the handlers of ``signals`` (main thread only); :meth:`agreed` is collective.
 
-    def __init__(self, signals: list[str]) -> None:
+    ``repeat_window``: seconds after the first signal in which the same signal again is taken
+    as the same request (default: ``SLURM_REPEAT_S`` in a Slurm job, else 0)."""
+
+    def __init__(self, signals: list[str], repeat_window: float | None = None) -> None:
         self.requested: str | None = None
+        if repeat_window is None:
+            repeat_window = SLURM_REPEAT_S if "SLURM_JOB_ID" in os.environ else 0.0
+        self.repeat_window = repeat_window
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is not threading.main_thread():
             return  # handlers can only be installed from the main thread
@@ -49,11 +62,19 @@ class Preemption:
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
+        if name == self.requested and time.monotonic() - self._first_at < self.repeat_window:
+            print(
+                f"hpt: {name} again within {self.repeat_window:g} s: the same request (Slurm "
+                "signals every process of the job step and torchrun forwards it)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
         if self.requested is not None:
             print(f"hpt: second {name}: exiting now without a checkpoint", file=sys.stderr)
             sys.stderr.flush()
             os._exit(128 + signum)
-        self.requested = name
+        self.requested, self._first_at = name, time.monotonic()
         print(
             f"hpt: {name} received: finishing the current step, then checkpointing and exiting "
             "(send it again to exit at once)",

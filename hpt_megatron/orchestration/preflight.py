@@ -2,7 +2,8 @@
 
 The loader (``load_config``) already checked every key's type and each section's values; here the
 config meets the machine it is for: the world size against the parallel layout, the model config
-against the layout and the SGLang servers, the files it names, the directories it writes, the
+against the layout and the SGLang servers, the distillation teacher against the layout and the
+policy's vocabulary (``teacher_checks.py``), the files it names, the directories it writes, the
 reward functions, the devices and the SGLang install. Every problem is found (not only the first)
 and named by its dotted key; ``preflight`` raises them together as one ``ConfigError``.
 
@@ -34,6 +35,7 @@ from hpt_megatron.models.provider import (
     load_hf_config,
 )
 from hpt_megatron.orchestration.layout_checks import layout_problems
+from hpt_megatron.orchestration.teacher_checks import teacher_problems
 from hpt_megatron.parallel.runtime import check_world_size
 from hpt_megatron.rewards.registry import resolve_reward
 from hpt_megatron.rollout.plan import data_parallel_refusal
@@ -123,6 +125,7 @@ def find_problems(cfg: HPTConfig, world_size: int, target: Target) -> Findings:
     found.attempt(_check_schedule, cfg)
     found.hf = found.attempt(_check_model, cfg)  # type: ignore[assignment]
     found.problems += _path_problems(cfg)
+    found.problems += teacher_problems(cfg, found.hf)
     found.problems += _device_problems(cfg, target)
     found.problems += _logging_problems(cfg, target)
     found.attempt(_check_data, cfg)
@@ -198,11 +201,6 @@ def _check_schedule(cfg: HPTConfig) -> None:
                 "rollout.sglang.weight_sync: distributed: with expert parallelism several "
                 "ranks of a stage export; use auto or disk"
             )
-    if cfg.rollout.partial and cfg.rollout.engine != "cpu":
-        raise ConfigError(
-            "rollout.partial: only the CPU engine continues a generation with new weights; "
-            "with SGLang it is not built yet (set false)"
-        )
 
 
 def _check_model(cfg: HPTConfig) -> HFModelConfig:

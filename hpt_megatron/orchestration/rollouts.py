@@ -16,7 +16,9 @@ validation), so generation stops only for the load itself; the trainer never wai
 generation to finish unless the batch it needs is not ready. With ``rollout.partial`` the CPU
 engine also loads a push between two decode steps, so a response can continue with newer weights
 (each token keeps the version and log-prob it was sampled with; the KV cache of the earlier tokens
-is kept as the older weights made it, as in AReaL). ``k = 0`` gives the synchronous
+is kept as the older weights made it, as in AReaL); SGLang's engine aborts the requests in flight
+at a push, loads it, and sends each aborted one again as prompt + partial response
+(``rollout/sglang/partial.py``). ``k = 0`` gives the synchronous
 schedule (each batch waits for the previous step's weights: step for step the colocated run);
 ``k = 1`` is one step off-policy. Batches older than the trainer get decoupled PPO's correction
 by default (``config.algorithm.spec(max_staleness)``).
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +115,13 @@ class AsyncRollouts:
         self._error: BaseException | None = None
         self._stop = False
         self._load_s = 0.0  # seconds loading pushed weights during the current batch
-        if partial:  # the CPU engine calls it between decode steps, in the producer thread
+        # Partial rollouts: the CPU engine calls the hook between decode steps, SGLang's before
+        # each round of requests (in the producer thread); SGLang's engine is also told of each
+        # push (``interrupt``) to abort the requests in flight, which it then continues.
+        self._interrupt: Callable[[], None] | None = None
+        if partial:
             driver.engine.decode_hook = self._load_pending  # type: ignore[attr-defined]
+            self._interrupt = getattr(driver.engine, "interrupt", None)
         self._thread = threading.Thread(
             target=self._produce, args=(start,), name="hpt-rollouts", daemon=True
         )
@@ -161,6 +168,8 @@ class AsyncRollouts:
         with self._cond:
             self._pending = (weights, version)
             self._cond.notify_all()
+        if self._interrupt is not None:
+            self._interrupt()
 
     # -- producer side --------------------------------------------------------------------------
     def _produce(self, start: int) -> None:

@@ -183,6 +183,7 @@ class MicroBatch:
     rollout_logprobs_bs: torch.Tensor | None = None
     old_logprobs_bs: torch.Tensor | None = None
     ref_logprobs_bs: torch.Tensor | None = None  # set by the update when a KL term is on
+    teacher_logprobs_bs: torch.Tensor | None = None  # a teacher's servers' (Sample's) scores
     old_values_bs: torch.Tensor | None = None  # the critic's values before its update (gae)
     returns_bs: torch.Tensor | None = None  # GAE returns, the critic's targets
     packed: PackedRows | None = None
@@ -243,6 +244,8 @@ def collate(
     advantages = torch.zeros(shape, dtype=torch.float32)
     with_rollout = all(s.rollout_logprobs is not None or s.is_demo for s in rows)
     rollout = torch.zeros(shape, dtype=torch.float32) if with_rollout else None
+    with_teacher = any(s.teacher_logprobs is not None for s in rows)
+    teacher = torch.zeros(shape, dtype=torch.float32) if with_teacher else None
     for row, sample in enumerate(rows):
         ids = sample.prompt_ids + sample.response_ids
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -251,6 +254,8 @@ def collate(
         advantages[row, start:end] = sample.advantage
         if rollout is not None and sample.rollout_logprobs is not None:
             rollout[row, start:end] = torch.tensor(sample.rollout_logprobs, dtype=torch.float32)
+        if teacher is not None and sample.teacher_logprobs is not None:
+            teacher[row, start:end] = torch.tensor(sample.teacher_logprobs, dtype=torch.float32)
     targets = torch.roll(input_ids, shifts=-1, dims=1)
     targets[:, -1] = pad_id
     positions = torch.arange(seq_len).unsqueeze(0).expand(len(rows), -1).contiguous()
@@ -265,6 +270,7 @@ def collate(
         rl_weight_b=torch.tensor([s.rl_weight for s in rows], dtype=torch.float32),
         sft_weight_b=torch.tensor([s.sft_weight for s in rows], dtype=torch.float32),
         rollout_logprobs_bs=rollout,
+        teacher_logprobs_bs=teacher,
         routed_experts_bsmk=routed_experts_tensor(rows, seq_len) if routed_experts else None,
     )
 

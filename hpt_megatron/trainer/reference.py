@@ -44,6 +44,25 @@ from hpt_megatron.trainer.rows import (
 log = logging.getLogger(__name__)
 
 
+def frozen_engine(
+    hf: HFModelConfig,
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    trainer: TrainerConfig,
+    ctx: ParallelContext,
+) -> TrainEngine:
+    """This rank's chunks of ``hf`` in the layout, without gradients, in eval mode, behind a
+    ``TrainEngine`` without optimizer (its forward path only): the reference's and the
+    teacher's model (weights loaded by the caller)."""
+    from hpt_megatron.models.provider import build_model_chunks
+
+    chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank, init_weights=False)
+    for chunk in chunks:
+        chunk.requires_grad_(False)
+        chunk.eval()
+    return TrainEngine(chunks, None, None, ctx, trainer, vocab_size=hf.vocab_size)
+
+
 class ReferencePolicy:
     """Frozen model chunks of this rank and their forward; ``offload`` keeps them in host memory
     between forwards (GPU)."""
@@ -62,14 +81,7 @@ class ReferencePolicy:
         ctx: ParallelContext,
         offload: bool = False,
     ) -> ReferencePolicy:
-        from hpt_megatron.models.provider import build_model_chunks
-
-        chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank, init_weights=False)
-        for chunk in chunks:
-            chunk.requires_grad_(False)
-            chunk.eval()
-        engine = TrainEngine(chunks, None, None, ctx, trainer, vocab_size=hf.vocab_size)
-        return cls(engine, offload)
+        return cls(frozen_engine(hf, model, parallel, trainer, ctx), offload)
 
     @property
     def chunks(self) -> list[torch.nn.Module]:

@@ -1,11 +1,13 @@
 """The trainer side of a run on this rank: :class:`Trainer` owns the models (the policy, the
-reference when a KL term is on, the critic for advantage ``gae``), their optimizers and
+reference when a KL term is on, the critic for advantage ``gae``, the frozen teacher when the
+distillation part is on, with its weights at build), their optimizers and
 schedules, the update and the checkpointer. The loop (``orchestration/loop.py``) calls it by name:
 
 - :meth:`Trainer.resume` once: the starting weights of every model (a checkpoint's, or those of a
   fresh run), and the step and data position to start from;
 - per step, :meth:`Trainer.step` (``trainer/update.py``: the policy update, the reference's KL,
-  the critic's phase), then :meth:`Trainer.save` (``trainer/checkpoint.py``);
+  the teacher's distillation part, the critic's phase), then :meth:`Trainer.save`
+  (``trainer/checkpoint.py``);
 - :meth:`Trainer.finish` and :meth:`Trainer.export` at the end.
 
 Every method is collective: every rank calls it with the same arguments.
@@ -35,6 +37,7 @@ from hpt_megatron.trainer.checkpoint import Checkpointer
 from hpt_megatron.trainer.critic import Critic, build_critic, init_critic_weights
 from hpt_megatron.trainer.engine import PhaseMarker, TrainEngine
 from hpt_megatron.trainer.reference import ReferencePolicy
+from hpt_megatron.trainer.teacher import TeacherPolicy
 from hpt_megatron.trainer.update import PolicyUpdate, UpdateLayout
 
 log = logging.getLogger(__name__)
@@ -119,8 +122,12 @@ class Trainer:
                 total_steps=cfg.run.steps,
             )
             critic = Critic(engine, critic_cfg)
+        teacher = None
+        path = cfg.algorithm.teacher.hf_path
+        if spec.needs_teacher_logprobs and path:  # else its servers score the samples
+            teacher = TeacherPolicy.build(path, cfg.model, cfg.parallel, cfg.trainer, ctx)
         layout = _layout(cfg, ctx, tokenizer, routing_replay)
-        update = PolicyUpdate(policy, layout, reference, critic)
+        update = PolicyUpdate(policy, layout, reference, critic, teacher)
         checkpointer = _checkpointer(cfg, ctx, hf, tokenizer, critic)
         if ctx.is_driver:
             _log_models(cfg, hf, reference is not None, critic is not None, t0)

@@ -16,8 +16,9 @@ rank) and the spec in force, :meth:`PolicyUpdate.update`
    (the rows before step 2; a mini-batch left without rows keeps one zero-weight row so that
    every rank still takes part in the step);
 4. recomputes the old log-probs once, before the first update, when the spec needs pi_old and
-   there is more than one update per step, or when a KL term is on; then scores the rows with
-   the reference (``trainer/reference.py``);
+   there is more than one update per step, or when a KL term or a teacher is on; then scores
+   the rows with the reference (``trainer/reference.py``) and the teacher, which adds the
+   distillation part to the advantages (``trainer/teacher.py``);
 5. with advantage ``gae``, runs the critic's phase (``trainer/critic.py``: values, GAE
    advantages and returns, the critic's updates), and stops there during its warm-up;
 6. runs ``epochs`` passes of one optimizer update per mini-batch through the engine, with
@@ -54,6 +55,7 @@ from hpt_megatron.trainer.critic import Critic, critic_phase
 from hpt_megatron.trainer.engine import MicroBatchLoss, StepResult
 from hpt_megatron.trainer.reference import ReferencePolicy, attach_reference
 from hpt_megatron.trainer.rows import RowKey
+from hpt_megatron.trainer.teacher import TeacherPolicy, attach_teacher
 
 
 class PolicyEngine(Protocol):
@@ -264,11 +266,13 @@ class PolicyUpdate:
         layout: UpdateLayout,
         reference: ReferencePolicy | None = None,
         critic: Critic | None = None,
+        teacher: TeacherPolicy | None = None,
     ) -> None:
         self.engine = engine
         self.layout = layout
         self.reference = reference  # built when a KL term is on
         self.critic = critic  # built for advantage gae
+        self.teacher = teacher  # built when the distillation part is on
         # Mixture-of-experts models: expert-load metrics of the training forwards.
         chunks = getattr(engine, "model_chunks", None)
         self.router_stats = RouterStats.attach(chunks) if chunks else None
@@ -340,24 +344,33 @@ class PolicyUpdate:
     def _score(
         self, rows: _StepRows, spec: AlgorithmSpec, timings: dict[str, float]
     ) -> dict[str, float]:
-        """Step 4: pi_old when the updates need it, then the reference's log-probs and KL."""
+        """Step 4: pi_old when the updates need it, then the reference's log-probs and KL, then
+        the teacher's log-probs and the distillation part of the advantages."""
         updates = len(rows.kept) * self.layout.epochs
         # One update per step: pi_old is pi_theta before the update, which the loss has already.
-        # The KL terms compare pi_old with pi_ref, so a reference needs pi_old in any case.
+        # The KL terms and the distillation part compare pi_old with pi_ref or pi_teacher, so a
+        # reference or a teacher needs pi_old in any case.
         uses_ref = self.reference is not None and spec.needs_ref_logprobs
-        if uses_ref or (spec.needs_old_logprobs and updates > 1):
+        uses_teacher = spec.needs_teacher_logprobs  # a model here, or scores with the samples
+        if uses_ref or uses_teacher or (spec.needs_old_logprobs and updates > 1):
             t0 = time.perf_counter()
             for microbatches in rows.local:
                 self._attach_old_logprobs(microbatches)
             timings["time/logprob_s"] = time.perf_counter() - t0
-        if not uses_ref:
-            return {}
-        assert self.reference is not None
-        t0 = time.perf_counter()
-        extra, rows.kl_rows = attach_reference(
-            self.reference, spec, rows.kept, rows.local, rows.owned
-        )
-        timings["time/ref_s"] = time.perf_counter() - t0
+        extra: dict[str, float] = {}
+        if uses_ref:
+            assert self.reference is not None
+            t0 = time.perf_counter()
+            extra, rows.kl_rows = attach_reference(
+                self.reference, spec, rows.kept, rows.local, rows.owned
+            )
+            timings["time/ref_s"] = time.perf_counter() - t0
+        if uses_teacher:  # after the reference, whose reward-mode KL rewrites the advantages
+            t0 = time.perf_counter()
+            ctx = self.engine.ctx  # type: ignore[attr-defined]
+            extra |= attach_teacher(ctx, self.teacher, spec, rows.kept, rows.local, rows.owned)
+            if self.teacher is not None:  # the servers' scoring time is the driver's
+                timings["time/teacher_s"] = time.perf_counter() - t0
         return extra
 
     def _critic_phase(self, rows: _StepRows, spec: AlgorithmSpec) -> dict[str, float]:

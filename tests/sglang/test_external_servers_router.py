@@ -207,8 +207,8 @@ def test_hpt_train_on_external_servers(launched: SGLangEngine, tmp_path: Path) -
 
 
 def test_router_keeps_a_prompts_samples_on_one_server(launched: SGLangEngine) -> None:
-    """Seeded samples go through the router as one request each: the cache-aware policy sends
-    the n requests of a prompt to one server, and the repeats find the prompt cached."""
+    """Seeded samples go through the router as one request each: the prompt's routing key
+    sends the n requests of a prompt to one server, and the repeats find the prompt cached."""
     assert launched.router is not None
     n = 4
     for rep in range(2):

@@ -66,6 +66,17 @@ def test_logprobs_equal_hf_teacher_forced(engine: SGLangEngine, model_dir: Path)
         torch.testing.assert_close(torch.tensor(gen.logprobs), ref, atol=1e-4, rtol=0)
 
 
+def test_scores_of_given_tokens_equal_hf(engine: SGLangEngine, model_dir: Path) -> None:
+    """The servers as a distillation teacher (``rollout/sglang/scoring.py``): one batched
+    request with no new tokens scores given responses like HF, teacher-forced."""
+    model = _hf(model_dir)
+    responses = [[9, 10, 11], [300, 2, 2, 7, 1], [5], list(range(60, 80))]
+    got = engine.score(PROMPTS, responses)
+    for prompt, response, logprobs in zip(PROMPTS, responses, got):
+        ref = teacher_forced_logprobs(model, prompt, response)
+        torch.testing.assert_close(torch.tensor(logprobs), ref, atol=1e-4, rtol=0)
+
+
 def test_update_weights_from_export_buckets(engine: SGLangEngine, model_dir: Path) -> None:
     new = _hf(model_dir, seed=7)
     state = list(new.state_dict().items())

@@ -10,19 +10,22 @@ request is retried on another server, and a server found dead is restarted in th
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import aiohttp
-import numpy as np
-import torch
 
-from hpt_megatron.data.sample import compact_expert_ids
 from hpt_megatron.rollout.base import Generation, SamplingParams
 from hpt_megatron.rollout.seeds import derive_seed
+from hpt_megatron.rollout.sglang.protocol import (
+    ROUTING_KEY_HEADER,
+    cached_tokens,
+    parse_generation,
+    routing_key,
+    sampling_payload,
+)
 from hpt_megatron.rollout.sglang.server import ServerStartError
 
 logger = logging.getLogger(__name__)
@@ -248,9 +251,7 @@ class SGLangClient:
         self, index: int, prompt: list[int], params: SamplingParams, sampling: dict[str, Any]
     ) -> list[dict[str, Any]]:
         n = params.n
-        asks: dict[str, Any] = {"return_logprob": True}
-        if self.routed_top_k is not None:
-            asks["return_routed_experts"] = True
+        asks = self.asks()
         per_sample: dict[str, Any] | list[dict[str, Any]] = sampling
         if self.seeded_sampling and params.seed is not None:
             seed = params.seed
@@ -260,13 +261,14 @@ class SGLangClient:
             ]
         if self.router is not None and isinstance(per_sample, list) and n > 1:
             # sglang-router takes one sampling_params per request: one request per seeded
-            # sample, which its cache-aware policy sends where the prompt's prefix is cached.
+            # sample, all with the prompt's routing key (one worker holds the group).
             singles = await asyncio.gather(
                 *(
                     self.request(
                         "/generate",
                         {"input_ids": prompt, "sampling_params": p, **asks},
                         timeout_s=self.request_timeout_s,
+                        group=prompt,
                     )
                     for p in per_sample
                 )
@@ -279,19 +281,50 @@ class SGLangClient:
             else per_sample[0],
             **asks,
         }
-        out = await self.request("/generate", payload, timeout_s=self.request_timeout_s)
+        out = await self.request(
+            "/generate", payload, timeout_s=self.request_timeout_s, group=prompt
+        )
         items = out if isinstance(out, list) else [out]
         if len(items) != n:
             raise RuntimeError(f"/generate returned {len(items)} results for {n} samples")
         return items
 
+    async def abort_all(self) -> None:
+        """Abort the requests in flight on every up server (``POST /abort_request`` with
+        ``abort_all``): each aborted ``/generate`` answers with what it had generated. A server
+        that does not answer is only logged (its requests fail, and are sent again)."""
+        up = [i for i, state in enumerate(self.pool.state) if state == "up"]
+        results = await asyncio.gather(
+            *(self.post(i, "/abort_request", {"abort_all": True}, timeout_s=30.0) for i in up),
+            return_exceptions=True,
+        )
+        for index, result in zip(up, results):
+            if isinstance(result, BaseException):
+                logger.warning(
+                    "abort on sglang server %s failed: %r", self.pool.servers[index].url, result
+                )
+
+    def asks(self) -> dict[str, Any]:
+        """What every ``/generate`` asks for besides the tokens."""
+        asks: dict[str, Any] = {"return_logprob": True}
+        if self.routed_top_k is not None:
+            asks["return_routed_experts"] = True
+        return asks
+
     async def request(
-        self, path: str, payload: dict[str, Any], *, timeout_s: float | None = None
+        self,
+        path: str,
+        payload: dict[str, Any],
+        *,
+        timeout_s: float | None = None,
+        group: list[int] | None = None,
     ) -> Any:
         """POST to one server (least loaded, or the router's pick for ``/generate``), retrying
-        after a failure."""
+        after a failure. ``group``: the prompt whose samples the request holds; through the
+        router its key (``routing_key``) sends every request of it to one worker."""
         if self.router is not None and path == "/generate":
-            return await self._request_via_router(path, payload, timeout_s)
+            headers = {ROUTING_KEY_HEADER: routing_key(group)} if group is not None else {}
+            return await self._request_via_router(path, payload, timeout_s, headers)
         last_error: BaseException | None = None
         for attempt in range(self.max_retries + 1):
             index = await self.pool.acquire()
@@ -317,7 +350,7 @@ class SGLangClient:
         raise RuntimeError(f"{path} failed after {self.max_retries + 1} attempts: {last_error!r}")
 
     async def _request_via_router(
-        self, path: str, payload: dict[str, Any], timeout_s: float | None
+        self, path: str, payload: dict[str, Any], timeout_s: float | None, headers: dict[str, str]
     ) -> Any:
         """POST through the router; after a failure, restart dead workers (in the background)
         and re-send once a worker is up again."""
@@ -326,7 +359,9 @@ class SGLangClient:
         for attempt in range(self.max_retries + 1):
             await self.pool.wait_any_up()
             try:
-                out = await self.post_to(self.router, path, payload, timeout_s=timeout_s)
+                out = await self.post_to(
+                    self.router, path, payload, timeout_s=timeout_s, headers=headers
+                )
                 self.routed_requests += 1
                 self.routed_cached_tokens += cached_tokens(out)
                 return out
@@ -373,12 +408,15 @@ class SGLangClient:
         payload: dict[str, Any],
         *,
         timeout_s: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
-        """POST ``payload`` to ``server``; raise ``aiohttp.ClientResponseError`` on 5xx and
-        ``RuntimeError`` (with the server's message) on other non-200 answers."""
+        """POST ``payload`` to ``server`` (with ``headers`` besides its auth); raise
+        ``aiohttp.ClientResponseError`` on 5xx and ``RuntimeError`` (with the server's message)
+        on other non-200 answers."""
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s)
+        sent = {**server.auth_headers(), **(headers or {})}
         async with self.session().post(
-            server.url + path, json=payload, headers=server.auth_headers(), timeout=timeout
+            server.url + path, json=payload, headers=sent, timeout=timeout
         ) as response:
             body = await response.read()
             if response.status >= 500:
@@ -401,85 +439,3 @@ class SGLangClient:
                 for i in range(len(self.pool.servers))
             )
         )
-
-
-def sampling_payload(params: SamplingParams) -> dict[str, Any]:
-    """SGLang ``sampling_params`` for ``params`` (temperature 0 is greedy in SGLang too)."""
-    out: dict[str, Any] = {
-        "max_new_tokens": params.max_new_tokens,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        "top_k": params.top_k,
-        "skip_special_tokens": False,
-    }
-    if params.stop_strings:
-        out["stop"] = list(params.stop_strings)
-    if params.stop_token_ids:
-        out["stop_token_ids"] = list(params.stop_token_ids)
-    return out
-
-
-def cached_tokens(out: Any) -> int:
-    """Prompt tokens a ``/generate`` answer found in the server's prefix cache (``cached_tokens``
-    of each item's ``meta_info``)."""
-    items = out if isinstance(out, list) else [out]
-    return sum(
-        int((item.get("meta_info") or {}).get("cached_tokens") or 0)
-        for item in items
-        if isinstance(item, dict)
-    )
-
-
-def parse_generation(
-    item: dict[str, Any],
-    prompt_index: int,
-    weight_version: int,
-    *,
-    prompt: list[int] | None = None,
-    routed_top_k: int | None = None,
-) -> Generation:
-    """One ``/generate`` result -> ``Generation`` (log-probs from ``output_token_logprobs``;
-    with ``routed_top_k``, the experts from ``routed_experts``, see :func:`routed_experts`)."""
-    meta = item.get("meta_info", {})
-    token_ids = list(item["output_ids"])
-    entries = meta.get("output_token_logprobs")
-    logprobs = [float(e[0]) for e in entries] if entries is not None else None
-    if logprobs is not None and len(logprobs) != len(token_ids):
-        raise RuntimeError(f"{len(logprobs)} log-probs for {len(token_ids)} tokens from SGLang")
-    reason = (meta.get("finish_reason") or {}).get("type", "abort")
-    server_version = str(meta.get("weight_version", ""))
-    experts = None
-    if routed_top_k is not None:
-        assert prompt is not None, "the prompt's length shapes the routed experts"
-        experts = routed_experts(meta, len(prompt) + len(token_ids), routed_top_k)
-    return Generation(
-        prompt_index=prompt_index,
-        token_ids=token_ids,
-        logprobs=logprobs,
-        finish_reason=reason if reason in ("stop", "length") else "abort",
-        weight_version=int(server_version) if server_version.isdigit() else weight_version,
-        routed_experts=experts,
-    )
-
-
-def routed_experts(meta: dict[str, Any], num_tokens: int, top_k: int) -> torch.Tensor:
-    """The experts a server routed each token to, ``[num_tokens - 1, MoE layers, top_k]``.
-
-    SGLang (``--enable-return-routed-experts``, ``return_routed_experts``) sends them as
-    base64 of int32 ``[prompt + output - 1, layers, top_k]``: every prompt token and every
-    output token but the last (never run), the CPU engine's layout (``Sample.routed_experts``).
-    """
-    encoded = meta.get("routed_experts")
-    if not isinstance(encoded, str):
-        raise RuntimeError(
-            "SGLang returned no routed_experts: start the servers with "
-            "--enable-return-routed-experts (rollout.sglang.routed_experts: true)"
-        )
-    ids = np.frombuffer(base64.b64decode(encoded), dtype=np.int32)
-    rows = num_tokens - 1
-    if rows < 1 or ids.size % (rows * top_k):
-        raise RuntimeError(
-            f"SGLang's routed_experts hold {ids.size} ids, not a multiple of {rows} tokens x "
-            f"top-k {top_k}"
-        )
-    return compact_expert_ids(torch.from_numpy(ids.copy()).view(rows, -1, top_k))

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,13 +27,16 @@ from hpt_megatron.rollout.sglang.launch import (
     server_api_key,
     with_router_metrics,
 )
+from hpt_megatron.rollout.sglang.partial import PartialSample, continue_samples, start_samples
 from hpt_megatron.rollout.sglang.router import (
     launch_router,
     router_workers,
+    routing_counts,
     tell_router_down,
     tell_router_restarted,
     use_router,
 )
+from hpt_megatron.rollout.sglang.scoring import score as score_tokens
 from hpt_megatron.rollout.sglang.server import ExternalServer, ServerStartError
 from hpt_megatron.rollout.weight_sync import WeightTransport
 from hpt_megatron.rollout.weight_sync.disk import DiskTransport, check_loaded
@@ -91,6 +94,12 @@ class SGLangEngine:
         self.checked_tensors = 0  # per server, at the last load (rollout.sglang.check_weights)
         self.stale_resyncs = 0  # servers found serving their start weights, and brought back
         self._loop = _LoopThread()
+        # Partial rollouts (rollout.partial): called before each round of requests, it loads
+        # the weights queued by a push; ``interrupt`` aborts the requests in flight at a push.
+        self.decode_hook: Callable[[], None] | None = None
+        self._interrupted = threading.Event()
+        self._abort_lock = threading.Lock()
+        self._aborting: Future[None] | None = None
         self.pool = ServerPool(
             self.servers,
             max_concurrency=cfg.max_concurrency,
@@ -198,9 +207,65 @@ class SGLangEngine:
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {i} is empty: at least one token is needed")
+        if self.decode_hook is not None:
+            return self._generate_partial(prompts, params)
         if self.weight_version:
             self._loop.run(self._resync_restarted())
         return self._loop.run(self.client.generate(prompts, params, self.weight_version))
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log-probs of each response token after its prompt (``scoring.py``):
+        the servers as a distillation teacher."""
+        self._check_open()
+        return self._loop.run(score_tokens(self.client, prompts, responses))
+
+    def interrupt(self) -> None:
+        """A weight push is queued (partial rollouts; called from the trainer's thread): abort
+        the requests in flight, which ``generate`` continues once the push is loaded."""
+        if self._closed:
+            return
+        with self._abort_lock:
+            self._interrupted.set()
+            self._aborting = asyncio.run_coroutine_threadsafe(
+                self.client.abort_all(), self._loop.loop
+            )
+
+    def _generate_partial(
+        self, prompts: list[list[int]], params: SamplingParams
+    ) -> list[Generation]:
+        """``generate`` with partial rollouts: before each round the queued weights are loaded
+        (``decode_hook``); the samples a push aborted (``interrupt``) are sent again as prompt
+        + partial response, until every one has finished."""
+        assert self.decode_hook is not None
+        samples: list[PartialSample] = []
+        todo: list[PartialSample] = []
+        while True:
+            self._settle_abort()
+            self.decode_hook()
+            if self.weight_version:
+                self._loop.run(self._resync_restarted())
+            if not samples:
+                gens = self._loop.run(self.client.generate(prompts, params, self.weight_version))
+                samples = start_samples(prompts, gens, params.n)
+            else:
+                gens = self._loop.run(
+                    continue_samples(self.client, todo, params, self.weight_version)
+                )
+                for sample, gen in zip(todo, gens):
+                    sample.extend(gen)
+            todo = [s for s in samples if s.continues(params.max_new_tokens)]
+            if not todo or not self._interrupted.is_set():
+                break  # (an abort that was not ours ends the sample as aborted)
+        return [s.generation(params.max_new_tokens) for s in samples]
+
+    def _settle_abort(self) -> None:
+        """Wait for the abort sent at the last push to have reached the servers (so that it
+        cannot hit the next round's requests), and clear it."""
+        with self._abort_lock:
+            aborting, self._aborting = self._aborting, None
+            self._interrupted.clear()
+        if aborting is not None:
+            aborting.result()
 
     def record_routing(self, top_k: int) -> None:
         """Return each generation's routed experts (``Generation.routed_experts``, ``top_k`` per
@@ -300,7 +365,8 @@ class SGLangEngine:
 
         Through the router the client cannot see which worker answered: each worker's count is
         then its own ``/metrics`` (present when it runs with ``--enable-metrics``, which servers
-        launched behind the router get).
+        launched behind the router get); and, with the ``manual`` policy, how the router kept
+        each prompt's requests on one worker (``router.routing_counts``).
         """
         out: dict[str, float] = {}
         if self.cfg.check_weights:
@@ -312,6 +378,7 @@ class SGLangEngine:
             out["rollout/cached_prompt_tokens"] = float(sum(pool.cached_tokens))
             return out
         out["rollout/requests/router"] = float(self.client.routed_requests)
+        out.update(routing_counts(self.router))
         out["rollout/cached_prompt_tokens"] = float(self.client.routed_cached_tokens)
         for i, server in enumerate(self.servers):
             counters = server_counters(server)

@@ -2,9 +2,11 @@
 
 The router (the ``sglang-router`` package, a Rust load balancer that SGLang ships; installed in
 the SGLang venv by ``tools/sglang_env.sh``) is started by the driver as a child process, the same
-way as a server (own process group, parent-death watchdog), with the workers' URLs. Its
-cache-aware policy sends a request to the worker whose radix tree holds the longest prefix of
-it, so a prompt's samples and a step's repeated prompts meet their cached prefix. ``/generate``
+way as a server (own process group, parent-death watchdog), with the workers' URLs. With the
+default ``manual`` policy every request of a prompt carries the prompt's routing key
+(``protocol.routing_key``), so a prompt's samples go to one worker and meet their cached prefix
+there, and a new prompt goes to the least-loaded worker; the cache-aware policy sends each request
+to the worker whose radix tree holds the longest prefix of it instead. ``/generate``
 goes through it; weight loads and cache flushes go to every worker directly. When a worker is
 restarted the router is told (``remove_worker`` then ``add_worker``) so that it drops the old
 worker's state and routes to it again.
@@ -77,6 +79,8 @@ def router_args(
     """Arguments of ``python -m sglang_router.launch_router`` for ``worker_urls``."""
     args = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *worker_urls]
     args += ["--policy", cfg.router_policy]
+    if cfg.router_policy == "manual":  # a new routing key goes to the least-loaded worker
+        args += ["--assignment-mode", "min_load"]
     args += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
     args += ["--log-level", "warn"]
     # Long generations: the router must not cut a request the client still waits for.
@@ -196,3 +200,30 @@ def router_workers(
         for w in listed["workers"]
         if w.get("url") and (w.get("is_healthy", True) or not healthy_only)
     ]
+
+
+def routing_counts(router: Endpoint, timeout_s: float = 5.0) -> dict[str, float]:
+    """How the ``manual`` policy routed the keyed requests so far (the router's Prometheus
+    metrics): ``rollout/router/new_prompts``, keys it gave a worker (the least-loaded: prompts
+    seen for the first time), and ``rollout/router/same_worker``, requests it sent to the worker
+    their key already had. Their sum is every keyed request when every prompt's requests stayed
+    on one worker. Empty for a router not started here (its metrics port is unknown), with
+    another policy, or when the router does not answer."""
+    launch = getattr(router, "launch", None)
+    args: list[str] = launch.args if isinstance(launch, ServerLaunch) else []
+    if "--prometheus-port" not in args or args[args.index("--policy") + 1] != "manual":
+        return {}
+    port = args[args.index("--prometheus-port") + 1]
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as r:
+            text = r.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError):
+        return {}
+    names = {"vacant": "rollout/router/new_prompts", "occupied_hit": "rollout/router/same_worker"}
+    out = dict.fromkeys(names.values(), 0.0)
+    for line in text.splitlines():
+        if line.startswith("smg_manual_policy_branch_total{"):
+            branch = line.split('branch="', 1)[1].split('"', 1)[0]
+            if branch in names:
+                out[names[branch]] += float(line.rsplit(" ", 1)[1])
+    return out

@@ -169,6 +169,11 @@ def test_hpt_presets(name):
     torch.testing.assert_close(entropy.grad, -0.001 * x["mask"] / x["mask"].sum())
 
 
+def test_opd_gives_A_grad_log_pi_token_mean():
+    x = make_inputs(12)
+    torch.testing.assert_close(grad_of("opd", x), -x["adv"] * x["mask"] / x["mask"].sum())
+
+
 def test_every_preset_has_a_closed_form_test():
     covered = {
         "sft",
@@ -186,5 +191,6 @@ def test_every_preset_has_a_closed_form_test():
         "sft_then_grpo",
         "hpt",
         "hpt_paper",
+        "opd",
     }
     assert covered == set(PRESETS)

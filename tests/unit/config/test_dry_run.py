@@ -122,15 +122,6 @@ def test_bad_flags(capsys, args, message):
             "algorithm.reference.offload: moving the reference's weights to host memory",
         ),
         (["rollout.partial=true"], "rollout.partial: partial rollouts continue generations"),
-        (
-            [
-                "rollout.partial=true",
-                "run.placement=disaggregated",
-                "rollout.engine=sglang",
-                "rollout.sglang.device=cpu",
-            ],
-            "rollout.partial: only the CPU engine",
-        ),
         (["run.max_staleness=-1"], "run.max_staleness: must be >= 0"),
         (
             ["model.transformer_impl=transformer_engine"],

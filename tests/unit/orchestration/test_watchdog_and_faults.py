@@ -117,6 +117,7 @@ def test_first_signal_sets_the_flag_and_the_handlers_are_restored():
 
 
 def _twice() -> None:
+    os.environ.pop("SLURM_JOB_ID", None)  # outside Slurm (the suite may itself run in a job)
     Preemption(["SIGUSR1"])
     os.kill(os.getpid(), signal.SIGUSR1)
     time.sleep(0.1)
@@ -130,6 +131,26 @@ def test_a_second_signal_exits_at_once():
     proc.start()
     proc.join(10)
     assert proc.exitcode == 128 + signal.SIGUSR1
+
+
+def _slurm_repeat_then_another() -> None:
+    os.environ["SLURM_JOB_ID"] = "12"  # in a Slurm job: a repeat within 10 s is the same request
+    preemption = Preemption(["SIGUSR1", "SIGUSR2"])
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGUSR1)  # torchrun forwarding the SIGUSR1 Slurm sent the rank
+    time.sleep(0.2)
+    assert preemption.requested == "SIGUSR1"
+    os.kill(os.getpid(), signal.SIGUSR2)  # another signal: exits at once
+    time.sleep(5)
+    os._exit(0)
+
+
+def test_in_a_slurm_job_the_same_signal_again_soon_is_the_same_request():
+    proc = multiprocessing.get_context("fork").Process(target=_slurm_repeat_then_another)
+    proc.start()
+    proc.join(10)
+    assert proc.exitcode == 128 + signal.SIGUSR2
 
 
 def test_non_finite_guard_counts_skips_and_stops_after_n_in_a_row(tmp_path: Path):
@@ -150,6 +171,7 @@ def test_non_finite_guard_counts_skips_and_stops_after_n_in_a_row(tmp_path: Path
 
 
 def _ctrl_c_twice() -> None:
+    os.environ.pop("SLURM_JOB_ID", None)  # outside Slurm (the suite may itself run in a job)
     Preemption(FaultConfig().preempt_signals)  # Ctrl-C is a preemption signal by default
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.1)

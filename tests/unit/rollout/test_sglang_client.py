@@ -19,7 +19,7 @@ import torch
 from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.base import SamplingParams
 from hpt_megatron.rollout.sglang import ServerStartError, SGLangEngine, launch_servers
-from hpt_megatron.rollout.sglang.client import parse_generation
+from hpt_megatron.rollout.sglang.protocol import parse_generation
 
 FAKE = Path(__file__).parent / "fake_sglang"
 
@@ -465,3 +465,23 @@ def test_connect_uses_every_given_server_and_stops_none(model_dir: Path, tmp_pat
         assert [_stats(owner, i)["version"] for i in range(2)] == ["2", "2"]
         user.shutdown()
         assert owner.health()  # the user's servers keep running
+
+
+def test_scoring_request_and_answer() -> None:
+    """Teacher scoring: the response's tokens from the prompt's last one, whose entry (None) is
+    dropped; an answer for other tokens is an error naming the sequence."""
+    from hpt_megatron.rollout.sglang.scoring import parse_scores, score_payload
+
+    payload = score_payload([[1, 2], [3]], [[4, 5], [6]])
+    assert payload["input_ids"] == [[1, 2, 4, 5], [3, 6]]
+    assert payload["logprob_start_len"] == [1, 0] and payload["return_logprob"] is True
+    assert payload["sampling_params"]["max_new_tokens"] == 0
+    answer = [
+        {"meta_info": {"input_token_logprobs": [[None, 2, ""], [-0.5, 4, ""], [-1.5, 5, ""]]}},
+        {"meta_info": {"input_token_logprobs": [[None, 3, ""], [-2.0, 6, ""]]}},
+    ]
+    assert parse_scores(answer, [[4, 5], [6]]) == [[-0.5, -1.5], [-2.0]]
+    with pytest.raises(RuntimeError, match="sequence 1: SGLang returned log-probs for tokens"):
+        parse_scores(answer, [[4, 5], [7]])
+    with pytest.raises(ValueError, match="sequence 0: scoring needs a non-empty"):
+        score_payload([[1]], [[]])
