@@ -37,7 +37,7 @@ from hpt_megatron.models.hf_io import copy_side_files, write_config, write_safet
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.rollout.base import WeightBucket
 from hpt_megatron.rollout.weight_sync.base import WeightSink
-from hpt_megatron.rollout.weight_sync.check import check_tensor
+from hpt_megatron.rollout.weight_sync.check import PRECISIONS, check_tensor
 from hpt_megatron.rollout.weight_sync.folder import VersionFolder, dtype_name, write_version
 
 if TYPE_CHECKING:
@@ -246,7 +246,8 @@ _DYING_S = 3.0
 async def check_loaded(client: SGLangClient, path: str | Path, index: int | None = None) -> int:
     """Read every tensor of the folder ``path`` back from each server (or server ``index``) with
     ``/get_weights_by_name`` and raise ``RuntimeError`` naming the server and tensor unless it
-    equals the file's (compared in fp32, exactly). Returns the tensors checked per server.
+    equals the file's rounded to the precision the server runs in, exactly (``check.py``).
+    Returns the tensors checked per server.
 
     A debugging check (``rollout.sglang.check_weights``): every tensor crosses HTTP as JSON.
     """
@@ -260,7 +261,7 @@ async def check_loaded(client: SGLangClient, path: str | Path, index: int | None
     indices = _up(client) if index is None else [index]
     for i in indices:
         url = client.pool.servers[i].url
-        served_as: torch.dtype | None = None  # the server's precision, found on the first tensor
+        served_as = PRECISIONS  # the precisions the server may run in, narrowed per tensor
         for name, tensor in tensors.items():
             rows = tensor.shape[0] if tensor.dim() else 1  # the answer keeps that many rows
             payload = {"name": name, "truncate_size": max(1, rows)}

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from hpt_megatron.rollout.base import WeightBucket
-from hpt_megatron.rollout.weight_sync.check import check_tensor
+from hpt_megatron.rollout.weight_sync.check import PRECISIONS, check_tensor
 
 if TYPE_CHECKING:
     from hpt_megatron.rollout.sglang.client import SGLangClient
@@ -240,10 +240,20 @@ def new_run_token() -> str:
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def read_back(targets: list[Target], buckets: Iterator[WeightBucket], timeout_s: float) -> int:
+def read_back(
+    targets: list[Target],
+    buckets: Iterator[WeightBucket],
+    timeout_s: float,
+    served_as: dict[int, tuple[torch.dtype, ...]] | None = None,
+) -> int:
     """``check_weights``: every tensor of ``buckets`` read back from each target
-    (``/get_weights_by_name``) and compared exactly; returns the tensors checked per server."""
-    served_as: dict[int, torch.dtype | None] = {t.index: None for t in targets}
+    (``/get_weights_by_name``) and compared exactly, rounded to the precision the target runs
+    in (``check.py``); returns the tensors checked per server.
+
+    ``served_as``: per target index, the precisions it may run in, narrowed by each tensor
+    checked (pass the same dict for every bucket of a push; missing targets start from all).
+    """
+    served_as = {} if served_as is None else served_as
     count = 0
     for bucket in buckets:
         for name, tensor in bucket:
@@ -256,7 +266,7 @@ def read_back(targets: list[Target], buckets: Iterator[WeightBucket], timeout_s:
                 except SyncError as err:
                     raise SyncError(f"check_weights: {t.url} cannot return {name}: {err}") from None
                 served_as[t.index] = check_tensor(
-                    t.url, name, tensor, answer, served_as[t.index], "the trainer's"
+                    t.url, name, tensor, answer, served_as.get(t.index, PRECISIONS), "the trainer's"
                 )
     return count
 

@@ -126,6 +126,7 @@ class DistributedPusher:
             return 0, 0
         error: BaseException | None = None
         sent = checked = 0
+        served_as: dict[int, tuple[torch.dtype, ...]] = {}  # each server's, over the buckets
         buckets = rank_export_buckets(self.modules, self.hf, self.ctx, self.bucket_bytes)
         for bucket in buckets:
             if error is not None or self.group is None:
@@ -134,7 +135,7 @@ class DistributedPusher:
                 self.group.send(bucket, version)
                 sent += sum(t.numel() * t.element_size() for _, t in bucket)
                 if self.check:
-                    checked += read_back(targets, iter([bucket]), self.timeout_s)
+                    checked += read_back(targets, iter([bucket]), self.timeout_s, served_as)
             except (SyncError, ValueError, RuntimeError) as err:
                 error = err
         if error is not None:

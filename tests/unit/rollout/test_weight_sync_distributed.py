@@ -181,4 +181,13 @@ def test_the_pusher_sends_reads_back_and_names_a_bad_tensor_on_every_rank(
         pusher.push(3, engine)
         assert engine.weight_version == 3
         assert read_back(_targets(engine), iter(buckets), 60.0) == 1
+        # A stage whose first tensor is a norm of ones (exact in every precision) and whose
+        # fp32 weights the servers (dtype auto: float16) round: checked in float16, equal.
+        norm = ("model.layers.1.input_layernorm.weight", torch.ones(8))
+        proj = ("model.layers.1.self_attn.o_proj.weight", torch.randn(8, 8) * 0.02)
+        buckets[:] = [[norm, proj], [("model.norm.weight", torch.ones(8))]]
+        pusher.push(4, engine)
+        assert engine.checked_tensors == 3
+        with pytest.raises(RuntimeError, match=r"holds model.layers.1.self_attn.o_proj.weight "):
+            read_back(_targets(engine), iter([[norm, (proj[0], proj[1] + 1e-3)]]), 60.0)
         pusher.close()

@@ -12,7 +12,8 @@ Weight sync over a process group (``weight_sync: distributed``) as SGLang 0.5.23
 ``/init_weights_update_group`` joins a gloo group built like SGLang's
 ``init_custom_process_group``, and ``/update_weights_from_distributed`` (only between
 ``/begin_weight_update`` and ``/end_weight_update``) receives the broadcast tensors, which
-``/get_weights_by_name`` then returns.
+``/get_weights_by_name`` then returns, rounded to the precision the server runs in
+(``--dtype``; ``auto`` runs a float32 model in float16, as SGLang does).
 """
 
 import argparse
@@ -31,6 +32,7 @@ parser.add_argument("--model-path", required=True)
 parser.add_argument("--host", default="127.0.0.1")
 parser.add_argument("--port", type=int, required=True)
 parser.add_argument("--api-key", default=None)
+parser.add_argument("--dtype", default="auto")
 args, _ = parser.parse_known_args()
 print(f"server_args={vars(args)}", flush=True)  # as SGLang logs its own, the API key among them
 
@@ -43,6 +45,12 @@ if os.environ.get("FAKE_SGLANG_PIDS"):
     with open(os.environ["FAKE_SGLANG_PIDS"], "a") as fh:
         fh.write(f"{os.getpid()} {worker.pid}\n")
 STATE = {"version": "default", "generate_calls": 0, "model_path": args.model_path}
+with open(os.path.join(args.model_path, "config.json")) as fh:
+    _config = json.load(fh)
+# SGLang's _get_and_verify_dtype: ``auto`` serves a float32 model (or one that names no dtype)
+# in float16, any other in its own dtype.
+_own = _config.get("dtype") or _config.get("torch_dtype") or "float32"
+SERVED = args.dtype if args.dtype != "auto" else ("float16" if _own == "float32" else _own)
 LOCK = threading.Lock()
 DELAY = float(os.environ.get("FAKE_SGLANG_DELAY", "0"))
 
@@ -127,7 +135,7 @@ def _receive(body):
     for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
         tensor = torch.empty(shape, dtype=getattr(torch, dtype))
         dist.broadcast(tensor, group_src=0, group=group)
-        RECEIVED[name] = tensor
+        RECEIVED[name] = tensor.to(getattr(torch, SERVED))  # the server's parameter
     STATE["version"] = body.get("weight_version") or STATE["version"]
     return {"success": True, "message": "ok"}
 
