@@ -23,6 +23,7 @@ joins or broadcasts; every wait is bounded by ``rollout.sglang.weight_sync_timeo
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import itertools
 import json
@@ -37,6 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+import aiohttp
 import torch
 import torch.distributed as dist
 
@@ -335,11 +337,36 @@ class DistributedTransport:
                     logger.debug("destroy_weights_update_group on server %d: %r", i, err)
 
     async def session(self, client: SGLangClient, targets: list[Target], path: str) -> None:
-        """(driver) ``/begin_weight_update`` or ``/end_weight_update`` on every target."""
+        """(driver) ``/begin_weight_update`` or ``/end_weight_update`` on every target;
+        :class:`SyncError` naming each server that refused or did not answer (a dead one).
+
+        Every target is asked even after a failure, and a begin that failed on one closes the
+        sessions it opened on the others: a server refuses a second begin, so a push that is
+        redone must find none open."""
+        failed: list[str] = []
+        opened: list[Target] = []
         for t in targets:
-            answer = await client.post(t.index, path, {}, timeout_s=self.timeout_s)
-            if isinstance(answer, dict) and answer.get("success") is False:
-                raise SyncError(f"{t.url}{path} refused: {answer.get('message')}")
+            why = await self._call(client, t, path)
+            if why is None:
+                opened.append(t)
+            else:
+                failed.append(why)
+        if not failed:
+            return
+        if path == "/begin_weight_update":
+            for t in opened:
+                await self._call(client, t, "/end_weight_update")
+        raise SyncError("weight sync: " + "; ".join(failed))
+
+    async def _call(self, client: SGLangClient, target: Target, path: str) -> str | None:
+        """POST ``path`` to ``target``: ``None``, or why it failed (naming the server)."""
+        try:
+            answer = await client.post(target.index, path, {}, timeout_s=self.timeout_s)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, RuntimeError) as err:
+            return f"{target.url}{path}: no answer ({err!r})"
+        if isinstance(answer, dict) and answer.get("success") is False:
+            return f"{target.url}{path} refused: {answer.get('message')}"
+        return None
 
     def loaded(self, client: SGLangClient) -> list[int]:
         """(driver) The push reached every member: the held ones serve again. Returns the
@@ -352,8 +379,6 @@ class DistributedTransport:
         self, client: SGLangClient, buckets: Iterable[WeightBucket], version: int
     ) -> None:
         """Buckets in this process's hands: the engine is the only exporter (one group)."""
-        import asyncio
-
         targets, generation, rebuild, _ = self.targets(client)
         if rebuild:
             await self.forget_groups(client, generation - 1)

@@ -190,4 +190,20 @@ def test_the_pusher_sends_reads_back_and_names_a_bad_tensor_on_every_rank(
         assert engine.checked_tensors == 3
         with pytest.raises(RuntimeError, match=r"holds model.layers.1.self_attn.o_proj.weight "):
             read_back(_targets(engine), iter([[norm, (proj[0], proj[1] + 1e-3)]]), 60.0)
+        # A server dead before a push that nothing noticed yet: its begin fails, the sessions
+        # opened on the others are closed, and the push is redone over them; it is restarted,
+        # held, and the next push resyncs it.
+        os.killpg(engine.servers[1].proc.pid, signal.SIGKILL)
+        engine.servers[1].proc.wait(timeout=30)
+        buckets[:] = [[("w", torch.full((4,), 5.0))]]
+        pusher.push(5, engine)
+        assert engine.weight_version == 5 and engine.servers[1].restarts == 1
+        deadline = time.monotonic() + 60
+        while engine.pool.held != {1}:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        buckets[:] = [[("w", torch.full((4,), 6.0))]]
+        pusher.push(6, engine)
+        assert engine.pool.held == set()
+        assert read_back(_targets(engine), iter(buckets), 60.0) == 1
         pusher.close()
