@@ -135,7 +135,9 @@ class SGLangConfig:
     # distributed: the bound of each group join, broadcast and weight-update call.
     weight_sync_timeout_s: float = 600.0
     # After every weight load, read each synced tensor back from every server
-    # (/get_weights_by_name) and require it to equal the folder's: a debugging check for small
+    # (/get_weights_by_name) and require it to equal what was sent (the folder's; under
+    # distributed, each bucket right after its broadcast), rounded to the precision the server
+    # runs in (dtype auto serves a float32 model in float16): a debugging check for small
     # models (slime's --check-weight-update-equal); a mismatch stops the run naming the tensor.
     check_weights: bool = False
     log_dir: str | None = None  # None: <run_dir>/sglang_logs
