@@ -125,12 +125,19 @@ class SGLangConfig:
     max_restarts: int = 2  # per server, after a crash
     max_concurrency: int = 64  # in-flight requests per server
     # How new weights reach the servers: "disk" (every pipeline stage writes its own safetensors
-    # shards, the servers load the folder; "auto" picks it). "tensor" (CUDA IPC) and
-    # "distributed" (NCCL) need GPUs and are not wired into hpt train: both are config errors.
+    # shards, the servers load the folder; "auto" picks it). "distributed": each pipeline
+    # stage's exporting rank broadcasts its buckets into an update group with every server
+    # (gloo on CPU servers, NCCL on GPU ones; colocated placement, servers the run launches,
+    # no expert parallelism; a restarted server serves again after the next push).
+    # "tensor" (CUDA IPC) is not wired into hpt train: a config error.
     weight_sync: Literal["auto", "disk", "tensor", "distributed"] = "auto"
     weight_sync_dir: str | None = None  # disk transport; None: <run_dir>/rollout_weights
+    # distributed: the bound of each group join, broadcast and weight-update call.
+    weight_sync_timeout_s: float = 600.0
     # After every weight load, read each synced tensor back from every server
-    # (/get_weights_by_name) and require it to equal the folder's: a debugging check for small
+    # (/get_weights_by_name) and require it to equal what was sent (the folder's; under
+    # distributed, each bucket right after its broadcast), rounded to the precision the server
+    # runs in (dtype auto serves a float32 model in float16): a debugging check for small
     # models (slime's --check-weight-update-equal); a mismatch stops the run naming the tensor.
     check_weights: bool = False
     log_dir: str | None = None  # None: <run_dir>/sglang_logs
@@ -166,22 +173,27 @@ class SGLangConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key}: must be >= 1, got {value}")
-        for key in ("startup_timeout_s", "request_timeout_s"):
+        for key in ("startup_timeout_s", "request_timeout_s", "weight_sync_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
 
     def _validate_weight_sync(self) -> None:
-        """``tensor`` and ``distributed`` are not wired into ``hpt train`` (and need GPUs)."""
-        if self.weight_sync in ("tensor", "distributed"):
-            how = "CUDA IPC" if self.weight_sync == "tensor" else "NCCL"
+        """``tensor`` is not wired into ``hpt train``; ``distributed`` needs servers the run
+        launches (the placement and parallel layout are checked by preflight)."""
+        if self.weight_sync == "tensor":
             if self.device == "cpu":
                 raise ValueError(
-                    f"weight_sync: {self.weight_sync} ({how}) needs GPU servers (device: cuda); "
-                    "on CPU use auto or disk"
+                    "weight_sync: tensor (CUDA IPC) needs GPU servers (device: cuda); on CPU "
+                    "use auto, disk or distributed"
                 )
             raise ValueError(
-                f"weight_sync: {self.weight_sync} ({how}) is not wired into hpt train yet; use "
-                "auto or disk (every pipeline stage writes its own shards)"
+                "weight_sync: tensor (CUDA IPC) is not wired into hpt train yet; use auto, "
+                "disk or distributed"
+            )
+        if self.weight_sync == "distributed" and self.urls:
+            raise ValueError(
+                "weight_sync: distributed: the servers of urls may not reach the trainer ranks "
+                "(they join a process group with them); use auto or disk"
             )
 
     def _validate_urls(self) -> None:

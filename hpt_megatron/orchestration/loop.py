@@ -108,6 +108,8 @@ def train(cfg: HPTConfig) -> dict[str, float]:
         finally:
             preemption.close()
             watchdog.stop()
+            if weights is not None:
+                weights.close()  # its process groups, before the engine stops the servers
     finally:
         if driver is not None:
             driver.close()

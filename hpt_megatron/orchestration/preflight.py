@@ -188,6 +188,19 @@ def _check_schedule(cfg: HPTConfig) -> None:
             "rollout.partial: partial rollouts continue generations across weight pushes, which "
             "only disaggregated placement makes (run.placement: disaggregated)"
         )
+    sync = cfg.rollout.sglang.weight_sync
+    if cfg.rollout.engine == "sglang" and sync == "distributed":
+        if cfg.run.placement != "colocated" and not cfg.run.replay_rollouts:
+            raise ConfigError(
+                "rollout.sglang.weight_sync: distributed broadcasts while the servers wait, "
+                "which only colocated placement gives (run.placement: colocated); "
+                "disaggregated runs use auto or disk"
+            )
+        if cfg.parallel.ep > 1:
+            raise ConfigError(
+                "rollout.sglang.weight_sync: distributed: with expert parallelism several "
+                "ranks of a stage export; use auto or disk"
+            )
 
 
 def _check_model(cfg: HPTConfig) -> HFModelConfig:

@@ -19,7 +19,7 @@ import torch
 from hpt_megatron.config import HPTConfig
 from hpt_megatron.config.rollout import RolloutConfig
 
-Transport = Literal["memory", "disk"]
+Transport = Literal["memory", "disk", "distributed"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,8 +53,10 @@ class RolloutPlan:
         threads: the thread counts of this node's generation and training.
         rollout: the ``rollout`` section as the engine is built from it (``sglang_rollout``).
         transport: how the trainer's weights reach the engine (``None``: a replay syncs none):
-            ``disk`` (SGLang: every exporting rank writes its shards of a version folder) or
-            ``memory`` (the in-process CPU engine: buckets over the CPU group).
+            ``disk`` (SGLang: every exporting rank writes its shards of a version folder),
+            ``distributed`` (SGLang, ``weight_sync: distributed``: every exporting rank
+            broadcasts its buckets into its update group with the servers) or ``memory``
+            (the in-process CPU engine: buckets over the CPU group).
         every_rank_loads: the weights go to every rank (each loads its replica), not only to
             the driver. Every rank sends: each exports the shards it holds.
         sync_dir: the disk transport's folder of versions (``None`` for ``memory``).
@@ -78,6 +80,8 @@ def rollout_plan(cfg: HPTConfig, world_size: int, cores: int | None = None) -> R
     transport: Transport | None = None
     if not replay:
         transport = "disk" if cfg.rollout.engine == "sglang" else "memory"
+        if transport == "disk" and cfg.rollout.sglang.weight_sync == "distributed":
+            transport = "distributed"
     return RolloutPlan(
         engine=None if replay else cfg.rollout.engine,
         colocated=cfg.run.placement == "colocated",

@@ -32,3 +32,26 @@ def require_sglang() -> str:
     if not Path(python).exists():
         pytest.skip(f"SGLang environment not found ({python}): run `bash tools/sglang_env.sh`")
     return python
+
+
+def sglang_servers_under(root_pid: int) -> list[int]:
+    """PIDs of ``sglang.launch_server`` processes descending from ``root_pid`` (from /proc)."""
+    parents, commands = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            if pid == root_pid:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return [p for p, cmd in commands.items() if b"sglang.launch_server" in cmd and descends(p)]

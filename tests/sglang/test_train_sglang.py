@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from tests.helpers import hpt_train
-from tests.helpers.sglang_cpu import require_sglang
+from tests.helpers.sglang_cpu import require_sglang, sglang_servers_under
 from tests.helpers.tiny_hf import assert_same_hf_weights
 
 # A CPU server's start-up alone can take minutes on a busy host (as in the other SGLang modules).
@@ -48,29 +47,6 @@ def test_moe_at_ep2_trains_with_the_experts_sglang_routed(tmp_path):
         assert int(sample.routed_experts.max()) < 8
 
 
-def _sglang_servers_under(root_pid: int) -> list[int]:
-    """PIDs of ``sglang.launch_server`` processes descending from ``root_pid`` (from /proc)."""
-    parents, commands = {}, {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-
-    def descends(pid: int) -> bool:
-        while pid > 1:
-            if pid == root_pid:
-                return True
-            pid = parents.get(pid, 0)
-        return False
-
-    return [p for p, cmd in commands.items() if b"sglang.launch_server" in cmd and descends(p)]
-
-
 @pytest.fixture(scope="module")
 def killed_server_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One TP=2 run (under torchrun) on a real CPU server, whose server is SIGKILLed once step 1
@@ -97,7 +73,7 @@ def killed_server_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
             assert proc.poll() is None, proc.stderr.read()[-5000:] if proc.stderr else ""
             time.sleep(0.2)
-        servers = _sglang_servers_under(proc.pid)
+        servers = sglang_servers_under(proc.pid)
         if len(servers) == 1:
             os.killpg(servers[0], signal.SIGKILL)  # the server and its scheduler processes
         _, err = proc.communicate(timeout=900)

@@ -69,6 +69,9 @@ class ServerPool:
     ) -> None:
         self.servers = servers
         self.state = ["up"] * len(servers)
+        # Up, but serving weights older than the run's: restarted while the weights could not
+        # be brought to them (``weight_sync: distributed``); the next push resyncs them.
+        self.held: set[int] = set()
         self.inflight = [0] * len(servers)
         # Answered ``/generate`` requests and the prompt tokens they found in the prefix cache,
         # per server (requests that went through a router are counted on the router's side).
@@ -90,12 +93,11 @@ class ServerPool:
         """Wait for an up server with spare capacity; return its index (call ``release`` after)."""
         async with self._cond():
             while True:
-                if all(s == "failed" for s in self.state):
-                    raise RuntimeError(self._all_failed_message())
+                self._raise_if_none_can_serve()
                 ready = [
                     i
                     for i, s in enumerate(self.state)
-                    if s == "up" and self.inflight[i] < self.max_concurrency
+                    if s == "up" and i not in self.held and self.inflight[i] < self.max_concurrency
                 ]
                 if ready:
                     index = min(ready, key=lambda i: self.inflight[i])
@@ -106,10 +108,20 @@ class ServerPool:
     async def wait_any_up(self) -> None:
         """Wait until at least one server is up (raise when every one has failed)."""
         async with self._cond():
-            while "up" not in self.state:
-                if all(s == "failed" for s in self.state):
-                    raise RuntimeError(self._all_failed_message())
+            while not any(s == "up" and i not in self.held for i, s in enumerate(self.state)):
+                self._raise_if_none_can_serve()
                 await self._cond().wait()
+
+    def _raise_if_none_can_serve(self) -> None:
+        """Every server failed, or every live one waits for the next weight push."""
+        if all(s == "failed" for s in self.state):
+            raise RuntimeError(self._all_failed_message())
+        if all(s == "failed" or i in self.held for i, s in enumerate(self.state)):
+            held = [self.servers[i].url for i in sorted(self.held)]
+            raise RuntimeError(
+                f"every live SGLang server ({held}) restarted and waits for the next weight "
+                "push (weight_sync: distributed cannot resync between pushes; disk can)"
+            )
 
     async def release(self, index: int) -> None:
         async with self._cond():

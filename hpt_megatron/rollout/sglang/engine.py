@@ -40,6 +40,7 @@ from hpt_megatron.rollout.sglang.scoring import score as score_tokens
 from hpt_megatron.rollout.sglang.server import ExternalServer, ServerStartError
 from hpt_megatron.rollout.weight_sync import WeightTransport
 from hpt_megatron.rollout.weight_sync.disk import DiskTransport, check_loaded
+from hpt_megatron.rollout.weight_sync.distributed import DistributedTransport, Target
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -289,13 +290,30 @@ class SGLangEngine:
         if self.cfg.check_weights:
             self.checked_tensors = self._loop.run(check_loaded(self.client, path))
 
+    def admin(self, call: Callable[[SGLangClient], Coroutine[Any, Any, T]]) -> T:
+        """Run ``call(client)`` on the engine's event loop (a weight pusher's server calls)."""
+        self._check_open()
+        return self._loop.run(call(self.client))
+
+    def weights_loaded(self, version: int, targets: list[Target], checked: int) -> None:
+        """A pusher that reaches the servers itself (``weight_sync: distributed``) loaded
+        ``version`` into ``targets`` (``checked``: tensors read back from each server)."""
+        self.weight_version = version
+        if self.cfg.check_weights:
+            self.checked_tensors = checked
+        assert isinstance(self.transport, DistributedTransport)
+        for index in self.transport.loaded(self.client):
+            logger.info("sglang server %s resynced to version %d", self.servers[index].url, version)
+            if self.router is not None:
+                self._loop.run(self._tell_router_restarted(index))
+
     async def _resync_restarted(self) -> None:
         """A server that restarted unseen (between two steps: its node, or the user, brought it
         back) serves the weights it started from, and says so: its ``weight_version`` is not
         one we loaded. Load the current weights into it before it generates."""
         for i, server in enumerate(self.servers):
-            if self.pool.state[i] != "up":
-                continue
+            if self.pool.state[i] != "up" or i in self.pool.held:
+                continue  # (a held server waits for the next push)
             try:
                 info = await self.client.get(i, "/model_info")
             except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError):
@@ -375,6 +393,10 @@ class SGLangEngine:
             return
         self._closed = True
         try:
+            self._loop.run(self.transport.close(self.client))
+        except Exception as err:  # the servers are stopped below whatever happened here
+            logger.warning("closing the weight transport: %r", err)
+        try:
             self._loop.run(self.client.close())
         finally:
             self._loop.close()
@@ -403,10 +425,14 @@ class SGLangEngine:
                 await check_loaded(self.client, latest, index)
             if getattr(self.transport, "latest", None) == latest:
                 break
-        if self.router is not None:
-            await tell_router_restarted(
-                self.client.session(), self.router, self.servers[index].url, self._api_key
-            )
+        if self.router is not None and index not in self.pool.held:
+            await self._tell_router_restarted(index)
+
+    async def _tell_router_restarted(self, index: int) -> None:
+        assert self.router is not None
+        await tell_router_restarted(
+            self.client.session(), self.router, self.servers[index].url, self._api_key
+        )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -437,5 +463,9 @@ def server_counters(server: Endpoint, timeout_s: float = 5.0) -> tuple[float, fl
 
 
 def _transport(cfg: SGLangConfig, run_dir: str | Path) -> WeightTransport:
-    # weight_sync is auto or disk: the config allows nothing else
+    """The configured transport (``auto`` is decided by the rollout plan, which hands its
+    choice in; here, without one, it is disk)."""
+    if cfg.weight_sync == "distributed":
+        backend = "gloo" if cfg.device == "cpu" else "nccl"
+        return DistributedTransport(backend, cfg.weight_sync_timeout_s, cfg.tp_size)
     return DiskTransport(cfg.sync_dir(run_dir))

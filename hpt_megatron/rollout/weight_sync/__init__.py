@@ -7,6 +7,9 @@ every rank takes part in each push. One module per transport (``RolloutPlan.tran
 - ``disk.py`` (SGLang servers): every exporting rank writes its shards into a versioned folder
   (``folder.py``: ``v<N>.tmp``, renamed when complete); the servers load it
   (``/update_weights_from_disk``).
+- ``distributed.py`` + ``distributed_pusher.py`` (SGLang, ``weight_sync: distributed``): every
+  exporting rank broadcasts its buckets into its own update group with the servers (gloo on
+  CPU, NCCL on GPU), the stages in turn; nothing touches the disk.
 - ``memory.py`` (the in-process CPU engine): buckets over the CPU group, to the driver or, under
   data-parallel generation, to every rank's replica.
 
@@ -26,6 +29,7 @@ from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.rollout.plan import RolloutPlan
 from hpt_megatron.rollout.weight_sync.base import WeightPusher, WeightSink, WeightTransport
 from hpt_megatron.rollout.weight_sync.disk import DiskPusher
+from hpt_megatron.rollout.weight_sync.distributed_pusher import DistributedPusher
 from hpt_megatron.rollout.weight_sync.memory import MemoryPusher
 
 __all__ = ["WeightPusher", "WeightSink", "WeightTransport", "build_weight_pusher"]
@@ -45,6 +49,17 @@ def build_weight_pusher(
         assert plan.sync_dir is not None
         return DiskPusher(
             plan.sync_dir, chunks, hf, ctx, tokenizer=tokenizer, bucket_bytes=bucket_bytes
+        )
+    if plan.transport == "distributed":
+        sglang = plan.rollout.sglang
+        return DistributedPusher(
+            chunks,
+            hf,
+            ctx,
+            backend="gloo" if sglang.device == "cpu" else "nccl",
+            timeout_s=sglang.weight_sync_timeout_s,
+            check=sglang.check_weights,
+            bucket_bytes=bucket_bytes,
         )
     if plan.transport == "memory":
         every_rank = plan.every_rank_loads

@@ -30,6 +30,10 @@ class WeightPusher(Protocol):
         that load nothing). Returns the bytes exported (on the ranks that load)."""
         ...
 
+    def close(self) -> None:
+        """At the end of the run: release what the pusher holds (process groups)."""
+        ...
+
 
 class WeightTransport(Protocol):
     """How an ``SGLangEngine`` loads weights into its servers."""
@@ -44,4 +48,8 @@ class WeightTransport(Protocol):
 
     async def resync(self, client: SGLangClient, index: int) -> None:
         """Bring a restarted server ``index`` back to the current weights, where possible."""
+        ...
+
+    async def close(self, client: SGLangClient) -> None:
+        """At shutdown, before the servers stop: release what the transport holds on them."""
         ...

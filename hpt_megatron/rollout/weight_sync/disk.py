@@ -37,6 +37,7 @@ from hpt_megatron.models.hf_io import copy_side_files, write_config, write_safet
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.rollout.base import WeightBucket
 from hpt_megatron.rollout.weight_sync.base import WeightSink
+from hpt_megatron.rollout.weight_sync.check import PRECISIONS, check_tensor
 from hpt_megatron.rollout.weight_sync.folder import VersionFolder, dtype_name, write_version
 
 if TYPE_CHECKING:
@@ -104,6 +105,9 @@ class DiskPusher:
         assert sink is not None
         sink.update_weights_from_disk(final, version)
         return total
+
+    def close(self) -> None:
+        """Nothing held: the newest version stays on disk for restarted servers."""
 
     def _describe(self, folder: Path) -> None:
         """(driver) config.json and the tokenizer files next to the shards in ``folder``."""
@@ -215,6 +219,9 @@ class DiskTransport:
         if self.latest is not None and self.latest_version is not None:
             await self.load(client, self.latest, self.latest_version, index=index)
 
+    async def close(self, client: SGLangClient) -> None:
+        """Nothing held on the servers (the folders stay, as the run's record)."""
+
     def _forget_older_than(self, version: int) -> None:
         """Delete this transport's folders of versions below ``version`` (``v<N>``, and the
         partial ``v<N>.tmp`` of a crash); newer ones may still be being written."""
@@ -239,11 +246,11 @@ _DYING_S = 3.0
 async def check_loaded(client: SGLangClient, path: str | Path, index: int | None = None) -> int:
     """Read every tensor of the folder ``path`` back from each server (or server ``index``) with
     ``/get_weights_by_name`` and raise ``RuntimeError`` naming the server and tensor unless it
-    equals the file's (compared in fp32, exactly). Returns the tensors checked per server.
+    equals the file's rounded to the precision the server runs in, exactly (``check.py``).
+    Returns the tensors checked per server.
 
     A debugging check (``rollout.sglang.check_weights``): every tensor crosses HTTP as JSON.
     """
-    import torch
     from safetensors.torch import load_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -254,7 +261,7 @@ async def check_loaded(client: SGLangClient, path: str | Path, index: int | None
     indices = _up(client) if index is None else [index]
     for i in indices:
         url = client.pool.servers[i].url
-        served_as: torch.dtype | None = None  # the server's precision, found on the first tensor
+        served_as = PRECISIONS  # the precisions the server may run in, narrowed per tensor
         for name, tensor in tensors.items():
             rows = tensor.shape[0] if tensor.dim() else 1  # the answer keeps that many rows
             payload = {"name": name, "truncate_size": max(1, rows)}
@@ -266,23 +273,5 @@ async def check_loaded(client: SGLangClient, path: str | Path, index: int | None
                 if index is None and await client.pool.report_failure(i, grace_s=_DYING_S):
                     break  # died after its load: checked again after its restart and resync
                 raise RuntimeError(f"check_weights: {url} lost reading {name}: {err!r}") from None
-            if not isinstance(answer, list):
-                raise RuntimeError(f"check_weights: {url} has no tensor {name}: {answer}")
-            served = torch.tensor(answer, dtype=torch.float32).reshape(tensor.shape)
-            # Exactly the file's tensor rounded to the precision the server runs in (the
-            # folder may be fp32 while the server runs bf16), the same for every tensor.
-            choices = (
-                [served_as]
-                if served_as
-                else [tensor.dtype, torch.float32, torch.bfloat16, torch.float16]
-            )
-            match = next((d for d in choices if served.equal(tensor.to(d).float())), None)
-            if match is None:
-                want = tensor.to(choices[0]).float()
-                diff = (served - want).abs().max().item()
-                raise RuntimeError(
-                    f"check_weights: {url} holds {name} unequal to {path} in {choices[0]} "
-                    f"(max |diff| {diff:.3g})"
-                )
-            served_as = match
+            served_as = check_tensor(url, name, tensor, answer, served_as, str(path))
     return len(tensors)

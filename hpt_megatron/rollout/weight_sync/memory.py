@@ -62,3 +62,6 @@ class MemoryPusher:
         assert sink is not None
         sink.update_weights(buckets, version)
         return sum(t.numel() * t.element_size() for bucket in buckets for _, t in bucket)
+
+    def close(self) -> None:
+        """Nothing held: the buckets went with each push."""

@@ -270,12 +270,8 @@ def test_invalid_yaml_is_named(tmp_path):
             r"^rollout.sglang.weight_sync: tensor \(CUDA IPC\) is not wired into hpt train",
         ),
         (
-            "rollout.sglang.weight_sync=distributed",
-            r"^rollout.sglang.weight_sync: distributed \(NCCL\) is not wired",
-        ),
-        (
-            "rollout.sglang.weight_sync=distributed rollout.sglang.device=cpu",
-            r"^rollout.sglang.weight_sync: distributed \(NCCL\) needs GPU servers",
+            "rollout.sglang.weight_sync=distributed rollout.sglang.urls=[http://h:1]",
+            r"^rollout.sglang.weight_sync: distributed: the servers of urls may not reach",
         ),
         (
             "rollout.sglang.weight_sync=tensor rollout.sglang.device=cpu",

@@ -7,6 +7,13 @@ server's and its worker's pids) and ``FAKE_SGLANG_DIE_ON_READ`` (a path: the fir
 asked ``/get_weights_by_name`` creates it and dies there, with its worker, as if killed; the
 connection drops half a second before the process goes, the window a killed process leaves
 between closing its sockets and being reaped, made wide).
+
+Weight sync over a process group (``weight_sync: distributed``) as SGLang 0.5.23 does it on CPU:
+``/init_weights_update_group`` joins a gloo group built like SGLang's
+``init_custom_process_group``, and ``/update_weights_from_distributed`` (only between
+``/begin_weight_update`` and ``/end_weight_update``) receives the broadcast tensors, which
+``/get_weights_by_name`` then returns, rounded to the precision the server runs in
+(``--dtype``; ``auto`` runs a float32 model in float16, as SGLang does).
 """
 
 import argparse
@@ -25,6 +32,7 @@ parser.add_argument("--model-path", required=True)
 parser.add_argument("--host", default="127.0.0.1")
 parser.add_argument("--port", type=int, required=True)
 parser.add_argument("--api-key", default=None)
+parser.add_argument("--dtype", default="auto")
 args, _ = parser.parse_known_args()
 print(f"server_args={vars(args)}", flush=True)  # as SGLang logs its own, the API key among them
 
@@ -37,6 +45,12 @@ if os.environ.get("FAKE_SGLANG_PIDS"):
     with open(os.environ["FAKE_SGLANG_PIDS"], "a") as fh:
         fh.write(f"{os.getpid()} {worker.pid}\n")
 STATE = {"version": "default", "generate_calls": 0, "model_path": args.model_path}
+with open(os.path.join(args.model_path, "config.json")) as fh:
+    _config = json.load(fh)
+# SGLang's _get_and_verify_dtype: ``auto`` serves a float32 model (or one that names no dtype)
+# in float16, any other in its own dtype.
+_own = _config.get("dtype") or _config.get("torch_dtype") or "float32"
+SERVED = args.dtype if args.dtype != "auto" else ("float16" if _own == "float32" else _own)
 LOCK = threading.Lock()
 DELAY = float(os.environ.get("FAKE_SGLANG_DELAY", "0"))
 
@@ -67,9 +81,89 @@ def _die_on_read(connection):
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
+GROUPS = {}  # name -> the process group joined by /init_weights_update_group
+RECEIVED = {}  # name -> tensor, from /update_weights_from_distributed
+
+
+def _join(body):
+    """SGLang's ``init_custom_process_group``: a TCP store client, a PrefixStore named after the
+    group, a new process group on it."""
+    name, size = body["group_name"], body["world_size"]
+    if name in GROUPS:
+        return {"success": False, "message": f"The specified group name {name} already exists"}
+    from datetime import timedelta
+
+    from torch.distributed.distributed_c10d import (
+        Backend,
+        PrefixStore,
+        _new_process_group_helper,
+        _world,
+        rendezvous,
+    )
+
+    url = f"tcp://{body['master_address']}:{body['master_port']}"
+    try:
+        store, rank, _ = next(
+            rendezvous(url, body["rank_offset"], size, timeout=timedelta(seconds=30))
+        )
+        store.set_timeout(timedelta(seconds=30))
+        group, _ = _new_process_group_helper(
+            size,
+            rank,
+            [],
+            Backend(body.get("backend", "nccl")),
+            PrefixStore(name, store),
+            group_name=name,
+            timeout=timedelta(seconds=30),
+        )
+        _world.pg_group_ranks[group] = {i: i for i in range(size)}
+    except Exception as err:
+        return {"success": False, "message": f"Failed to initialize custom process group: {err}."}
+    GROUPS[name] = group
+    return {"success": True, "message": "ok"}
+
+
+def _receive(body):
+    import torch
+    import torch.distributed as dist
+
+    if not STATE.get("session"):
+        return {"success": False, "message": "must run between begin and end_weight_update"}
+    group = GROUPS.get(body["group_name"])
+    if group is None:
+        return {"success": False, "message": f"Group {body['group_name']} not in {list(GROUPS)}"}
+    for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+        dist.broadcast(tensor, group_src=0, group=group)
+        RECEIVED[name] = tensor.to(getattr(torch, SERVED))  # the server's parameter
+    STATE["version"] = body.get("weight_version") or STATE["version"]
+    return {"success": True, "message": "ok"}
+
+
+def _destroy(body):
+    import torch.distributed as dist
+
+    group = GROUPS.pop(body["group_name"], None)
+    if group is None:
+        return {"success": False, "message": "The group to be destroyed does not exist."}
+    dist.destroy_process_group(group)
+    return {"success": True, "message": "ok"}
+
+
+def _session(open_it):
+    if bool(STATE.get("session")) == open_it:
+        return {"success": False, "message": "a weight-update session is already open or closed"}
+    STATE["session"] = open_it
+    return {"success": True, "message": "Success"}
+
+
 def _read_weight(name, rows):
-    """The tensor ``name`` of the folder loaded last, as nested lists of its first ``rows``."""
+    """The tensor ``name`` last received, or of the folder loaded last, as nested lists of its
+    first ``rows``."""
     from safetensors.torch import load_file
+
+    if name in RECEIVED:
+        return 200, RECEIVED[name][:rows].tolist()
 
     for shard in sorted(os.listdir(STATE["model_path"])):
         if shard.endswith(".safetensors"):
@@ -105,7 +199,7 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/stats":
             self._send(200, STATE)
         elif self.path == "/model_info":
-            self._send(200, {"weight_version": STATE["version"]})
+            self._send(200, {"weight_version": STATE["version"], "groups": sorted(GROUPS)})
         else:
             self._send(404, {})
 
@@ -130,6 +224,14 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/get_weights_by_name":
             _die_on_read(self.connection)
             self._send(*_read_weight(body["name"], body.get("truncate_size", 100)))
+        elif self.path == "/init_weights_update_group":
+            self._send(200, _join(body))
+        elif self.path == "/update_weights_from_distributed":
+            self._send(200, _receive(body))
+        elif self.path == "/destroy_weights_update_group":
+            self._send(200, _destroy(body))
+        elif self.path in ("/begin_weight_update", "/end_weight_update"):
+            self._send(200, _session(self.path == "/begin_weight_update"))
         elif self.path in ("/flush_cache", "/release_memory_occupation"):
             self._send(200, {})
         else:
