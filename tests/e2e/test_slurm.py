@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+import time
 
 import pytest
 
@@ -70,11 +71,16 @@ def test_a_preempted_job_checkpoints_is_requeued_and_finishes_every_step_once(tm
         gate.unlink()
         c.wait_job(job_id, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", 300,
                    "requeued")  # fmt: skip
-        # Slurm holds a requeued job for about 2 minutes (its BeginTime); start it now
+        # Slurm holds a requeued job for about 2 minutes (its BeginTime); start it now, but in a
+        # later second than its previous run ended in: slurmd refuses a launch whose credential
+        # is from the second the previous run's was revoked in ("Job credential revoked")
+        time.sleep(1.5)
         c.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now")
         final = c.wait_job(job_id, _over, 400, "finished")
         text = log.read_text()
-        assert (final["JobState"], final["ExitCode"]) == ("COMPLETED", "0:0"), text[-5000:]
+        assert (final["JobState"], final["ExitCode"]) == ("COMPLETED", "0:0"), (
+            f"{final}\n{text[-5000:]}\n{c.logs()}"
+        )
         assert final["Restarts"] == "1"
     # what the batch script got from `bash launch_multinode.sh` when preempted: torchrun's 1
     assert f"job {job_id}: preempted; launcher exit 1; requeueing" in text, text[-5000:]
