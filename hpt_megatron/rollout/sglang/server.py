@@ -119,6 +119,7 @@ class SGLangServer:
         self.launch = launch
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        self._port_hold: socket.socket | None = None
 
     @property
     def url(self) -> str:
@@ -132,6 +133,8 @@ class SGLangServer:
                 "`bash tools/sglang_env.sh` or set rollout.sglang.python"
             )
         _install_exit_hooks()
+        if self._port_hold is None and self.launch.module == SERVER_MODULE:
+            self._port_hold = hold_port(self.launch.host, self.launch.port)
         self.launch.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [self.launch.python, "-c", _LAUNCHER, str(os.getpid()), self.launch.module]
         cmd += self.launch.args
@@ -165,11 +168,12 @@ class SGLangServer:
         """Poll ``/health`` until it answers 200 from this server's own process; on exit or
         timeout stop it and raise.
 
-        Another process can take the port between ``free_port`` and the server's bind (it then
-        exits with uvicorn's startup-failure code 3, after its warmup, which went to the other
-        process, "succeeded"). A port picked here then moves at the first start, at most
-        ``PORT_MOVES`` times; a port the user gave, or a restarted server's (its URL is known),
-        does not.
+        The port is held from the start (``hold_port``), but a process that probes ports with
+        ``SO_REUSEADDR`` (as SGLang does for its internal ports) can still take it before the
+        server binds (the server then exits with uvicorn's startup-failure code 3, after its
+        warmup, which went to the other process, "succeeded"). A port picked here then moves
+        at the first start, at most ``PORT_MOVES`` times; a port the user gave, or a restarted
+        server's (its URL is known), does not.
         """
         timeout_s = self.launch.startup_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
@@ -227,8 +231,12 @@ class SGLangServer:
     def is_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM the server's process group, then SIGKILL what is left after ``grace_s``."""
+    def stop(self, grace_s: float = 10.0, *, keep_port: bool = False) -> None:
+        """SIGTERM the server's process group, then SIGKILL what is left after ``grace_s``;
+        the port's hold goes too unless ``keep_port`` (a restart keeps it)."""
+        if not keep_port and self._port_hold is not None:
+            self._port_hold.close()
+            self._port_hold = None
         proc, self.proc = self.proc, None
         with _LIVE_LOCK:
             _LIVE.discard(self)
@@ -246,7 +254,7 @@ class SGLangServer:
 
     def restart(self, args: list[str] | None = None) -> None:
         """Stop (if needed) and start again, optionally with new launch arguments."""
-        self.stop()
+        self.stop(keep_port=True)
         if args is not None:
             self.launch.args = args
         self.restarts += 1
@@ -324,6 +332,30 @@ class ExternalServer:
 
 
 PORT_MOVES = 3
+SERVER_MODULE = "sglang.launch_server"
+
+
+def hold_port(host: str, port: int) -> socket.socket | None:
+    """Hold ``host:port`` for a server of ours for as long as it runs and while it restarts
+    (``None`` where it cannot be held now, e.g. the old server still listens).
+
+    The hold is a socket bound with ``SO_REUSEADDR`` that never listens. The kernel then gives
+    this port to no other process's ``bind(0)`` or outgoing connection, and refuses a plain bind
+    of it; the server itself can still bind and listen on it, since uvicorn (SGLang's HTTP
+    server) binds with ``SO_REUSEADDR`` too. Without it, a port freed by a dead server stays
+    free for the whole start-up of its replacement (minutes on CPU), and a busy host gives it
+    away meanwhile.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
 PORT_RELEASE_S = 60.0  # how long a restart waits for the old process to free its port
 
 

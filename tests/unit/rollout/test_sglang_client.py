@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.base import SamplingParams
 from hpt_megatron.rollout.sglang import ServerStartError, SGLangEngine, launch_servers
 from hpt_megatron.rollout.sglang.protocol import parse_generation
+from hpt_megatron.rollout.sglang.server import free_port, hold_port, port_listeners
 
 FAKE = Path(__file__).parent / "fake_sglang"
 
@@ -313,7 +315,6 @@ def test_a_taken_port_moves_only_when_it_was_picked_here(
 ) -> None:
     """Another process listens on the port picked for a server (it took it after ``free_port``):
     the server moves to a free one; on a port the user gave (``base_port``) it is an error."""
-    import socket
 
     from hpt_megatron.rollout.sglang import launch as engine_module
 
@@ -339,7 +340,6 @@ def test_a_restart_waits_for_the_killed_server_to_free_its_port(
 ) -> None:
     """A killed server's processes can hold its port a while (slow exits on a loaded machine);
     the restart keeps the URL, so it waits for the port instead of failing with it taken."""
-    import socket
 
     server = launch_servers(_cfg(), model_path=model_dir, log_dir=tmp_path, api_key=None)[0]
     port = server.launch.port
@@ -355,6 +355,51 @@ def test_a_restart_waits_for_the_killed_server_to_free_its_port(
     finally:
         server.stop()
         lingering.close()
+
+
+def test_a_held_port_is_refused_to_others_and_open_to_its_server() -> None:
+    """``hold_port``: while held, a plain bind of the port fails (so does the kernel's choice of
+    a free port, by the same rule); a server binding it with SO_REUSEADDR, as uvicorn does, can
+    bind and listen; once released, anyone can bind it."""
+    hold = hold_port("127.0.0.1", free_port())
+    assert hold is not None
+    port = hold.getsockname()[1]
+    try:
+        with socket.socket() as other, pytest.raises(OSError, match="in use"):
+            other.bind(("127.0.0.1", port))
+        with socket.socket() as own:
+            own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            own.bind(("127.0.0.1", port))
+            own.listen()
+            assert port_listeners(port)
+            assert hold_port("127.0.0.1", port) is None  # a listener: nothing else holds it
+    finally:
+        hold.close()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))
+
+
+def test_a_dead_servers_port_stays_held_until_its_restart_binds_it(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Between a server's death and its replacement's bind (minutes of start-up on CPU), its port
+    stays held: the loaded-suite failure where another process took a restarting server's freed
+    port. The final stop releases it."""
+    server = launch_servers(_cfg(), model_path=model_dir, log_dir=tmp_path, api_key=None)[0]
+    port = server.launch.port
+    assert server.proc is not None
+    os.killpg(server.proc.pid, signal.SIGKILL)  # it crashes
+    server.proc.wait(timeout=10)
+    try:
+        assert not port_listeners(port)
+        hold = server._port_hold
+        assert hold is not None and hold.getsockname()[1] == port
+        server.restart()
+        assert server.launch.port == port and server.health() and server.restarts == 1
+        assert server._port_hold is hold  # held through the restart, not re-taken
+    finally:
+        server.stop()
+    assert server._port_hold is None and hold.fileno() == -1
 
 
 def test_startup_timeout(model_dir: Path, tmp_path: Path) -> None:
