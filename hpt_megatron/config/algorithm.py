@@ -61,7 +61,9 @@ class ReferenceConfig:
 
 @dataclass(kw_only=True)
 class TeacherConfig:
-    """The teacher of the distillation part (built only when ``options.distill_coef > 0``).
+    """The teacher: of the distillation part (``options.distill_coef > 0``), and of HPT's
+    demonstrations that the dataset lacks (``options.teacher_route: generate``, which the driver
+    has it write: on its ``urls``, or with ``hf_path`` in transformers on the driver's CPU).
 
     One source: ``hf_path``, a Hugging Face folder (``config.json``, safetensors, and its
     tokenizer when it has one) of a model of any size in the policy's architecture family,
@@ -175,16 +177,22 @@ class AlgorithmConfig:
                 f"{_first_set(self.reference)}: set, but preset '{self.preset}' has no KL term "
                 "that uses the reference (options.kl_coef is 0)"
             )
-        if spec.needs_teacher_logprobs and not self.teacher.is_set:
-            raise ValueError(
-                f"teacher.hf_path: algorithm.preset '{self.preset}' distils from a teacher "
-                f"(options.distill_coef={spec.distill_coef}); set algorithm.teacher.hf_path to "
-                "the teacher's Hugging Face folder (or algorithm.teacher.urls to its servers)"
+        if spec.needs_teacher and not self.teacher.is_set:
+            why = (
+                f"distils from a teacher (options.distill_coef={spec.distill_coef})"
+                if spec.needs_teacher_logprobs
+                else "has the teacher write demonstrations (options.teacher_route=generate)"
             )
-        if self.teacher.is_set and not spec.needs_teacher_logprobs:
+            raise ValueError(
+                f"teacher.hf_path: algorithm.preset '{self.preset}' {why}; set "
+                "algorithm.teacher.hf_path to the teacher's Hugging Face folder (or "
+                "algorithm.teacher.urls to its servers)"
+            )
+        if self.teacher.is_set and not spec.needs_teacher:
             raise ValueError(
                 f"teacher.hf_path: set, but preset '{self.preset}' has no distillation part "
-                "(options.distill_coef is 0)"
+                "(options.distill_coef is 0) and no demonstrations written by the teacher "
+                "(options.teacher_route is not generate)"
             )
         if self.critic != CriticConfig() and spec.advantage != "gae":
             raise ValueError(

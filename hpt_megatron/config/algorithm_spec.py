@@ -32,7 +32,7 @@ BatchRule = Literal["none", "hpt_gate", "demo_in_group", "dynamic_sampling", "sf
 DemoTerm = Literal["rl", "sft"]
 GateMode = Literal["hard", "linear", "sigmoid"]
 RoutingReplayMode = Literal["none", "rollout"]
-TeacherRoute = Literal["no_demo", "always"]
+TeacherRoute = Literal["no_demo", "always", "generate"]
 
 # verl's spellings of the aggregation modes, accepted as options (``loss_agg_mode``).
 AGGREGATION_ALIASES = {
@@ -144,9 +144,11 @@ class AlgorithmSpec:
     overlong_max_len: int | None = None  # None: the rollout's max new tokens
     overlong_penalty: float = 1.0
     switch_step: int | None = None  # sft_then_rl: first step trained with RL
-    # hpt_gate with a teacher (distill_coef > 0): which prompts that fail the gate are trained
-    # with the distillation part on their own rollouts instead of SFT on a demonstration
-    # (no_demo: those without one; always: all of them)
+    # hpt_gate with a teacher: what a prompt that fails the gate is trained with.
+    # no_demo / always (distill_coef > 0): the distillation part on its own rollouts instead of
+    # SFT on a demonstration (no_demo: prompts without one; always: all of them);
+    # generate: a prompt without a demonstration gets one written by the teacher (greedy, kept
+    # when the reward grades it correct), trained with SFT like the dataset's
     teacher_route: TeacherRoute = "no_demo"
     # --- mixture of experts ------------------------------------------------------------------
     routing_replay: RoutingReplayMode = "none"  # rollout: train with the engine's chosen experts
@@ -174,6 +176,16 @@ class AlgorithmSpec:
     def needs_teacher_logprobs(self) -> bool:
         """Whether a teacher must score the rollouts (the distillation part is on)."""
         return self.distill_coef > 0
+
+    @property
+    def needs_teacher_demos(self) -> bool:
+        """Whether a teacher writes the demonstrations that the dataset lacks (HPT's gate)."""
+        return self.batch_rule == "hpt_gate" and self.teacher_route == "generate"
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the run needs a teacher at all (to score rollouts or to write demos)."""
+        return self.needs_teacher_logprobs or self.needs_teacher_demos
 
     @property
     def corrects_rollout(self) -> bool:
@@ -342,7 +354,13 @@ def _validate_distill(s: AlgorithmSpec) -> None:
         )
     if s.distill_coef > 0 and s.advantage == "gae":
         raise OptionError("distill_coef", "the distillation part is not combined with 'gae'")
-    if s.teacher_route != "no_demo" and s.distill_coef == 0:
+    if s.teacher_route != "no_demo" and s.batch_rule != "hpt_gate":
         raise OptionError(
-            "teacher_route", f"'{s.teacher_route}' routes prompts to the teacher: set distill_coef"
+            "teacher_route",
+            f"'{s.teacher_route}' routes the prompts that fail HPT's gate: the "
+            f"batch rule is '{s.batch_rule}', not 'hpt_gate'",
+        )
+    if s.teacher_route == "always" and s.distill_coef == 0:
+        raise OptionError(
+            "teacher_route", "'always' routes prompts to the distillation part: set distill_coef"
         )

@@ -18,6 +18,9 @@ import torch
 # ``Sample.metadata["route"]`` of a rollout that HPT with a teacher trains with the distillation
 # part instead of SFT (no outcome advantage; ``orchestration/batch_rules.py`` sets it).
 TEACHER_ROUTE = "teacher"
+# ``Sample.metadata["route"]`` of a demonstration the teacher wrote (``teacher_route: generate``)
+# for a prompt that failed the gate without one of its own; trained with SFT like the dataset's.
+TEACHER_DEMO_ROUTE = "teacher_demo"
 
 
 @dataclass(kw_only=True)

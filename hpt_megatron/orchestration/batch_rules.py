@@ -9,6 +9,8 @@ per-row advantages.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +24,11 @@ from hpt_megatron.algorithms import (
 )
 from hpt_megatron.config.algorithm_spec import AlgorithmSpec
 from hpt_megatron.data.records import PromptRecord
-from hpt_megatron.data.sample import TEACHER_ROUTE, Sample
+from hpt_megatron.data.sample import TEACHER_DEMO_ROUTE, TEACHER_ROUTE, Sample
+
+# HPT with ``teacher_route: generate``: the teacher's demonstration of each prompt given, or None
+# where it wrote none worth training on (the driver's ``Driver.write_demos``).
+DemoWriter = Callable[[list[PromptRecord]], list[list[int] | None]]
 
 
 @dataclass
@@ -77,12 +83,17 @@ def shape_overlong(spec: AlgorithmSpec, samples: list[Sample], max_new_tokens: i
 
 
 def apply_batch_rule(
-    spec: AlgorithmSpec, prompts: list[PromptRecord], rollouts: list[Sample]
+    spec: AlgorithmSpec,
+    prompts: list[PromptRecord],
+    rollouts: list[Sample],
+    write_demos: DemoWriter | None = None,
 ) -> BatchPlan:
-    """Select or augment ``rollouts`` (``group_id`` = prompt index) per ``spec.batch_rule``."""
+    """Select or augment ``rollouts`` (``group_id`` = prompt index) per ``spec.batch_rule``;
+    ``write_demos``: the teacher that writes HPT's missing demonstrations (``teacher_route:
+    generate``)."""
     rule = spec.batch_rule
     if rule == "hpt_gate":
-        return _hpt(spec, prompts, rollouts)
+        return _hpt(spec, prompts, rollouts, write_demos)
     if rule == "demo_in_group":
         extra = [
             demo_sample(p, g, sft_weight=0.0, rl_weight=1.0)
@@ -99,7 +110,12 @@ def apply_batch_rule(
     return BatchPlan(list(rollouts))
 
 
-def _hpt(spec: AlgorithmSpec, prompts: list[PromptRecord], rollouts: list[Sample]) -> BatchPlan:
+def _hpt(
+    spec: AlgorithmSpec,
+    prompts: list[PromptRecord],
+    rollouts: list[Sample],
+    write_demos: DemoWriter | None,
+) -> BatchPlan:
     rewards = torch.tensor([float(s.reward or 0.0) for s in rollouts], dtype=torch.float64)
     groups = torch.tensor([s.group_id for s in rollouts])
     gate = hpt_gate(
@@ -121,25 +137,60 @@ def _hpt(spec: AlgorithmSpec, prompts: list[PromptRecord], rollouts: list[Sample
         elif keep:
             sample.rl_weight, sample.sft_weight = float(weight), 0.0
             samples.append(sample)
-    sft_groups = 0
+    written = _teacher_demos(spec, prompts, plan.demo_groups, write_demos)
+    sft_groups = rejected = 0
     for group, beta in zip(plan.demo_groups, plan.demo_sft_weight):
-        if group not in to_teacher:
-            samples.append(demo_sample(prompts[group], group, sft_weight=float(beta), rl_weight=0))
-            sft_groups += 1
+        if group in to_teacher:
+            continue
+        prompt = prompts[group]
+        if group in written:
+            if written[group] is None:  # the teacher's answer failed too: nothing to imitate
+                rejected += 1
+                continue
+            prompt = dataclasses.replace(prompt, demo_ids=written[group])
+        sample = demo_sample(prompt, group, sft_weight=float(beta), rl_weight=0)
+        if group in written:
+            sample.metadata["route"] = TEACHER_DEMO_ROUTE
+        samples.append(sample)
+        sft_groups += group not in written
     metrics = gate.metrics()
-    if spec.needs_teacher_logprobs:
-        num = max(1, len(prompts))
+    num = max(1, len(prompts))
+    if spec.needs_teacher:
         metrics["hpt/route_rl_share"] = float(gate.route_rl_g.sum()) / num
         metrics["hpt/route_sft_share"] = sft_groups / num
         metrics["hpt/route_teacher_share"] = len(to_teacher) / num
+    if spec.needs_teacher_demos:
+        metrics["hpt/route_teacher_demo_share"] = (len(written) - rejected) / num
+        metrics["hpt/teacher_demos_rejected"] = float(rejected)
     return BatchPlan(samples, metrics)
+
+
+def _teacher_demos(
+    spec: AlgorithmSpec,
+    prompts: list[PromptRecord],
+    demo_groups: list[int],
+    write_demos: DemoWriter | None,
+) -> dict[int, list[int] | None]:
+    """``teacher_route: generate``: the teacher's demonstration (or None) of each group that
+    failed the gate without one of its own."""
+    if not spec.needs_teacher_demos:
+        return {}
+    lacking = [g for g in demo_groups if prompts[g].demo_ids is None]
+    if not lacking:
+        return {}
+    if write_demos is None:
+        raise ValueError("teacher_route generate: no teacher was given to write demonstrations")
+    demos = write_demos([prompts[g] for g in lacking])
+    if len(demos) != len(lacking):
+        raise RuntimeError(f"the teacher wrote {len(demos)} demonstrations for {len(lacking)}")
+    return dict(zip(lacking, demos))
 
 
 def _routes_to_teacher(spec: AlgorithmSpec, prompt: PromptRecord) -> bool:
     """HPT with a teacher: a prompt that fails the gate is trained with the distillation part on
     its own rollouts (route ``teacher``) when it has no demonstration, or always
     (``teacher_route: always``); otherwise with SFT on its demonstration."""
-    if not spec.needs_teacher_logprobs:
+    if not spec.needs_teacher_logprobs or spec.teacher_route == "generate":
         return False
     return spec.teacher_route == "always" or prompt.demo_ids is None
 

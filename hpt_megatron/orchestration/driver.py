@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from hpt_megatron.config import HPTConfig
 from hpt_megatron.config.algorithm_spec import AlgorithmSpec
@@ -32,7 +32,11 @@ from hpt_megatron.orchestration.batch_rules import (
 from hpt_megatron.parallel.runtime import ParallelContext
 from hpt_megatron.rewards import RewardPool
 from hpt_megatron.rollout.base import RolloutEngine, SamplingParams
-from hpt_megatron.rollout.factory import build_rollout_engine, sampling_params
+from hpt_megatron.rollout.factory import (
+    build_rollout_engine,
+    build_teacher_engine,
+    sampling_params,
+)
 from hpt_megatron.rollout.plan import RolloutPlan
 from hpt_megatron.rollout.seeds import derive_seed
 
@@ -57,10 +61,12 @@ class Driver:
         val_set: PromptDataset | None,
         engine: RolloutEngine,
         pool: RewardPool,
-        teacher: SGLangEngine | None = None,
+        teacher: RolloutEngine | None = None,
     ) -> None:
         self.cfg = cfg
-        self.teacher = teacher  # algorithm.teacher.urls: the servers that score the rollouts
+        # The teacher's servers (algorithm.teacher.urls: they score the rollouts), or the model
+        # that writes demonstrations (teacher_route: generate); see build_teacher_engine.
+        self.teacher = teacher
         self.tokenizer = tokenizer
         self.sampler = sampler
         self.val_set = val_set
@@ -104,19 +110,12 @@ class Driver:
             cfg.run.placement,
             time.perf_counter() - t0,
         )
-        teacher = None
-        if cfg.algorithm.teacher.urls:
-            from hpt_megatron.config.rollout import SGLangConfig
-            from hpt_megatron.rollout.sglang.engine import SGLangEngine
-
-            try:
-                teacher = SGLangEngine.connect(
-                    SGLangConfig(urls=list(cfg.algorithm.teacher.urls)), run_dir=run_dir / "teacher"
-                )
-            except BaseException:
-                pool.close()
-                engine.shutdown()
-                raise
+        try:
+            teacher = build_teacher_engine(plan, cfg, tokenizer, run_dir)
+        except BaseException:
+            pool.close()
+            engine.shutdown()
+            raise
         return cls(cfg, tokenizer, sampler, val_set, engine, pool, teacher)
 
     def close(self) -> None:
@@ -153,6 +152,13 @@ class Driver:
         kept: list[Sample] = []
         rollouts: list[Sample] = []
         metrics: dict[str, float] = {}
+
+        def write_demos(lacking: list[PromptRecord]) -> list[list[int] | None]:
+            t0 = time.perf_counter()
+            demos = self.write_demos(lacking, spec)
+            timings["time/teacher_generation_s"] = time.perf_counter() - t0
+            return demos
+
         announce = not self._generated  # the run's first generation is announced in the log
         self._generated = True
         for round_ in range(MAX_REFILL_ROUNDS + 1):
@@ -176,7 +182,7 @@ class Driver:
             timings["time/grading_s"] += time.perf_counter() - t1
             rollouts += fresh
             shape_overlong(spec, fresh, params.max_new_tokens)
-            plan = apply_batch_rule(spec, prompts, fresh)
+            plan = apply_batch_rule(spec, prompts, fresh, write_demos)
             kept += plan.samples
             metrics.update(plan.metrics)
             enough = len(kept) >= self.cfg.data.prompts_per_step * params.n
@@ -184,9 +190,9 @@ class Driver:
                 break
             prompts = self.sampler.next_batch()  # DAPO: refill with fresh prompts
         attach_advantages(spec, kept)
-        if self.teacher is not None:
-            t0 = time.perf_counter()
-            score_with_teacher(self.teacher, kept)
+        if self.cfg.algorithm.teacher.urls and spec.needs_teacher_logprobs:
+            t0 = time.perf_counter()  # the teacher is its servers (build_teacher_engine)
+            score_with_teacher(cast("SGLangEngine", self.teacher), kept)
             timings["time/teacher_s"] = time.perf_counter() - t0
         metrics.update(_rollout_metrics(rollouts))
         metrics.update(self.damage_metrics())
@@ -217,11 +223,43 @@ class Driver:
         metrics = validation_metrics(samples, run.val_score)
         return {**metrics, "time/validation_s": time.perf_counter() - t0}
 
+    def write_demos(
+        self, prompts: list[PromptRecord], spec: AlgorithmSpec
+    ) -> list[list[int] | None]:
+        """HPT's ``teacher_route: generate``: the teacher's greedy response to each prompt (up to
+        the rollouts' length), kept where the reward grades it correct (``success_threshold``);
+        None where it does not, so no wrong answer is imitated."""
+        if self.teacher is None:
+            raise ValueError("teacher_route generate: the run has no teacher engine")
+        params = sampling_params(
+            self.cfg.rollout,
+            n=1,
+            temperature=0.0,
+            top_p=1.0,
+            top_k=-1,
+            seed=0,
+            max_new_tokens=min(self.cfg.rollout.max_new_tokens, self.cfg.data.max_response_tokens),
+            stop_token_ids=[self.tokenizer.eos_token_id],
+        )
+        demos = self._generate(prompts, params, engine=self.teacher)
+        grade_samples(self.pool, demos, self.cfg.reward)
+        out: list[list[int] | None] = [None] * len(prompts)
+        for demo in demos:
+            if float(demo.reward or 0.0) > spec.success_threshold and demo.response_ids:
+                out[demo.group_id] = demo.response_ids
+        return out
+
     def _generate(
-        self, prompts: list[PromptRecord], params: SamplingParams, group_offset: int = 0
+        self,
+        prompts: list[PromptRecord],
+        params: SamplingParams,
+        group_offset: int = 0,
+        engine: RolloutEngine | None = None,
     ) -> list[Sample]:
-        """``params.n`` rollouts per prompt; ``group_id`` is the prompt's index plus the offset."""
-        generations = self.engine.generate([p.prompt_ids for p in prompts], params)
+        """``params.n`` responses per prompt from ``engine`` (default: the rollout engine);
+        ``group_id`` is the prompt's index plus the offset."""
+        engine = self.engine if engine is None else engine
+        generations = engine.generate([p.prompt_ids for p in prompts], params)
         texts = self.tokenizer.batch_decode(
             [g.token_ids for g in generations], skip_special_tokens=True
         )

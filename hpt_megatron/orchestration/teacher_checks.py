@@ -38,7 +38,8 @@ def teacher_problems(cfg: HPTConfig, hf: HFModelConfig | None) -> list[str]:
     except (ValueError, ConfigError) as err:
         return [f"{KEY}: {err}"]
     try:
-        check_parallel_against_model(teacher, cfg.parallel)
+        if cfg.algorithm.spec().needs_teacher_logprobs:  # the trainer builds it in its layout
+            check_parallel_against_model(teacher, cfg.parallel)
     except ConfigError as err:
         return [f"{KEY}: the teacher {path} does not fit the declared layout: {err}"]
     if hf is None:

@@ -122,9 +122,11 @@ class HFCpuEngine:
         dtype: str = "float32",
         tokenizer_path: str | Path | None = None,
         load_tokenizer: bool = True,
+        tokenizer: object | None = None,
         **kwargs: object,
     ) -> HFCpuEngine:
-        """Load an HF model folder (and its tokenizer if present) for CPU generation."""
+        """Load an HF model folder (and its tokenizer if present, unless ``tokenizer`` is given)
+        for CPU generation."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ValueError(f"rollout model path {path}: no config.json (not an HF model folder)")
@@ -134,8 +136,7 @@ class HFCpuEngine:
             with open_safetensors(shard):
                 pass
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
-        tokenizer = None
-        if load_tokenizer:
+        if tokenizer is None and load_tokenizer:
             tokenizer = _try_load_tokenizer(Path(tokenizer_path) if tokenizer_path else path)
         return cls(model, tokenizer, **kwargs)  # type: ignore[arg-type]
 

@@ -103,6 +103,38 @@ def build_cpu_engine(
     )
 
 
+def build_teacher_engine(
+    plan: RolloutPlan, cfg: HPTConfig, tokenizer: Any, run_dir: Path
+) -> RolloutEngine | None:
+    """The driver's handle on the teacher (``algorithm.teacher``), where the driver needs one:
+    its SGLang servers (``urls``: they score the rollouts and write demonstrations), or, for
+    demonstrations only (``teacher_route: generate``), the ``hf_path`` model in transformers on
+    this process's CPU, beside the trainer's frozen copy that scores (meant for small teachers:
+    serve a large one with SGLang). ``None`` when the trainer's copy does all the teacher does."""
+    teacher, spec = cfg.algorithm.teacher, cfg.algorithm.spec()
+    if not spec.needs_teacher:
+        return None
+    if teacher.urls:
+        from hpt_megatron.config.rollout import SGLangConfig
+        from hpt_megatron.rollout.sglang.engine import SGLangEngine
+
+        servers = SGLangConfig(urls=list(teacher.urls))
+        return SGLangEngine.connect(servers, run_dir=run_dir / "teacher")
+    if not spec.needs_teacher_demos or not teacher.hf_path:
+        return None
+    from hpt_megatron.rollout.cpu_engine import HFCpuEngine
+
+    return HFCpuEngine.from_pretrained(
+        teacher.hf_path,
+        dtype=cfg.rollout.cpu.dtype,
+        tokenizer=tokenizer,
+        max_batch_rows=cfg.rollout.cpu.max_batch_rows,
+        threads=plan.threads.generation,
+        eos_token_ids=[tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def start_rollout_nodes(
     plan: RolloutPlan,
     cfg: HPTConfig,

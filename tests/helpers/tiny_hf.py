@@ -170,3 +170,38 @@ def assert_same_hf_weights(got: Path, want: Path) -> None:
     assert synced.keys() == final.keys() and synced
     for name, tensor in final.items():
         assert synced[name].float().equal(tensor.float()), name
+
+
+# A model of the tiny CPU config's vocabulary (examples/tiny_cpu.yaml), smaller than its policy.
+TINY_TEACHER = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+    intermediate_size=128,
+    eos_token_id=2,
+    bos_token_id=1,
+    pad_token_id=0,
+)
+
+
+def build_tiny_teacher(
+    path: Path, tokenizer: str | None = "arithmetic", seed: int = 0, **fields: object
+) -> str:
+    """A random teacher for the tiny CPU config saved at ``path``, with the built-in arithmetic
+    tokenizer (``tokenizer="bytes"``: another vocabulary; None: no tokenizer); ``fields``
+    override ``TINY_TEACHER``."""
+    from hpt_megatron.data.tokenizer import build_arithmetic_tokenizer
+
+    build_tiny_model(
+        path,
+        config=tiny_config("llama", **{**TINY_TEACHER, **fields}),  # type: ignore[arg-type]
+        seed=seed,
+        with_tokenizer=False,
+    )
+    if tokenizer == "arithmetic":
+        build_arithmetic_tokenizer(path)
+    elif tokenizer == "bytes":
+        build_byte_tokenizer().save_pretrained(path)
+    return str(path)

@@ -9,37 +9,9 @@ import pytest
 
 from hpt_megatron.config import ConfigError, load_config
 from hpt_megatron.orchestration.preflight import preflight
-from tests.helpers.tiny_hf import build_tiny_model, tiny_config
+from tests.helpers.tiny_hf import build_tiny_teacher as _teacher
 
 TINY = str(pathlib.Path(__file__).resolve().parents[3] / "examples" / "tiny_cpu.yaml")
-# The tiny config's model, as an HF folder with the built-in arithmetic tokenizer.
-TEACHER = dict(
-    vocab_size=128,
-    hidden_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=4,
-    intermediate_size=128,
-    eos_token_id=2,
-    bos_token_id=1,
-    pad_token_id=0,
-)
-
-
-def _teacher(path: pathlib.Path, tokenizer: str | None = "arithmetic", **fields) -> str:
-    from hpt_megatron.data.tokenizer import build_arithmetic_tokenizer
-    from tests.helpers.tiny_hf import build_byte_tokenizer
-
-    build_tiny_model(
-        path, config=tiny_config("llama", **{**TEACHER, **fields}), with_tokenizer=False
-    )
-    if tokenizer == "arithmetic":
-        build_arithmetic_tokenizer(path)
-    elif tokenizer == "bytes":
-        build_byte_tokenizer().save_pretrained(path)
-    return str(path)
-
-
 def test_opd_without_a_teacher_names_the_key():
     with pytest.raises(ConfigError, match=r"algorithm\.teacher\.hf_path: algorithm\.preset 'opd'"):
         load_config(TINY, ["algorithm.preset=opd"])
@@ -78,3 +50,17 @@ def test_a_bad_teacher_is_a_problem_naming_the_key(tmp_path, tokenizer, fields, 
     cfg = load_config(TINY, ["algorithm.preset=opd", f"algorithm.teacher.hf_path={path}"])
     with pytest.raises(ConfigError, match=rf"algorithm\.teacher\.hf_path: .*{message}"):
         preflight(cfg, world_size=2)
+
+
+def test_teacher_written_demonstrations_need_a_teacher_and_no_distillation(tmp_path):
+    """``teacher_route: generate`` needs a teacher (the key named, and why), and with one the
+    config holds without the distillation part; the layout check is the trainer copy's, which
+    such a run does not build."""
+    generate = "algorithm.options.teacher_route=generate"
+    with pytest.raises(ConfigError, match=r"teacher\.hf_path: .*teacher_route=generate"):
+        load_config(TINY, [generate])
+    path = _teacher(tmp_path / "t", num_heads=3, num_kv_heads=3, hidden_size=48)
+    cfg = load_config(TINY, [generate, f"algorithm.teacher.hf_path={path}"])
+    assert cfg.algorithm.spec().needs_teacher_demos
+    assert not cfg.algorithm.spec().needs_teacher_logprobs
+    preflight(cfg, world_size=2)  # TP=2 could not split its 3 heads; it is not split
