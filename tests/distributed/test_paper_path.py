@@ -68,18 +68,20 @@ def test_recomputation_changes_neither_loss_nor_gradients(dp2):
         assert got[f"recompute_{name}"]["grad_diff"] < 1e-6, name
 
 
-def test_sharded_optimizer_state_resumes_at_dp2_and_dp1(dp2, tmp_path):
+def test_sharded_optimizer_state_resumes_at_dp2_dp1_and_dp4(dp2, tmp_path):
     """Saved after step 3 at DP=2 (``dp_reshardable``); a fresh engine that loads it trains
-    steps 4-6 as the uninterrupted run did, at DP=2 and at DP=1."""
+    steps 4-6 as the uninterrupted run did, at DP=2, and in new processes at DP=1 and DP=4 (each
+    rank's optimizer shard re-cut from the saved ones)."""
     ckpt, got = dp2
     want = got["uninterrupted"]
     assert got["resumed_dp2"] == pytest.approx(want, rel=1e-6, abs=1e-9)
     assert got["resumed_weight_diff"] < 1e-6
-    out = tmp_path / "dp1.json"
-    launch(WORKER, "--phase", "resume", "--ckpt", str(ckpt), "--out", str(out), nproc=1)
-    dp1 = json.loads(out.read_text())
-    assert dp1["dp"] == 1
-    assert dp1["resumed"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    for dp in (1, 4):
+        out = tmp_path / f"dp{dp}.json"
+        launch(WORKER, "--phase", "resume", "--ckpt", str(ckpt), "--out", str(out), nproc=dp)
+        resumed = json.loads(out.read_text())
+        assert resumed["dp"] == dp
+        assert resumed["resumed"] == pytest.approx(want, rel=1e-6, abs=1e-9), dp
 
 
 def test_sharded_optimizer_state_at_another_tp_is_refused_clearly(dp2, tmp_path):

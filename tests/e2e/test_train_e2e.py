@@ -193,10 +193,13 @@ def test_ppo_with_kl_in_the_reward_dp2_matches_single_process(tmp_path):
     assert ones[3]["kl_ref_mean"] > 0 and ones[3]["critic/value_loss"] > 0
 
 
-def _kill_after(out: pathlib.Path, steps: int, *extra: str, kill_at: int) -> None:
-    """Start a run and SIGKILL every process of it once step ``kill_at`` is logged."""
+def _kill_after(
+    out: pathlib.Path, steps: int, *extra: str, kill_at: int, command: list[str] | None = None
+) -> None:
+    """Start a run (the tiny config's, or ``command``) and SIGKILL every process of it once step
+    ``kill_at`` is logged."""
     proc = subprocess.Popen(
-        _command(out, 2, steps, *extra),
+        command or _command(out, 2, steps, *extra),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=hpt_train.env(),
@@ -469,19 +472,24 @@ def test_virtual_pipeline_trains_checkpoints_resumes_and_exports(tmp_path):
     assert len(model.model.layers) == 4
 
 
-def test_paper_tiny_cpu_example_trains_and_resumes(tmp_path):
+def test_paper_tiny_cpu_example_trains_and_resumes_after_sigkill(tmp_path):
     """examples/paper_tiny_cpu.yaml (the 1.5B paper config shrunk: bf16 with fp32 main weights,
-    full recomputation, the distributed optimizer at DP=2, hpt_paper) as it is, for three steps;
-    the same run stopped after step 2's checkpoint and resumed reproduces step 3."""
+    full recomputation, the distributed optimizer at DP=2, hpt_paper) as it is, for five steps;
+    the same run SIGKILLed once step 4 is logged (step 2's checkpoint is complete: step 4's save
+    waited for it) and resumed in new processes reproduces every step: the sharded optimizer
+    state and the fp32 main weights come back from the checkpoint."""
     paper = ROOT / "examples" / "paper_tiny_cpu.yaml"
     quiet = ["checkpoint.save_every=2", "logging.progress_bar=false", "run.val_every=0"]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    hpt_train.run(paper, full, "run.steps=3", *quiet)
-    hpt_train.run(paper, resumed, "run.steps=2", *quiet)
-    proc = hpt_train.run(paper, resumed, "run.steps=3", *quiet)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    hpt_train.run(paper, full, "run.steps=5", *quiet)
+    command = hpt_train.command(paper, killed, "run.steps=5", *quiet)
+    _kill_after(killed, 5, kill_at=4, command=command)
+    assert 5 not in hpt_train.metrics(killed)
+    proc = hpt_train.run(paper, killed, "run.steps=5", *quiet)
     assert "resumed from" in proc.stderr
-    want, got = hpt_train.metrics(full), hpt_train.metrics(resumed)
-    assert sorted(want) == sorted(got) == [1, 2, 3]
+    want, got = hpt_train.metrics(full), hpt_train.metrics(killed)
+    assert sorted(want) == sorted(got) == [1, 2, 3, 4, 5]
     assert all(m["grad_norm"] > 0 and m["train/rows"] > 0 for m in want.values())
-    for key in EXACT:
-        assert got[3][key] == pytest.approx(want[3][key], rel=1e-6, abs=1e-9), key
+    for step in range(1, 6):
+        for key in EXACT:
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-9), (step, key)
