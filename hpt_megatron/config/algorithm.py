@@ -75,8 +75,12 @@ class TeacherConfig:
 
     hf_path: str | None = None
     urls: list[str] = field(default_factory=list)
+    # urls: how long a teacher server that stopped answering is waited for before the run fails
+    timeout_s: float = 900.0
 
     def validate(self) -> None:
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
         if self.hf_path is not None and not self.hf_path:
             raise ValueError("hf_path: must name the teacher's Hugging Face folder, got ''")
         if self.hf_path and self.urls:

@@ -118,8 +118,14 @@ def build_teacher_engine(
         from hpt_megatron.config.rollout import SGLangConfig
         from hpt_megatron.rollout.sglang.engine import SGLangEngine
 
-        servers = SGLangConfig(urls=list(teacher.urls))
-        return SGLangEngine.connect(servers, run_dir=run_dir / "teacher")
+        # No router of ours in front: it refuses the batched scoring request (a list of
+        # logprob_start_len); the client balances the requests over the servers itself.
+        servers = SGLangConfig(
+            urls=list(teacher.urls), startup_timeout_s=teacher.timeout_s, router=False
+        )
+        return SGLangEngine.connect(
+            servers, run_dir=run_dir / "teacher", key="algorithm.teacher.urls"
+        )
     if not spec.needs_teacher_demos or not teacher.hf_path:
         return None
     from hpt_megatron.rollout.cpu_engine import HFCpuEngine

@@ -83,6 +83,7 @@ class ServerPool:
         self.on_down = on_down  # called with the index of a server found dead (being restarted)
         self._changed: asyncio.Condition | None = None
         self._restart_tasks: dict[int, asyncio.Task[None]] = {}
+        self.restart_errors: dict[int, str] = {}  # each server's last failed restart, first line
 
     def _cond(self) -> asyncio.Condition:
         if self._changed is None:  # created lazily, inside the running loop
@@ -168,6 +169,7 @@ class ServerPool:
                 break
             except (ServerStartError, RuntimeError, aiohttp.ClientError) as err:
                 logger.error("restart of sglang server %s failed: %s", server.url, err)
+                self.restart_errors[index] = str(err).split("\n", 1)[0]
         if new_state == "failed":
             logger.error(
                 "sglang server %s: giving up after %d restarts", server.url, server.restarts
@@ -177,7 +179,10 @@ class ServerPool:
             self._cond().notify_all()
 
     def _all_failed_message(self) -> str:
-        tails = "\n".join(f"--- {s.url}:\n{s.log_tail(15)}" for s in self.servers)
+        tails = "\n".join(
+            f"--- {s.url}: {self.restart_errors.get(i, 'no restart attempted')}\n{s.log_tail(15)}"
+            for i, s in enumerate(self.servers)
+        )
         return f"every SGLang server failed (restarts exhausted); last log lines:\n{tails}"
 
 

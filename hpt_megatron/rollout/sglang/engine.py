@@ -169,7 +169,12 @@ class SGLangEngine:
 
     @classmethod
     def connect(
-        cls, cfg: SGLangConfig, *, run_dir: str | Path, transport: WeightTransport | None = None
+        cls,
+        cfg: SGLangConfig,
+        *,
+        run_dir: str | Path,
+        transport: WeightTransport | None = None,
+        key: str = "rollout.sglang.urls",
     ) -> SGLangEngine:
         """Use the servers of ``cfg.urls``, started by the user: each must answer ``/health``
         now (``ServerStartError`` naming the URL otherwise); they are never started or stopped
@@ -177,7 +182,9 @@ class SGLangEngine:
         it and weights to each of its workers. A router we start (``cfg.router``) is ours."""
         api_key = resolve_api_key(cfg)
         timeout = cfg.startup_timeout_s
-        given = [ExternalServer(url, api_key=api_key, timeout_s=timeout) for url in cfg.urls]
+        given = [
+            ExternalServer(url, api_key=api_key, timeout_s=timeout, key=key) for url in cfg.urls
+        ]
         with ThreadPoolExecutor(len(given)) as pool:
             list(pool.map(lambda s: s.check(), given))
         router: Endpoint | None = None
@@ -185,11 +192,11 @@ class SGLangEngine:
         workers = router_workers(given[0].url, given[0].auth_headers()) if len(given) == 1 else None
         if workers is not None:  # the one URL is a router: its workers get the weights
             if not workers:
-                raise ServerStartError(
-                    f"rollout.sglang.urls: the router {given[0].url} has no workers"
-                )
+                raise ServerStartError(f"{key}: the router {given[0].url} has no workers")
             router = given[0]
-            servers = [ExternalServer(url, api_key=api_key, timeout_s=timeout) for url in workers]
+            servers = [
+                ExternalServer(url, api_key=api_key, timeout_s=timeout, key=key) for url in workers
+            ]
             for server in servers:
                 server.check()
             logger.info("using the sglang-router at %s over %s", router.url, workers)

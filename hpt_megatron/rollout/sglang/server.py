@@ -285,12 +285,22 @@ class ExternalServer:
         url: its base URL, ``http://host:port``.
         api_key: the key it was started with, if any.
         timeout_s: how long ``restart`` waits for it to come back.
+        key: the config key that lists it, for error messages (``algorithm.teacher.urls`` for
+            a teacher's).
     """
 
-    def __init__(self, url: str, *, api_key: str | None = None, timeout_s: float = 900.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 900.0,
+        key: str = "rollout.sglang.urls",
+    ) -> None:
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.timeout_s = timeout_s
+        self.key = key
         self.restarts = 0
 
     def auth_headers(self) -> dict[str, str]:
@@ -307,7 +317,7 @@ class ExternalServer:
         why = http_health(self.url, self.auth_headers(), timeout_s)
         if why is not None:
             raise ServerStartError(
-                f"rollout.sglang.urls: the SGLang server at {self.url} is not usable: {why}"
+                f"{self.key}: the SGLang server at {self.url} is not usable: {why}"
             )
 
     def stop(self, grace_s: float = 0.0) -> None:
@@ -323,8 +333,8 @@ class ExternalServer:
                 return
             time.sleep(1.0)
         raise ServerStartError(
-            f"external SGLang server {self.url} did not come back within {self.timeout_s:.0f} s "
-            "(servers listed in rollout.sglang.urls are never restarted from here)"
+            f"{self.key}: the external SGLang server {self.url} did not come back within "
+            f"{self.timeout_s:.0f} s (servers listed there are never restarted from here)"
         )
 
     def log_tail(self, lines: int = 40) -> str:

@@ -530,3 +530,39 @@ def test_scoring_request_and_answer() -> None:
         parse_scores(answer, [[4, 5], [7]])
     with pytest.raises(ValueError, match="sequence 0: scoring needs a non-empty"):
         score_payload([[1]], [[]])
+
+
+def test_a_teacher_server_that_dies_is_retried_then_a_clear_error(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """``algorithm.teacher.urls`` over two (fake) servers: with one killed, its scoring requests
+    go to the other and every row is scored as before; with both killed, scoring fails once
+    ``algorithm.teacher.timeout_s`` has passed, naming the teacher's key and a URL."""
+    from hpt_megatron.config import load_config
+    from hpt_megatron.rollout.factory import build_teacher_engine
+
+    tiny = Path(__file__).resolve().parents[3] / "examples" / "tiny_cpu.yaml"
+    with _engine(_cfg(servers_per_node=2), model_dir, tmp_path / "owner") as owner:
+        urls = [s.url for s in owner.servers]
+        overrides = [
+            "algorithm.preset=opd",
+            f"algorithm.teacher.urls=[{','.join(urls)}]",
+            "algorithm.teacher.timeout_s=3",
+        ]
+        cfg = load_config(str(tiny), overrides)
+        teacher = build_teacher_engine(None, cfg, None, tmp_path / "run")  # type: ignore[arg-type]
+        assert teacher is not None
+        prompts, responses = [[1, 2, i] for i in range(8)], [[4, 5, i] for i in range(8)]
+        first = teacher.score(prompts, responses)  # type: ignore[attr-defined]
+        assert [len(r) for r in first] == [3] * 8
+        for i, server in enumerate(owner.servers):
+            assert server.proc is not None
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(timeout=10)
+            if i == 0:
+                assert teacher.score(prompts, responses) == first  # type: ignore[attr-defined]
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match=r"algorithm\.teacher\.urls: .*did not come back"):
+            teacher.score(prompts, responses)  # type: ignore[attr-defined]
+        assert time.monotonic() - t0 < 60
+        teacher.shutdown()

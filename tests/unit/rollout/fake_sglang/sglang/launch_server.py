@@ -55,17 +55,21 @@ LOCK = threading.Lock()
 DELAY = float(os.environ.get("FAKE_SGLANG_DELAY", "0"))
 
 
-def _one(ids, sp):
+def _one(ids, sp, logprob_start=None):
     n = sp.get("max_new_tokens", 4)
     out = [(sum(ids) + k) % 100 for k in range(n)]
-    return {
-        "output_ids": out,
-        "meta_info": {
-            "output_token_logprobs": [[-0.25, t, None] for t in out],
-            "finish_reason": {"type": "length", "length": n},
-            "weight_version": STATE["version"],
-        },
+    meta = {
+        "output_token_logprobs": [[-0.25, t, None] for t in out],
+        "finish_reason": {"type": "length", "length": n},
+        "weight_version": STATE["version"],
     }
+    if logprob_start is not None:  # scoring (a teacher): log-probs of the input from there on
+        meta["input_token_logprobs"] = [
+            [None if k == logprob_start else -0.01 * (t % 7 + 1), t, None]
+            for k, t in enumerate(ids)
+            if k >= logprob_start
+        ]
+    return {"output_ids": out, "meta_info": meta}
 
 
 def _die_on_read(connection):
@@ -212,11 +216,13 @@ class Handler(BaseHTTPRequestHandler):
                 STATE["generate_calls"] += 1
             time.sleep(DELAY)
             ids, sp = body["input_ids"], body["sampling_params"]
+            start = body.get("logprob_start_len") if body.get("return_logprob") else None
             if ids and isinstance(ids[0], list):
                 sps = sp if isinstance(sp, list) else [sp] * len(ids)
-                self._send(200, [_one(i, s) for i, s in zip(ids, sps)])
+                starts = start if isinstance(start, list) else [start] * len(ids)
+                self._send(200, [_one(i, s, b) for i, s, b in zip(ids, sps, starts)])
             else:
-                self._send(200, _one(ids, sp))
+                self._send(200, _one(ids, sp, start))
         elif self.path == "/update_weights_from_disk":
             STATE["version"] = body.get("weight_version") or "default"
             STATE["model_path"] = body["model_path"]
