@@ -12,6 +12,8 @@ from hpt_megatron.orchestration.preflight import preflight
 from tests.helpers.tiny_hf import build_tiny_teacher as _teacher
 
 TINY = str(pathlib.Path(__file__).resolve().parents[3] / "examples" / "tiny_cpu.yaml")
+
+
 def test_opd_without_a_teacher_names_the_key():
     with pytest.raises(ConfigError, match=r"algorithm\.teacher\.hf_path: algorithm\.preset 'opd'"):
         load_config(TINY, ["algorithm.preset=opd"])
