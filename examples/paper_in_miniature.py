@@ -1,29 +1,38 @@
-"""The HPT paper's main claims in miniature, on the built-in arithmetic task (CPU).
+"""The HPT paper's main claims in miniature, on the built-in arithmetic task (CPU), in the
+paper's regime, with verdicts by rules fixed here before any run.
 
-    python examples/paper_in_miniature.py --quick --out runs/mini_quick     # 9-15 min
+    python examples/paper_in_miniature.py --quick --out runs/mini_quick     # about 12 min
     python examples/paper_in_miniature.py --out runs/mini                   # the full run
 
 Stages, each cached in ``--out`` (a finished stage is reused; ``--force`` redoes them all):
 
-1. **Base** (``base/<size>/``): the tiny model pre-trained with SFT on level 1 (two-digit
-   addition) only; its solve rate on the training prompts (level 2: +, -, *) at temperature 1,
-   n = 8, is measured and written down (the paper's base models solve part of their training set).
-2. **Learning rate** (``lr/``): one shared learning rate for every method, chosen once on the
-   validation split (50 held-out problems per operation, never a benchmark): the grid value with the
-   best mean greedy validation accuracy of the two single-signal baselines, SFT and GRPO, after
-   a short run from the base. HPT plays no part in the choice.
+1. **Base** (``base/<size>/``): the tiny model pre-trained with SFT on half A of level 2's
+   training prompts (every operation; ``tasks.py``), for the first of ``--base-steps`` (200, 250,
+   300) whose base lands in the regime band on half B, where the methods train. The **regime
+   checks**, measured on B's first 256 prompts and written to ``summary.json`` before any method
+   runs (none involves HPT): the share of prompts the base solves 0 of 8 times at temperature 1
+   between 20% and 50%, 8 of 8 at most 30%, in between at least 30%; the demonstrations' NLL
+   under the base below 1 nat/token for every operation. After the runs, two more: SFT and GRPO
+   each beat the base's validation accuracy by at least one standard deviation over seeds.
+2. **Learning rate per method** (``lr/<method>/<lr>/``): every method, HPT included, picks its
+   own from the same grid (1e-4, 3e-4, 1e-3) by the same rule: the best final greedy accuracy on
+   the validation split (150 held-out problems, never a benchmark) after ``lr_steps`` (100) steps
+   from the base, seed 1 (a tie goes to the smaller rate).
 3. **Comparison** (``runs/<size>/<method>/seed<k>/``): SFT, GRPO, SFT->GRPO, LUFFY, HPT and
-   ``hpt_paper`` from the base, the same budget (steps x prompts x rollouts) and the same shared
-   settings; each preset keeps its own defaults (e.g. HPT's entropy bonus 0.001); SFT->GRPO
-   switches at half the budget. Gate ablation on the first size: HPT with gamma 2/8, always
-   SFT (gamma 8/8) and always RL (no gate). ``--quick``: one seed, the tiny size, 50 x 16.
-4. **Benchmarks** through ``hpt eval``'s code path (``hpt_megatron.eval``): avg@k at temperature
-   0.6, top-p 0.95, greedy accuracy, Pass@1..k; in distribution: level 2's held-out +, -, *;
-   out of distribution: level 3 (three-digit + and -, two-digit by two-digit *).
-5. **Report**: ``summary.md``, ``summary.json`` and PNG plots (see ``report.py``).
+   ``hpt_paper`` from the base on half B, 200 steps x 32 prompts x 8 rollouts, 3 seeds; each
+   preset keeps its own defaults (e.g. HPT's entropy bonus 0.001); SFT->GRPO switches at half the
+   budget. Gate ablation: HPT with gamma 2/8, always SFT (gamma 8/8), always RL (no gate).
+4. **Benchmarks** through ``hpt eval``'s code path (``hpt_megatron.eval``): avg@k (k = 32) at
+   temperature 0.6, top-p 0.95, greedy accuracy, Pass@1..k; in distribution: level 2's held-out
+   +, -, *; out of distribution: level 3 (three-digit + and -, two-digit by two-digit *).
+5. **Report** (``report.py``): ``summary.md``, ``summary.json`` and PNG plots, with a verdict
+   per claim (``report.VERDICT_RULES``): "supported", "inconclusive" or "falsified"; every one
+   "withheld" when a regime check fails (the design is then out of the paper's regime and tests
+   nothing of its claims).
 
 Trainings run as ``hpt train`` subprocesses, ``--nproc 1`` with ``parallel.tp=1`` and
-``OMP_NUM_THREADS=1``, ``--jobs`` (2) at a time.
+``OMP_NUM_THREADS=1``, ``--jobs`` (2) at a time. ``--quick``: one seed, 50 steps x 16 prompts,
+learning rates chosen over (3e-4, 1e-3) in 25 steps.
 """
 
 from __future__ import annotations
@@ -66,9 +75,9 @@ SIZES = {
 class Budget:
     steps: int
     prompts: int
-    base_steps: int = 300
-    lr_steps: int = 0  # the learning-rate runs (default: half of steps)
-    lr_grid: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4, 1e-3])
+    base_steps: list[int] = field(default_factory=lambda: [200, 250, 300])
+    lr_steps: int = 100  # the learning-rate runs
+    lr_grid: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
     val_every: int = 10
     eval_k: int = 32
     id_problems: int | None = None  # per benchmark (None: all)
@@ -77,17 +86,25 @@ class Budget:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/paper_in_miniature")
-    p.add_argument("--quick", action="store_true", help="one seed, one size, fewer steps")
+    p.add_argument("--quick", action="store_true", help="one seed, fewer steps")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--sizes", default="tiny,large", help=f"comma-separated of {list(SIZES)}")
-    p.add_argument("--steps", type=int, help="steps per method (default: 100, quick 50)")
+    p.add_argument("--sizes", default="tiny", help=f"comma-separated of {list(SIZES)}")
+    p.add_argument("--steps", type=int, help="steps per method (default: 200, quick 50)")
     p.add_argument("--prompts-per-step", type=int, help="default: 32, quick 16")
-    p.add_argument("--base-steps", type=int, default=300)
     p.add_argument(
-        "--lr-grid",
-        help="comma-separated learning rates (default 3e-5,1e-4,3e-4,1e-3; quick 1e-4,3e-4)",
+        "--base-steps",
+        default="200,250,300",
+        help="the base's pre-training lengths, tried in order (the first in the band is kept)",
     )
-    p.add_argument("--lr", type=float, help="skip the choice and use this learning rate")
+    p.add_argument(
+        "--probe-prompts",
+        type=int,
+        default=tasks.PROBE_SIZE,
+        help=f"half B's first prompts the base is probed on (default {tasks.PROBE_SIZE})",
+    )
+    p.add_argument("--lr-steps", type=int, help="steps of a learning-rate run (100, quick 25)")
+    p.add_argument("--lr-grid", help="comma-separated (default 1e-4,3e-4,1e-3; quick 3e-4,1e-3)")
+    p.add_argument("--lr", type=float, help="skip the choice: every method uses this rate")
     p.add_argument("--eval-k", type=int, help="samples per benchmark problem (default 32)")
     p.add_argument(
         "--eval-problems", type=int, help="first N problems per benchmark (default: 48, quick 32)"
@@ -109,18 +126,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.seeds, args.sizes = 1, args.sizes[:1]
     budget = Budget(
-        steps=args.steps or (50 if args.quick else 100),
+        steps=args.steps or (50 if args.quick else 200),
         prompts=args.prompts_per_step or (16 if args.quick else 32),
-        base_steps=args.base_steps,
+        base_steps=[int(x) for x in args.base_steps.split(",") if x],
+        lr_steps=args.lr_steps or (25 if args.quick else 100),
         eval_k=args.eval_k or 32,
         id_problems=args.eval_problems or (32 if args.quick else 48),
     )
-    budget.lr_steps = max(1, budget.steps // 2)
-    budget.val_every = _divisor_near(budget.steps, budget.steps / 6)
+    budget.val_every = _divisor_near(budget.steps, budget.steps / 10)
     if args.lr_grid:
         budget.lr_grid = [float(x) for x in args.lr_grid.split(",")]
     elif args.quick:
-        budget.lr_grid = [1e-4, 3e-4]
+        budget.lr_grid = [3e-4, 1e-3]
     args.budget = budget
     return args
 
@@ -199,9 +216,10 @@ def job(run_dir: Path, overrides: list[str], sets_dir: Path, k: int, force: bool
 def method_overrides(method: str, b: Budget, lr: float, seed: int, base: Path) -> list[str]:
     """``base``: the base model's HF folder, ``<out>/base/<size>/run/hf``."""
     preset, extra = (method, []) if method in METHODS else ("hpt", ABLATIONS[method])
+    sets = base.parents[3] / "sets"
     out = [
-        *tasks.task_overrides(tasks.TRAIN_LEVELS),
-        f"data.val={base.parents[3] / 'sets' / 'val.jsonl'}",
+        f"data.train={sets / 'train.jsonl'}",  # half B
+        f"data.val={sets / 'val.jsonl'}",
         "data.system_prompt=null",
         f"model.hf_weights={base}",
         f"algorithm.preset={preset}",
@@ -217,15 +235,14 @@ def method_overrides(method: str, b: Budget, lr: float, seed: int, base: Path) -
     return out
 
 
-def make_base(out: Path, size: str, b: Budget, force: bool) -> dict:
-    """Pre-train one size's base model and measure its solve rate on the training prompts."""
-    folder = out / "base" / size
-    summary = folder / "base.json"
-    overrides = [
-        *tasks.task_overrides(tasks.BASE_LEVELS),
+def base_overrides(out: Path, size: str, steps: int) -> list[str]:
+    """SFT on half A for ``steps`` steps (cosine from 3e-3 to 3e-4 after 20 of warm-up)."""
+    return [
+        f"data.train={out / 'sets' / 'base_train.jsonl'}",
+        "data.system_prompt=null",
         *SIZES[size],
         "algorithm.preset=sft",
-        f"run.steps={b.base_steps}",
+        f"run.steps={steps}",
         "run.val_every=0",
         "data.prompts_per_step=64",
         "trainer.lr=3e-3",
@@ -233,49 +250,90 @@ def make_base(out: Path, size: str, b: Budget, force: bool) -> dict:
         "trainer.lr_schedule=cosine",
         "trainer.warmup_steps=20",
     ]
+
+
+def regime_checks(probe: dict) -> dict:
+    """The checks on the base, before any method runs: ``{check: {"value", "pass"}}``."""
+    sr = probe["solve_rate"]
+    checks = {
+        "share_at_0_of_8": (sr["frac_zero"], 20.0 <= sr["frac_zero"] <= 50.0),
+        "share_at_8_of_8": (sr["frac_all"], sr["frac_all"] <= 30.0),
+        "share_mixed": (sr["frac_mixed"], sr["frac_mixed"] >= 30.0),
+    }
+    for op, nll in probe["demo_nll"].items():
+        checks[f"demo_nll_{op}"] = (nll, nll < 1.0)
+    return {k: {"value": v, "pass": bool(ok)} for k, (v, ok) in checks.items()}
+
+
+def make_base(out: Path, size: str, b: Budget, force: bool) -> dict:
+    """Pre-train one size's base: the first of ``b.base_steps`` whose regime checks pass (else
+    the last tried, out of regime), its probe and its benchmark and validation scores."""
+    folder = out / "base" / size
+    summary = folder / "base.json"
+    probe_rows = len((out / "sets" / "probe.jsonl").read_text().splitlines())
+    key = {"candidates": b.base_steps, "sets": _digest(out / "sets"), "size": size}
+    key["probe"] = probe_rows
     if summary.exists() and not force:
         cached = json.loads(summary.read_text())
-        if cached["overrides"] == overrides and cached["sets"] == _digest(out / "sets"):
+        if cached["key"] == key:
             return cached
-    print(f"== base model ({size}): SFT on level {tasks.BASE_LEVELS}", flush=True)
-    job(folder / "run", overrides, out / "sets", b.eval_k, force)
-    prompts = folder / "train_prompts.jsonl"
-    prompts.write_text("".join(json.dumps(tasks.row(e)) + "\n" for e in tasks.train_prompts(256)))
-    cmd = [sys.executable, str(HERE / "evaluate.py"), "solve", str(folder / "run" / "hf")]
-    run_logged([*cmd, str(prompts), str(folder / "solve")], folder / "run" / "job.log")
+    tried = {}
+    for steps in b.base_steps:
+        print(f"== base model ({size}): SFT on half A for {steps} steps", flush=True)
+        run = folder / f"steps{steps}"
+        job(run, base_overrides(out, size, steps), out / "sets", b.eval_k, force)
+        cmd = [sys.executable, str(HERE / "evaluate.py"), "probe", str(run / "hf")]
+        cmd += [str(out / "sets" / "probe.jsonl"), str(run / "probe"), str(CONFIG)]
+        cmd.append(str(out / "sets" / "val.jsonl"))
+        run_logged(cmd, run / "job.log")
+        probe = json.loads((run / "probe" / "probe.json").read_text())
+        checks = regime_checks(probe)
+        tried[steps] = {"probe": probe, "regime": checks}
+        if all(c["pass"] for c in checks.values()):
+            break
+    chosen = steps
+    scores = json.loads((folder / f"steps{chosen}" / "eval" / "scores.json").read_text())
     result = {
-        "solve_rate": json.loads((folder / "solve" / "solve_rates.json").read_text()),
-        "scores": json.loads((folder / "run" / "eval" / "scores.json").read_text()),
-        "hf": str(folder / "run" / "hf"),
-        "overrides": overrides,
-        "sets": _digest(out / "sets"),
+        "steps": chosen,
+        "rule": f"the first of {b.base_steps} steps whose base passes every regime check",
+        "tried": tried,
+        "regime": tried[chosen]["regime"],
+        "solve_rate": tried[chosen]["probe"]["solve_rate"],
+        "demo_nll": tried[chosen]["probe"]["demo_nll"],
+        "val_greedy": tried[chosen]["probe"]["val_greedy"],
+        "scores": scores,
+        "hf": str(folder / f"steps{chosen}" / "hf"),
+        "key": key,
     }
     summary.write_text(json.dumps(result, indent=1))
     return result
 
 
-def choose_lr(args: argparse.Namespace, out: Path, base: Path, pool: ThreadPoolExecutor) -> dict:
-    """The shared learning rate: best mean validation accuracy of SFT and GRPO over the grid."""
+def choose_lrs(
+    args: argparse.Namespace, out: Path, base: Path, pool: ThreadPoolExecutor
+) -> dict[str, dict]:
+    """Each method's learning rate: the best final validation accuracy over the grid after
+    ``lr_steps`` steps from the base, seed 1 (ties: the smaller rate)."""
     b = args.budget
     if args.lr is not None:
-        return {"lr": args.lr, "how": "given with --lr", "grid": {}}
+        return {m: {"lr": args.lr, "how": "given with --lr", "grid": {}} for m in args.methods}
     short = Budget(**{**b.__dict__, "steps": b.lr_steps, "val_every": b.lr_steps})
     futures = {}
-    for lr in b.lr_grid:
-        for method in ("sft", "grpo"):
-            run_dir = out / "lr" / f"{lr:g}" / method
+    for method in args.methods:
+        for lr in b.lr_grid:
+            run_dir = out / "lr" / method / f"{lr:g}"
             overrides = method_overrides(method, short, lr, 1, base)
-            futures[lr, method] = pool.submit(train_only, run_dir, overrides, args.force)
-    grid = {}
-    for (lr, method), fut in futures.items():
-        grid.setdefault(f"{lr:g}", {})[method] = report.last_val(fut.result())
-    best = max(grid, key=lambda lr: sum(grid[lr].values()) / len(grid[lr]))
+            futures[method, lr] = pool.submit(train_only, run_dir, overrides, args.force)
     how = (
-        f"grid {[f'{x:g}' for x in b.lr_grid]}, {b.lr_steps} steps of SFT and of GRPO from the "
-        "base (seed 1), greedy accuracy on the validation split (50 held-out problems per "
-        "operation, none in a benchmark); the best mean of the two"
+        f"grid {[f'{x:g}' for x in b.lr_grid]}: the best greedy validation accuracy after "
+        f"{b.lr_steps} steps from the base (seed 1; a tie goes to the smaller rate)"
     )
-    return {"lr": float(best), "how": how, "grid": grid}
+    chosen = {}
+    for method in args.methods:
+        grid = {lr: report.last_val(futures[method, lr].result()) for lr in b.lr_grid}
+        best = max(sorted(grid), key=lambda lr: (grid[lr], -lr))
+        chosen[method] = {"lr": best, "how": how, "grid": {f"{k:g}": v for k, v in grid.items()}}
+    return chosen
 
 
 def train_only(run_dir: Path, overrides: list[str], force: bool) -> Path:
@@ -298,12 +356,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     sets = tasks.write_sets(out / "sets", b.id_problems)
+    tasks.write_halves(out / "sets", args.probe_prompts)
     first = args.sizes[0]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         pending = {size: pool.submit(make_base, out, size, b, args.force) for size in args.sizes}
         bases = {size: fut.result() for size, fut in pending.items()}
-        lr = choose_lr(args, out, Path(bases[first]["hf"]), pool)
-        print(f"== shared learning rate {lr['lr']:g} ({lr['how']})", flush=True)
+        # Written before any method runs: the regime checks do not depend on their results.
+        (out / "regime.json").write_text(
+            json.dumps({size: base["regime"] for size, base in bases.items()}, indent=1)
+        )
+        lrs = choose_lrs(args, out, Path(bases[first]["hf"]), pool)
+        for name, chosen in lrs.items():
+            print(f"== {name}: learning rate {chosen['lr']:g} ({chosen['grid']})", flush=True)
         futures = []
         for size in args.sizes:
             for name in args.methods:
@@ -312,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in range(1, args.seeds + 1):
                     run_dir = out / "runs" / size / name / f"seed{seed}"
                     base = Path(bases[size]["hf"])
-                    overrides = [*SIZES[size], *method_overrides(name, b, lr["lr"], seed, base)]
+                    lr = lrs[name]["lr"]
+                    overrides = [*SIZES[size], *method_overrides(name, b, lr, seed, base)]
                     futures.append(
                         pool.submit(job, run_dir, overrides, out / "sets", b.eval_k, args.force)
                     )
@@ -324,13 +389,14 @@ def main(argv: list[str] | None = None) -> int:
         "rollouts": 8,
         "seeds": args.seeds,
         "sizes": args.sizes,
-        "lr": lr,
+        "lr_steps": b.lr_steps,
+        "lr_grid": b.lr_grid,
         "eval_k": b.eval_k,
         "benchmarks": {name: len(path.read_text().splitlines()) for name, path in sets.items()},
         "wall_min": (time.perf_counter() - t0) / 60,
         "command": " ".join(["python", "examples/paper_in_miniature.py", *(argv or sys.argv[1:])]),
     }
-    summary = report.write_all(out, settings, bases, METHODS, list(ABLATIONS))
+    summary = report.write_all(out, settings, bases, lrs, METHODS, list(ABLATIONS))
     print(summary)
     print(f"total {settings['wall_min']:.1f} min; {out / 'summary.md'}")
     return 0

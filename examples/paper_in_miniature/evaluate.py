@@ -76,8 +76,55 @@ def evaluate(model_dir: Path, sets: dict[str, Path], out: Path, k: int, seed: in
     return scores
 
 
+def greedy_accuracy(model_dir: Path, prompts_file: Path, out: Path) -> float:
+    """Greedy accuracy on one set, percent (as ``hpt train`` validates)."""
+    engine, tokenizer = load_engine(str(model_dir))
+    try:
+        result = run_eval(
+            engine,
+            tokenizer,
+            [str(prompts_file)],
+            options=_options(0.0, 1.0, 1, [1], 0),
+            output_dir=out,
+        )
+    finally:
+        engine.shutdown()
+    return 100 * result[0].metrics["avg"]
+
+
+def demo_nll(model_dir: Path, prompts_file: Path, config: Path) -> dict[str, float]:
+    """The demonstrations' negative log-likelihood per token under the model, per operation
+    (nats), tokenized as ``hpt train`` tokenizes ``prompts_file`` under ``config``."""
+    import torch
+    from tasks import op_of
+    from transformers import AutoModelForCausalLM
+
+    from hpt_megatron.config import load_config
+    from hpt_megatron.data import build_prompt_dataset
+    from hpt_megatron.data.tokenizer import build_arithmetic_tokenizer
+
+    cfg = load_config(str(config), [f"data.train={prompts_file}", "data.system_prompt=null"])
+    records = list(build_prompt_dataset(cfg.data, build_arithmetic_tokenizer(), "train"))
+    rows = [json.loads(line) for line in prompts_file.read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    sums: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for rec in records:
+            assert rec.demo_ids is not None, f"{rec.prompt_id}: no demonstration"
+            ids = [*rec.prompt_ids, *rec.demo_ids]
+            logits = model(torch.tensor([ids])).logits[0, :-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+            nll = -logp[len(rec.prompt_ids) - 1 :]
+            op = op_of(rows[int(rec.prompt_id.rsplit(":", 1)[1])])
+            acc = sums.setdefault(op, [0.0, 0.0])
+            acc[0] += float(nll.sum())
+            acc[1] += len(nll)
+    return {op: total / count for op, (total, count) in sorted(sums.items())}
+
+
 def solve_rates(model_dir: Path, prompts_file: Path, out: Path, n: int = 8) -> dict:
-    """The base model's per-prompt solve counts at temperature 1 (top-p 1), ``n`` samples each."""
+    """The base model's per-prompt solve counts at temperature 1 (top-p 1), ``n`` samples each,
+    and the shares of prompts at 0/n, n/n and in between (also per operation)."""
     engine, tokenizer = load_engine(str(model_dir))
     try:
         run_eval(
@@ -97,6 +144,18 @@ def solve_rates(model_dir: Path, prompts_file: Path, out: Path, n: int = 8) -> d
         correct[row["prompt_id"]] += row["score"] >= 0.5
     hist = Counter(correct[p] for p in seen)
     total = len(seen)
+    from tasks import op_of
+
+    rows = [json.loads(line) for line in prompts_file.read_text().splitlines()]
+    ops = {f"{prompts_file.name}:{i}": op_of(r) for i, r in enumerate(rows)}
+    per_op = {}
+    for op in sorted(set(ops.values())):
+        mine = [correct[p] for p in seen if ops.get(p) == op]
+        per_op[op] = {
+            "prompts": len(mine),
+            "frac_zero": 100 * sum(c == 0 for c in mine) / max(1, len(mine)),
+            "frac_all": 100 * sum(c == n for c in mine) / max(1, len(mine)),
+        }
     return {
         "n": n,
         "prompts": total,
@@ -104,11 +163,15 @@ def solve_rates(model_dir: Path, prompts_file: Path, out: Path, n: int = 8) -> d
         "histogram": {f"{c}/{n}": hist.get(c, 0) for c in range(n + 1)},
         "frac_zero": 100 * hist.get(0, 0) / total,
         "frac_all": 100 * hist.get(n, 0) / total,
+        "frac_mixed": 100 * (total - hist.get(0, 0) - hist.get(n, 0)) / total,
+        "per_op": per_op,
     }
 
 
 def main(argv: list[str]) -> int:
-    """``evaluate.py scores MODEL SETS_DIR OUT K`` or ``evaluate.py solve MODEL PROMPTS OUT``."""
+    """``evaluate.py scores MODEL SETS_DIR OUT K`` (the benchmarks) or ``evaluate.py probe MODEL
+    PROMPTS OUT CONFIG VAL`` (solve rates and demonstrations' NLL on PROMPTS, greedy accuracy on
+    VAL)."""
     import torch
 
     torch.set_num_threads(1)
@@ -118,8 +181,12 @@ def main(argv: list[str]) -> int:
         evaluate(model, sets, out, int(argv[4]))
     else:
         out.mkdir(parents=True, exist_ok=True)
-        rates = solve_rates(model, source, out / "raw")
-        (out / "solve_rates.json").write_text(json.dumps(rates, indent=1))
+        probe = {
+            "solve_rate": solve_rates(model, source, out / "raw"),
+            "demo_nll": demo_nll(model, source, Path(argv[4])),
+            "val_greedy": greedy_accuracy(model, Path(argv[5]), out / "val"),
+        }
+        (out / "probe.json").write_text(json.dumps(probe, indent=1))
     return 0
 
 

@@ -1,10 +1,12 @@
 """The miniature's data: the base model's task, the training task and the benchmark files.
 
-Training (every method): level 2 of the built-in arithmetic task (two-digit + and -, two-digit by
-one-digit *). The base model is pre-trained (SFT) on level 1 only (two-digit addition), so it
-solves level 2's sums and none of its differences or products: the paper's premise of a base
-that solves part of the training problems (Qwen2.5-Math on its training set) with
-demonstrations for the rest.
+Level 2 of the built-in arithmetic task (two-digit + and -, two-digit by one-digit *): its
+training split is shuffled once (``HALF_SEED``) and cut in two halves. The base model is
+pre-trained (SFT on the demonstrations) on half A; every method trains on half B. So the base
+has seen every operation and partly solves the methods' prompts, with demonstrations it can read
+for the rest: the paper's regime (Qwen2.5-Math on its training set, R1 traces as
+demonstrations), which the regime checks of ``paper_in_miniature.py`` verify before any method
+runs.
 
 Held-out sets come from level 2's test split (disjoint from its train split; its sums from level
 1's test split, which neither the base nor the methods train on), per operation: the first
@@ -21,8 +23,9 @@ from pathlib import Path
 
 from hpt_megatron.data.arithmetic import arithmetic_examples
 
-BASE_LEVELS = [1]
 TRAIN_LEVELS = [2]
+HALF_SEED = 0  # the shuffle that cuts level 2's training split into halves A (base) and B
+PROBE_SIZE = 256  # B's first prompts: the base's solve rates and demonstrations' NLL
 TEST_SIZE = 450  # level 2's test split: validation, then the benchmarks
 VAL_PER_OP = 50  # validation problems per operation
 ID_SIZE = 130  # per in-distribution benchmark
@@ -64,10 +67,10 @@ def write_sets(folder: Path, per_benchmark: int | None = None) -> dict[str, Path
     """
     folder.mkdir(parents=True, exist_ok=True)
     # Level 2's test sums are level 1's test problems (see arithmetic.py), few of them drawn:
-    # the sums come from level 1's whole test split (never trained by the base or the methods).
+    # the sums come from level 1's whole test split (which nothing here trains on).
     test = arithmetic_examples("test", TRAIN_LEVELS, seed=TASK_SEED, test_size=TEST_SIZE)
     pools = {
-        "+": arithmetic_examples("test", BASE_LEVELS, seed=TASK_SEED, test_size=TEST_SIZE),
+        "+": arithmetic_examples("test", [1], seed=TASK_SEED, test_size=TEST_SIZE),
         "-": [ex for ex in test if _op(ex) == "-"],
         "*": [ex for ex in test if _op(ex) == "*"],
     }
@@ -89,6 +92,30 @@ def write_sets(folder: Path, per_benchmark: int | None = None) -> dict[str, Path
     return paths
 
 
-def train_prompts(limit: int) -> list:
-    """The first ``limit`` training problems (for the base model's solve-rate measurement)."""
-    return arithmetic_examples("train", TRAIN_LEVELS, seed=TASK_SEED, test_size=TEST_SIZE)[:limit]
+def halves() -> tuple[list, list]:
+    """Level 2's training split, shuffled with ``HALF_SEED`` and cut in two: (A, B)."""
+    import random
+
+    examples = arithmetic_examples("train", TRAIN_LEVELS, seed=TASK_SEED, test_size=TEST_SIZE)
+    random.Random(HALF_SEED).shuffle(examples)
+    half = len(examples) // 2
+    return examples[:half], examples[half:]
+
+
+def write_halves(folder: Path, probe_size: int = PROBE_SIZE) -> dict[str, Path]:
+    """``base_train.jsonl`` (A), ``train.jsonl`` (B) and ``probe.jsonl`` (B's first
+    ``probe_size``), with demonstrations; returns ``{name: path}``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    a, b = halves()
+    paths = {}
+    for name, rows in (("base_train", a), ("train", b), ("probe", b[:probe_size])):
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row(ex)) + "\n" for ex in rows))
+        paths[name] = path
+    return paths
+
+
+def op_of(row: dict) -> str:
+    """The operation of a written row (``+``, ``-`` or ``*``)."""
+    question = row["prompt"][0]["content"]
+    return next(c for c in "+-*" if c in question)

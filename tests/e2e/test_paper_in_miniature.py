@@ -1,5 +1,7 @@
-"""examples/paper_in_miniature.py end to end on a few steps: the base stage, two methods, one
-ablation, the benchmarks through hpt eval's code path, summary.json's schema and the plots."""
+"""examples/paper_in_miniature.py end to end on a few steps: the base stage and its regime
+checks, each method's learning-rate choice, two methods and one ablation, the benchmarks through
+hpt eval's code path, summary.json's schema, the verdicts (withheld: a 30-step base is out of
+the regime) and the plots; and the verdict rules on hand-made summaries."""
 
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ def run(tmp_path_factory):
     script = _load_script()
     out = tmp_path_factory.mktemp("mini")
     argv = ["--out", str(out), "--steps", "3", "--prompts-per-step", "4", "--base-steps", "30"]
-    argv += ["--eval-k", "4", "--eval-problems", "6", "--lr", "1e-3", "--seeds", "1"]
+    argv += ["--eval-k", "4", "--eval-problems", "6", "--seeds", "1"]
+    argv += ["--lr-grid", "3e-4,1e-3", "--lr-steps", "2", "--probe-prompts", "48"]
     argv += ["--sizes", "tiny", "--methods", "sft,hpt,always_rl"]
     assert script.main(argv) == 0
     return out, json.loads((out / "summary.json").read_text())
@@ -61,17 +64,90 @@ def test_summary_schema_and_values(run):
     assert "mean" in summary["base"]["avg"] and set(summary["base"]["benchmarks"]) == benches
 
 
-def test_every_method_starts_from_the_base(run):
+def test_every_method_starts_from_the_base_with_its_own_learning_rate(run):
     out, summary = run
     sr = summary["base"]["solve_rate"]
-    assert sr["prompts"] == 256 and sum(sr["histogram"].values()) == 256
-    expected = 100 * sum(int(k.split("/")[0]) * v for k, v in sr["histogram"].items()) / (8 * 256)
+    assert sr["prompts"] == 48 and sum(sr["histogram"].values()) == 48
+    expected = 100 * sum(int(k.split("/")[0]) * v for k, v in sr["histogram"].items()) / (8 * 48)
     assert sr["solve_rate"] == pytest.approx(expected)
-    base_hf = out / "base" / "tiny" / "run" / "hf"
+    assert sr["frac_zero"] + sr["frac_all"] + sr["frac_mixed"] == pytest.approx(100.0)
+    assert summary["base"]["steps"] == 30
+    base_hf = out / "base" / "tiny" / "steps30" / "hf"
     for name in ("sft", "hpt", "always_rl"):
+        entry = summary["methods"].get(name) or summary["ablation"][name]
+        grid = entry["lr_grid"]
+        assert set(grid) == {"0.0003", "0.001"}
+        # the rule: the best final validation accuracy, a tie to the smaller rate
+        best = max(sorted(grid, key=float), key=lambda lr: (grid[lr], -float(lr)))
+        assert entry["lr"] == float(best)
+        for lr, acc in grid.items():
+            run_dir = out / "lr" / name / lr
+            assert acc == pytest.approx(100 * _last_val(run_dir))
         config = (out / "runs" / "tiny" / name / "seed1" / "config.yaml").read_text()
         assert f"hf_weights: {base_hf}" in config
-        assert "lr: 0.001" in config
+        assert f"lr: {entry['lr']}" in config
+
+
+def _last_val(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "val/accuracy" in r][-1]["val/accuracy"]
+
+
+def test_regime_checks_come_before_the_methods_and_withhold_every_verdict(run):
+    """A 30-step base is out of the regime: the checks say which, and no claim gets a verdict."""
+    out, summary = run
+    regime = summary["regime"]
+    pre = {"share_at_0_of_8", "share_at_8_of_8", "share_mixed"}
+    pre |= {f"demo_nll_{op}" for op in "+-*"}
+    assert pre | {"sft_beats_base"} <= set(regime)
+    for check in regime.values():
+        assert set(check) == {"value", "pass"} and isinstance(check["pass"], bool)
+    # written before any method ran, and the same as in the summary
+    written = json.loads((out / "regime.json").read_text())["tiny"]
+    assert written == {k: v for k, v in regime.items() if k in pre}
+    assert (out / "regime.json").stat().st_mtime < (out / "lr").stat().st_mtime
+    assert not summary["in_regime"] and not all(c["pass"] for c in regime.values())
+    assert set(summary["verdict"].values()) == {"withheld"}
+    assert set(summary["verdict"]) == set(summary["verdict_rules"])
+
+
+def test_verdict_rules_on_hand_made_summaries():
+    sys.path.insert(0, str(REPO / "examples" / "paper_in_miniature"))
+    import report
+
+    def entry(mean, std, passk=50.0, frac=None):
+        return {
+            "avg": {"mean": mean, "std": std},
+            "pass_at_k": [passk] * 16,
+            "sft_fraction": [[i + 1, f] for i, f in enumerate(frac or [])],
+        }
+
+    sub = {
+        "methods": {
+            "hpt": entry(40.0, 1.0, 60.0, [0.8, 0.8, 0.6, 0.5, 0.4, 0.3, 0.3, 0.2]),
+            "sft": entry(30.0, 1.0),
+            "grpo": entry(38.5, 1.0, 55.0),
+        },
+        "ablation": {"always_sft": entry(35.0, 1.0), "always_rl": entry(39.5, 1.0)},
+    }
+    got = report.verdicts(sub, in_regime=True)
+    assert got == {
+        "hpt_beats_the_best_baseline": "supported",  # 40 - 38.5 > pooled std 1
+        "sft_share_falls": "supported",  # last quarter 0.25 < first quarter 0.8
+        "hpt_pass_at_k_at_least_grpo": "supported",
+        "gate_beats_its_ablations": "inconclusive",  # within 1 of always RL
+    }
+    sub["methods"]["grpo"] = entry(42.0, 1.0, 70.0)
+    sub["ablation"]["always_rl"] = entry(45.0, 1.0)
+    sub["methods"]["hpt"]["sft_fraction"] = [[i, 0.5] for i in range(1, 9)]
+    got = report.verdicts(sub, in_regime=True)
+    assert got["hpt_beats_the_best_baseline"] == "falsified"
+    assert got["sft_share_falls"] == "falsified"
+    assert got["hpt_pass_at_k_at_least_grpo"] == "falsified"
+    assert got["gate_beats_its_ablations"] == "falsified"
+    sub["methods"]["grpo"] = entry(40.5, 1.0)
+    assert report.verdicts(sub, in_regime=True)["hpt_beats_the_best_baseline"] == "inconclusive"
+    assert set(report.verdicts(sub, in_regime=False).values()) == {"withheld"}
 
 
 def test_gate_curve_and_plots(run):
