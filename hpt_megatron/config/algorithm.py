@@ -185,7 +185,10 @@ class AlgorithmConfig:
             why = (
                 f"distils from a teacher (options.distill_coef={spec.distill_coef})"
                 if spec.needs_teacher_logprobs
-                else "has the teacher write demonstrations (options.teacher_route=generate)"
+                else (
+                    "has a teacher write demonstrations "
+                    "(algorithm.options.teacher_route=generate)"
+                )
             )
             raise ValueError(
                 f"teacher.hf_path: algorithm.preset '{self.preset}' {why}; set "
