@@ -186,8 +186,7 @@ class AlgorithmConfig:
                 f"distils from a teacher (options.distill_coef={spec.distill_coef})"
                 if spec.needs_teacher_logprobs
                 else (
-                    "has a teacher write demonstrations "
-                    "(algorithm.options.teacher_route=generate)"
+                    "has a teacher write demonstrations (algorithm.options.teacher_route=generate)"
                 )
             )
             raise ValueError(
