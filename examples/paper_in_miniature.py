@@ -332,7 +332,7 @@ def choose_lrs(
     chosen = {}
     for method in args.methods:
         grid = {lr: report.last_val(futures[method, lr].result()) for lr in b.lr_grid}
-        best = max(sorted(grid), key=lambda lr: (grid[lr], -lr))
+        best = max(grid, key=lambda lr: (grid[lr], -lr))
         chosen[method] = {"lr": best, "how": how, "grid": {f"{k:g}": v for k, v in grid.items()}}
     return chosen
 

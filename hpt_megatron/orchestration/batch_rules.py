@@ -142,17 +142,18 @@ def _hpt(
     for group, beta in zip(plan.demo_groups, plan.demo_sft_weight):
         if group in to_teacher:
             continue
-        prompt = prompts[group]
-        if group in written:
-            if written[group] is None:  # the teacher's answer failed too: nothing to imitate
-                rejected += 1
-                continue
-            prompt = dataclasses.replace(prompt, demo_ids=written[group])
+        if group not in written:
+            samples.append(demo_sample(prompts[group], group, sft_weight=float(beta), rl_weight=0))
+            sft_groups += 1
+            continue
+        demo = written[group]
+        if demo is None:  # the teacher's answer failed too: nothing to imitate
+            rejected += 1
+            continue
+        prompt = dataclasses.replace(prompts[group], demo_ids=demo)
         sample = demo_sample(prompt, group, sft_weight=float(beta), rl_weight=0)
-        if group in written:
-            sample.metadata["route"] = TEACHER_DEMO_ROUTE
+        sample.metadata["route"] = TEACHER_DEMO_ROUTE
         samples.append(sample)
-        sft_groups += group not in written
     metrics = gate.metrics()
     num = max(1, len(prompts))
     if spec.needs_teacher:

@@ -156,7 +156,10 @@ class Driver:
         def write_demos(lacking: list[PromptRecord]) -> list[list[int] | None]:
             t0 = time.perf_counter()
             demos = self.write_demos(lacking, spec)
-            timings["time/teacher_generation_s"] = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0  # summed over DAPO's refill rounds
+            timings["time/teacher_generation_s"] = (
+                timings.get("time/teacher_generation_s", 0) + elapsed
+            )
             return demos
 
         announce = not self._generated  # the run's first generation is announced in the log
