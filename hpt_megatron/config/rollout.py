@@ -129,7 +129,8 @@ class SGLangConfig:
     # stage's exporting rank broadcasts its buckets into an update group with every server
     # (gloo on CPU servers, NCCL on GPU ones; colocated placement, servers the run launches,
     # no expert parallelism; a restarted server serves again after the next push).
-    # "tensor" (CUDA IPC) is not wired into hpt train: a config error.
+    # "tensor": the same, on the servers' host, with no group: each exporting rank posts
+    # handles to its buckets' memory (shared-memory files on CPU, CUDA IPC on GPU).
     weight_sync: Literal["auto", "disk", "tensor", "distributed"] = "auto"
     weight_sync_dir: str | None = None  # disk transport; None: <run_dir>/rollout_weights
     # distributed: the bound of each group join, broadcast and weight-update call.
@@ -178,17 +179,12 @@ class SGLangConfig:
                 raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
 
     def _validate_weight_sync(self) -> None:
-        """``tensor`` is not wired into ``hpt train``; ``distributed`` needs servers the run
-        launches (the placement and parallel layout are checked by preflight)."""
-        if self.weight_sync == "tensor":
-            if self.device == "cpu":
-                raise ValueError(
-                    "weight_sync: tensor (CUDA IPC) needs GPU servers (device: cuda); on CPU "
-                    "use auto, disk or distributed"
-                )
+        """``distributed`` and ``tensor`` need servers the run launches (the placement, the
+        nodes and the parallel layout are checked by preflight)."""
+        if self.weight_sync == "tensor" and self.urls:
             raise ValueError(
-                "weight_sync: tensor (CUDA IPC) is not wired into hpt train yet; use auto, "
-                "disk or distributed"
+                "weight_sync: tensor: the servers of urls may run on another host (tensor "
+                "hands them this host's memory); use auto or disk"
             )
         if self.weight_sync == "distributed" and self.urls:
             raise ValueError(

@@ -122,7 +122,7 @@ def find_problems(cfg: HPTConfig, world_size: int, target: Target) -> Findings:
     """Every check, each group's problems recorded (a group stops at its first)."""
     found = Findings()
     found.dp = found.attempt(check_world_size, cfg.parallel, world_size)  # type: ignore[assignment]
-    found.attempt(_check_schedule, cfg)
+    found.attempt(_check_schedule, cfg, world_size)
     found.hf = found.attempt(_check_model, cfg)  # type: ignore[assignment]
     found.problems += _path_problems(cfg)
     found.problems += teacher_problems(cfg, found.hf)
@@ -176,7 +176,7 @@ def _check_replay(cfg: HPTConfig) -> None:
         )
 
 
-def _check_schedule(cfg: HPTConfig) -> None:
+def _check_schedule(cfg: HPTConfig, world_size: int) -> None:
     why = data_parallel_refusal(cfg)
     if cfg.rollout.cpu.data_parallel and why:
         raise ConfigError(
@@ -189,18 +189,26 @@ def _check_schedule(cfg: HPTConfig) -> None:
             "only disaggregated placement makes (run.placement: disaggregated)"
         )
     sync = cfg.rollout.sglang.weight_sync
-    if cfg.rollout.engine == "sglang" and sync == "distributed":
+    if cfg.rollout.engine == "sglang" and sync in ("distributed", "tensor"):
+        how = "broadcasts" if sync == "distributed" else "posts its weights"
         if cfg.run.placement != "colocated" and not cfg.run.replay_rollouts:
             raise ConfigError(
-                "rollout.sglang.weight_sync: distributed broadcasts while the servers wait, "
+                f"rollout.sglang.weight_sync: {sync} {how} while the servers wait, "
                 "which only colocated placement gives (run.placement: colocated); "
                 "disaggregated runs use auto or disk"
             )
         if cfg.parallel.ep > 1:
             raise ConfigError(
-                "rollout.sglang.weight_sync: distributed: with expert parallelism several "
+                f"rollout.sglang.weight_sync: {sync}: with expert parallelism several "
                 "ranks of a stage export; use auto or disk"
             )
+    nodes_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if cfg.rollout.engine == "sglang" and sync == "tensor" and nodes_ranks < world_size:
+        raise ConfigError(
+            "rollout.sglang.weight_sync: tensor hands the servers this host's memory, and the "
+            f"run spans several nodes ({world_size} ranks, {nodes_ranks} on this one); use "
+            "distributed, auto or disk"
+        )
 
 
 def _check_model(cfg: HPTConfig) -> HFModelConfig:

@@ -19,7 +19,7 @@ import torch
 from hpt_megatron.config import HPTConfig
 from hpt_megatron.config.rollout import RolloutConfig
 
-Transport = Literal["memory", "disk", "distributed"]
+Transport = Literal["memory", "disk", "distributed", "tensor"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,8 +55,10 @@ class RolloutPlan:
         transport: how the trainer's weights reach the engine (``None``: a replay syncs none):
             ``disk`` (SGLang: every exporting rank writes its shards of a version folder),
             ``distributed`` (SGLang, ``weight_sync: distributed``: every exporting rank
-            broadcasts its buckets into its update group with the servers) or ``memory``
-            (the in-process CPU engine: buckets over the CPU group).
+            broadcasts its buckets into its update group with the servers), ``tensor``
+            (SGLang, ``weight_sync: tensor``: every exporting rank posts handles to its
+            buckets' memory, on the servers' host) or ``memory`` (the in-process CPU engine:
+            buckets over the CPU group).
         every_rank_loads: the weights go to every rank (each loads its replica), not only to
             the driver. Every rank sends: each exports the shards it holds.
         sync_dir: the disk transport's folder of versions (``None`` for ``memory``).
@@ -80,8 +82,8 @@ def rollout_plan(cfg: HPTConfig, world_size: int, cores: int | None = None) -> R
     transport: Transport | None = None
     if not replay:
         transport = "disk" if cfg.rollout.engine == "sglang" else "memory"
-        if transport == "disk" and cfg.rollout.sglang.weight_sync == "distributed":
-            transport = "distributed"
+        if transport == "disk" and cfg.rollout.sglang.weight_sync in ("distributed", "tensor"):
+            transport = cfg.rollout.sglang.weight_sync
     return RolloutPlan(
         engine=None if replay else cfg.rollout.engine,
         colocated=cfg.run.placement == "colocated",

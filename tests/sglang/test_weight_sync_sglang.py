@@ -2,10 +2,11 @@
 
 - Disk, disaggregated: each pipeline stage writes its own shards, the producer thread has the
   server load the folder, and older versions are removed once a newer one is loaded.
-- ``weight_sync: distributed``, colocated, two servers: each stage broadcasts into its update
-  group with both; every tensor is read back equal after every push (``check_weights``); a
-  server SIGKILLed mid-run is restarted, held out of generation, resynced by the next push into
-  fresh groups, and serves again; nothing is left running after the run.
+- ``weight_sync: distributed`` and ``tensor``, colocated, two servers: each stage broadcasts
+  into its update group with both (``tensor``: posts handles to its buckets' shared memory);
+  every tensor is read back equal after every push (``check_weights``); a server SIGKILLed
+  mid-run is restarted, held out of generation, resynced by the next push (into fresh groups),
+  and serves again; nothing is left running after the run, and no shared-memory file.
 """
 
 from __future__ import annotations
@@ -69,8 +70,16 @@ def _wait_for(what: str, ready, proc: subprocess.Popen, log: Path, timeout: floa
         time.sleep(0.2)
 
 
+def _shm_files() -> set[str]:
+    """torch's shared-memory files (the ``file_system`` strategy's, ``tensor`` uses it)."""
+    return {p.name for p in Path("/dev/shm").glob("torch_*")}
+
+
 @pytest.mark.timeout(1800)  # two CPU servers' start-up alone can take minutes on a busy host
-def test_pp2_distributed_sync_reads_back_equal_and_resyncs_a_killed_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["distributed", "tensor"])
+def test_pp2_server_sync_reads_back_equal_and_resyncs_a_killed_server(
+    tmp_path: Path, transport: str
+) -> None:
     """Grading is held (``gated_reward``) so that the kill lands at a known point: server B is
     SIGKILLed while step 1 grades (its rollouts done); the run notices it (a request or the
     push), restarts it, and the test holds the next grading until the restarted server is
@@ -82,12 +91,13 @@ def test_pp2_distributed_sync_reads_back_equal_and_resyncs_a_killed_server(tmp_p
     overrides += ["run.val_every=0", "checkpoint.save_every=0", "logging.progress_bar=false"]
     overrides += ["data.prompts_per_step=4", "rollout.n=4", *hpt_train.SGLANG_CPU]
     overrides += ["rollout.sglang.servers_per_node=2", "rollout.sglang.router=false"]
-    overrides += ["rollout.sglang.weight_sync=distributed", "rollout.sglang.check_weights=true"]
+    overrides += [f"rollout.sglang.weight_sync={transport}", "rollout.sglang.check_weights=true"]
     overrides += [f"reward.fn={GATED}", "reward.timeout_s=900"]
     # The held step waits for a server's restart (minutes on a busy host): above the watchdog's
     # 600 s floor for a phase seen before.
     overrides += ["fault.phase_timeout_s={rollout: 1800, broadcast: 1800}"]
     gate.touch()
+    shm_before = _shm_files()
     with log.open("w") as sink:
         proc = subprocess.Popen(
             hpt_train.command(hpt_train.TINY, out, *overrides, nproc=2),
@@ -135,3 +145,4 @@ def test_pp2_distributed_sync_reads_back_equal_and_resyncs_a_killed_server(tmp_p
     while pids_with(b"sglang", str(out).encode()):  # no server outlives the run
         assert time.time() < deadline, pids_with(b"sglang", str(out).encode())
         time.sleep(0.5)
+    assert not _shm_files() - shm_before  # every push's shared memory was freed

@@ -41,6 +41,7 @@ from hpt_megatron.rollout.sglang.server import ExternalServer, ServerStartError
 from hpt_megatron.rollout.weight_sync import WeightTransport
 from hpt_megatron.rollout.weight_sync.disk import DiskTransport, check_loaded
 from hpt_megatron.rollout.weight_sync.distributed import DistributedTransport, Target
+from hpt_megatron.rollout.weight_sync.tensor import TensorTransport
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -475,4 +476,6 @@ def _transport(cfg: SGLangConfig, run_dir: str | Path) -> WeightTransport:
     if cfg.weight_sync == "distributed":
         backend = "gloo" if cfg.device == "cpu" else "nccl"
         return DistributedTransport(backend, cfg.weight_sync_timeout_s, cfg.tp_size)
+    if cfg.weight_sync == "tensor":
+        return TensorTransport(cfg.weight_sync_timeout_s, cfg.tp_size)
     return DiskTransport(cfg.sync_dir(run_dir))

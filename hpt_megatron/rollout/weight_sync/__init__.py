@@ -10,6 +10,9 @@ every rank takes part in each push. One module per transport (``RolloutPlan.tran
 - ``distributed.py`` + ``distributed_pusher.py`` (SGLang, ``weight_sync: distributed``): every
   exporting rank broadcasts its buckets into its own update group with the servers (gloo on
   CPU, NCCL on GPU), the stages in turn; nothing touches the disk.
+- ``tensor.py`` (SGLang, ``weight_sync: tensor``, servers on the trainer's host): the same
+  pusher without groups; each exporting rank posts handles to its buckets' memory (shared-memory
+  files on CPU, CUDA IPC on GPU), the servers copy them in.
 - ``memory.py`` (the in-process CPU engine): buckets over the CPU group, to the driver or, under
   data-parallel generation, to every rank's replica.
 
@@ -50,7 +53,7 @@ def build_weight_pusher(
         return DiskPusher(
             plan.sync_dir, chunks, hf, ctx, tokenizer=tokenizer, bucket_bytes=bucket_bytes
         )
-    if plan.transport == "distributed":
+    if plan.transport in ("distributed", "tensor"):
         sglang = plan.rollout.sglang
         return DistributedPusher(
             chunks,
@@ -58,6 +61,7 @@ def build_weight_pusher(
             ctx,
             backend="gloo" if sglang.device == "cpu" else "nccl",
             timeout_s=sglang.weight_sync_timeout_s,
+            kind=plan.transport,
             check=sglang.check_weights,
             bucket_bytes=bucket_bytes,
         )

@@ -403,8 +403,9 @@ class DistributedTransport:
         next push brings it into fresh groups with the current weights."""
         logger.warning(
             "sglang server %s restarted: held out of generation until the next weight push "
-            "resyncs it (weight_sync: distributed keeps no copy of the weights)",
+            "resyncs it (weight_sync: %s keeps no copy of the weights)",
             client.pool.servers[index].url,
+            self.name,
         )
         client.pool.held.add(index)
 

@@ -1,10 +1,13 @@
-"""The trainer side of ``weight_sync: distributed`` in ``hpt train`` (see ``distributed.py``).
+"""The trainer side of ``weight_sync: distributed`` and ``tensor`` in ``hpt train`` (see
+``distributed.py`` and ``tensor.py``).
 
 Every rank takes part in each push; the exporting rank of each pipeline stage (TP rank 0 of
 data-parallel replica 0) owns one update group and broadcasts its own stage's buckets. The driver
 runs the servers' side through its engine (``SGLangEngine.admin``): which servers, the sessions,
 and the restarted ones. Each step ends with every rank's outcome gathered (small), so that a
-failure on one rank raises on all of them with the same message, naming the server.
+failure on one rank raises on all of them with the same message, naming the server. Under
+``tensor`` there are no groups: each exporting rank posts its buckets' shared-memory handles to
+every server itself, the stages in turn, inside the same sessions.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.distributed as dist
 from hpt_megatron.models.export import DEFAULT_BUCKET_BYTES, export_roles, rank_export_buckets
 from hpt_megatron.models.hf_config import HFModelConfig
 from hpt_megatron.parallel.runtime import ParallelContext
+from hpt_megatron.rollout.weight_sync import tensor as tensor_sync
 from hpt_megatron.rollout.weight_sync.base import WeightSink
 from hpt_megatron.rollout.weight_sync.distributed import (
     DistributedTransport,
@@ -38,13 +42,15 @@ _ATTEMPTS = 2
 
 
 class DistributedPusher:
-    """Each stage's buckets broadcast into its update group, the stages in turn.
+    """Each stage's buckets broadcast into its update group (``tensor``: posted as shared
+    handles), the stages in turn.
 
     Args:
         chunks: the policy's model chunks (wrapped or not).
         hf: the policy's HF config.
         ctx: this rank's parallel context.
         backend: ``gloo`` (CPU servers) or ``nccl``.
+        kind: ``distributed`` (update groups) or ``tensor`` (handles to this host's memory).
         timeout_s: the bound of every join, broadcast and server call.
         check: ``rollout.sglang.check_weights``: each bucket is read back from every server
             right after its broadcast and compared exactly with what was sent.
@@ -59,6 +65,7 @@ class DistributedPusher:
         *,
         backend: str,
         timeout_s: float,
+        kind: str = "distributed",
         check: bool = False,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ) -> None:
@@ -66,6 +73,7 @@ class DistributedPusher:
         self.hf = hf
         self.ctx = ctx
         self.backend = backend
+        self.kind = kind
         self.timeout_s = timeout_s
         self.check = check
         self.bucket_bytes = bucket_bytes
@@ -108,8 +116,8 @@ class DistributedPusher:
         return sent
 
     def _join(self, stage: int, targets: list[Target], generation: int) -> None:
-        """(the stage's exporting rank) A fresh group with ``targets``."""
-        if not (self.exports and self.ctx.pp_rank == stage):
+        """(the stage's exporting rank) A fresh group with ``targets`` (``tensor``: none)."""
+        if not (self.exports and self.ctx.pp_rank == stage) or self.kind == "tensor":
             return
         if self.group is not None:
             self.group.destroy()
@@ -129,10 +137,15 @@ class DistributedPusher:
         served_as: dict[int, tuple[torch.dtype, ...]] = {}  # each server's, over the buckets
         buckets = rank_export_buckets(self.modules, self.hf, self.ctx, self.bucket_bytes)
         for bucket in buckets:
-            if error is not None or self.group is None:
+            if error is not None or not self.exports:
                 continue
             try:
-                self.group.send(bucket, version)
+                if self.kind == "tensor":
+                    tensor_sync.send(targets, bucket, version, self.timeout_s)
+                elif self.group is not None:
+                    self.group.send(bucket, version)
+                else:
+                    continue
                 sent += sum(t.numel() * t.element_size() for _, t in bucket)
                 if self.check:
                     checked += read_back(targets, iter([bucket]), self.timeout_s, served_as)
@@ -147,7 +160,7 @@ class DistributedPusher:
         if not self.ctx.is_driver:
             return None
         transport = sink.transport
-        assert isinstance(transport, DistributedTransport), "weight_sync: distributed's engine"
+        assert isinstance(transport, DistributedTransport), f"weight_sync: {self.kind}'s engine"
         return call(sink, transport)
 
     def _together(self, work: Callable[[], T]) -> list[T]:

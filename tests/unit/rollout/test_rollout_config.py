@@ -70,7 +70,10 @@ def test_cpu_server_args_env_and_passthrough() -> None:
         ({"cpu": {"max_batch_rows": 0}}, "rollout.cpu.max_batch_rows"),
         ({"sglang": {"tp_size": 0}}, "rollout.sglang.tp_size"),
         ({"sglang": {"mem_fraction_static": 1.5}}, "rollout.sglang.mem_fraction_static"),
-        ({"sglang": {"device": "cpu", "weight_sync": "tensor"}}, "rollout.sglang.weight_sync"),
+        (
+            {"sglang": {"weight_sync": "tensor", "urls": ["http://h:1"]}},
+            "rollout.sglang.weight_sync",
+        ),
         ({"sglang": {"extra_args": ["--port", "1"]}}, "rollout.sglang.extra_args"),
         ({"sglang": {"max_restarts": -1}}, "rollout.sglang.max_restarts"),
         ({"sglang": {"urls": ["localhost:30000"]}}, "rollout.sglang.urls"),

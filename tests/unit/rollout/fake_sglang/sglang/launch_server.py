@@ -14,6 +14,9 @@ Weight sync over a process group (``weight_sync: distributed``) as SGLang 0.5.23
 ``/begin_weight_update`` and ``/end_weight_update``) receives the broadcast tensors, which
 ``/get_weights_by_name`` then returns, rounded to the precision the server runs in
 (``--dtype``; ``auto`` runs a float32 model in float16, as SGLang does).
+``/update_weights_from_tensor`` (``weight_sync: tensor``) unpickles its payload as SGLang does:
+the tensors map the sender's shared memory; a payload that fails to unpickle takes the server
+down, as it takes SGLang 0.5.23's.
 """
 
 import argparse
@@ -144,6 +147,25 @@ def _receive(body):
     return {"success": True, "message": "ok"}
 
 
+def _receive_tensors(body):
+    import base64
+    import pickle
+
+    import torch
+
+    if not STATE.get("session"):
+        return {"success": False, "message": "must run between begin and end_weight_update"}
+    try:
+        named = pickle.loads(base64.b64decode(body["serialized_named_tensors"][0]))
+    except Exception as err:  # SGLang's scheduler dies on it, and the server with it
+        print(f"unpickling the payload failed: {err!r}", flush=True)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    for name, tensor in named:
+        RECEIVED[name] = tensor.to(getattr(torch, SERVED)).clone()  # the server's parameter
+    STATE["version"] = body.get("weight_version") or STATE["version"]
+    return {"success": True, "message": "ok"}
+
+
 def _destroy(body):
     import torch.distributed as dist
 
@@ -234,6 +256,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, _join(body))
         elif self.path == "/update_weights_from_distributed":
             self._send(200, _receive(body))
+        elif self.path == "/update_weights_from_tensor":
+            self._send(200, _receive_tensors(body))
         elif self.path == "/destroy_weights_update_group":
             self._send(200, _destroy(body))
         elif self.path in ("/begin_weight_update", "/end_weight_update"):
