@@ -124,13 +124,14 @@ class SGLangConfig:
     max_retries: int = 3  # per request, across servers
     max_restarts: int = 2  # per server, after a crash
     max_concurrency: int = 64  # in-flight requests per server
-    # How new weights reach the servers: "disk" (every pipeline stage writes its own safetensors
-    # shards, the servers load the folder; "auto" picks it). "distributed": each pipeline
-    # stage's exporting rank broadcasts its buckets into an update group with every server
-    # (gloo on CPU servers, NCCL on GPU ones; colocated placement, servers the run launches,
-    # no expert parallelism; a restarted server serves again after the next push).
-    # "tensor": the same, on the servers' host, with no group: each exporting rank posts
-    # handles to its buckets' memory (shared-memory files on CPU, CUDA IPC on GPU).
+    # How new weights reach the servers. "disk": every pipeline stage writes its own
+    # safetensors shards, the servers load the folder. "distributed": each pipeline stage's
+    # exporting rank broadcasts its buckets into an update group with every server (gloo on CPU
+    # servers, NCCL on GPU ones; colocated placement, servers the run launches, no expert
+    # parallelism; a restarted server serves again after the next push). "tensor": the same
+    # on one node, with no group: handles to the buckets' memory (shared-memory files on CPU,
+    # CUDA IPC on GPU). "auto": tensor for colocated GPU servers on one node, else disk; the
+    # log says which and why (rollout/plan.py: weight_sync_choice).
     weight_sync: Literal["auto", "disk", "tensor", "distributed"] = "auto"
     weight_sync_dir: str | None = None  # disk transport; None: <run_dir>/rollout_weights
     # distributed: the bound of each group join, broadcast and weight-update call.

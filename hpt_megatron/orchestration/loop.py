@@ -47,7 +47,7 @@ from hpt_megatron.parallel.runtime import (
     shutdown_distributed,
 )
 from hpt_megatron.rollout.factory import build_replica, start_rollout_nodes
-from hpt_megatron.rollout.plan import rollout_plan
+from hpt_megatron.rollout.plan import MEMORY_SAVER, adds_memory_saver, rollout_plan
 from hpt_megatron.rollout.replicas import serve_requests
 from hpt_megatron.rollout.weight_sync import WeightPusher, build_weight_pusher
 from hpt_megatron.trainer.engine import PhaseMarker
@@ -80,6 +80,14 @@ def train(cfg: HPTConfig) -> dict[str, float]:
         cfg.parallel, seed=cfg.run.seed, timeout_s=cfg.fault.collective_timeout_s
     )
     plan = rollout_plan(cfg, ctx.world_size)
+    if ctx.is_driver and plan.transport is not None:
+        _log.info("weight sync: %s (%s)", plan.transport, plan.transport_reason)
+    if ctx.is_driver and adds_memory_saver(cfg):
+        _log.info(
+            "SGLang servers: %s added: colocated GPU servers release their memory while the "
+            "trainer runs, which does nothing without it",
+            MEMORY_SAVER,
+        )
     threads = plan.threads
     if threads.trainer is not None:  # CPU servers generate while this rank trains
         torch.set_num_threads(threads.trainer)

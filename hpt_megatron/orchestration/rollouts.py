@@ -46,8 +46,13 @@ def staleness_metrics(batch: RolloutBatch, step: int) -> dict[str, float]:
     """Staleness of the batch's generated rows at ``step`` (by the version each started with;
     demonstrations are not generated), and how many continued across a weight push."""
     generated = [s for s in batch.samples if not s.is_demo]
-    if not generated:
-        return {"rollout/staleness_mean": 0.0, "rollout/staleness_max": 0.0}
+    if not generated:  # (every prompt routed to its demonstration)
+        return {
+            "rollout/staleness_mean": 0.0,
+            "rollout/staleness_max": 0.0,
+            "rollout/partial_frac": 0.0,
+            "rollout/weight_versions": 0.0,
+        }
     ages = [step - s.weight_version for s in generated]
     versions = [set(s.token_versions or [s.weight_version]) for s in generated]
     return {

@@ -59,6 +59,7 @@ class RolloutPlan:
             (SGLang, ``weight_sync: tensor``: every exporting rank posts handles to its
             buckets' memory, on the servers' host) or ``memory`` (the in-process CPU engine:
             buckets over the CPU group).
+        transport_reason: why that transport (``weight_sync_choice``), for the log.
         every_rank_loads: the weights go to every rank (each loads its replica), not only to
             the driver. Every rank sends: each exports the shards it holds.
         sync_dir: the disk transport's folder of versions (``None`` for ``memory``).
@@ -71,6 +72,7 @@ class RolloutPlan:
     threads: ThreadCounts
     rollout: RolloutConfig
     transport: Transport | None
+    transport_reason: str
     every_rank_loads: bool
     sync_dir: Path | None
 
@@ -79,22 +81,63 @@ def rollout_plan(cfg: HPTConfig, world_size: int, cores: int | None = None) -> R
     """The plan of ``cfg`` over ``world_size`` ranks (``cores``: this process's, by default)."""
     replay = bool(cfg.run.replay_rollouts)
     data_parallel = data_parallel_generation(cfg, world_size)
-    transport: Transport | None = None
-    if not replay:
-        transport = "disk" if cfg.rollout.engine == "sglang" else "memory"
-        if transport == "disk" and cfg.rollout.sglang.weight_sync in ("distributed", "tensor"):
-            transport = cfg.rollout.sglang.weight_sync
+    transport, why = weight_sync_choice(cfg, world_size)
+    rollout = sglang_rollout(cfg, cores)
+    if transport in ("disk", "distributed", "tensor"):  # the engine's side follows the choice
+        sglang = dataclasses.replace(rollout.sglang, weight_sync=transport)
+        rollout = dataclasses.replace(rollout, sglang=sglang)
     return RolloutPlan(
         engine=None if replay else cfg.rollout.engine,
         colocated=cfg.run.placement == "colocated",
         data_parallel=data_parallel,
         launches_servers=launches_sglang_servers(cfg),
         threads=thread_counts(cfg, data_parallel, cores),
-        rollout=sglang_rollout(cfg, cores),
+        rollout=rollout,
         transport=transport,
+        transport_reason=why,
         every_rank_loads=data_parallel,
         sync_dir=cfg.rollout.sglang.sync_dir(cfg.run.run_dir) if transport == "disk" else None,
     )
+
+
+def weight_sync_choice(cfg: HPTConfig, world_size: int) -> tuple[Transport | None, str]:
+    """How the trainer's weights reach the engine, and why (``rollout.sglang.weight_sync``;
+    ``auto`` decides here).
+
+    ``auto`` picks ``tensor`` for GPU servers the run launches on its one node, colocated,
+    without expert parallelism (CUDA IPC: no copy through the disk or the network); ``disk``
+    everywhere else, each case saying why. On CPU servers ``tensor`` measured no faster than
+    disk (0.95x on a Qwen2.5-0.5B shape, PP=2, two servers:
+    ``benchmarks/weight_sync_transports.py``) and, like ``distributed``, keeps no copy of the
+    weights, so a restarted server waits for the next push where disk reloads it at once.
+    """
+    if cfg.run.replay_rollouts:
+        return None, "a replay of recorded batches syncs no weights"
+    if cfg.rollout.engine != "sglang":
+        return "memory", "the in-process CPU engine: buckets over the CPU process group"
+    sglang = cfg.rollout.sglang
+    if sglang.weight_sync != "auto":
+        return sglang.weight_sync, "rollout.sglang.weight_sync names it"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if sglang.urls:
+        why = "the servers of rollout.sglang.urls may run on another host and join no group"
+    elif cfg.run.placement != "colocated":
+        why = "disaggregated: the servers generate while the trainer pushes"
+    elif cfg.parallel.ep > 1:
+        why = "expert parallelism: several ranks of a stage export"
+    elif local < world_size:
+        why = (
+            "several nodes: tensor needs the servers on the trainer's host, and distributed "
+            "over several nodes is not chosen automatically (set weight_sync: distributed)"
+        )
+    elif sglang.device == "cpu":
+        why = (
+            "CPU servers: tensor is no faster than disk there, and disk reloads a restarted "
+            "server at once (set weight_sync: tensor or distributed to use them)"
+        )
+    else:
+        return "tensor", "colocated GPU servers on this node: CUDA IPC handles, no copy"
+    return "disk", why
 
 
 def launches_sglang_servers(cfg: HPTConfig) -> bool:
@@ -188,13 +231,35 @@ def generation_threads(cfg: HPTConfig, data_parallel: bool = False) -> int:
     return max(1, min(node_ranks * own, cores))
 
 
+MEMORY_SAVER = "--enable-memory-saver"
+
+
+def adds_memory_saver(cfg: HPTConfig) -> bool:
+    """Colocated GPU servers the run launches get SGLang's memory saver when the user did not
+    ask for it: the loop releases their memory while the trainer runs, which does nothing
+    without it."""
+    sglang = cfg.rollout.sglang
+    return (
+        launches_sglang_servers(cfg)
+        and sglang.device != "cpu"
+        and cfg.run.placement == "colocated"
+        and MEMORY_SAVER not in sglang.extra_args
+    )
+
+
 def sglang_rollout(cfg: HPTConfig, cores: int | None = None) -> RolloutConfig:
     """The ``rollout`` section as the engine takes it: SGLang servers of a served checkpoint are
-    told the trainer's RoPE settings (``model.rope_theta``, ``max_position_embeddings``), and
-    CPU servers their threads (``cpu_thread_split``). Other engines take it as it is."""
+    told the trainer's RoPE settings (``model.rope_theta``, ``max_position_embeddings``), CPU
+    servers their threads (``cpu_thread_split``), colocated GPU servers the memory saver
+    (``adds_memory_saver``). Other engines take it as it is."""
     rollout = cfg.rollout
     if rollout.engine != "sglang":
         return rollout
+    if adds_memory_saver(cfg):
+        extra = [*rollout.sglang.extra_args, MEMORY_SAVER]
+        rollout = dataclasses.replace(
+            rollout, sglang=dataclasses.replace(rollout.sglang, extra_args=extra)
+        )
     split = cpu_thread_split(cfg, cores)
     if split is not None:  # the user's own rollout.sglang.env wins
         env = {"OMP_NUM_THREADS": str(split[0]), **rollout.sglang.env}

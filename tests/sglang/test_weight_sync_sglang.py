@@ -146,3 +146,47 @@ def test_pp2_server_sync_reads_back_equal_and_resyncs_a_killed_server(
         assert time.time() < deadline, pids_with(b"sglang", str(out).encode())
         time.sleep(0.5)
     assert not _shm_files() - shm_before  # every push's shared memory was freed
+
+
+@pytest.mark.timeout(1800)
+def test_partial_rollouts_through_the_router_continue_across_a_push(tmp_path: Path) -> None:
+    """Disaggregated, staleness 1, ``rollout.partial``, two servers behind the router, each
+    running one request at a time (so that a batch's generation outlasts a training step and
+    the trainer's push lands in it): the push aborts the requests in flight, which continue
+    under the new weights. Some responses carry tokens of two versions, each token with the
+    log-prob it was sampled with (what the corrections read); the router keeps a prompt's
+    samples on one server and counts each server's requests."""
+    require_sglang()
+    out = tmp_path / "run"
+    overrides = ["parallel.tp=1", "run.placement=disaggregated", "run.max_staleness=1"]
+    overrides += [
+        "algorithm.preset=grpo",
+        "run.steps=4",
+        "run.val_every=0",
+        "checkpoint.save_every=0",
+    ]
+    overrides += ["data.prompts_per_step=4", "rollout.n=4", "logging.progress_bar=false"]
+    overrides += ["rollout.partial=true", "logging.save_rollouts=true", *hpt_train.SGLANG_CPU]
+    overrides += ["rollout.sglang.servers_per_node=2", "rollout.sglang.router=true"]
+    overrides += ["rollout.sglang.extra_args=[--skip-server-warmup,--max-running-requests=1]"]
+    hpt_train.run(hpt_train.TINY, out, *overrides, timeout=1500)
+    rows = hpt_train.metrics(out)
+    assert sorted(rows) == [1, 2, 3, 4]
+    mixed = [s for s, r in rows.items() if r["rollout/partial_frac"] > 0]
+    assert mixed, {s: r["rollout/partial_frac"] for s, r in rows.items()}
+    assert all(rows[s]["rollout/weight_versions"] >= 2 for s in mixed)
+    continued = []
+    for path in sorted((out / "rollouts").glob("step_*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if len(set(row.get("token_versions") or [])) > 1:
+                continued.append(row)
+    assert continued
+    for row in continued:
+        assert len(row["token_versions"]) == len(row["response_ids"])
+        assert len(row["rollout_logprobs"]) == len(row["response_ids"])
+        assert row["token_versions"] == sorted(row["token_versions"])  # older tokens first
+    last = rows[4]
+    served = [last["rollout/requests/server_0"], last["rollout/requests/server_1"]]
+    assert all(count > 0 for count in served), served
+    assert last["rollout/router/new_prompts"] > 0 and last["rollout/router/same_worker"] > 0

@@ -149,9 +149,29 @@ def serialize(bucket: WeightBucket) -> str:
     return base64.b64encode(data).decode()
 
 
+# The most CPU bytes copied into shared memory at a time: a bucket goes in parts of about this
+# size (the export hands out views of the parameters, so each part is a copy; a 512 MiB bucket
+# shared whole doubled the driver's memory growth during a push).
+PART_BYTES = 64 << 20
+
+
 def send(targets: list[Target], bucket: WeightBucket, version: int, timeout_s: float) -> None:
-    """Load ``bucket`` into every target (one payload per server TP rank), the servers at once;
-    :class:`SyncError` naming each server that refused and the bucket's tensors."""
+    """Load ``bucket`` into every target (one payload per server TP rank), the servers at once,
+    in parts of about :data:`PART_BYTES`; :class:`SyncError` naming each server that refused
+    and the part's tensors."""
+    part: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in bucket:
+        if part and size + tensor.nbytes > PART_BYTES:
+            _send_part(targets, part, version, timeout_s)
+            part, size = [], 0
+        part.append((name, tensor))
+        size += tensor.nbytes
+    if part:
+        _send_part(targets, part, version, timeout_s)
+
+
+def _send_part(targets: list[Target], bucket: WeightBucket, version: int, timeout_s: float) -> None:
     names = [name for name, _ in bucket]
     shared = shareable(bucket)  # kept alive until every server has answered
     requests = []

@@ -62,6 +62,41 @@ def test_external_sglang_servers_launch_nothing_and_split_no_cores() -> None:
     assert plan.threads == ThreadCounts() and plan.rollout.sglang.env == {}
 
 
+def test_auto_weight_sync_picks_tensor_only_for_colocated_gpu_servers_on_one_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each case of ``weight_sync_choice``: the transport, a reason naming what decided it, and
+    the engine's side told the same transport."""
+    gpu = ["rollout.engine=sglang", "rollout.sglang.device=cuda"]
+    cases = [
+        (gpu, "tensor", "CUDA IPC"),
+        (SGLANG_CPU, "disk", "CPU servers"),
+        ([*gpu, *ASYNC], "disk", "disaggregated"),
+        ([*gpu, "rollout.sglang.urls=[http://10.0.0.1:30000]"], "disk", "urls"),
+        ([*SGLANG_CPU, "rollout.sglang.weight_sync=tensor"], "tensor", "names it"),
+        ([*gpu, "rollout.sglang.weight_sync=disk"], "disk", "names it"),
+    ]
+    for overrides, transport, why in cases:
+        plan = rollout_plan(load_config(TINY, overrides), world_size=2, cores=16)
+        assert (plan.transport, plan.rollout.sglang.weight_sync) == (transport, transport)
+        assert why in plan.transport_reason, (overrides, plan.transport_reason)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two nodes of one rank each
+    plan = rollout_plan(load_config(TINY, gpu), world_size=2, cores=16)
+    assert plan.transport == "disk" and "several nodes" in plan.transport_reason
+
+
+def test_colocated_gpu_servers_get_the_memory_saver_once() -> None:
+    gpu = ["rollout.engine=sglang", "rollout.sglang.device=cuda"]
+    plan = rollout_plan(load_config(TINY, gpu), world_size=1, cores=16)
+    assert plan.rollout.sglang.extra_args.count("--enable-memory-saver") == 1
+    asked = [*gpu, "rollout.sglang.extra_args=[--enable-memory-saver]"]
+    plan = rollout_plan(load_config(TINY, asked), world_size=1, cores=16)
+    assert plan.rollout.sglang.extra_args == ["--enable-memory-saver"]
+    for other in (SGLANG_CPU, [*gpu, *ASYNC]):
+        plan = rollout_plan(load_config(TINY, other), world_size=1, cores=16)
+        assert "--enable-memory-saver" not in plan.rollout.sglang.extra_args
+
+
 def test_a_replay_builds_no_engine_and_syncs_nothing() -> None:
     replay = ["run.replay_rollouts=/recorded", "run.val_every=0"]
     for engine in ([], SGLANG_CPU):
