@@ -189,4 +189,8 @@ def test_partial_rollouts_through_the_router_continue_across_a_push(tmp_path: Pa
     last = rows[4]
     served = [last["rollout/requests/server_0"], last["rollout/requests/server_1"]]
     assert all(count > 0 for count in served), served
-    assert last["rollout/router/new_prompts"] > 0 and last["rollout/router/same_worker"] > 0
+    for step, row in rows.items():  # each prompt placed once; its other requests (samples,
+        # continuations) all sent to the same worker (the counts are the run's so far)
+        assert row["rollout/router/new_prompts"] == 4 * step, row
+        routed = row["rollout/requests/router"]
+        assert row["rollout/router/same_worker"] == routed - 4 * step, row
