@@ -8,12 +8,16 @@ and optimizer as ``trainer/build.py`` wires them, ``--steps`` training steps on 
 (Adam's state exists from the first step). A rank reports its peak resident set size (``ru_maxrss``)
 and that peak minus its resident size before the model was built (the training state: weights,
 gradient buffers, optimizer state, activations, the collectives' buffers), with the same figure
-at the end of the model's build and after the first step. The distributed
+at the end of the model's build and after the first step, and what stays resident between
+steps (``VmRSS`` after the last step, the heap trimmed). The distributed
 optimizer shards the fp32 main weights and Adam moments over the data-parallel ranks, so at DP=2
 a rank holds half of them: with bf16 a parameter needs 2 (weight) + 4 (fp32 gradient) + 4 (main
 weight) + 8 (Adam) = 18 bytes without it and 2 + 4 + 6 = 12 with it (0.67); with fp32, where the
 main weights are the model's, 16 and 12 (0.75). The script prints that expectation beside the
-measurement.
+measurement. The resident figure meets it; the peak stays above it because gloo stages each
+collective through a temporary the size of the tensor it fills or reads (the parameter
+all-gather's output, the gradient reduce-scatter's input: ``gloo_collective_memory.py``),
+which NCCL does not.
 
     python benchmarks/dist_optimizer_memory.py                 # bf16, the defaults
     python benchmarks/dist_optimizer_memory.py --dtype fp32 --hidden 1024 --layers 8

@@ -9,6 +9,7 @@ examples/tiny_cpu.yaml, so ``hpt train`` can sync its weights into the servers.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -253,3 +254,40 @@ def test_router_is_told_when_a_worker_restarts(launched: SGLangEngine) -> None:
     after = _generate_counts(launched.servers)
     assert after[1] > before[1], (before, after)
     assert launched.restarts == 1
+
+
+def test_refused_groups_and_payloads_are_named_and_take_no_server_down(
+    launched: SGLangEngine,
+) -> None:
+    """Bad input to ``weight_sync: distributed`` and ``tensor`` on a real server: a server that
+    is not there, a group name the server already holds, a tensor payload outside a weight
+    update session, and a payload SGLang would die unpickling. Each is a clear error naming
+    the server (and the tensors), and the server goes on serving."""
+    from multiprocessing.reduction import ForkingPickler
+
+    from hpt_megatron.rollout.weight_sync.distributed import SyncError, Target, UpdateGroup, post
+    from hpt_megatron.rollout.weight_sync.tensor import check_payload, send
+
+    server = launched.servers[0]
+    target = Target(0, server.url, server.auth_headers())
+    wrong = Target(0, f"http://127.0.0.1:{free_port()}", {})
+    with pytest.raises(SyncError, match=rf"{wrong.url} does not answer /health"):
+        UpdateGroup("hpt-test-nobody", [wrong], "gloo", 30.0).join()
+    group = UpdateGroup("hpt-test-taken", [target], "gloo", 300.0)
+    group.join()
+    group.destroy()  # this side only: the server still holds the name
+    started = time.monotonic()
+    with pytest.raises(SyncError, match=rf"{server.url}/init_weights_update_group refused"):
+        UpdateGroup("hpt-test-taken", [target], "gloo", 10.0).join()
+    assert time.monotonic() - started < 120
+    post(target, "/destroy_weights_update_group", {"group_name": "hpt-test-taken"}, 60.0)
+    norm = [("model.norm.weight", torch.ones(64))]
+    with pytest.raises(SyncError, match=rf"tensor\) of model.norm.weight: {server.url}\S* refused"):
+        send([target], norm, 1, 60.0)  # no /begin_weight_update: SGLang refuses it
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump(norm)  # torch's default CPU sharing: SGLang would go down
+    with pytest.raises(ValueError, match="payload of model.norm.weight would make the server"):
+        check_payload(buffer.getvalue(), ["model.norm.weight"])
+    assert launched.health()
+    gens = launched.generate([PROMPTS[0]], SamplingParams(max_new_tokens=2, temperature=0.0))
+    assert gens[0].token_ids  # it still generates
