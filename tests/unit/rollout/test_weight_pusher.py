@@ -17,6 +17,7 @@ from hpt_megatron.rollout.plan import rollout_plan
 from hpt_megatron.rollout.weight_sync import build_weight_pusher
 from hpt_megatron.rollout.weight_sync import disk as disk_module
 from hpt_megatron.rollout.weight_sync.disk import DiskPusher
+from hpt_megatron.rollout.weight_sync.distributed_pusher import DistributedPusher
 from hpt_megatron.rollout.weight_sync.folder import VersionFolder, dtype_name, write_version
 from hpt_megatron.rollout.weight_sync.memory import MemoryPusher
 
@@ -123,8 +124,13 @@ def test_the_plan_chooses_the_pusher(tmp_path: Path) -> None:
     assert isinstance(one, MemoryPusher) and not one.every_rank
     every = build_weight_pusher(rollout_plan(cfg, 2), chunks, hf, DRIVER)  # type: ignore[arg-type]
     assert isinstance(every, MemoryPusher) and every.every_rank
-    sglang = load_config(TINY, [f"run.output_dir={tmp_path}", "rollout.engine=sglang"])
+    cpu_servers = ["rollout.engine=sglang", "rollout.sglang.device=cpu"]
+    sglang = load_config(TINY, [f"run.output_dir={tmp_path}", *cpu_servers])
     disk = build_weight_pusher(rollout_plan(sglang, 2), chunks, hf, DRIVER)  # type: ignore[arg-type]
     assert isinstance(disk, DiskPusher) and disk.root == (tmp_path / "rollout_weights").absolute()
+    ctx = SimpleNamespace(is_driver=True, world_size=1, dp_rank=0, expert_dp_rank=0, tp_rank=0)
+    gpu = load_config(TINY, [f"run.output_dir={tmp_path}", "rollout.engine=sglang"])
+    tensor = build_weight_pusher(rollout_plan(gpu, 1), chunks, hf, ctx)  # type: ignore[arg-type]
+    assert isinstance(tensor, DistributedPusher) and tensor.kind == "tensor"
     replay = load_config(TINY, ["run.replay_rollouts=/recorded", "run.val_every=0"])
     assert build_weight_pusher(rollout_plan(replay, 2), chunks, hf, DRIVER) is None  # type: ignore[arg-type]

@@ -35,7 +35,9 @@ FAKE = Path(__file__).parent / "fake_sglang"
 
 
 def _shm() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("torch_*")}
+    """This process's shared-memory files (torch names them ``torch_<pid>_...``; other tests
+    may run beside this one)."""
+    return {p.name for p in Path("/dev/shm").glob(f"torch_{os.getpid()}_*")}
 
 
 def test_a_payload_holds_handles_that_another_process_maps_and_nothing_is_left() -> None:
