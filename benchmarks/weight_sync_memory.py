@@ -119,16 +119,11 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="work folder (default: a temporary one, removed)")
-    parser.add_argument("--bucket-mib", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=QWEN25_05B_SHAPE["num_hidden_layers"])
-    parser.add_argument("--vocab", type=int, default=QWEN25_05B_SHAPE["vocab_size"])
-    args = parser.parse_args()
+def random_pp2_model(shape: dict[str, Any]) -> tuple[Any, Any, list]:
+    """This rank's stage of a random bf16 Qwen2 model of ``shape`` at PP=2 (gloo), every page
+    touched: ``(ctx, hf, chunks)``."""
     parallel = ParallelConfig(pp=2)
     ctx = init_distributed(parallel, seed=0)
-    shape = {**QWEN25_05B_SHAPE, "num_hidden_layers": args.layers, "vocab_size": args.vocab}
     hf = load_hf_config({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **shape})
     model = ModelConfig(inline=hf.to_dict(), params_dtype="bf16")
     chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank, init_weights=False)
@@ -136,6 +131,18 @@ def main() -> None:
         for chunk in chunks:
             for param in chunk.parameters():
                 param.normal_(0.0, 0.02)
+    return ctx, hf, chunks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="work folder (default: a temporary one, removed)")
+    parser.add_argument("--bucket-mib", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=QWEN25_05B_SHAPE["num_hidden_layers"])
+    parser.add_argument("--vocab", type=int, default=QWEN25_05B_SHAPE["vocab_size"])
+    args = parser.parse_args()
+    shape = {**QWEN25_05B_SHAPE, "num_hidden_layers": args.layers, "vocab_size": args.vocab}
+    ctx, hf, chunks = random_pp2_model(shape)
     bucket = args.bucket_mib << 20
     work = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "hpt_ws_bench"
     if ctx.is_driver:

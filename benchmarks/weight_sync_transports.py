@@ -33,13 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from benchmarks.weight_sync_memory import PeakRSS, _trim
-from hpt_megatron.config.sections import ModelConfig, ParallelConfig
-from hpt_megatron.models.provider import build_model_chunks, load_hf_config
-from hpt_megatron.parallel.runtime import init_distributed, shutdown_distributed
+from benchmarks.weight_sync_memory import PeakRSS, _trim, random_pp2_model
+from hpt_megatron.parallel.runtime import shutdown_distributed
 from hpt_megatron.rollout.sglang import SGLangEngine
 from hpt_megatron.rollout.weight_sync.disk import DiskPusher, DiskTransport
 from hpt_megatron.rollout.weight_sync.distributed import DistributedTransport
@@ -75,17 +72,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--transports", default="disk,distributed,tensor")
     args = parser.parse_args()
-    parallel = ParallelConfig(pp=2)
-    ctx = init_distributed(parallel, seed=0)
     shape = {**QWEN25_05B_SHAPE, "num_hidden_layers": args.layers, "vocab_size": args.vocab}
     shape.update(eos_token_id=256, bos_token_id=258, pad_token_id=257)  # the byte tokenizer's
-    hf = load_hf_config({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **shape})
-    model = ModelConfig(inline=hf.to_dict(), params_dtype="bf16")
-    chunks = build_model_chunks(hf, model, parallel, pp_rank=ctx.pp_rank, init_weights=False)
-    with torch.no_grad():  # touch every page: the parameters are resident before any sync
-        for chunk in chunks:
-            for param in chunk.parameters():
-                param.normal_(0.0, 0.02)
+    ctx, hf, chunks = random_pp2_model(shape)
     work = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "hpt_ws_transports"
     if ctx.is_driver:
         shutil.rmtree(work, ignore_errors=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers.fake_servers import FAKE, fake_config
 
 from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.base import SamplingParams
@@ -23,20 +24,9 @@ from hpt_megatron.rollout.sglang import ServerStartError, SGLangEngine, launch_s
 from hpt_megatron.rollout.sglang.protocol import parse_generation
 from hpt_megatron.rollout.sglang.server import free_port, hold_port, port_listeners
 
-FAKE = Path(__file__).parent / "fake_sglang"
-
 
 def _cfg(**overrides: object) -> SGLangConfig:
-    cfg = SGLangConfig(
-        python=sys.executable,
-        device="cpu",
-        env={"PYTHONPATH": str(FAKE)},
-        startup_timeout_s=30,
-        request_timeout_s=30,
-    )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
+    return fake_config(**overrides)
 
 
 @pytest.fixture

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.base import SamplingParams
 from hpt_megatron.rollout.sglang import SGLangEngine
 from hpt_megatron.rollout.sglang.client import ServerPool
@@ -25,30 +23,16 @@ from hpt_megatron.rollout.weight_sync.distributed import (
     trainer_host,
     validate_bucket,
 )
-
-FAKE = Path(__file__).parent / "fake_sglang"
+from tests.helpers.fake_servers import fake_engine, one_rank_pusher, targets
 
 
 def _engine(tmp_path: Path, servers: int = 2) -> SGLangEngine:
-    model = tmp_path / "model"
-    model.mkdir(exist_ok=True)
-    (model / "config.json").write_text("{}")
-    cfg = SGLangConfig(
-        python=sys.executable,
-        device="cpu",
-        env={"PYTHONPATH": str(FAKE)},
-        startup_timeout_s=30,
-        request_timeout_s=30,
-        servers_per_node=servers,
-        router=False,
-        weight_sync="distributed",
-        weight_sync_timeout_s=120,  # a fake imports torch at its first join: slow on a busy host
-    )
-    return SGLangEngine.launch(cfg, model_path=model, run_dir=tmp_path)
+    # (a fake imports torch at its first join: slow on a busy host)
+    return fake_engine(tmp_path, servers, weight_sync="distributed", weight_sync_timeout_s=120)
 
 
 def _targets(engine: SGLangEngine) -> list[Target]:
-    return [Target(i, s.url, s.auth_headers()) for i, s in enumerate(engine.servers)]
+    return targets(engine)
 
 
 def _groups(engine: SGLangEngine, index: int) -> list[str]:
@@ -150,25 +134,8 @@ def test_the_pusher_sends_reads_back_and_names_a_bad_tensor_on_every_rank(
     """``DistributedPusher`` (one rank, one stage) through the engine's transport: the push
     loads and checks every tensor; a payload no server could take fails before it is sent,
     naming the tensor, and the session is closed so the next push goes through."""
-    from types import SimpleNamespace
 
-    from hpt_megatron.rollout.weight_sync import distributed_pusher
-    from hpt_megatron.rollout.weight_sync.distributed_pusher import DistributedPusher
-
-    buckets: list[list[tuple[str, torch.Tensor]]] = []
-    monkeypatch.setattr(
-        distributed_pusher, "rank_export_buckets", lambda modules, hf, ctx, size: iter(buckets)
-    )
-    ctx = SimpleNamespace(is_driver=True, world_size=1, rank=0, pp=1, pp_rank=0, tp_rank=0)
-    ctx.dp_rank = ctx.expert_dp_rank = 0
-    pusher = DistributedPusher(
-        [torch.nn.Linear(1, 1)],
-        None,
-        ctx,
-        backend="gloo",
-        timeout_s=120,
-        check=True,  # type: ignore[arg-type]
-    )
+    pusher, buckets = one_rank_pusher(monkeypatch, timeout_s=120, check=True)
     with _engine(tmp_path, servers=2) as engine:
         engine.cfg.check_weights = True
         buckets[:] = [[("w", torch.arange(4.0))], [("b", torch.ones(2))]]

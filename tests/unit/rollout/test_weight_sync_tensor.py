@@ -13,16 +13,12 @@ import sys
 import time
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.sglang import SGLangEngine
-from hpt_megatron.rollout.weight_sync import distributed_pusher
-from hpt_megatron.rollout.weight_sync.distributed import SyncError, Target, read_back
-from hpt_megatron.rollout.weight_sync.distributed_pusher import DistributedPusher
+from hpt_megatron.rollout.weight_sync.distributed import SyncError, read_back
 from hpt_megatron.rollout.weight_sync.tensor import (
     check_payload,
     pickled_globals,
@@ -30,8 +26,7 @@ from hpt_megatron.rollout.weight_sync.tensor import (
     serialize,
     shareable,
 )
-
-FAKE = Path(__file__).parent / "fake_sglang"
+from tests.helpers.fake_servers import fake_engine, one_rank_pusher, targets
 
 
 def _shm() -> set[str]:
@@ -73,26 +68,8 @@ def test_a_payload_sglang_would_die_on_is_refused_naming_the_tensors() -> None:
         shareable([("ids", torch.arange(3))])
 
 
-def _engine(tmp_path: Path, servers: int = 2) -> SGLangEngine:
-    model = tmp_path / "model"
-    model.mkdir(exist_ok=True)
-    (model / "config.json").write_text("{}")
-    cfg = SGLangConfig(
-        python=sys.executable,
-        device="cpu",
-        env={"PYTHONPATH": str(FAKE)},
-        startup_timeout_s=30,
-        request_timeout_s=30,
-        servers_per_node=servers,
-        router=False,
-        weight_sync="tensor",
-        weight_sync_timeout_s=60,
-    )
-    return SGLangEngine.launch(cfg, model_path=model, run_dir=tmp_path)
-
-
-def _targets(engine: SGLangEngine) -> list[Target]:
-    return [Target(i, s.url, s.auth_headers()) for i, s in enumerate(engine.servers)]
+def _engine(tmp_path: Path) -> SGLangEngine:
+    return fake_engine(tmp_path, 2, weight_sync="tensor", weight_sync_timeout_s=60)
 
 
 def test_the_pusher_loads_every_server_and_resyncs_a_restarted_one(
@@ -101,21 +78,7 @@ def test_the_pusher_loads_every_server_and_resyncs_a_restarted_one(
     """``DistributedPusher`` with ``kind="tensor"`` (one rank, one stage) through the engine's
     ``TensorTransport``: loads read back equal; a refusal names the server and the tensors and
     takes no server down; a server killed between pushes is restarted, held, and resynced."""
-    buckets: list[list[tuple[str, torch.Tensor]]] = []
-    monkeypatch.setattr(
-        distributed_pusher, "rank_export_buckets", lambda modules, hf, ctx, size: iter(buckets)
-    )
-    ctx = SimpleNamespace(is_driver=True, world_size=1, rank=0, pp=1, pp_rank=0, tp_rank=0)
-    ctx.dp_rank = ctx.expert_dp_rank = 0
-    pusher = DistributedPusher(
-        [torch.nn.Linear(1, 1)],
-        None,  # type: ignore[arg-type]
-        ctx,  # type: ignore[arg-type]
-        backend="gloo",
-        timeout_s=60,
-        kind="tensor",
-        check=True,
-    )
+    pusher, buckets = one_rank_pusher(monkeypatch, timeout_s=60, kind="tensor", check=True)
     before = _shm()
     with _engine(tmp_path) as engine:
         engine.cfg.check_weights = True
@@ -124,9 +87,9 @@ def test_the_pusher_loads_every_server_and_resyncs_a_restarted_one(
         assert engine.weight_version == 1 and engine.checked_tensors == 2
         assert not (tmp_path / "rollout_weights").exists()  # nothing through the disk
         # Outside a session every server refuses: named, with the tensor; none goes down.
-        targets = _targets(engine)
-        with pytest.raises(SyncError, match=rf"tensor\) of w: {targets[0].url}\S+ refused"):
-            send(targets, [("w", torch.zeros(4))], 9, 30.0)
+        servers = targets(engine)
+        with pytest.raises(SyncError, match=rf"tensor\) of w: {servers[0].url}\S+ refused"):
+            send(servers, [("w", torch.zeros(4))], 9, 30.0)
         assert engine.health()
         os.killpg(engine.servers[1].proc.pid, signal.SIGKILL)
         engine.servers[1].proc.wait(timeout=30)
@@ -139,10 +102,10 @@ def test_the_pusher_loads_every_server_and_resyncs_a_restarted_one(
         buckets[:] = [[("w", torch.full((4,), 6.0))]]
         pusher.push(3, engine)
         assert engine.pool.held == set() and engine.weight_version == 3
-        assert read_back(_targets(engine), iter(buckets), 60.0) == 1
+        assert read_back(targets(engine), iter(buckets), 60.0) == 1
         # The engine's own push (buckets in the driver's hands) takes the same path.
         engine.update_weights([[("w", torch.full((4,), 8.0))]], version=4)
-        assert read_back(_targets(engine), iter([[("w", torch.full((4,), 8.0))]]), 60.0) == 1
+        assert read_back(targets(engine), iter([[("w", torch.full((4,), 8.0))]]), 60.0) == 1
         pusher.close()
     buckets.clear()
     assert not _shm() - before
