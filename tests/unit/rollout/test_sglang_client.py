@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers.fake_servers import FAKE, fake_config
 
 from hpt_megatron.config.rollout import SGLangConfig
 from hpt_megatron.rollout.base import SamplingParams
 from hpt_megatron.rollout.sglang import ServerStartError, SGLangEngine, launch_servers
 from hpt_megatron.rollout.sglang.protocol import parse_generation
 from hpt_megatron.rollout.sglang.server import free_port, hold_port, port_listeners
+from tests.helpers.fake_servers import FAKE, fake_config
 
 
 def _cfg(**overrides: object) -> SGLangConfig:
