@@ -38,7 +38,7 @@ from hpt_megatron.orchestration.layout_checks import layout_problems
 from hpt_megatron.orchestration.teacher_checks import teacher_problems
 from hpt_megatron.parallel.runtime import check_world_size
 from hpt_megatron.rewards.registry import resolve_reward
-from hpt_megatron.rollout.plan import data_parallel_refusal
+from hpt_megatron.rollout.plan import data_parallel_refusal, spans_nodes
 
 
 @dataclass(frozen=True)
@@ -202,11 +202,11 @@ def _check_schedule(cfg: HPTConfig, world_size: int) -> None:
                 f"rollout.sglang.weight_sync: {sync}: with expert parallelism several "
                 "ranks of a stage export; use auto or disk"
             )
-    nodes_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    if cfg.rollout.engine == "sglang" and sync == "tensor" and nodes_ranks < world_size:
+    if cfg.rollout.engine == "sglang" and sync == "tensor" and spans_nodes(world_size):
+        local = os.environ.get("LOCAL_WORLD_SIZE")
         raise ConfigError(
             "rollout.sglang.weight_sync: tensor hands the servers this host's memory, and the "
-            f"run spans several nodes ({world_size} ranks, {nodes_ranks} on this one); use "
+            f"run spans several nodes ({world_size} ranks, {local} on this one); use "
             "distributed, auto or disk"
         )
 

@@ -46,19 +46,12 @@ def staleness_metrics(batch: RolloutBatch, step: int) -> dict[str, float]:
     """Staleness of the batch's generated rows at ``step`` (by the version each started with;
     demonstrations are not generated), and how many continued across a weight push."""
     generated = [s for s in batch.samples if not s.is_demo]
-    if not generated:  # (every prompt routed to its demonstration)
-        return {
-            "rollout/staleness_mean": 0.0,
-            "rollout/staleness_max": 0.0,
-            "rollout/partial_frac": 0.0,
-            "rollout/weight_versions": 0.0,
-        }
-    ages = [step - s.weight_version for s in generated]
+    ages = [step - s.weight_version for s in generated] or [0]  # (all demonstrations: zeros)
     versions = [set(s.token_versions or [s.weight_version]) for s in generated]
     return {
         "rollout/staleness_mean": sum(ages) / len(ages),
         "rollout/staleness_max": float(max(ages)),
-        "rollout/partial_frac": sum(len(v) > 1 for v in versions) / len(generated),
+        "rollout/partial_frac": sum(len(v) > 1 for v in versions) / max(1, len(generated)),
         "rollout/weight_versions": float(len(set().union(*versions))),
     }
 

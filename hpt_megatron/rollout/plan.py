@@ -118,14 +118,13 @@ def weight_sync_choice(cfg: HPTConfig, world_size: int) -> tuple[Transport | Non
     sglang = cfg.rollout.sglang
     if sglang.weight_sync != "auto":
         return sglang.weight_sync, "rollout.sglang.weight_sync names it"
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if sglang.urls:
         why = "the servers of rollout.sglang.urls may run on another host and join no group"
     elif cfg.run.placement != "colocated":
         why = "disaggregated: the servers generate while the trainer pushes"
     elif cfg.parallel.ep > 1:
         why = "expert parallelism: several ranks of a stage export"
-    elif local < world_size:
+    elif spans_nodes(world_size):
         why = (
             "several nodes: tensor needs the servers on the trainer's host, and distributed "
             "over several nodes is not chosen automatically (set weight_sync: distributed)"
@@ -138,6 +137,12 @@ def weight_sync_choice(cfg: HPTConfig, world_size: int) -> tuple[Transport | Non
     else:
         return "tensor", "colocated GPU servers on this node: CUDA IPC handles, no copy"
     return "disk", why
+
+
+def spans_nodes(world_size: int) -> bool:
+    """Whether the run's ``world_size`` ranks are on several nodes (torchrun's
+    ``LOCAL_WORLD_SIZE`` below it; unknown outside torchrun: one node)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) < world_size
 
 
 def launches_sglang_servers(cfg: HPTConfig) -> bool:

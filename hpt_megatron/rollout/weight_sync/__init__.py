@@ -53,7 +53,7 @@ def build_weight_pusher(
         return DiskPusher(
             plan.sync_dir, chunks, hf, ctx, tokenizer=tokenizer, bucket_bytes=bucket_bytes
         )
-    if plan.transport in ("distributed", "tensor"):
+    if plan.transport == "distributed" or plan.transport == "tensor":
         sglang = plan.rollout.sglang
         return DistributedPusher(
             chunks,

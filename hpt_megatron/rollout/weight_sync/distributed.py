@@ -93,6 +93,24 @@ def post(target: Target, path: str, payload: dict[str, Any], timeout_s: float) -
     return answer
 
 
+def post_each(
+    targets: list[Target],
+    path: str,
+    payloads: list[dict[str, Any]],
+    timeout_s: float,
+    work: Any = None,
+) -> list[tuple[Target, BaseException]]:
+    """POST ``payloads[i]`` to ``targets[i]``, all at once from threads (while ``work()``, when
+    given, runs here); returns each target that failed, with its :class:`SyncError`."""
+    with ThreadPoolExecutor(len(targets)) as pool:
+        answers: list[Future[Any]] = [
+            pool.submit(post, t, path, p, timeout_s) for t, p in zip(targets, payloads)
+        ]
+        if work is not None:
+            work()
+        return [(t, err) for t, a in zip(targets, answers) if (err := a.exception()) is not None]
+
+
 def trainer_host(targets: Iterable[Target]) -> str:
     """The address the servers reach this rank at: loopback when every one is local."""
     local = ("127.0.0.1", "localhost", "[::1]")
@@ -197,23 +215,23 @@ class UpdateGroup:
         return len(self.targets)
 
     def _while_posting(self, path: str, payloads: list[dict[str, Any]], work: Any) -> None:
-        """Post ``payloads[i]`` to target ``i`` from threads while ``work()`` runs here; raise
-        :class:`SyncError` naming every server that failed (before ``work``'s own error)."""
-        with ThreadPoolExecutor(len(self.targets)) as pool:
-            answers: list[Future[Any]] = [
-                pool.submit(post, t, path, p, self.timeout_s)
-                for t, p in zip(self.targets, payloads)
-            ]
-            problem: BaseException | None = None
+        """Post ``payloads[i]`` to target ``i`` while ``work()`` runs here (:func:`post_each`);
+        raise :class:`SyncError` naming every server that failed (before ``work``'s own
+        error)."""
+        problem: list[BaseException] = []
+
+        def guarded() -> None:
             try:
                 work()
             except (RuntimeError, ValueError) as err:  # (DistBackendError is a RuntimeError)
-                problem = err
-            failed = [str(f.exception()) for f in answers if f.exception() is not None]
+                problem.append(err)
+
+        failed = post_each(self.targets, path, payloads, self.timeout_s, guarded)
         if failed:
-            raise SyncError(f"weight sync group {self.name}: " + "; ".join(failed))
-        if problem is not None:
-            raise SyncError(f"weight sync group {self.name}: {path}: {problem}") from problem
+            why = "; ".join(str(err) for _, err in failed)
+            raise SyncError(f"weight sync group {self.name}: {why}")
+        if problem:
+            raise SyncError(f"weight sync group {self.name}: {path}: {problem[0]}") from problem[0]
 
     def destroy(self) -> None:
         """This rank's side of the group (the servers' is destroyed by the driver)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -65,7 +65,7 @@ class DistributedPusher:
         *,
         backend: str,
         timeout_s: float,
-        kind: str = "distributed",
+        kind: Literal["distributed", "tensor"] = "distributed",
         check: bool = False,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ) -> None:
@@ -98,7 +98,7 @@ class DistributedPusher:
         ctx = self.ctx
         plan = self._together(partial(self._on_driver, sink, partial(_targets, stages=ctx.pp)))
         targets, generation, rebuild, self._run = cast(Any, plan[0])
-        if rebuild:
+        if rebuild and self.kind == "distributed":  # (tensor has no groups)
             self._together(partial(self._on_driver, sink, partial(_forget, generation - 1)))
             for stage in range(ctx.pp):
                 self._together(partial(self._join, stage, targets, generation))
@@ -116,8 +116,8 @@ class DistributedPusher:
         return sent
 
     def _join(self, stage: int, targets: list[Target], generation: int) -> None:
-        """(the stage's exporting rank) A fresh group with ``targets`` (``tensor``: none)."""
-        if not (self.exports and self.ctx.pp_rank == stage) or self.kind == "tensor":
+        """(the stage's exporting rank) A fresh group with ``targets``."""
+        if not (self.exports and self.ctx.pp_rank == stage):
             return
         if self.group is not None:
             self.group.destroy()

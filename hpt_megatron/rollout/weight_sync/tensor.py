@@ -19,7 +19,6 @@ import contextlib
 import io
 import pickletools
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any, cast
 
@@ -27,12 +26,13 @@ import torch
 import torch.multiprocessing as torch_mp
 import torch.multiprocessing.reductions  # noqa: F401  (registers the tensor reductions)
 
+from hpt_megatron.models.export import bucketed
 from hpt_megatron.rollout.base import WeightBucket
 from hpt_megatron.rollout.weight_sync.distributed import (
     DistributedTransport,
     SyncError,
     Target,
-    post,
+    post_each,
     validate_bucket,
 )
 
@@ -104,12 +104,16 @@ def check_payload(data: bytes, names: list[str]) -> None:
     :data:`ALLOWED_GLOBALS` (a payload SGLang would fail to unpickle takes its server down)."""
     refused = sorted(pickled_globals(data) - ALLOWED_GLOBALS)
     if refused:
-        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         raise ValueError(
-            f"weight sync (tensor): the payload of {shown} would make the server import "
+            f"weight sync (tensor): the payload of {_shown(names)} would make the server import "
             f"{['.'.join(g) for g in refused]}, which SGLang refuses (and goes down on); only "
             "shared-memory files (CPU) and CUDA IPC handles are sent"
         )
+
+
+def _shown(names: list[str]) -> str:
+    """The first few of ``names``, for a message."""
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 def shareable(bucket: WeightBucket) -> WeightBucket:
@@ -159,42 +163,28 @@ def send(targets: list[Target], bucket: WeightBucket, version: int, timeout_s: f
     """Load ``bucket`` into every target (one payload per server TP rank), the servers at once,
     in parts of about :data:`PART_BYTES`; :class:`SyncError` naming each server that refused
     and the part's tensors."""
-    part: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in bucket:
-        if part and size + tensor.nbytes > PART_BYTES:
-            _send_part(targets, part, version, timeout_s)
-            part, size = [], 0
-        part.append((name, tensor))
-        size += tensor.nbytes
-    if part:
+    for part in bucketed(bucket, PART_BYTES):
         _send_part(targets, part, version, timeout_s)
 
 
 def _send_part(targets: list[Target], bucket: WeightBucket, version: int, timeout_s: float) -> None:
-    names = [name for name, _ in bucket]
     shared = shareable(bucket)  # kept alive until every server has answered
-    requests = []
-    for target in targets:
-        body = {
+    payloads = [
+        {
             "serialized_named_tensors": [serialize(shared) for _ in range(target.tp_size)],
             "flush_cache": True,
             "weight_version": str(version),
         }
-        requests.append((target, body))
-    with ThreadPoolExecutor(len(requests)) as pool:
-        answers = [
-            pool.submit(post, t, "/update_weights_from_tensor", body, timeout_s)
-            for t, body in requests
-        ]
-        failed = [(t, a.exception()) for (t, _), a in zip(requests, answers) if a.exception()]
+        for target in targets
+    ]
+    failed = post_each(targets, "/update_weights_from_tensor", payloads, timeout_s)
     for target, _ in failed:  # (a server that refused unpickled nothing: release its shares)
         for _, tensor in shared * target.tp_size:
             if tensor.device.type == "cpu":
                 tensor.untyped_storage()._shared_decref()
     del shared  # every server has answered: its copy is in its parameters
     if failed:
-        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        shown = _shown([name for name, _ in bucket])
         raise SyncError(f"weight sync (tensor) of {shown}: " + "; ".join(str(e) for _, e in failed))
 
 

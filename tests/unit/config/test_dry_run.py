@@ -92,6 +92,20 @@ def test_bad_flags(capsys, args, message):
     assert code == 2 and message in err
 
 
+def test_tensor_weight_sync_over_several_nodes_is_refused(capsys, monkeypatch):
+    """``tensor`` hands the servers this host's memory: two nodes of two ranks are refused, one
+    node of four is not (for that reason)."""
+    sync = ["rollout.engine=sglang", "rollout.sglang.device=cpu"]
+    sync += ["rollout.sglang.weight_sync=tensor", "parallel.tp=1"]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    code, out, err = _dry_run(capsys, TINY, "--dry-run", "--world-size", "4", *sync)
+    assert code == 2 and "weight_sync: tensor hands the servers this host's memory" in err, err
+    assert "4 ranks, 2 on this one" in err
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    code, out, err = _dry_run(capsys, TINY, "--dry-run", "--world-size", "4", *sync)
+    assert "this host's memory" not in err, err
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
