@@ -7,6 +7,15 @@ thread, unlike signal-based timeouts.
 
 Workers come from a ``forkserver`` that has imported the built-in graders, so replacing one takes
 milliseconds rather than a fresh interpreter's start-up.
+
+Signals. The workers and their forkserver ignore the signals a run may take as a preemption
+(``IGNORED_SIGNALS``, a superset of ``config.fault.SIGNALS``): Slurm signals every process of a
+job step, torchrun signals each rank's process group, a terminal's Ctrl-C the foreground group.
+The rank decides what the signal means (``orchestration/faults.py``: finish the step, checkpoint,
+exit), so the step's answers are still graded rather than scored 0, and a replacement worker is
+not asked of a forkserver that is dying. A worker exits when the rank closes its pipe, and a
+finalizer kills the workers when the rank's interpreter exits without :meth:`RewardPool.close`
+(multiprocessing would otherwise SIGTERM them and wait forever).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import collections
 import contextlib
 import logging
 import multiprocessing as mp
+import multiprocessing.util
 import signal
 import time
 from collections.abc import Sequence
@@ -28,14 +38,21 @@ logger = logging.getLogger(__name__)
 
 _PREFETCH = 2  # tasks queued per worker, so it never waits for the main process
 _PRELOAD = ["hpt_megatron.rewards._warm", "hpt_megatron.rewards.multiple_choice"]
+IGNORED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+
+
+def ignore_preemption_signals() -> None:
+    """Ignore ``IGNORED_SIGNALS`` in this process (a worker, or the forkserver at preload)."""
+    for name in IGNORED_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
     """Worker loop: receive ``(index, spec, response, ground_truth)``, send ``(index, score)``.
 
-    Ctrl-C reaches the rank's whole process group: the rank decides what it means (a preemption,
-    ``orchestration/faults.py``) and closes the pool; the worker ignores it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    A preemption signal reaches the rank's whole process group (or, under Slurm, every process of
+    the step): the rank decides what it means and closes the pool; the worker ignores it."""
+    ignore_preemption_signals()
     if memory_limit_mb:
         import resource
 
@@ -104,6 +121,8 @@ class RewardPool:
         self.stats = PoolStats()
         self._ctx = self._context()
         self._workers: list[_Worker] = []
+        # at interpreter exit, before multiprocessing's SIGTERM-and-join of daemon children
+        multiprocessing.util.Finalize(self, _kill_all, args=(self._workers,), exitpriority=10)
         self._crash_streak = 0  # crashes since the last answer graded: a broken worker setup
 
     @staticmethod
@@ -232,13 +251,20 @@ class RewardPool:
                 worker.process.kill()
                 worker.process.join()
             worker.conn.close()
-        self._workers = []
+        self._workers.clear()
 
     def __enter__(self) -> RewardPool:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _kill_all(workers: list[_Worker]) -> None:
+    for worker in workers:
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join(timeout=5)
 
 
 def grade_batch(

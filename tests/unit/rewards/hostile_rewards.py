@@ -17,6 +17,11 @@ def raises(response: str, ground_truth: str) -> float:
     raise RuntimeError("grader bug")
 
 
+def slow_length_reward(response: str, ground_truth: str) -> float:
+    time.sleep(1.0)
+    return length_reward(response, ground_truth)
+
+
 def length_reward(response: str, ground_truth: str) -> float:
     return float(len(response) == int(ground_truth))
 

@@ -1,3 +1,4 @@
+import pathlib
 import time
 
 import pytest
@@ -5,6 +6,7 @@ import pytest
 from hpt_megatron.config.schema import load_config
 from hpt_megatron.rewards import RewardPool, grade_batch, resolve_reward
 from hpt_megatron.rewards.multiple_choice import extract_choice, multiple_choice_reward
+from hpt_megatron.rewards.pool import IGNORED_SIGNALS
 
 HOSTILE = "tests.unit.rewards.hostile_rewards"
 
@@ -87,15 +89,53 @@ def test_multiple_choice_reward():
     assert multiple_choice_reward("\\boxed{C}", "\\boxed{C}") == 1.0
 
 
-def test_ctrl_c_to_the_process_group_leaves_the_workers_grading():
-    """The rank decides what Ctrl-C means (a preemption) and closes the pool itself."""
+def test_preemption_signals_to_every_process_leave_the_workers_grading():
+    """Slurm signals every process of a job step, the pool's forkserver and a worker mid-answer
+    included; the rank decides what it means (a preemption) and closes the pool itself. The answer
+    in flight is graded, not scored 0, and a worker replaced afterwards comes from the same
+    forkserver (CI once lost the preemption checkpoint: the rank asked a dying forkserver)."""
     import os
     import signal
+    import threading
 
-    with RewardPool(num_workers=1) as pool:
-        assert pool.grade(["\\boxed{1}"], ["1"]) == [1.0]  # the worker is up
-        for worker in pool._workers:
-            os.kill(worker.process.pid, signal.SIGINT)
-        time.sleep(0.2)
+    from hpt_megatron.config.fault import SIGNALS
+
+    assert set(SIGNALS) <= set(IGNORED_SIGNALS)
+    slow = "tests.unit.rewards.hostile_rewards:slow_length_reward"
+    with RewardPool(num_workers=1, timeout_s=30) as pool:
+        assert pool.grade(["\\boxed{1}"], ["1"]) == [1.0]  # the worker and forkserver are up
+        worker = pool._workers[0].process.pid
+        forkserver = int(pathlib.Path(f"/proc/{worker}/stat").read_text().rsplit(")")[1].split()[1])
+
+        def signal_all() -> None:
+            time.sleep(0.4)  # the worker is inside the slow answer
+            for name in SIGNALS:
+                for pid in (forkserver, worker):
+                    os.kill(pid, getattr(signal, name))
+
+        sender = threading.Thread(target=signal_all)
+        sender.start()
+        assert pool.grade(["abc", "ab"], ["3", "3"], slow) == [1.0, 0.0]
+        sender.join()
+        assert pool.stats.crashes == 0 and pool._workers[0].process.pid == worker
+        os.kill(worker, signal.SIGKILL)  # a real crash: replaced from the surviving forkserver
+        pool._workers[0].process.join(timeout=10)
         assert pool.grade(["\\boxed{2}"], ["2"]) == [1.0]
-        assert pool.stats.crashes == 0
+        assert pathlib.Path(f"/proc/{forkserver}").exists()
+
+
+def test_a_rank_that_exits_without_closing_its_pool_exits_promptly(tmp_path):
+    """The workers ignore SIGTERM, so multiprocessing's exit (SIGTERM, then join) would wait
+    forever; the pool's finalizer kills them first."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "from hpt_megatron.rewards import RewardPool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = RewardPool(num_workers=2)\n"
+        "    print(pool.grade(['\\\\boxed{2}'], ['2']))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[1.0]", done.stderr
