@@ -1,8 +1,8 @@
 """The HPT paper's main claims in miniature, on the built-in arithmetic task (CPU), in the
 paper's regime, with verdicts by rules fixed here before any run.
 
-    python examples/paper_in_miniature.py --quick --out runs/mini_quick     # about 12 min
-    python examples/paper_in_miniature.py --out runs/mini                   # the full run
+    python examples/paper_in_miniature.py --quick --out runs/mini_quick     # 8 min, 2 idle cores
+    python examples/paper_in_miniature.py --out runs/mini                   # 48 min
 
 Stages, each cached in ``--out`` (a finished stage is reused; ``--force`` redoes them all):
 
