@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from hpt_megatron.data.records import RawExample
 from hpt_megatron.data.templates import PromptTemplate
 from hpt_megatron.eval.benchmarks import Benchmark, load_benchmarks
 from hpt_megatron.eval.metrics import benchmark_scores
-from hpt_megatron.rewards.pool import RewardPool
+from hpt_megatron.rewards.pool import PoolStats, RewardPool
 from hpt_megatron.rollout.base import RolloutEngine, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ class BenchmarkResult:
     num_problems: int
     k: int
     metrics: dict[str, float]
+    # answers scored 0 by the grading pool: past the timeout, crashed the worker, or raised
+    grading: dict[str, int] = field(default_factory=lambda: asdict(PoolStats()))
 
 
 def _generate(
@@ -140,7 +142,19 @@ def evaluate_benchmark(
     ]
     flat = [t for per in texts for t in per]
     truths = [r.ground_truth for r in dataset.records for _ in range(k)]
+    before = replace(pool.stats)
     scores = pool.grade(flat, truths, bench.reward)
+    grading = {n: v - getattr(before, n) for n, v in asdict(pool.stats).items()}
+    if grading["timeouts"] or grading["crashes"]:
+        logger.warning(
+            "%s: %d of %d answers timed out in the grader and %d crashed it, each scored 0 "
+            "(--grade-timeout is %g s; a loaded machine slows grading)",
+            bench.name,
+            grading["timeouts"],
+            len(flat),
+            grading["crashes"],
+            options.grade_timeout_s,
+        )
     per_problem = [scores[i * k : (i + 1) * k] for i in range(len(dataset))]
     if out is not None:
         for record, gens, outs, got in zip(dataset.records, generations, texts, per_problem):
@@ -157,7 +171,7 @@ def evaluate_benchmark(
                 }
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
     metrics = benchmark_scores(per_problem, options.pass_ks)
-    return BenchmarkResult(bench.name, len(dataset), k, metrics)
+    return BenchmarkResult(bench.name, len(dataset), k, metrics, grading)
 
 
 def run_eval(
@@ -243,6 +257,7 @@ def summary_rows(results: list[BenchmarkResult], settings: dict[str, Any]) -> li
         "num_problems": sum(r.num_problems for r in results),
         "k": None,
         "metrics": mean_metrics(results),
+        "grading": {f.name: sum(r.grading[f.name] for r in results) for f in fields(PoolStats)},
         "settings": settings,
     }
     return [*rows, mean]

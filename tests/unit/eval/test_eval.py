@@ -217,3 +217,34 @@ def test_cli_end_to_end_with_the_cpu_engine(tmp_path, tok, capsys):
     header = ["benchmark", "problems", "k", "avg@k", "pass@1", "pass@2"]
     assert out.splitlines()[0].split() == header
     assert len((tmp_path / "out/responses.jsonl").read_text().splitlines()) == 6
+
+
+def test_answers_the_grader_times_out_on_are_counted_and_reported(tmp_path, tok, caplog):
+    """A scored-0 answer that the grader never judged is counted in ``summary.json`` and warned
+    of (a loaded machine once zeroed 64 correct answers of the miniature's evaluation unseen)."""
+    import dataclasses
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hpt_megatron.eval.benchmarks import load_benchmarks
+    from hpt_megatron.eval.runner import evaluate_loaded
+
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    engine = HFGenerateEngine(LlamaForCausalLM(config).eval(), tok)
+    [(bench, examples)] = load_benchmarks([str(_write_bench(tmp_path / "arith.jsonl"))])
+    bench = dataclasses.replace(bench, reward="tests.unit.rewards.hostile_rewards:hang")
+    options = EvalOptions(
+        k=1, max_new_tokens=2, limit=2, grade_timeout_s=0.5, template=PromptTemplate()
+    )
+    with caplog.at_level("WARNING"):
+        [result] = evaluate_loaded(engine, tok, [(bench, examples)], options=options,
+                                   output_dir=tmp_path / "out")  # fmt: skip
+    assert result.grading == {"timeouts": 2, "crashes": 0, "errors": 0}
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary[0]["grading"] == summary[-1]["grading"] == result.grading
+    assert "arith: 2 of 2 answers timed out in the grader" in caplog.text
