@@ -71,6 +71,8 @@ def evaluate(model_dir: Path, sets: dict[str, Path], out: Path, k: int, seed: in
             "pass_at_k": [100 * s.metrics[f"pass@{j}"] for j in range(1, k + 1)],
             "k": k,
             "problems": s.num_problems,
+            # answers scored 0 unjudged (grader timeouts, crashes, errors), greedy and sampled
+            "grading": {n: g.grading[n] + s.grading[n] for n in g.grading},
         }
     done.write_text(json.dumps(scores, indent=1))
     return scores

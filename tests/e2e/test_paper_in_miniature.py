@@ -57,6 +57,7 @@ def test_summary_schema_and_values(run):
         for b in benches:
             assert 0.0 <= entry["benchmarks"][b]["mean"] <= 100.0
             assert scores[b]["problems"] == 6 and scores[b]["k"] == 4
+            assert set(scores[b]["grading"]) == {"timeouts", "crashes", "errors"}
         # the unbiased pass@1 equals avg@k on 0/1 rewards; pass@k never falls with k
         passes = entry["pass_at_k"]
         assert len(passes) == 4 and passes[0] == pytest.approx(avg["mean"])
