@@ -77,7 +77,7 @@ class RewardConfig:
     fn: str = "math"  # a registered name or "package.module:function"
     by_data_source: dict[str, str] = field(default_factory=dict)  # e.g. {gpqa: multiple_choice}
     num_workers: int = 2
-    timeout_s: float = 5.0  # per answer; a slower answer scores 0
+    timeout_s: float = 5.0  # CPU seconds per answer (4x that of wall time); a slower one scores 0
     memory_limit_mb: int | None = 4096  # per grading worker
 
     def validate(self) -> None:

@@ -58,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="first N problems per benchmark (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grade-workers", type=int, default=2)
-    parser.add_argument("--grade-timeout", type=float, default=5.0)
+    parser.add_argument(
+        "--grade-timeout",
+        type=float,
+        default=5.0,
+        help="CPU seconds one answer may take to grade (4x that of wall time); past it, 0",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
     sgl = parser.add_argument_group("SGLang (--engine sglang)")
     parser.add_argument(

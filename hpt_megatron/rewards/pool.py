@@ -5,6 +5,12 @@ exhaustion). Here each answer runs in a worker process; an answer that passes it
 its worker scores 0, the worker is replaced and the rest of the batch goes on. This works from any
 thread, unlike signal-based timeouts.
 
+The deadline counts the worker's CPU time on the answer (``timeout_s``), so a machine too loaded
+to give the worker a core does not score a correct answer 0 (a loaded evaluation once lost 49 of
+them to a wall-clock deadline); an answer that waits without spending CPU is cut at
+``WALL_FACTOR`` x ``timeout_s`` of wall time. Where ``/proc`` is missing the wall clock alone
+counts.
+
 Workers come from a ``forkserver`` that has imported the built-in graders, so replacing one takes
 milliseconds rather than a fresh interpreter's start-up.
 
@@ -25,6 +31,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import multiprocessing.util
+import os
 import signal
 import time
 from collections.abc import Sequence
@@ -37,6 +44,9 @@ from hpt_megatron.rewards.registry import import_path_of
 logger = logging.getLogger(__name__)
 
 _PREFETCH = 2  # tasks queued per worker, so it never waits for the main process
+WALL_FACTOR = 4.0  # an answer's wall-clock bound, in timeouts (its CPU bound is one)
+_PROC = os.path.exists(f"/proc/{os.getpid()}/stat")  # Linux: workers' CPU times readable
+_TICK = os.sysconf("SC_CLK_TCK") if _PROC else 100
 _PRELOAD = ["hpt_megatron.rewards._warm", "hpt_megatron.rewards.multiple_choice"]
 IGNORED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
@@ -84,7 +94,25 @@ class _Worker:
     conn: Connection
     # tasks sent and not answered, in order; the worker is grading the first one
     inflight: collections.deque[int] = field(default_factory=collections.deque)
-    deadline: float = 0.0  # for the first in-flight task
+    deadline: float = 0.0  # when to look at the first in-flight task again
+    started: float = 0.0  # when the worker began it (wall clock)
+    cpu0: float = 0.0  # the worker's CPU seconds then
+
+    def begin(self) -> None:
+        """The first in-flight task starts now."""
+        self.started, self.cpu0 = time.monotonic(), _cpu_seconds(self.process.pid)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (0.0 once it is gone or without ``/proc``)."""
+    if not _PROC:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 @dataclass
@@ -102,7 +130,8 @@ class RewardPool:
 
     Args:
         num_workers: Worker processes.
-        timeout_s: Seconds one answer may take before it scores 0 and its worker is replaced.
+        timeout_s: CPU seconds one answer may take before it scores 0 and its worker is replaced
+            (``WALL_FACTOR`` times as many of wall time).
         memory_limit_mb: Address-space limit of each worker (None: unlimited).
 
     Use as a context manager, or call :meth:`close`.
@@ -195,7 +224,8 @@ class RewardPool:
                         self._replace(worker, pending)
                         break
                     if not worker.inflight:
-                        worker.deadline = time.monotonic() + self.timeout_s
+                        worker.begin()
+                        worker.deadline = worker.started + self.timeout_s
                     worker.inflight.append(index)
             self._collect(scores, pending)
         return scores
@@ -219,16 +249,31 @@ class RewardPool:
                 worker.inflight.popleft()
                 scores[index] = score
                 self.stats.errors += raised
-                worker.deadline = time.monotonic() + self.timeout_s  # the next task starts now
+                worker.begin()  # the next task starts now
+                worker.deadline = worker.started + self.timeout_s
                 self._crash_streak = 0
-            elif time.monotonic() >= worker.deadline:
+            elif time.monotonic() >= worker.deadline and not self._extend(worker):
                 self.stats.timeouts += 1
                 logger.warning(
-                    "answer %d timed out after %.1fs; scoring it 0",
+                    "answer %d timed out (%.1f s of CPU, or %.0f s of wall time); scoring it 0",
                     worker.inflight[0],
                     self.timeout_s,
+                    WALL_FACTOR * self.timeout_s,
                 )
                 self._replace(worker, pending)
+
+    def _extend(self, worker: _Worker) -> bool:
+        """At its deadline: move it to when the answer could have spent ``timeout_s`` of CPU,
+        within its wall-clock bound; False when it has spent them (or is past the bound)."""
+        if not _PROC:  # the wall clock alone
+            return False
+        now = time.monotonic()
+        left = self.timeout_s - (_cpu_seconds(worker.process.pid) - worker.cpu0)
+        bound = worker.started + WALL_FACTOR * self.timeout_s
+        if left <= 0.01 or now >= bound:
+            return False
+        worker.deadline = min(now + left, bound)
+        return True
 
     def _record_crash(self, worker: _Worker) -> None:
         self.stats.crashes += 1

@@ -5,6 +5,13 @@ import time
 
 
 def hang(response: str, ground_truth: str) -> float:
+    """Spins, as sympy does on a power tower."""
+    while True:
+        pass
+
+
+def blocked(response: str, ground_truth: str) -> float:
+    """Waits without spending CPU (a lock, a pipe)."""
     time.sleep(3600)
     return 1.0
 
@@ -36,5 +43,5 @@ def flaky(response: str, ground_truth: str) -> float:
     if len(response) % 4 == 0:
         raise RuntimeError("grader bug")
     if len(response) % 4 == 1:
-        time.sleep(3600)
+        hang(response, ground_truth)
     return float(response.strip() == ground_truth.strip())

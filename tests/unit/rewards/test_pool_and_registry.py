@@ -26,6 +26,26 @@ def test_hang_and_crash_cost_one_answer_and_the_pool_recovers():
         assert pool.grade(["\\boxed{2}"], ["2"]) == [1.0]  # still usable
 
 
+def test_the_deadline_counts_cpu_so_a_slowed_answer_is_graded_and_a_blocked_one_is_cut():
+    """An answer that takes longer than ``timeout_s`` of wall time without spending CPU (a
+    loaded machine, here a sleep) is graded; one that waits for ever is cut at ``WALL_FACTOR``
+    timeouts of wall time."""
+    from hpt_megatron.rewards.pool import WALL_FACTOR
+
+    with RewardPool(num_workers=1, timeout_s=0.4) as pool:
+        slow = f"{HOSTILE}:slow_length_reward"  # 1 s of sleep: 2.5 timeouts of wall time
+        assert pool.grade(["abc", "ab"], ["3", "3"], slow) == [1.0, 0.0]
+        assert pool.stats.timeouts == 0
+        start = time.monotonic()
+        assert pool.grade(["x", "\\boxed{1}"], ["1", "1"], [f"{HOSTILE}:blocked", "math"]) == [
+            0.0,
+            1.0,
+        ]
+        elapsed = time.monotonic() - start
+        assert pool.stats.timeouts == 1
+        assert WALL_FACTOR * 0.4 <= elapsed < WALL_FACTOR * 0.4 + 3.0
+
+
 def test_grade_batch_with_a_user_reward_by_import_path():
     scores = grade_batch(["abc", "ab"], ["3", "3"], f"{HOSTILE}:length_reward", timeout_s=5)
     assert scores == [1.0, 0.0]
