@@ -212,6 +212,9 @@ class RewardPool:
         self._ensure_workers()
         scores = [0.0] * len(responses)
         pending = collections.deque(range(len(responses)))
+        for worker in list(self._workers):
+            if not worker.process.is_alive():  # died idle (killed, say): costs no answer
+                self._replace(worker, pending)
         while pending or any(w.inflight for w in self._workers):
             for worker in list(self._workers):
                 while pending and len(worker.inflight) < _PREFETCH:

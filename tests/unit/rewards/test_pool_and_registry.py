@@ -125,7 +125,7 @@ def test_preemption_signals_to_every_process_leave_the_workers_grading():
     with RewardPool(num_workers=1, timeout_s=30) as pool:
         assert pool.grade(["\\boxed{1}"], ["1"]) == [1.0]  # the worker and forkserver are up
         worker = pool._workers[0].process.pid
-        forkserver = int(pathlib.Path(f"/proc/{worker}/stat").read_text().rsplit(")")[1].split()[1])
+        forkserver = _parent(worker)
 
         def signal_all() -> None:
             time.sleep(0.4)  # the worker is inside the slow answer
@@ -138,10 +138,15 @@ def test_preemption_signals_to_every_process_leave_the_workers_grading():
         assert pool.grade(["abc", "ab"], ["3", "3"], slow) == [1.0, 0.0]
         sender.join()
         assert pool.stats.crashes == 0 and pool._workers[0].process.pid == worker
-        os.kill(worker, signal.SIGKILL)  # a real crash: replaced from the surviving forkserver
-        pool._workers[0].process.join(timeout=10)
-        assert pool.grade(["\\boxed{2}"], ["2"]) == [1.0]
-        assert pathlib.Path(f"/proc/{forkserver}").exists()
+        # a real crash: its answer scores 0, the replacement comes from the surviving forkserver
+        specs = [f"{HOSTILE}:crash", "math"]
+        assert pool.grade(["x", "\\boxed{2}"], ["1", "2"], specs) == [0.0, 1.0]
+        assert pool.stats.crashes == 1 and pool._workers[0].process.pid != worker
+        assert _parent(pool._workers[0].process.pid) == forkserver
+
+
+def _parent(pid: int) -> int:
+    return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")")[1].split()[1])
 
 
 def test_a_rank_that_exits_without_closing_its_pool_exits_promptly(tmp_path):
