@@ -222,8 +222,10 @@ class RewardPool:
                     task = (index, specs[index], responses[index], ground_truths[index])
                     try:
                         worker.conn.send(task)
-                    except (BrokenPipeError, OSError):  # died while idle: replace, retry later
+                    except (BrokenPipeError, OSError):  # died: replace, send this one again
                         pending.appendleft(index)
+                        if worker.inflight:  # on the answer it was grading
+                            self._record_crash(worker)
                         self._replace(worker, pending)
                         break
                     if not worker.inflight:
