@@ -12,8 +12,8 @@ torchrun forwards it to the ranks again: there a repeat of the first signal with
 Under torchrun the ranks run in sessions of their own: Ctrl-C and a scheduler's SIGTERM reach
 the launcher, which forwards the signal to each rank's process group and waits for them (30 s,
 ``--shutdown-timeout``) before it kills them; a second signal to the launcher makes it send
-SIGTERM at once, the ranks' second signal. The reward workers and their forkserver ignore the
-preemption signals (the rank closes its pool; ``rewards/pool.py``).
+SIGTERM at once, the ranks' second signal. The reward workers ignore the preemption signals
+(the rank closes its pool; ``rewards/pool.py``, which also outlives a forkserver they kill).
 
 Non-finite guard. The engine skips an update whose loss or gradient norm is not finite; this guard
 counts the skips and stops the run after ``fault.max_nonfinite_steps`` in a row.

@@ -1,5 +1,4 @@
-"""Imported by the grading pool's forkserver only: ignore the preemption signals (the rank decides
-what they mean, ``pool.py``) and parse typical answers once, before forking.
+"""Imported by the grading pool's forkserver only: parse typical answers once, before forking.
 
 math-verify's LaTeX parser (antlr) fills a prediction cache on first use, which makes the first
 few hundred answers several times slower. Filling it in the forkserver means every worker, and
@@ -7,9 +6,6 @@ every replacement of a killed worker, starts warm.
 """
 
 from hpt_megatron.rewards.math_grader import math_reward
-from hpt_megatron.rewards.pool import ignore_preemption_signals
-
-ignore_preemption_signals()
 
 _SAMPLES = [
     ("\\boxed{\\frac{1}{2}}", "0.75"),

@@ -14,14 +14,15 @@ counts.
 Workers come from a ``forkserver`` that has imported the built-in graders, so replacing one takes
 milliseconds rather than a fresh interpreter's start-up.
 
-Signals. The workers and their forkserver ignore the signals a run may take as a preemption
-(``IGNORED_SIGNALS``, a superset of ``config.fault.SIGNALS``): Slurm signals every process of a
-job step, torchrun signals each rank's process group, a terminal's Ctrl-C the foreground group.
-The rank decides what the signal means (``orchestration/faults.py``: finish the step, checkpoint,
-exit), so the step's answers are still graded rather than scored 0, and a replacement worker is
-not asked of a forkserver that is dying. A worker exits when the rank closes its pipe, and a
-finalizer kills the workers when the rank's interpreter exits without :meth:`RewardPool.close`
-(multiprocessing would otherwise SIGTERM them and wait forever).
+Signals. The workers ignore the signals a run may take as a preemption (``IGNORED_SIGNALS``, a
+superset of ``config.fault.SIGNALS``): Slurm signals every process of a job step, torchrun signals
+each rank's process group, a terminal's Ctrl-C the foreground group. The rank decides what the
+signal means (``orchestration/faults.py``: finish the step, checkpoint, exit), so the step's
+answers are still graded rather than scored 0. The forkserver is multiprocessing's, shared by the
+whole process, so it keeps its handlers; when a signal kills it, the next worker's start meets a
+dying forkserver and is retried until multiprocessing has started another. A worker exits when the
+rank closes its pipe, and a finalizer kills the workers when the rank's interpreter exits without
+:meth:`RewardPool.close` (multiprocessing would otherwise SIGTERM them and wait forever).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from hpt_megatron.rewards.registry import import_path_of
 logger = logging.getLogger(__name__)
 
 _PREFETCH = 2  # tasks queued per worker, so it never waits for the main process
+_SPAWN_TRIES = 100  # a worker's start, 0.1 s apart, while a killed forkserver goes away
 WALL_FACTOR = 4.0  # an answer's wall-clock bound, in timeouts (its CPU bound is one)
 _PROC = os.path.exists(f"/proc/{os.getpid()}/stat")  # Linux: workers' CPU times readable
 _TICK = os.sysconf("SC_CLK_TCK") if _PROC else 100
@@ -52,7 +54,7 @@ IGNORED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
 
 def ignore_preemption_signals() -> None:
-    """Ignore ``IGNORED_SIGNALS`` in this process (a worker, or the forkserver at preload)."""
+    """Ignore ``IGNORED_SIGNALS`` in this process (a worker)."""
     for name in IGNORED_SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
@@ -163,13 +165,23 @@ class RewardPool:
         return mp.get_context("spawn")
 
     def _spawn(self) -> _Worker:
-        parent, child = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(
-            target=_worker_main, args=(child, self.memory_limit_mb), daemon=True
-        )
-        process.start()
-        child.close()
-        return _Worker(process, parent)
+        for attempt in range(_SPAWN_TRIES):
+            parent, child = self._ctx.Pipe(duplex=True)
+            process = self._ctx.Process(
+                target=_worker_main, args=(child, self.memory_limit_mb), daemon=True
+            )
+            try:
+                process.start()
+            except (EOFError, ConnectionError):  # a forkserver a signal is killing
+                parent.close()
+                child.close()
+                if attempt == _SPAWN_TRIES - 1:
+                    raise
+                time.sleep(0.1)  # multiprocessing starts another once this one is reaped
+                continue
+            child.close()
+            return _Worker(process, parent)
+        raise AssertionError("unreachable")
 
     def _ensure_workers(self) -> None:
         while len(self._workers) < self.num_workers:

@@ -112,8 +112,9 @@ def test_multiple_choice_reward():
 def test_preemption_signals_to_every_process_leave_the_workers_grading():
     """Slurm signals every process of a job step, the pool's forkserver and a worker mid-answer
     included; the rank decides what it means (a preemption) and closes the pool itself. The answer
-    in flight is graded, not scored 0, and a worker replaced afterwards comes from the same
-    forkserver (CI once lost the preemption checkpoint: the rank asked a dying forkserver)."""
+    in flight is graded, not scored 0, and a worker replaced afterwards starts though the signal
+    killed the forkserver (CI once lost the preemption checkpoint: the rank asked a dying
+    forkserver for a worker and met EOFError)."""
     import os
     import signal
     import threading
@@ -125,7 +126,7 @@ def test_preemption_signals_to_every_process_leave_the_workers_grading():
     with RewardPool(num_workers=1, timeout_s=30) as pool:
         assert pool.grade(["\\boxed{1}"], ["1"]) == [1.0]  # the worker and forkserver are up
         worker = pool._workers[0].process.pid
-        forkserver = _parent(worker)
+        forkserver = int(pathlib.Path(f"/proc/{worker}/stat").read_text().rsplit(")")[1].split()[1])
 
         def signal_all() -> None:
             time.sleep(0.4)  # the worker is inside the slow answer
@@ -138,15 +139,10 @@ def test_preemption_signals_to_every_process_leave_the_workers_grading():
         assert pool.grade(["abc", "ab"], ["3", "3"], slow) == [1.0, 0.0]
         sender.join()
         assert pool.stats.crashes == 0 and pool._workers[0].process.pid == worker
-        # a real crash: its answer scores 0, the replacement comes from the surviving forkserver
+        # a real crash at once: its answer scores 0, and a replacement starts (another forkserver)
         specs = [f"{HOSTILE}:crash", "math"]
         assert pool.grade(["x", "\\boxed{2}"], ["1", "2"], specs) == [0.0, 1.0]
         assert pool.stats.crashes == 1 and pool._workers[0].process.pid != worker
-        assert _parent(pool._workers[0].process.pid) == forkserver
-
-
-def _parent(pid: int) -> int:
-    return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")")[1].split()[1])
 
 
 def test_a_rank_that_exits_without_closing_its_pool_exits_promptly(tmp_path):
