@@ -53,18 +53,13 @@ _PRELOAD = ["hpt_megatron.rewards._warm", "hpt_megatron.rewards.multiple_choice"
 IGNORED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
 
-def ignore_preemption_signals() -> None:
-    """Ignore ``IGNORED_SIGNALS`` in this process (a worker)."""
-    for name in IGNORED_SIGNALS:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
 def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
     """Worker loop: receive ``(index, spec, response, ground_truth)``, send ``(index, score)``.
 
     A preemption signal reaches the rank's whole process group (or, under Slurm, every process of
     the step): the rank decides what it means and closes the pool; the worker ignores it."""
-    ignore_preemption_signals()
+    for name in IGNORED_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     if memory_limit_mb:
         import resource
 
@@ -100,9 +95,10 @@ class _Worker:
     started: float = 0.0  # when the worker began it (wall clock)
     cpu0: float = 0.0  # the worker's CPU seconds then
 
-    def begin(self) -> None:
-        """The first in-flight task starts now."""
+    def begin(self, timeout_s: float) -> None:
+        """The first in-flight task starts now; look at it again after ``timeout_s``."""
         self.started, self.cpu0 = time.monotonic(), _cpu_seconds(self.process.pid)
+        self.deadline = self.started + timeout_s
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -241,8 +237,7 @@ class RewardPool:
                         self._replace(worker, pending)
                         break
                     if not worker.inflight:
-                        worker.begin()
-                        worker.deadline = worker.started + self.timeout_s
+                        worker.begin(self.timeout_s)
                     worker.inflight.append(index)
             self._collect(scores, pending)
         return scores
@@ -266,8 +261,7 @@ class RewardPool:
                 worker.inflight.popleft()
                 scores[index] = score
                 self.stats.errors += raised
-                worker.begin()  # the next task starts now
-                worker.deadline = worker.started + self.timeout_s
+                worker.begin(self.timeout_s)  # the next task starts now
                 self._crash_streak = 0
             elif time.monotonic() >= worker.deadline and not self._extend(worker):
                 self.stats.timeouts += 1
